@@ -1,8 +1,9 @@
-"""Headless command line: `lora-tui validate|import-model|config` (train, chat and fuse come with the trainer).
+"""Headless command line: `lora-tui train|validate|chat|fuse|config|import-model`.
 
 A user's mistake ends in one line on stderr and a documented exit code, never a traceback:
-  0 ok · 1 unexpected failure · 2 bad usage or config · 3 bad dataset · 4 model cannot be loaded ·
-  130 interrupted (Ctrl+C)
+  0 ok · 1 unexpected failure · 2 bad usage or config · 3 bad dataset · 4 model or adapter cannot be
+  loaded · 5 training failed (diverged, disk full; the last good checkpoint is kept) ·
+  130 interrupted (Ctrl+C or SIGTERM; a checkpoint was saved first)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_DATA, EXIT_MODEL, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 DEFAULT_CONFIG = "config.yaml"
 
 
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
     m = sub.add_parser("import-model", help="resolve/import the configured model and print its directory")
     m.set_defaults(func=cmd_import_model)
+    from engine.cli_train import add_commands
+    add_commands(sub, _load_cfg)
     c = sub.add_parser("config", help="print the effective config (file + environment overrides) as YAML")
     c.set_defaults(func=cmd_config)
     return ap
@@ -119,6 +122,8 @@ def run(argv: list[str] | None = None) -> int:
     from engine.data import DatasetError
     from engine.model import ModelLoadError
 
+    from engine.fuse import FuseError
+    AdapterError = _adapter_error()
     ap = build_parser()
     try:
         args = ap.parse_args(argv)
@@ -139,7 +144,7 @@ def run(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         _print_err(str(exc))
         return EXIT_DATA
-    except ModelLoadError as exc:
+    except (ModelLoadError, FuseError, AdapterError) as exc:
         _print_err(str(exc))
         return EXIT_MODEL
     except UsageError as exc:
@@ -148,6 +153,11 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print_err("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _adapter_error():
+    from engine.adapters import AdapterError
+    return AdapterError
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,153 @@
+"""Checkpoints that a crash cannot half-write, and the policy of which to keep.
+
+A checkpoint is a folder `step_000120/` holding the adapter in mlx-lm's format (so any checkpoint can be
+chatted with or served), the optimizer state, and `trainer_state.json` (step, data order and position,
+RNG, best validation loss). It is built in a hidden temp folder, every file fsynced, then renamed into
+place: a reader sees the old set of checkpoints or the new one, never a partial folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+    val_loss: float | None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    def __init__(self, folder: Path, keep_last: int = 3, keep_best: bool = True):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+
+    def list(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first (temp folders of interrupted writes are ignored)."""
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for child in self.folder.iterdir():
+            m = STEP_DIR.match(child.name)
+            if m and (child / STATE_FILE).is_file():
+                out.append(CheckpointInfo(int(m.group(1)), child, self._val_loss(child)))
+        return sorted(out, key=lambda c: c.step)
+
+    @staticmethod
+    def _val_loss(path: Path) -> float | None:
+        try:
+            return json.loads((path / STATE_FILE).read_text()).get("val_loss")
+        except (OSError, ValueError):
+            return None
+
+    def best(self) -> CheckpointInfo | None:
+        try:
+            name = json.loads((self.folder / BEST_FILE).read_text())["name"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return next((c for c in self.list() if c.path.name == name), None)
+
+    def save(self, step: int, write: Callable[[Path], None], state: dict, is_best: bool) -> Path:
+        """`write(tmp_folder)` writes the tensors; state goes to trainer_state.json last."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"step_{step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.folder))
+        try:
+            write(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. stop right after an interval save)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if is_best and self.keep_best:
+            write_atomic_json(self.folder / BEST_FILE, {"name": final.name, "step": step,
+                                                        "val_loss": state.get("val_loss")})
+        self.prune()
+        return final
+
+    def prune(self) -> list[Path]:
+        """Keep the newest `keep_last` checkpoints and the best; delete the rest and stale temp folders."""
+        items = self.list()
+        best = self.best() if self.keep_best else None
+        keep = {c.path for c in items[-self.keep_last:]}
+        if best:
+            keep.add(best.path)
+        for c in items:
+            if c.path not in keep:
+                shutil.rmtree(c.path, ignore_errors=True)
+        for child in self.folder.iterdir():
+            if child.name.startswith(".step_") and child.name.endswith(".tmp"):
+                shutil.rmtree(child, ignore_errors=True)
+        return sorted(keep)
+
+    def resolve(self, which: str) -> list[CheckpointInfo]:
+        """Candidates for `--resume`: 'latest' gives all, newest first (the caller falls back on a bad one)."""
+        if which == "latest":
+            items = list(reversed(self.list()))
+            if not items:
+                raise CheckpointError(f"no checkpoint to resume in {self.folder}")
+            return items
+        path = Path(which)
+        if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
+            return CheckpointStore(path / "checkpoints").resolve("latest")
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"{path}: not a checkpoint (no {STATE_FILE})")
+        m = STEP_DIR.match(path.name)
+        return [CheckpointInfo(int(m.group(1)) if m else 0, path, self._val_loss(path))]
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({exc})") from None

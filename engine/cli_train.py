@@ -1,0 +1,168 @@
+"""Headless `train`, `chat` and `fuse` commands (registered by engine.cli)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+from engine.monitor import describe
+
+
+def cmd_train(args, load_cfg) -> int:
+    from engine.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING
+    from engine.train import RunControl, TrainingRun
+    cfg = load_cfg(args)
+    if args.iterations is not None:
+        cfg.training.iterations = args.iterations
+    if args.run_name:
+        cfg.output.run_name = args.run_name
+    if args.eval_only:
+        return eval_only(cfg, args)
+    control = RunControl()
+    interrupted = {"n": 0}
+
+    def on_signal(signum, frame):
+        interrupted["n"] += 1
+        if interrupted["n"] > 1:
+            print("\nlora-tui: second interrupt: quitting without saving", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED)
+        print(f"\nlora-tui: {signal.Signals(signum).name}: saving a checkpoint, then stopping "
+              "(interrupt again to quit at once)", file=sys.stderr, flush=True)
+        control.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def printer(event):
+        line = describe(event)
+        if line:
+            print(line, flush=True)
+        elif event.kind == "Phase" and sys.stderr.isatty():
+            print(f"\r{event.name} [{event.fraction:4.0%}]\033[K", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = TrainingRun(cfg, [printer], control, resume=args.resume, stop_after=args.stop_after).run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if result.status == "failed":
+        from engine.cli import EXIT_CONFIG, EXIT_DATA, EXIT_MODEL
+        print(f"lora-tui: error: {result.message}", file=sys.stderr)
+        return {"config": EXIT_CONFIG, "checkpoint": EXIT_CONFIG, "data": EXIT_DATA,
+                "model": EXIT_MODEL}.get(result.error_kind, EXIT_TRAINING)
+    if result.status == "stopped" and interrupted["n"]:
+        print(f"lora-tui: stopped at step {result.step}; resume with: lora-tui train --resume {result.run_dir}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def eval_only(cfg, args) -> int:
+    """Validation loss/perplexity and the held-out behaviour metric, base against adapter."""
+    from engine.adapters import adapters_disabled
+    from engine.cli import EXIT_OK, UsageError
+    from engine.data import prepare_dataset
+    from engine.evaluate import load_heldout, perplexity, tool_call_score, validation_loss
+    from engine.fuse import load_with_adapter
+    if not args.resume:
+        raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")
+    model, tokenizer, _ = load_with_adapter(cfg, args.resume)
+    data = prepare_dataset(cfg, tokenizer)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    result = {}
+    heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
+    for name in ("base", "adapter"):
+        def measure():
+            loss = validation_loss(model, data.valid, cfg.training.batch_size, pad, cfg.model.max_seq_length,
+                                   cfg.evaluation.val_batches)
+            out = {"val_loss": loss, "perplexity": perplexity(loss)}
+            if heldout:
+                out["tool_calls"] = tool_call_score(model, tokenizer, heldout).to_dict()
+            return out
+        if name == "base":
+            with adapters_disabled(model):
+                result[name] = measure()
+        else:
+            result[name] = measure()
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_chat(args, load_cfg) -> int:
+    from engine.cli import EXIT_OK
+    from engine.fuse import load_with_adapter
+    from engine.generate import GenerationSettings, stream_reply
+    from engine.model import load_model
+    cfg = load_cfg(args)
+    if args.adapter:
+        model, tokenizer, _ = load_with_adapter(cfg, args.adapter)
+    else:
+        model, tokenizer, _ = load_model(cfg.model)
+    settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {cfg.model.name}" + (f" + {args.adapter}" if args.adapter else "") +
+              " — /reset clears, /quit or Ctrl+D leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> " if interactive else "", end="", flush=True)
+        parts = []
+        for chunk in stream_reply(model, tokenizer, history, settings):
+            parts.append(chunk.text)
+            print(chunk.text, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+    return EXIT_OK
+
+
+def cmd_fuse(args, load_cfg) -> int:
+    from engine.cli import EXIT_OK, EXIT_TRAINING
+    from engine.fuse import fuse
+    cfg = load_cfg(args)
+    result = fuse(cfg, args.adapter, args.out)
+    print(json.dumps(result, indent=2))
+    if not result["same_greedy_output"]:
+        print("lora-tui: error: the fused model does not reproduce base + adapter's greedy output",
+              file=sys.stderr)
+        return EXIT_TRAINING
+    return EXIT_OK
+
+
+def add_commands(sub, load_cfg) -> None:
+    t = sub.add_parser("train", help="fine-tune headless, printing progress; Ctrl+C saves and stops")
+    t.add_argument("--dataset", "-d", help="JSONL file (default: data.path from the config)")
+    t.add_argument("--resume", help="a checkpoint folder, a run folder, or 'latest' (with output.run_name)")
+    t.add_argument("--eval-only", action="store_true", help="evaluate --resume's adapter against the base")
+    t.add_argument("--iterations", type=int, help="override training.iterations")
+    t.add_argument("--run-name", help="override output.run_name")
+    t.add_argument("--stop-after", type=int, help=argparse_suppress())
+    t.add_argument("--heldout-limit", type=int, default=None, help="with --eval-only: first N held-out prompts")
+    t.set_defaults(func=lambda a: cmd_train(a, load_cfg))
+    c = sub.add_parser("chat", help="a plain terminal chat with the base model or an adapter")
+    c.add_argument("--adapter", help="adapter or checkpoint folder (default: the base model)")
+    c.add_argument("--system", help="a system prompt")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.set_defaults(func=lambda a: cmd_chat(a, load_cfg))
+    f = sub.add_parser("fuse", help="merge an adapter into the base: a model folder mlx_lm.load opens")
+    f.add_argument("--adapter", required=True, help="adapter or checkpoint folder")
+    f.add_argument("--out", required=True, help="new folder for the fused model")
+    f.set_defaults(func=lambda a: cmd_fuse(a, load_cfg))
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS

@@ -1,0 +1,159 @@
+"""Validation loss and perplexity, and the tool-call behaviour metric on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.batches import collate
+from engine.data import Example
+from engine.generate import GenerationSettings, reply
+
+
+# Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).
+_PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+
+
+def _head(model):
+    """The output projection, if the model is a plain trunk + head we may split; else None."""
+    if type(model).__module__ not in _PLAIN_HEAD_MODULES or not hasattr(model, "model"):
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear
+    return model.lm_head
+
+
+def masked_loss(model, inputs, targets, positions, weights):
+    """(sum of cross-entropies over the trained targets, their count).
+
+    `positions` are the flat indices of trained targets (padded, with weight 0, to a multiple of 64 so the
+    compiled step sees few shapes). Where the model splits into trunk + head, only those rows go through
+    the vocabulary projection and softmax: with prompt masking that skips most of the largest matmul and
+    most of the exps, and the (tokens x vocab) logits never exist for masked positions.
+    """
+    head = _head(model)
+    flat_targets = targets.reshape(-1)[positions]
+    if head is not None:
+        hidden = model.model(inputs)
+        logits = head(hidden.reshape(-1, hidden.shape[-1])[positions])
+    else:
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets) * weights
+    return ce.sum(), weights.sum()
+
+
+def loss_inputs(inputs, targets, mask):
+    """Host-side arrays for masked_loss from a collated batch."""
+    import numpy as np
+    flat = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
+    size = max(64, -(-len(flat) // 64) * 64)
+    positions = np.zeros(size, dtype=np.int32)
+    positions[:len(flat)] = flat
+    weights = np.zeros(size, dtype=np.float32)
+    weights[:len(flat)] = 1.0
+    return mx.array(inputs), mx.array(targets), mx.array(positions), mx.array(weights)
+
+
+def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, max_len: int,
+                    max_batches: int = -1) -> float:
+    """Token-weighted mean loss over the validation split (length-sorted batches, no dropout)."""
+    if not examples:
+        return float("nan")
+    ordered = sorted(examples, key=lambda e: len(e.encoded))
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if max_batches > 0 and len(batches) > max_batches:
+        step = len(batches) / max_batches  # spread over all lengths, not just the shortest
+        batches = [batches[int(i * step)] for i in range(max_batches)]
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    try:
+        for batch in batches:
+            s, n = masked_loss(model, *loss_inputs(*collate(batch, pad_id, max_len)[:3]))
+            total, count = total + s, count + n
+            mx.eval(total, count)
+    finally:
+        model.train(was_training)
+    return (total / mx.maximum(count, 1)).item()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+# ---------------------------------------------------------------- behaviour metric
+
+CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+@dataclass
+class ToolCallScore:
+    prompts: int = 0
+    well_formed: int = 0  # a <tool_call> with JSON holding name and arguments
+    right_tool: int = 0
+    exact: int = 0  # right tool and exactly the expected arguments
+    examples: list[dict] = field(default_factory=list)
+
+    def rate(self, what: str) -> float:
+        return getattr(self, what) / self.prompts if self.prompts else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "well_formed": self.rate("well_formed"),
+                "right_tool": self.rate("right_tool"), "exact": self.rate("exact")}
+
+
+def _norm(value):
+    if isinstance(value, str):
+        return value.strip().lower()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k).lower(): _norm(v) for k, v in value.items()}
+    return value
+
+
+def score_call(text: str, expected: dict) -> tuple[bool, bool, bool]:
+    m = CALL.search(text)
+    if not m:
+        return False, False, False
+    try:
+        call = json.loads(m.group(1))
+    except ValueError:
+        return False, False, False
+    if not isinstance(call, dict) or "name" not in call or not isinstance(call.get("arguments"), dict):
+        return False, False, False
+    right = call["name"] == expected["name"]
+    return True, right, right and _norm(call["arguments"]) == _norm(expected["arguments"])
+
+
+def load_heldout(path: str | Path, limit: int | None = None) -> list[dict]:
+    items = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                items.append(json.loads(line))
+                if limit and len(items) >= limit:
+                    break
+    return items
+
+
+def tool_call_score(model, tokenizer, items: list[dict], max_tokens: int = 96, keep_examples: int = 3) -> ToolCallScore:
+    score = ToolCallScore()
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
+    for item in items:
+        text = reply(model, tokenizer, item["messages"], settings)
+        formed, right, exact = score_call(text, item["expected"])
+        score.prompts += 1
+        score.well_formed += formed
+        score.right_tool += right
+        score.exact += exact
+        if len(score.examples) < keep_examples:
+            score.examples.append({"prompt": item["messages"][-1]["content"], "reply": text, "exact": exact})
+    return score

@@ -1,0 +1,534 @@
+"""The training run: LoRA fine-tuning you can watch, pause, stop and resume exactly.
+
+Read top to bottom: `TrainingRun.run()` prepares (model, adapters, data, optimizer, maybe a checkpoint),
+then `_loop()` runs optimizer steps, each one `mx.eval`, reporting through typed events. All MLX work
+happens on the thread that calls `run()` (MLX streams are per thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from engine import events as ev
+from engine.batches import collate, epoch_batches, steps_per_epoch
+from engine.checkpoints import CheckpointError, CheckpointStore, read_state, write_atomic_json
+from engine.config import Config, atomic_write_text, check_against_total, to_yaml
+from engine.monitor import RunLog, memory_stats
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on; the message says why and what to do. `kind` sorts it for exit codes."""
+
+    def __init__(self, message: str, kind: str = "training"):
+        super().__init__(message)
+        self.kind = kind  # "config", "data", "model", "checkpoint", "training", "disk"
+
+
+class RunControl:
+    """Thread-safe controls for a run in progress (the UI thread calls these)."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._save = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._running.set()  # wake a paused loop so it can save and exit
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def save_now(self) -> None:
+        self._save.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished", "stopped" or "failed"
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    report: dict = field(default_factory=dict)
+    message: str = ""
+    error_kind: str = ""  # for failures: "config", "data", "model", "checkpoint", "training", "disk"
+
+
+def build_schedule(cfg: Config, total_steps: int):
+    import mlx.optimizers as optim
+    t = cfg.training
+    lr, warm = t.learning_rate, min(t.warmup_steps, max(total_steps - 1, 0))
+    end = lr * t.min_lr_ratio
+    decay_steps = max(total_steps - warm, 1)
+    if t.lr_schedule == "cosine":
+        decay = optim.cosine_decay(lr, decay_steps, end)
+    elif t.lr_schedule == "linear":
+        decay = optim.linear_schedule(lr, end, decay_steps)
+    else:
+        decay = lambda step: lr  # noqa: E731
+    if warm == 0:
+        return decay
+    # Start at lr/(warm+1), not 0: a first step at lr 0 would be wasted.
+    return optim.join_schedules([optim.linear_schedule(lr / (warm + 1), lr, warm), decay], [warm])
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _set_leaf(tree, path: str, value) -> None:
+    parts = path.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+class TrainingRun:
+    def __init__(self, cfg: Config, listeners=(), control: RunControl | None = None,
+                 resume: str | None = None, run_dir: str | Path | None = None, stop_after: int | None = None):
+        self.cfg = cfg
+        self.listeners = list(listeners)
+        self.control = control or RunControl()
+        self.resume_from = resume
+        self._run_dir = Path(run_dir) if run_dir else None
+        self.stop_after = stop_after  # for tests and benchmarks: behave as if stopped after this step
+        self.step = 0
+        self.last_checkpoint: str | None = None
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------ events
+
+    def emit(self, event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must never kill a training run
+                pass
+
+    def warn(self, message: str) -> None:
+        self.emit(ev.Warning(message))
+
+    # ------------------------------------------------------------ entry point
+
+    def run(self) -> RunResult:
+        """Prepare and train. Expected failures end in a Failed event and status 'failed', not an exception."""
+        log = None
+        try:
+            resume = self._locate()
+            log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
+            self.listeners.append(log)
+            self._prepare(*resume)
+            return self._loop()
+        except TrainingError as exc:
+            return self._fail(str(exc), exc.kind)
+        except CheckpointError as exc:
+            return self._fail(str(exc), "checkpoint")
+        finally:
+            if log is not None:
+                log.close()
+
+    def _fail(self, message: str, kind: str) -> RunResult:
+        self.emit(ev.Failed(self.step, message, self.last_checkpoint))
+        run_dir = getattr(self, "run_dir", Path(self.cfg.output.dir))
+        return RunResult("failed", run_dir, self.step, self.losses, message=message, error_kind=kind)
+
+    # ------------------------------------------------------------ preparation
+
+    def _locate(self) -> tuple[dict | None, Path | None]:
+        """Pick the run folder (a resumed run keeps its own) and the checkpoint to resume, if any."""
+        cfg = self.cfg
+        resume_state, resume_dir = self._find_resume()
+        if resume_dir is not None:
+            self.run_dir = resume_dir.parent.parent
+        else:
+            name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+            self.run_dir = self._run_dir or Path(cfg.output.dir).expanduser() / name
+        self.run_dir = self.run_dir.resolve()
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoints.keep_last, cfg.checkpoints.keep_best)
+        return resume_state, resume_dir
+
+    def _prepare(self, resume_state: dict | None, resume_dir: Path | None) -> None:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+
+        from engine import blas
+        from engine.adapters import AdapterError, apply_lora, total_count, trainable_count
+        from engine.data import DatasetError, prepare_dataset
+        from engine.model import ModelLoadError, load_model
+
+        cfg, t = self.cfg, self.cfg.training
+
+        phase = lambda name, frac: self.emit(ev.Phase(name, frac))  # noqa: E731
+        try:
+            model, tokenizer, info = load_model(cfg.model, lambda w, f: phase(w, 0.4 * f))
+        except ModelLoadError as exc:
+            raise TrainingError(str(exc), "model") from None
+        mx.random.seed(t.seed)
+        try:
+            self.adapter_config = apply_lora(model, cfg.lora)
+        except AdapterError as exc:
+            raise TrainingError(str(exc), "config") from None
+        self.model, self.tokenizer, self.info = model, tokenizer, info
+        phase("tokenizing the dataset", 0.45)
+        try:
+            data = prepare_dataset(cfg, tokenizer, progress=lambda d, n: phase("tokenizing the dataset",
+                                                                                   0.45 + 0.45 * d / n))
+        except DatasetError as exc:
+            raise TrainingError(str(exc), "data") from None
+        self.data = data
+        for w in data.report.warnings:
+            self.warn(w)
+
+        self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.lengths = [len(e.encoded) for e in data.train]
+        self.micro_per_epoch = -(-len(data.train) // t.batch_size)
+        per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accumulation)
+        self.total_steps = t.iterations if t.iterations > 0 else t.epochs * per_epoch
+        for issue in check_against_total(cfg, self.total_steps):
+            self.warn(f"{issue.field}: {issue.message}")
+
+        self.schedule = build_schedule(cfg, self.total_steps)
+        self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=t.weight_decay)
+        self.optimizer.init(model.trainable_parameters())
+        model.train()
+        self.trainable = trainable_count(model)
+        self.total_params = total_count(model)
+        self.blas = blas.active()
+
+        # Data position and run history (a resume overwrites them from the checkpoint).
+        self.epoch, self.pos = 0, 0
+        self.order = epoch_batches(self.lengths, t.batch_size, t.seed, 0, cfg.data.shuffle)
+        self.best_val = math.inf
+        self.tokens_seen = 0
+        self.session_tokens = 0
+        self.elapsed_before = 0.0
+        if resume_state is not None:
+            self._restore(resume_dir, resume_state)
+        phase("ready", 1.0)
+
+    def _find_resume(self):
+        if not self.resume_from:
+            return None, None
+        if self.resume_from == "latest":
+            base = self._run_dir or (Path(self.cfg.output.dir).expanduser() / self.cfg.output.run_name
+                                     if self.cfg.output.run_name else None)
+            if base is None:
+                raise TrainingError("--resume latest needs output.run_name (or a run folder): which run?", "config")
+            candidates = CheckpointStore(base / "checkpoints").resolve("latest")
+        else:
+            candidates = CheckpointStore(Path(self.resume_from)).resolve(self.resume_from)
+        for cand in candidates:  # newest first; a corrupt one falls back to the one before
+            try:
+                state = read_state(cand.path)
+                if not (cand.path / "adapters.safetensors").is_file() or not (cand.path / "optimizer.safetensors").is_file():
+                    raise CheckpointError(f"{cand.path}: missing adapter or optimizer file")
+                return state, cand.path
+            except CheckpointError as exc:
+                self.warn(f"skipping unusable checkpoint: {exc}")
+        raise TrainingError(f"no usable checkpoint to resume from {self.resume_from}", "checkpoint")
+
+    def _restore(self, folder: Path, state: dict) -> None:
+        import mlx.core as mx
+
+        from engine.adapters import AdapterError, load_adapter_weights
+        try:
+            load_adapter_weights(self.model, folder)
+            opt = mx.load(str(folder / "optimizer.safetensors"))
+        except AdapterError as exc:
+            raise TrainingError(f"cannot resume: {exc}", "checkpoint") from None
+        except Exception as exc:
+            raise TrainingError(f"cannot resume: {folder / 'optimizer.safetensors'} unreadable ({exc})",
+                                "checkpoint") from None
+        for key, value in opt.items():
+            try:
+                _set_leaf(self.optimizer.state, key, value)
+            except (KeyError, IndexError, ValueError):
+                raise TrainingError(f"cannot resume: optimizer state {key!r} does not fit this config",
+                                    "checkpoint") from None
+        self.step = state["step"]
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order = state["order"]
+        self.best_val = state.get("best_val_loss") or math.inf
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.elapsed_before = state.get("elapsed", 0.0)
+        self.last_checkpoint = str(folder)
+        if state.get("total_steps") != self.total_steps:
+            self.warn(f"the checkpoint was made for {state.get('total_steps')} steps, this run has "
+                      f"{self.total_steps}: the schedule follows the new total")
+
+    # ------------------------------------------------------------ the loop
+
+    def _make_step(self):
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        from engine.evaluate import masked_loss
+        model, optimizer = self.model, self.optimizer
+        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def micro_step(inputs, targets, positions, weights):
+            (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
+            return loss_sum, ntoks, grads
+
+        return micro_step
+
+    def _next_batch(self):
+        t = self.cfg.training
+        if self.pos >= len(self.order):
+            self.epoch += 1
+            self.pos = 0
+            self.order = epoch_batches(self.lengths, t.batch_size, t.seed, self.epoch, self.cfg.data.shuffle)
+        batch = [self.data.train[i] for i in self.order[self.pos]]
+        self.pos += 1
+        return collate(batch, self.pad_id, self.cfg.model.max_seq_length)
+
+    def _loop(self) -> RunResult:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        from engine.evaluate import loss_inputs, perplexity, validation_loss
+
+        cfg, t = self.cfg, self.cfg.training
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        device = str(mx.default_device())
+        self.emit(ev.Started(str(self.run_dir), self.total_steps, self.step,
+                             self.total_steps / max(steps_per_epoch(len(self.data.train), t.batch_size,
+                                                                    t.grad_accumulation), 1),
+                             len(self.data.train), len(self.data.valid), self.trainable, self.total_params,
+                             t.batch_size * t.grad_accumulation, device, self.blas.name, self.info.dtype))
+        micro_step = self._make_step()
+        start = time.perf_counter()
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        rate = None
+        status, last_loss = "finished", None
+
+        while self.step < self.total_steps:
+            if self.control.paused:
+                self.emit(ev.Paused(self.step))
+                while self.control.paused and not self.control.stop_requested:
+                    self.control._running.wait(0.2)
+                self.emit(ev.Resumed(self.step))
+                window_t = time.perf_counter()
+            if self.control.stop_requested:
+                status = "stopped"
+                break
+            lr = float(self.schedule(mx.array(self.step)))  # the rate this step's update will use
+            # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
+            # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
+            mx.random.seed(step_seed(t.seed, self.step))
+            grads, loss_sum, ntoks, real = None, mx.array(0.0), mx.array(0.0), 0
+            for _ in range(t.grad_accumulation):
+                inputs, targets, mask, n_real = self._next_batch()
+                s, n, g = micro_step(*loss_inputs(inputs, targets, mask))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_sum, ntoks, real = loss_sum + s, ntoks + n, real + n_real
+                mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
+            denom = mx.maximum(ntoks, 1)
+            grads = tree_map(lambda g: g / denom, grads)
+            if t.max_grad_norm > 0:
+                grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+            else:
+                norm = optim.clip_grad_norm(grads, math.inf)[1]
+            loss = loss_sum / denom
+            mx.eval(loss, norm)
+            loss_value, norm_value = loss.item(), norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                return self._diverged(loss_value, norm_value)
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+            self.step += 1
+            self.tokens_seen += real
+            self.session_tokens += real
+            self.losses.append(loss_value)
+            last_loss = loss_value
+            window_tokens += real
+            window_steps += 1
+
+            if self.step % cfg.output.log_every_steps == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                dt = max(now - window_t, 1e-9)
+                sps = window_steps / dt
+                rate = sps if rate is None else 0.7 * rate + 0.3 * sps
+                self.emit(ev.Step(self.step, self.total_steps, self.epoch + self.pos / max(len(self.order), 1),
+                                  loss_value, lr, norm_value, window_tokens / dt, sps,
+                                  (self.total_steps - self.step) / max(rate, 1e-9), self.tokens_seen,
+                                  memory_stats()))
+                window_t, window_tokens, window_steps = now, 0, 0
+
+            evaluated = cfg.evaluation.every_steps and self.step % cfg.evaluation.every_steps == 0
+            val = self._evaluate(validation_loss, perplexity) if evaluated and self.data.valid else None
+            improved = val is not None and val < self.best_val
+            if improved:
+                self.best_val = val
+            interval = cfg.checkpoints.every_steps and self.step % cfg.checkpoints.every_steps == 0
+            if interval or improved or self.control._save.is_set():
+                reason = "manual" if self.control._save.is_set() else "interval" if interval else "best"
+                self.control._save.clear()
+                self._checkpoint(reason, val, improved, time.perf_counter() - start)
+            if self.stop_after is not None and self.step >= self.stop_after:
+                status = "stopped"
+                break
+
+        elapsed = time.perf_counter() - start
+        final_val = None
+        if status == "finished" and self.data.valid and not (cfg.evaluation.every_steps and
+                                                              self.step % cfg.evaluation.every_steps == 0):
+            final_val = self._evaluate(validation_loss, perplexity)
+            if final_val < self.best_val:
+                self.best_val = final_val
+                self._checkpoint("best", final_val, True, elapsed)
+        if not self.last_checkpoint or not self.last_checkpoint.endswith(f"step_{self.step:06d}"):
+            self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
+        adapter_dir = self._write_final_adapter()
+        report = self._report(status, elapsed, last_loss, adapter_dir)
+        self.emit(ev.Finished(self.step, status == "stopped", last_loss,
+                              None if math.isinf(self.best_val) else self.best_val,
+                              str(adapter_dir), str(self.run_dir / "report.json")))
+        return RunResult(status, self.run_dir, self.step, self.losses, report)
+
+    def _evaluate(self, validation_loss, perplexity) -> float:
+        t0 = time.perf_counter()
+        val = validation_loss(self.model, self.data.valid, self.cfg.training.batch_size, self.pad_id,
+                              self.cfg.model.max_seq_length, self.cfg.evaluation.val_batches)
+        self.emit(ev.Eval(self.step, val, perplexity(val), val < self.best_val, time.perf_counter() - t0))
+        self.last_val = val
+        return val
+
+    def _diverged(self, loss: float, norm: float) -> RunResult:
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        msg = (f"training diverged at step {self.step + 1}: {what} is {loss if what == 'loss' else norm} "
+               f"(learning rate {self.cfg.training.learning_rate:g}). Lower training.learning_rate or check the "
+               "data; the weights of this step were not applied and no checkpoint was written from them")
+        self.emit(ev.Failed(self.step, msg, self.last_checkpoint))
+        return RunResult("failed", self.run_dir, self.step, self.losses, message=msg, error_kind="training")
+
+    # ------------------------------------------------------------ saving
+
+    def _checkpoint(self, reason: str, val: float | None, is_best: bool, elapsed: float) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        from engine.adapters import save_adapters
+
+        def write(folder: Path) -> None:
+            save_adapters(self.model, self.adapter_config, folder)
+            flat = dict(tree_flatten(self.optimizer.state))
+            mx.save_safetensors(str(folder / "optimizer.safetensors"), flat)
+
+        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "pos": self.pos,
+                 "order": [list(map(int, b)) for b in self.order], "val_loss": val,
+                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                 "tokens_seen": self.tokens_seen, "elapsed": self.elapsed_before + elapsed,
+                 "seed": self.cfg.training.seed, "rng": "mx.random.seed(step_seed(seed, step)) each step",
+                 "reason": reason}
+        try:
+            path = self.store.save(self.step, write, state, is_best)
+        except OSError as exc:
+            raise TrainingError(f"could not save the checkpoint at step {self.step} to {self.store.folder}: "
+                                f"{exc.strerror or exc}; the previous checkpoint is intact", "disk") from None
+        self.last_checkpoint = str(path)
+        self.emit(ev.CheckpointSaved(self.step, str(path), reason, is_best,
+                                     tuple(str(c.path) for c in self.store.list())))
+
+    def _write_final_adapter(self) -> Path:
+        """run_dir/adapter: the adapter of the last step, in mlx-lm's format (atomic swap)."""
+        import shutil
+        import tempfile
+
+        from engine.adapters import save_adapters
+        final = self.run_dir / "adapter"
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.run_dir))
+        save_adapters(self.model, self.adapter_config, tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".adapter.old.{int(time.time() * 1e6)}")
+            final.rename(old)
+        tmp.rename(final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _report(self, status: str, elapsed: float, last_loss: float | None, adapter_dir: Path) -> dict:
+        import mlx.core as mx
+
+        from engine.evaluate import perplexity
+        best = self.store.best()
+        mem = memory_stats()
+        report = {
+            "status": status, "step": self.step, "total_steps": self.total_steps,
+            "final_train_loss": last_loss,
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "best_val_perplexity": None if math.isinf(self.best_val) else perplexity(self.best_val),
+            "last_val_loss": getattr(self, "last_val", None),
+            "trainable_params": self.trainable, "total_params": self.total_params,
+            "tokens_seen": self.tokens_seen,
+            "seconds": round(self.elapsed_before + elapsed, 2), "seconds_this_session": round(elapsed, 2),
+            "tokens_per_sec": round(self.session_tokens / elapsed, 1) if elapsed > 0 else None,
+            "peak_memory": {"mlx_peak_bytes": mx.get_peak_memory(), "rss_bytes": mem.rss_bytes},
+            "device": str(mx.default_device()), "blas": self.blas.name, "dtype": self.info.dtype,
+            "adapter": str(adapter_dir), "best_checkpoint": str(best.path) if best else None,
+            "checkpoints": [str(c.path) for c in self.store.list()],
+            "losses": self.losses, "data": self.data.report.to_dict(), "config": self.cfg.to_dict(),
+        }
+        report["samples"] = self._samples()
+        write_atomic_json(self.run_dir / "report.json", report)
+        return report
+
+    def _samples(self) -> list[dict]:
+        """The configured prompts answered by the base model and by the adapter (one model in memory)."""
+        from engine.adapters import adapters_disabled
+        from engine.generate import GenerationSettings, reply
+        e = self.cfg.evaluation
+        settings = GenerationSettings(e.max_tokens, e.temperature, e.top_p)
+        out = []
+        if self.control.stop_requested:
+            return out  # a user who pressed stop wants out, not more generation
+        self.model.eval()
+        for prompt in e.sample_prompts:
+            messages = [{"role": "user", "content": prompt}]
+            adapter = reply(self.model, self.tokenizer, messages, settings)
+            with adapters_disabled(self.model):
+                base = reply(self.model, self.tokenizer, messages, settings)
+            self.emit(ev.Sample(self.step, prompt, base, adapter))
+            out.append({"prompt": prompt, "base": base, "adapter": adapter})
+        return out
+
+
+def run_in_thread(cfg: Config, listeners=(), **kwargs) -> tuple[threading.Thread, RunControl, list]:
+    """Start a run on a new thread; returns (thread, control, [result once done])."""
+    control = kwargs.pop("control", None) or RunControl()
+    box: list = []
+
+    def target():
+        box.append(TrainingRun(cfg, listeners, control, **kwargs).run())
+
+    thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
+    thread.start()
+    return thread, control, box

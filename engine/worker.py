@@ -1,0 +1,230 @@
+"""One long-lived engine thread that owns every MLX call, driven by typed commands.
+
+MLX streams are per thread, so the model, its adapters and every array a run or a chat builds live on
+this thread. A UI submits commands (thread-safe) and receives typed results through one `emit`
+callback; it never touches the engine's internals. Training control (pause/stop) goes through the
+RunControl handed back in TrainingStarted, which is thread-safe by design.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from engine.config import Config
+from engine.generate import GenerationSettings
+from engine.train import RunControl, TrainingRun
+
+
+# ---------------------------------------------------------------- commands
+
+@dataclass(frozen=True)
+class ValidateDataset:
+    cfg: Config
+    path: str
+
+
+@dataclass(frozen=True)
+class StartTraining:
+    cfg: Config
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
+    cfg: Config
+    messages: tuple[dict, ...]
+    settings: GenerationSettings
+    adapter: str | None = None
+    request_id: int = 0
+
+
+@dataclass(frozen=True)
+class CancelGeneration:
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---------------------------------------------------------------- results (besides training events)
+
+@dataclass(frozen=True)
+class DatasetChecked:
+    report: object  # engine.data.DatasetReport
+    preview: object | None  # (tokens as text pieces, trained flags) of the first valid conversation
+
+
+@dataclass(frozen=True)
+class TrainingStarted:
+    control: RunControl
+
+
+@dataclass(frozen=True)
+class TrainingEnded:
+    status: str
+    run_dir: str
+    step: int
+    message: str
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    request_id: int
+    text: str
+    tokens: int
+    tokens_per_sec: float
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    request_id: int
+    text: str
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """An expected failure, with a message a user can act on."""
+    what: str  # "dataset", "training", "chat", "engine"
+    message: str
+
+
+@dataclass
+class _ChatModel:
+    key: tuple
+    model: object
+    tokenizer: object
+
+
+@dataclass
+class EngineWorker:
+    emit: Callable[[object], None]
+    _queue: "queue.Queue[object]" = field(default_factory=queue.Queue)
+    _cancel_generation: threading.Event = field(default_factory=threading.Event)
+    _chat: _ChatModel | None = None
+    busy: str = ""  # what the engine is doing now ("", "validating", "training", "generating")
+
+    def submit(self, command) -> None:
+        if isinstance(command, CancelGeneration):
+            self._cancel_generation.set()
+        self._queue.put(command)
+
+    def serve(self, should_exit: Callable[[], bool] = lambda: False) -> None:
+        """Process commands until Shutdown (run this on the engine thread)."""
+        while not should_exit():
+            try:
+                command = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(command, Shutdown):
+                break
+            try:
+                self._handle(command)
+            except Exception as exc:  # keep serving: report, don't die
+                self.emit(EngineError("engine", f"{type(exc).__name__}: {exc}"))
+                traceback.print_exc()
+            finally:
+                self.busy = ""
+        self._chat = None
+
+    def _handle(self, command) -> None:
+        if isinstance(command, ValidateDataset):
+            self.busy = "validating"
+            self._validate(command)
+        elif isinstance(command, StartTraining):
+            self.busy = "training"
+            self._chat = None  # free its memory for training
+            control = RunControl()
+            self.emit(TrainingStarted(control))
+            result = TrainingRun(command.cfg, [self.emit], control, resume=command.resume).run()
+            self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
+        elif isinstance(command, Generate):
+            self.busy = "generating"
+            self._cancel_generation.clear()
+            self._generate(command)
+
+    def _validate(self, cmd: ValidateDataset) -> None:
+        from engine.data import DatasetError, validate_dataset
+        from engine.model import ModelLoadError, load_tokenizer
+        cfg = cmd.cfg
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+            report, examples = validate_dataset(
+                cmd.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
+                error_threshold=cfg.data.error_threshold, train_labels=cfg.data.train_labels,
+                mask_prompt=cfg.data.mask_prompt, keep_examples=False,
+                progress=lambda done, total: self.emit(ProgressUpdate("validating", done / total)))
+        except (DatasetError, ModelLoadError) as exc:
+            self.emit(EngineError("dataset", str(exc)))
+            return
+        self.emit(DatasetChecked(report, _preview(cmd.path, tokenizer, cfg)))
+
+    def _chat_model(self, cfg: Config, adapter: str | None):
+        key = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base, adapter)
+        if self._chat is None or self._chat.key != key:
+            self._chat = None
+            from engine.fuse import load_with_adapter
+            from engine.model import load_model
+            if adapter:
+                model, tok, _ = load_with_adapter(cfg, adapter)
+            else:
+                model, tok, _ = load_model(cfg.model)
+            self._chat = _ChatModel(key, model, tok)
+        return self._chat
+
+    def _generate(self, cmd: Generate) -> None:
+        from engine.fuse import FuseError
+        from engine.generate import stream_reply
+        from engine.model import ModelLoadError
+        try:
+            chat = self._chat_model(cmd.cfg, cmd.adapter)
+        except (ModelLoadError, FuseError) as exc:
+            self.emit(EngineError("chat", str(exc)))
+            return
+        parts: list[str] = []
+        for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings):
+            parts.append(chunk.text)
+            self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
+            if self._cancel_generation.is_set():
+                self.emit(GenerationDone(cmd.request_id, "".join(parts), True))
+                return
+        self.emit(GenerationDone(cmd.request_id, "".join(parts), False))
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    what: str
+    fraction: float
+
+
+def _preview(path: str, tokenizer, cfg: Config):
+    """The first valid conversation as (piece, trained) pairs, to show masking."""
+    import json
+
+    from engine.data import ChatEncoder, parse_record
+    encoder = ChatEncoder(tokenizer, cfg.data.mask_prompt)
+    try:
+        with open(Path(path), encoding="utf-8-sig", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                if number > 200:
+                    break
+                try:
+                    conv, issues = parse_record(json.loads(line), number)
+                except ValueError:
+                    continue
+                if conv is None:
+                    continue
+                enc = encoder.encode(conv)
+                pieces = [encoder.tok.decode([int(t)]) for t in enc.tokens[:cfg.model.max_seq_length]]
+                return number, list(zip(pieces, enc.trained.tolist()))
+    except Exception:
+        return None
+    return None

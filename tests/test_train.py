@@ -1,0 +1,219 @@
+"""The training engine on the real embedded model with a small config: resume determinism, control from
+another thread, event order, NaN stop, atomic checkpoints, mlx-lm compatibility of adapters."""
+
+import json
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from engine import events as ev
+from engine.checkpoints import CheckpointStore
+from engine.config import Config
+from engine.train import RunControl, TrainingRun, run_in_thread
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Short labelled conversations so that a step takes well under a second on 2 cores."""
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    rng = np.random.default_rng(0)
+    with open(path, "w") as fh:
+        for i in range(48):
+            a, b = (int(x) for x in rng.integers(1, 50, 2))
+            fh.write(json.dumps({"messages": [{"role": "system", "content": "Add."},
+                                              {"role": "user", "content": f"{a}+{b}"},
+                                              {"role": "assistant", "content": f"{a + b}"}],
+                                 "label": "desirable" if i % 4 else "undesirable"}) + "\n")
+    return path
+
+
+def tiny_config(tiny_data, tmp_path, **training) -> Config:
+    cfg = Config()
+    cfg.data.path = str(tiny_data)
+    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.target_modules = 4, 2, ["q_proj", "v_proj"]
+    cfg.lora.dropout = 0.1  # exercise the RNG state across resume
+    t = cfg.training
+    t.iterations, t.batch_size, t.grad_accumulation, t.warmup_steps, t.learning_rate = 6, 2, 2, 2, 1e-3
+    for k, v in training.items():
+        setattr(t, k, v)
+    cfg.evaluation.every_steps, cfg.evaluation.val_batches = 3, 2
+    cfg.evaluation.sample_prompts, cfg.evaluation.max_tokens = ["1+2"], 4
+    cfg.checkpoints.every_steps, cfg.checkpoints.keep_last = 3, 2
+    cfg.output.dir, cfg.output.run_name = str(tmp_path / "runs"), "run"
+    return cfg
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path, embedded_dir):
+    full = TrainingRun(tiny_config(tiny_data, tmp_path / "a")).run()
+    assert full.status == "finished" and len(full.losses) == 6
+    cfg = tiny_config(tiny_data, tmp_path / "b")
+    first = TrainingRun(cfg, stop_after=3).run()
+    assert first.status == "stopped" and first.step == 3
+    resumed = TrainingRun(cfg, resume="latest").run()
+    assert resumed.status == "finished" and resumed.step == 6
+    np.testing.assert_allclose(first.losses + resumed.losses, full.losses, rtol=1e-5)
+    # the schedule continued too: the last learning rate logged matches
+    a = [json.loads(x) for x in open(full.run_dir / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(resumed.run_dir / "metrics.jsonl")]
+    lr = lambda rows: [r["learning_rate"] for r in rows if r["event"] == "Step"]  # noqa: E731
+    assert lr(a) == pytest.approx(lr(b), rel=1e-6)
+
+
+def test_event_order_and_metrics_file(tiny_data, tmp_path, embedded_dir):
+    seen = []
+    result = TrainingRun(tiny_config(tiny_data, tmp_path), [seen.append]).run()
+    kinds = [e.kind for e in seen if e.kind != "Phase"]
+    assert kinds[0] == "Started" and kinds[-1] == "Finished"
+    steps = [e.step for e in seen if isinstance(e, ev.Step)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # at step 3: the step report, then validation, then the checkpoint
+    at3 = [e.kind for e in seen if getattr(e, "step", None) == 3 and e.kind in ("Step", "Eval", "CheckpointSaved")]
+    assert at3 == ["Step", "Eval", "CheckpointSaved"]
+    assert any(isinstance(e, ev.Sample) for e in seen)
+    step = next(e for e in seen if isinstance(e, ev.Step))
+    assert step.memory.rss_bytes > 0 and step.memory.mlx_peak_bytes > 0 and step.tokens_per_sec > 0
+    rows = [json.loads(line) for line in open(result.run_dir / "metrics.jsonl")]
+    assert [r["event"] for r in rows] == kinds
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["status"] == "finished" and report["best_val_loss"] == min(
+        e.val_loss for e in seen if isinstance(e, ev.Eval))
+    assert report["samples"][0]["prompt"] == "1+2" and report["data"]["set_aside"] == {"undesirable": 12}
+    assert (result.run_dir / "train.log").read_text().count("step ") >= 6
+    # keep_last=2 plus the best
+    kept = {p.name for p in (result.run_dir / "checkpoints").iterdir() if p.name.startswith("step_")}
+    assert kept == {"step_000003", "step_000006"}
+
+
+def test_pause_resume_stop_from_another_thread(tiny_data, tmp_path, embedded_dir):
+    cfg = tiny_config(tiny_data, tmp_path, iterations=50)
+    cfg.checkpoints.every_steps = cfg.evaluation.every_steps = 0  # so the only checkpoint is the stop's
+    events, stepped = [], threading.Event()
+
+    def listener(e):
+        events.append(e)
+        if isinstance(e, ev.Step) and e.step == 2:
+            stepped.set()
+
+    thread, control, box = run_in_thread(cfg, [listener])
+    assert stepped.wait(120)
+    control.pause()
+    paused_at = len(events)
+    while not any(isinstance(e, ev.Paused) for e in events):
+        thread.join(0.05)
+    n_steps = sum(isinstance(e, ev.Step) for e in events)
+    thread.join(0.5)
+    assert sum(isinstance(e, ev.Step) for e in events) == n_steps  # really paused
+    control.resume()
+    control.stop()
+    thread.join(120)
+    assert not thread.is_alive() and paused_at <= len(events)
+    result = box[0]
+    assert result.status == "stopped" and result.step < 50
+    saved = [e for e in events if isinstance(e, ev.CheckpointSaved)]
+    assert saved[-1].reason == "stop" and saved[-1].step == result.step  # a stop saves first
+    assert events[-1].kind == "Finished" and events[-1].stopped_early
+
+
+def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, embedded_dir):
+    import mlx.core as mx
+    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg.checkpoints.every_steps = 2
+    run = TrainingRun(cfg)
+
+    def poison(e):  # a real fault inside the real loop: the weights blow up after step 3
+        if isinstance(e, ev.Step) and e.step == 3:
+            layer = run.model.model.layers[-1].self_attn.q_proj
+            layer.lora_b = mx.full(layer.lora_b.shape, mx.inf)
+
+    run.listeners.append(poison)
+    result = run.run()
+    assert result.status == "failed" and "training diverged at step 4" in result.message
+    assert "Lower training.learning_rate" in result.message
+    store = CheckpointStore(result.run_dir / "checkpoints")
+    assert [c.step for c in store.list()] == [2]
+    weights = mx.load(str(store.list()[-1].path / "adapters.safetensors"))
+    assert all(mx.isfinite(w).all().item() for w in weights.values())
+
+
+def test_crash_between_write_and_rename_leaves_previous_checkpoint(tiny_data, tmp_path, embedded_dir,
+                                                                 monkeypatch):
+    import engine.checkpoints as ck
+    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg.evaluation.every_steps = 0
+    real_rename, calls = os.rename, {"n": 0}
+
+    def rename(src, dst):
+        if "step_" in str(dst):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", rename)
+    result = TrainingRun(cfg).run()
+    assert result.status == "failed" and result.error_kind == "disk"
+    assert "could not save the checkpoint at step 6" in result.message and "previous checkpoint is intact" in result.message
+    folder = result.run_dir / "checkpoints"
+    assert [p.name for p in folder.iterdir() if not p.name.endswith(".json")] == ["step_000003"]
+    # a hard kill cannot clean its temp folder: such leftovers are ignored and resume uses the good one
+    (folder / ".step_000006.abc.tmp").mkdir()
+    (folder / ".step_000006.abc.tmp" / "adapters.safetensors").write_bytes(b"\0" * 10)
+    monkeypatch.undo()
+    resumed = TrainingRun(cfg, resume="latest").run()
+    assert resumed.status == "finished" and resumed.step == 6
+
+
+def test_corrupt_latest_checkpoint_falls_back(tiny_data, tmp_path, embedded_dir):
+    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg.checkpoints.every_steps, cfg.evaluation.every_steps, cfg.checkpoints.keep_last = 2, 0, 5
+    first = TrainingRun(cfg, stop_after=4).run()
+    latest = first.run_dir / "checkpoints" / "step_000004"
+    (latest / "trainer_state.json").write_text('{"step": 4, "ep')  # truncated
+    warnings = []
+    resumed = TrainingRun(cfg, [lambda e: warnings.append(e) if isinstance(e, ev.Warning) else None],
+                          resume="latest").run()
+    assert resumed.status == "finished"
+    assert any("step_000004" in w.message and "unreadable" in w.message for w in warnings)
+    assert len(resumed.losses) == 4  # resumed from step 2
+
+
+def test_adapter_loads_in_mlx_lm_and_matches(tiny_data, tmp_path, embedded_dir):
+    import mlx.core as mx
+    from mlx_lm import load
+    result = TrainingRun(tiny_config(tiny_data, tmp_path)).run()
+    config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["scale"] == 32.0 / 4
+    ours, tok = load(str(embedded_dir), adapter_path=str(result.run_dir / "adapter"))
+    base, _ = load(str(embedded_dir))
+    x = mx.array([tok.encode("12+30")])
+    assert not mx.allclose(ours(x), base(x), atol=1e-3).item()  # the adapter changes the output
+    # the same adapter through our loader gives the same logits
+    from engine.fuse import load_with_adapter
+    cfg = tiny_config(tiny_data, tmp_path)
+    cfg.model.quantized_base = "keep"  # like mlx_lm.load: the quantized base (our scales are float32,
+    mine, _, _ = load_with_adapter(cfg, result.run_dir / "adapter")  # mlx-lm's float16: tiny differences)
+    assert mx.allclose(mine(x), ours(x), rtol=1e-3, atol=1e-2).item()
+    assert (mine(x).argmax(-1) == ours(x).argmax(-1)).all().item()
+
+
+def test_training_refuses_bad_targets(tiny_data, tmp_path, embedded_dir):
+    cfg = tiny_config(tiny_data, tmp_path)
+    cfg.lora.target_modules = ["q_proj", "query"]
+    result = TrainingRun(cfg).run()
+    assert result.status == "failed" and result.error_kind == "config"
+    assert "lora.target_modules: query not found in this model; its linear layers are: down_proj, gate_proj" in result.message
+
+
+def test_schedule_warmup_then_cosine():
+    import mlx.core as mx
+    from engine.train import build_schedule
+    cfg = Config()
+    cfg.training.learning_rate, cfg.training.warmup_steps = 1e-3, 4
+    sched = build_schedule(cfg, 20)
+    lrs = [float(sched(mx.array(i))) for i in range(20)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5])) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] < 1e-4 and math.isfinite(lrs[-1])
