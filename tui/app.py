@@ -1,99 +1,133 @@
-"""lora-tui's Textual app. First cut: the effective config, the model import and a dataset check,
-driven by the real engine on a worker thread. Forms, live training and chat arrive with issue #4."""
+"""lora-tui's Textual app: four screens (config, dataset, train, chat) over one engine thread.
+
+The engine (engine.worker.EngineWorker) runs in a Textual thread worker for the app's whole life and owns
+every MLX call. Screens submit typed commands; engine events come back as EngineMessage and are routed
+to the screen that shows them. Quitting during training asks, stops the run (which saves a checkpoint)
+and exits with code 0.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from textual import work
-from textual.app import App, ComposeResult
-from textual.containers import VerticalScroll
-from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual.app import App
+from textual.binding import Binding
 
-from tui.messages import DatasetValidated, EngineFailed, EngineProgress
+from engine.config import Config, ConfigError, load_config
+from tui.messages import EngineMessage
+from tui.screens.chat_screen import ChatScreen
+from tui.screens.config_screen import ConfigScreen
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.dataset_screen import DatasetScreen
+from tui.screens.train_screen import TrainScreen
 
 
 class LoraTuiApp(App[int]):
     TITLE = "lora-tui"
     CSS_PATH = "app.tcss"
-    BINDINGS = [("v", "validate", "Validate dataset"), ("q", "quit", "Quit")]
+    MODES = {"config": ConfigScreen, "dataset": DatasetScreen, "train": TrainScreen, "chat": ChatScreen}
+    DEFAULT_MODE = "config"
+    BINDINGS = [
+        Binding("f1", "switch_mode('config')", "Config", id="config"),
+        Binding("f2", "switch_mode('dataset')", "Dataset", id="dataset"),
+        Binding("f3", "switch_mode('train')", "Train", id="train"),
+        Binding("f4", "switch_mode('chat')", "Chat", id="chat"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
 
     def __init__(self, config_path: str | None = None) -> None:
         super().__init__()
         if config_path is None and Path("config.yaml").is_file():
             config_path = "config.yaml"
         self.config_path = config_path
-        self.cfg = None
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        with VerticalScroll(id="body"):
-            yield Static(id="config")
-            yield ProgressBar(total=1.0, show_eta=False, id="progress")
-            yield Static("", id="status")
-            yield DataTable(id="issues", zebra_stripes=True)
-        yield Footer()
+        self.config_errors: list = []
+        try:
+            self.cfg, self.config_warnings = load_config(config_path, strict=False)
+            self.config_errors = [i for i in self.config_warnings if i.severity == "error"]
+        except ConfigError as exc:  # unreadable file: start from defaults and say so
+            self.cfg, self.config_warnings = Config(), []
+            self.config_errors = exc.issues
+        self.dirty = False
+        self.training = False
+        self.control = None  # RunControl of the run in progress
+        self.last_run_dir: str | None = None
+        self._quitting = False
+        from engine.worker import EngineWorker
+        self.engine = EngineWorker(lambda payload: self.post_message(EngineMessage(payload)))
 
     def on_mount(self) -> None:
-        from engine.config import ConfigError, load_config
         self.sub_title = self.config_path or "built-in defaults"
-        table = self.query_one("#issues", DataTable)
-        table.add_columns("line", "field", "problem")
+        self.run_engine()
+        for issue in self.config_errors:
+            self.notify(f"{issue.field}: {issue.message}" if issue.field else issue.message,
+                        title="Config error", severity="error", timeout=8)
+
+    @work(thread=True, exclusive=True, group="engine", exit_on_error=False, name="engine")
+    def run_engine(self) -> None:
+        from textual.worker import get_current_worker
+        worker = get_current_worker()
+        self.engine.serve(lambda: worker.is_cancelled)
+
+    def on_unmount(self) -> None:
+        # However the app ends, let the engine thread finish (a run in progress is stopped first).
+        if self.control is not None:
+            self.control.stop()
+        from engine.worker import Shutdown
+        self.engine.submit(Shutdown())
+
+    def submit(self, command) -> None:
+        self.engine.submit(command)
+
+    # ------------------------------------------------------------ routing engine traffic
+
+    def on_engine_message(self, message: EngineMessage) -> None:
+        payload = message.payload
+        kind = type(payload).__name__
+        if kind == "TrainingStarted":
+            self.training, self.control = True, payload.control
+        elif kind == "TrainingEnded":
+            self.training, self.control = False, None
+            self.last_run_dir = payload.run_dir
+            if self._quitting:
+                self._stop_engine_and_exit()
+                return
+        elif kind == "EngineError":
+            self.notify(payload.message, title=payload.what.capitalize(), severity="error", timeout=10)
+        for mode in ("dataset", "train", "chat"):
+            screen = self._screen_for(mode)
+            if screen is not None:
+                screen.handle_engine(payload)
+
+    def _screen_for(self, mode: str):
         try:
-            self.cfg, issues = load_config(self.config_path)
-        except ConfigError as exc:
-            self.query_one("#config", Static).update("Config has errors:\n" + "\n".join(
-                f"  {i.field}: {i.message}" for i in exc.issues if i.severity == "error"))
-            self.notify(str(exc), severity="error", timeout=10)
+            stack = self._screen_stacks.get(mode)
+        except AttributeError:
+            return None
+        return stack[0] if stack else None
+
+    # ------------------------------------------------------------ quitting
+
+    async def action_quit(self) -> None:
+        if self.training:
+            def answer(stop: bool | None) -> None:
+                if stop:
+                    self._quitting = True
+                    self.notify("Stopping: saving a checkpoint first…", timeout=30)
+                    self.control.stop()
+            self.push_screen(ConfirmScreen("Training is running. Stop it (a checkpoint is saved first) and quit?",
+                                           yes="Stop and quit"), answer)
             return
-        for issue in issues:
-            self.notify(f"{issue.field}: {issue.message}", severity="warning")
-        c = self.cfg
-        self.query_one("#config", Static).update(
-            f"[b]model[/b] {c.model.name}  [b]max_seq_length[/b] {c.model.max_seq_length}\n"
-            f"[b]LoRA[/b] rank {c.lora.rank}, alpha {c.lora.alpha:g} on {', '.join(c.lora.target_modules)}"
-            f"{'  (DoRA)' if c.lora.use_dora else ''}\n"
-            f"[b]training[/b] lr {c.training.learning_rate:g}, batch {c.training.batch_size} x "
-            f"{c.training.grad_accumulation}, {c.training.epochs} epoch(s)\n"
-            f"[b]data[/b] {c.data.path} (train labels: {', '.join(c.data.train_labels) or 'all'})")
-        self.action_validate()
-
-    def action_validate(self) -> None:
-        if self.cfg is not None:
-            self.query_one("#status", Static).update("Preparing the model and checking the dataset…")
-            self.validate_dataset()
-
-    @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
-    def validate_dataset(self) -> None:
-        from engine.data import DatasetError, validate_dataset
-        from engine.model import ModelLoadError, load_tokenizer
-        cfg = self.cfg
-        try:
-            tokenizer = load_tokenizer(cfg.model, lambda w, f: self.post_message(EngineProgress(w, f * 0.3)))
-            report, _ = validate_dataset(
-                cfg.data.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                error_threshold=cfg.data.error_threshold, train_labels=cfg.data.train_labels,
-                mask_prompt=cfg.data.mask_prompt,
-                progress=lambda d, t: self.post_message(EngineProgress("validating", 0.3 + 0.7 * d / t)))
-        except (DatasetError, ModelLoadError) as exc:
-            self.post_message(EngineFailed(str(exc)))
+        if self.dirty:
+            def discard(yes: bool | None) -> None:
+                if yes:
+                    self._stop_engine_and_exit()
+            self.push_screen(ConfirmScreen("The configuration has unsaved changes. Quit without saving?",
+                                           yes="Discard and quit"), discard)
             return
-        self.post_message(DatasetValidated(report))
+        self._stop_engine_and_exit()
 
-    def on_engine_progress(self, msg: EngineProgress) -> None:
-        self.query_one("#progress", ProgressBar).update(progress=msg.fraction)
-        self.query_one("#status", Static).update(msg.what)
-
-    def on_dataset_validated(self, msg: DatasetValidated) -> None:
-        report = msg.report
-        self.query_one("#progress", ProgressBar).update(progress=1.0)
-        verdict = "[red]rejected[/red]" if report.failed else "[green]ok[/green]"
-        self.query_one("#status", Static).update(f"Dataset {verdict}: {report.summary()}")
-        table = self.query_one("#issues", DataTable)
-        table.clear()
-        for issue in report.issues[:500]:
-            table.add_row(str(issue.line), issue.field, issue.reason)
-
-    def on_engine_failed(self, msg: EngineFailed) -> None:
-        self.query_one("#status", Static).update(f"[red]{msg.message}[/red]")
-        self.notify(msg.message, severity="error", timeout=10)
+    def _stop_engine_and_exit(self) -> None:
+        from engine.worker import Shutdown
+        self.engine.submit(Shutdown())
+        self.exit(0)

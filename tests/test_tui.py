@@ -1,0 +1,146 @@
+"""Pilot tests of every screen's main flow, driving the real engine thread and the embedded model."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
+
+from tui.app import LoraTuiApp
+from tui.screens.confirm import ConfirmScreen
+from tui_helpers import tiny_config, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (120, 40)
+
+
+@pytest.fixture()
+def app_in(tmp_path, monkeypatch):
+    """An app whose config file is a copy of config.yaml in a temp folder."""
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    monkeypatch.chdir(ROOT)
+    return lambda: LoraTuiApp(str(tmp_path / "config.yaml"))
+
+
+async def test_config_form_shows_errors_beside_fields_and_saves(app_in, tmp_path, embedded_dir):
+    app = app_in()
+    async with app.run_test(size=SIZE) as pilot:
+        rank = app.screen.query_one("#f-lora--rank", Input)
+        rank.value = "0"
+        await pilot.pause()
+        msg = str(app.screen.query_one("#f-lora--rank-msg", Static).render())
+        assert "0 is out of range (valid: 1 <= x <= 1024)" in msg
+        assert app.dirty
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "rank: 16" in (tmp_path / "config.yaml").read_text()  # refused: invalid
+        rank.value = "8"
+        app.screen.query_one("#f-training--lr_schedule", Select).value = "linear"
+        await pilot.pause()
+        assert "out of range" not in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        saved = (tmp_path / "config.yaml").read_text()
+        assert "  rank: 8\n" in saved and "lr_schedule: linear" in saved and not app.dirty
+
+
+async def test_cross_field_warning_and_unsaved_guard(app_in, embedded_dir):
+    app = app_in()
+    async with app.run_test(size=SIZE) as pilot:
+        app.screen.query_one("#f-training--learning_rate", Input).value = "0.5"
+        await pilot.pause()
+        assert "high for LoRA" in str(app.screen.query_one("#f-training--learning_rate-msg", Static).render())
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.is_running and not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_dataset_screen_lists_bad_lines_and_renders_masking(app_in, embedded_dir):
+    app = app_in()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        app.screen.query_one("#dataset-path", Input).value = "tests/fixtures/malformed.jsonl"
+        await pilot.click("#validate")
+        table = app.screen.query_one("#dataset-errors", DataTable)
+        await wait_for(pilot, lambda: table.row_count > 0, what="the validation report")
+        assert table.row_count == 25
+        summary = str(app.screen.query_one("#dataset-summary", Static).render())
+        assert "rejected" in summary and "25 bad lines" in summary
+        assert "trained" in str(app.screen.query_one("#rendered", Static).render())
+        table.focus()
+        await pilot.press("down")
+        await pilot.pause()
+        assert "line 3: [1, 2, 3]" in str(app.screen.query_one("#line-preview", Static).render())
+        # the sample dataset: clean, with a length histogram
+        app.screen.query_one("#dataset-path", Input).value = "data/tool_calls.jsonl"
+        await pilot.click("#validate")
+        await wait_for(pilot, lambda: "1200 valid" in str(app.screen.query_one("#dataset-summary", Static).render()))
+        assert sum(app.screen.query_one("#histogram", Sparkline).data) == 1200
+
+
+async def test_train_then_chat_with_the_adapter(tmp_path, embedded_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    app.cfg = tiny_config(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.click("#start")
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.state == "done", timeout=180, what="training to finish")
+        assert len(screen.query_one("#loss-chart", Sparkline).data) == 4
+        rows = [screen.query_one("#checkpoints", DataTable).get_row_at(i)
+                for i in range(screen.query_one("#checkpoints", DataTable).row_count)]
+        assert any("best" in r[3] for r in rows)
+        assert "step 4 / 4" in str(screen.query_one("#train-stats", Static).render())
+        # chat: the new adapter is offered and answers, side by side with the base
+        await pilot.press("f4")
+        await pilot.pause()
+        chat = app.screen
+        model = chat.query_one("#chat-model", Select)
+        assert str(model.value).endswith("tui/adapter")
+        chat.query_one("#chat-sbs", Switch).value = True
+        chat.query_one("#chat-max", Input).value = "6"
+        chat.query_one("#chat-input", Input).value = "2+2"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.busy is False and chat.query("Bubble.assistant"), what="answers")
+        answers = [b.text for b in chat.query("Bubble.assistant")]
+        assert len(answers) == 2 and all(a.strip() for a in answers)
+
+
+async def test_quit_during_training_saves_and_exits_0(tmp_path, embedded_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    app.cfg = tiny_config(tmp_path, iterations=500)
+    app.cfg.checkpoints.every_steps = app.cfg.evaluation.every_steps = 0  # only the stop saves
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.click("#start")
+        await wait_for(pilot, lambda: app.screen.state == "running" and app.screen.losses, what="steps")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.is_running, timeout=120, what="exit")
+    assert app.return_code == 0
+    import json
+    newest = sorted((tmp_path / "runs" / "tui" / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((newest / "trainer_state.json").read_text())["reason"] == "stop"
+    assert (newest / "adapters.safetensors").is_file()
+
+
+async def test_bad_config_file_shows_errors_not_a_crash(tmp_path, embedded_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rank: 0\ntraining:\n  lerning_rate: 1\n")
+    app = LoraTuiApp(str(bad))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "1 <= x <= 1024" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
+        notes = [n.message for n in app._notifications]
+        assert any("did you mean 'training.learning_rate'" in m for m in notes)

@@ -1,0 +1,44 @@
+"""Helpers for Pilot tests: wait on the real engine thread without sleeping blindly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import Config
+
+
+async def wait_for(pilot, condition, timeout: float = 120.0, what: str = "condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def tiny_dataset(path: Path, n: int = 40) -> Path:
+    rng = np.random.default_rng(1)
+    with open(path, "w") as fh:
+        for i in range(n):
+            a, b = (int(x) for x in rng.integers(1, 50, 2))
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                              {"role": "assistant", "content": str(a + b)}],
+                                 "label": "desirable"}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, iterations: int = 4) -> Config:
+    cfg = Config()
+    cfg.data.path = str(tiny_dataset(tmp_path / "tiny.jsonl"))
+    cfg.lora.rank, cfg.lora.num_layers = 4, 2
+    t = cfg.training
+    t.iterations, t.batch_size, t.grad_accumulation, t.warmup_steps, t.learning_rate = iterations, 2, 1, 1, 1e-3
+    cfg.evaluation.every_steps, cfg.evaluation.val_batches = 2, 1
+    cfg.evaluation.sample_prompts, cfg.evaluation.max_tokens = [], 4
+    cfg.checkpoints.every_steps = 2
+    cfg.output.dir, cfg.output.run_name = str(tmp_path / "runs"), "tui"
+    return cfg

@@ -1,0 +1,194 @@
+"""Chat screen: streaming chat with the base model or a tuned adapter (any checkpoint), sampling
+settings, and a side-by-side mode that answers the same prompt with base and adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
+
+from engine.generate import GenerationSettings
+from engine.worker import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
+
+BASE = "base"
+
+
+def find_adapters(output_dir: str) -> list[str]:
+    """Adapter folders under the runs folder: each run's final adapter and its checkpoints, newest first."""
+    root = Path(output_dir).expanduser()
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.glob("*/adapter/adapter_config.json")]
+    found += [p.parent for p in root.glob("*/checkpoints/step_*/adapter_config.json")]
+    return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+class Bubble(Static):
+    def __init__(self, who: str, text: str = "", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.who, self.text = who, text
+        self.border_title = who
+
+    def on_mount(self) -> None:
+        self.update(self.text or "…")
+
+    def append(self, text: str) -> None:
+        self.text += text
+        self.update(self.text)
+
+
+class ChatScreen(Screen):
+    CSS_PATH = "chat_screen.tcss"
+    AUTO_FOCUS = "#chat-input"
+    BINDINGS = [
+        Binding("ctrl+l", "clear", "Clear"),
+        Binding("ctrl+y", "copy", "Copy answer"),
+        Binding("escape", "cancel", "Stop answer", show=False),
+        Binding("ctrl+r", "refresh_models", "Rescan adapters"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="chat-settings"):
+            yield Select([(BASE, BASE)], value=BASE, allow_blank=False, id="chat-model")
+            yield Label("temp", classes="setting-label")
+            yield Input("0.7", id="chat-temp", classes="setting")
+            yield Label("top-p", classes="setting-label")
+            yield Input("0.9", id="chat-top-p", classes="setting")
+            yield Label("max", classes="setting-label")
+            yield Input("256", id="chat-max", classes="setting")
+            yield Label("side by side", classes="setting-label")
+            yield Switch(False, id="chat-sbs")
+        yield VerticalScroll(id="chat-log")
+        with Horizontal(id="chat-input-row"):
+            yield Input(placeholder="Ask something (Enter sends, Esc stops the answer)", id="chat-input")
+            yield Button("Send", id="chat-send", variant="primary")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.history: dict[str, list[dict]] = {}
+        self.bubbles: dict[int, Bubble] = {}
+        self.pending: list[Generate] = []
+        self.next_id = 1
+        self.busy = False
+        self.last_answer = ""
+        self.action_refresh_models()
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh_models()
+
+    def action_refresh_models(self) -> None:
+        select = self.query_one("#chat-model", Select)
+        current = select.value
+        options = [BASE] + find_adapters(self.app.cfg.output.dir)
+        if self.app.last_run_dir and str(Path(self.app.last_run_dir) / "adapter") not in options:
+            candidate = Path(self.app.last_run_dir) / "adapter"
+            if candidate.is_dir():
+                options.insert(1, str(candidate))
+        select.set_options([(o if o == BASE else self._short(o), o) for o in options])
+        newest_run = self.app.last_run_dir
+        if newest_run and newest_run != getattr(self, "_seen_run", None) and len(options) > 1:
+            self._seen_run = newest_run  # a run just finished: offer its adapter first
+            current = str(Path(newest_run) / "adapter")
+        select.value = current if current in options else BASE
+
+    @staticmethod
+    def _short(path: str) -> str:
+        parts = Path(path).parts
+        return "/".join(parts[-3:]) if len(parts) > 3 else path
+
+    def settings(self) -> GenerationSettings | None:
+        try:
+            temp = float(self.query_one("#chat-temp", Input).value)
+            top_p = float(self.query_one("#chat-top-p", Input).value)
+            max_tokens = int(self.query_one("#chat-max", Input).value)
+        except ValueError:
+            self.notify("temperature, top-p and max tokens must be numbers", severity="error")
+            return None
+        if not (0 <= temp <= 5 and 0 < top_p <= 1 and 1 <= max_tokens <= 32768):
+            self.notify("temperature 0–5, top-p in (0, 1], max tokens 1–32768", severity="error")
+            return None
+        return GenerationSettings(max_tokens, temp, top_p)
+
+    @on(Input.Submitted, "#chat-input")
+    @on(Button.Pressed, "#chat-send")
+    def send(self) -> None:
+        box = self.query_one("#chat-input", Input)
+        text = box.value.strip()
+        if not text:
+            return
+        if self.app.training:
+            self.notify("The engine is training: chat after the run, or stop it", severity="warning")
+            return
+        if self.busy:
+            self.notify("Still answering (Esc stops it)", severity="warning")
+            return
+        settings = self.settings()
+        if settings is None:
+            return
+        box.value = ""
+        chosen = self.query_one("#chat-model", Select).value
+        targets = [BASE, chosen] if self.query_one("#chat-sbs", Switch).value and chosen != BASE else [chosen]
+        log = self.query_one("#chat-log", VerticalScroll)
+        log.mount(Bubble("you", text, classes="user"))
+        row = Horizontal(classes="answers")
+        log.mount(row)
+        for target in targets:
+            history = self.history.setdefault(target, [])
+            history.append({"role": "user", "content": text})
+            request = Generate(self.app.cfg, tuple(history), settings, None if target == BASE else target, self.next_id)
+            bubble = Bubble("base model" if target == BASE else f"adapter {self._short(target)}",
+                            classes="assistant")
+            self.bubbles[self.next_id] = bubble
+            self.next_id += 1
+            row.mount(bubble)
+            self.pending.append(request)
+        log.scroll_end(animate=False)
+        self.busy = True
+        self._next()
+
+    def _next(self) -> None:
+        if self.pending:
+            self.app.submit(self.pending.pop(0))
+        else:
+            self.busy = False
+
+    def handle_engine(self, payload) -> None:
+        if isinstance(payload, GenerationChunk) and payload.request_id in self.bubbles:
+            self.bubbles[payload.request_id].append(payload.text)
+            self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+        elif isinstance(payload, GenerationDone) and payload.request_id in self.bubbles:
+            bubble = self.bubbles.pop(payload.request_id)
+            target = next((k for k, v in self.history.items()
+                           if bubble.who == ("base model" if k == BASE else f"adapter {self._short(k)}")), None)
+            if target is not None:
+                self.history[target].append({"role": "assistant", "content": payload.text.strip()})
+            self.last_answer = payload.text.strip()
+            if payload.cancelled:
+                bubble.append(" [stopped]")
+            self._next()
+        elif isinstance(payload, EngineError) and payload.what == "chat":
+            self.pending.clear()
+            for bubble in self.bubbles.values():
+                bubble.append("(no answer: see the error)")
+            self.bubbles.clear()
+            self.busy = False
+
+    def action_cancel(self) -> None:
+        if self.busy:
+            self.pending.clear()
+            self.app.submit(CancelGeneration())
+
+    def action_clear(self) -> None:
+        self.history.clear()
+        self.query_one("#chat-log", VerticalScroll).remove_children()
+
+    def action_copy(self) -> None:
+        if self.last_answer:
+            self.app.copy_to_clipboard(self.last_answer)
+            self.notify("Answer copied to the clipboard")

@@ -1,0 +1,252 @@
+"""Config screen: forms generated from the config dataclasses, validated as you type, saved atomically."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.screen import ModalScreen, Screen
+from textual.validation import Function
+from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Select, Static, Switch
+
+from engine.config import SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, load_config, \
+    save_config, set_value, validate
+
+HUB_SUGGESTIONS = ["mlx-community/Mistral-7B-Instruct-v0.3-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit",
+                   "mlx-community/Qwen2.5-0.5B-Instruct-4bit"]
+
+
+def field_id(path: str) -> str:
+    return "f-" + path.replace(".", "--")
+
+
+def path_of(widget_id: str) -> str:
+    return widget_id[2:].replace("--", ".")
+
+
+def as_text(spec: FieldSpec, value) -> str:
+    if spec.type not in (int, float, bool, str):
+        return ", ".join(value)
+    return f"{value:g}" if spec.type is float else str(value)
+
+
+def _field_validator(spec: FieldSpec) -> Function:
+    def ok(text: str) -> bool:
+        value, err = coerce(spec, text)
+        return err is None and check_range(spec, value) is None
+    return Function(ok, f"{spec.path}: {spec.range_text() or 'invalid'}")
+
+
+def local_models(cfg: Config) -> list[str]:
+    """Model folders found on this machine: the embedded import, Hugging Face's cache, ./models."""
+    found = ["embedded"]
+    roots = [Path("~/.cache/huggingface/hub").expanduser(), Path("models")]
+    for root in roots:
+        if root.is_dir():
+            for cfg_file in list(root.glob("*/config.json")) + list(root.glob("models--*/snapshots/*/config.json")):
+                found.append(str(cfg_file.parent))
+    return found[:40]
+
+
+class ModelPicker(ModalScreen[str | None]):
+    DEFAULT_CSS = """
+    ModelPicker { align: center middle; }
+    ModelPicker > Vertical { width: 90; height: auto; max-height: 30; border: thick $primary; background: $surface; padding: 1 2; }
+    ModelPicker OptionList { height: auto; max-height: 18; }
+    """
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, options: list[str]) -> None:
+        super().__init__()
+        self.options = options
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Pick a base model (embedded, a local folder, or a hub id — the hub needs network):")
+            yield OptionList(*self.options, id="models")
+            yield Input(placeholder="…or type a folder or hub id and press Enter", id="custom")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(str(event.option.prompt))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+
+class PathPrompt(ModalScreen[str | None]):
+    DEFAULT_CSS = """
+    PathPrompt { align: center middle; }
+    PathPrompt > Vertical { width: 80; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    """
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, question: str, value: str = "") -> None:
+        super().__init__()
+        self.question, self.value = question, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question)
+            yield Input(self.value, id="path")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+
+class ConfigScreen(Screen):
+    CSS_PATH = "config_screen.tcss"
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+o", "load", "Load…"),
+        Binding("ctrl+r", "reset", "Defaults"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="form"):
+            yield Static("", id="config-status")
+            section = None
+            for path, spec in SPECS.items():
+                if spec.section != section:
+                    section = spec.section
+                    yield Static(f"{SECTION_HELP[section]}  [dim]({section})[/dim]", classes="section-title")
+                with Vertical(classes="field"):
+                    with Horizontal(classes="row"):
+                        yield Label(spec.name, classes="name")
+                        yield self._widget(spec)
+                        if path == "model.name":
+                            yield Button("Pick…", id="pick-model", compact=True)
+                    yield Static(self._help(spec), classes="help", id=field_id(path) + "-msg")
+        yield Footer()
+
+    @staticmethod
+    def _help(spec: FieldSpec) -> str:
+        rng = spec.range_text()
+        return escape(spec.help) + (f"  [dim]({escape(rng)})[/dim]" if rng else "")
+
+    def _widget(self, spec: FieldSpec):
+        value = getattr(getattr(self.app.cfg, spec.section), spec.name)
+        wid = field_id(spec.path)
+        if spec.type is bool:
+            return Switch(value=value, id=wid)
+        if spec.choices:
+            return Select([(c, c) for c in spec.choices], value=value, allow_blank=False, id=wid, compact=True)
+        return Input(as_text(spec, value), id=wid, validators=[_field_validator(spec)],
+                     valid_empty=spec.type is not int, compact=True)
+
+    def on_mount(self) -> None:
+        self.refresh_issues()
+
+    # ------------------------------------------------------------ editing
+
+    def _changed(self, widget_id: str | None, raw) -> None:
+        if not widget_id or not widget_id.startswith("f-"):
+            return
+        path = path_of(widget_id)
+        spec = SPECS[path]
+        before = getattr(getattr(self.app.cfg, spec.section), spec.name)
+        issue = set_value(self.app.cfg, path, raw)
+        if issue is None and getattr(getattr(self.app.cfg, spec.section), spec.name) == before:
+            if not self.query_one("#" + field_id(path) + "-msg", Static).has_class("has-issue"):
+                return  # a widget reporting its initial value: nothing changed
+        self.app.dirty = self.app.dirty or issue is not None or \
+            getattr(getattr(self.app.cfg, spec.section), spec.name) != before
+        self.refresh_issues({path: issue} if issue else {})
+
+    @on(Input.Changed)
+    def input_changed(self, event: Input.Changed) -> None:
+        self._changed(event.input.id, event.value)
+
+    @on(Switch.Changed)
+    def switch_changed(self, event: Switch.Changed) -> None:
+        self._changed(event.switch.id, event.value)
+
+    @on(Select.Changed)
+    def select_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.NULL:
+            self._changed(event.select.id, event.value)
+
+    def refresh_issues(self, parse_errors: dict | None = None) -> None:
+        """Show each field's error or warning beside it (parse errors first, then validation)."""
+        issues = {i.field: i for i in validate(self.app.cfg)}
+        issues.update(parse_errors or {})
+        for path, spec in SPECS.items():
+            msg = self.query_one("#" + field_id(path) + "-msg", Static)
+            issue = issues.get(path)
+            if issue:
+                mark, style = ("✗", "$error") if issue.severity == "error" else ("!", "$warning")
+                msg.update(f"[{style}]{mark} {escape(issue.message)}[/]")
+                msg.set_class(True, "has-issue")
+            else:
+                msg.update(self._help(spec))
+                msg.set_class(False, "has-issue")
+        errors = sum(1 for i in issues.values() if i and i.severity == "error")
+        where = self.app.config_path or "config.yaml"
+        state = "unsaved changes" if self.app.dirty else "saved"
+        self.query_one("#config-status", Static).update(
+            f"[b]{escape(where)}[/b] — {state}" + (f" — [$error]{errors} error(s)[/]" if errors else " — valid"))
+
+    def _reload_widgets(self) -> None:
+        for path, spec in SPECS.items():
+            widget = self.query_one("#" + field_id(path))
+            value = getattr(getattr(self.app.cfg, spec.section), spec.name)
+            with widget.prevent(Input.Changed, Switch.Changed, Select.Changed):
+                if isinstance(widget, Input):
+                    widget.value = as_text(spec, value)
+                else:
+                    widget.value = value
+        self.refresh_issues()
+
+    # ------------------------------------------------------------ actions
+
+    @on(Button.Pressed, "#pick-model")
+    def pick_model(self) -> None:
+        options = local_models(self.app.cfg) + HUB_SUGGESTIONS
+
+        def chosen(name: str | None) -> None:
+            if name:
+                self.query_one("#" + field_id("model.name"), Input).value = name
+        self.app.push_screen(ModelPicker(options), chosen)
+
+    def action_save(self) -> None:
+        errors = [i for i in validate(self.app.cfg) if i.severity == "error"]
+        if errors:
+            self.notify(f"Not saved: {errors[0].field}: {errors[0].message}", severity="error", timeout=8)
+            return
+        path = self.app.config_path or "config.yaml"
+        try:
+            save_config(self.app.cfg, path)
+        except OSError as exc:
+            self.notify(f"Cannot write {path}: {exc.strerror or exc}", severity="error", timeout=8)
+            return
+        self.app.config_path = path
+        self.app.dirty = False
+        self.app.sub_title = path
+        self.notify(f"Saved {path}")
+        self.refresh_issues()
+
+    def action_load(self) -> None:
+        def load(path: str | None) -> None:
+            if not path:
+                return
+            try:
+                cfg, issues = load_config(path, strict=False)
+            except ConfigError as exc:
+                self.notify(str(exc), severity="error", timeout=10)
+                return
+            self.app.cfg, self.app.config_path, self.app.dirty = cfg, path, False
+            self.app.sub_title = path
+            self._reload_widgets()
+            self.notify(f"Loaded {path}" + (f" with {len(issues)} issue(s)" if issues else ""))
+        self.app.push_screen(PathPrompt("Load which config file?", self.app.config_path or "config.yaml"), load)
+
+    def action_reset(self) -> None:
+        self.app.cfg = copy.deepcopy(Config())
+        self.app.dirty = True
+        self._reload_widgets()
+        self.notify("Defaults restored (not saved yet)")

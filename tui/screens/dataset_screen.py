@@ -1,0 +1,125 @@
+"""Dataset screen: validate a JSONL file on the engine thread, then show what a user needs to know:
+counts, labels, token lengths and truncation, every bad line (with a preview), and one conversation
+rendered through the chat template with trained and masked tokens told apart."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, ProgressBar, Sparkline, Static
+
+from engine.worker import DatasetChecked, EngineError, ProgressUpdate, ValidateDataset
+
+
+def _read_line(path: str, number: int, limit: int = 400) -> str:
+    try:
+        with open(path, "rb") as fh:
+            for i, raw in enumerate(fh, 1):
+                if i == number:
+                    text = raw[:limit * 4].decode("utf-8", "replace").rstrip("\r\n")
+                    return text[:limit] + ("…" if len(text) > limit else "")
+    except OSError as exc:
+        return f"(cannot read: {exc.strerror})"
+    return ""
+
+
+class DatasetScreen(Screen):
+    CSS_PATH = "dataset_screen.tcss"
+    AUTO_FOCUS = "#validate"
+    BINDINGS = [Binding("ctrl+v", "validate", "Validate")]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(classes="toolbar"):
+            yield Input(self.app.cfg.data.path, placeholder="path to a JSONL file", id="dataset-path")
+            yield Button("Validate", id="validate", variant="primary")
+        yield ProgressBar(total=1.0, show_eta=False, id="dataset-progress")
+        with Horizontal(id="dataset-body"):
+            with Vertical(id="dataset-left"):
+                yield Static("Choose a JSONL file and press Validate (ctrl+v).", id="dataset-summary")
+                yield Static("", id="histogram-label", classes="muted")
+                yield Sparkline([], id="histogram")
+                yield DataTable(id="dataset-errors", zebra_stripes=True, cursor_type="row")
+                yield Static("", id="line-preview", classes="muted")
+            with VerticalScroll(id="dataset-right"):
+                yield Static("", id="rendered")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#dataset-errors", DataTable)
+        table.add_columns("line", "field", "problem")
+
+    @on(Button.Pressed, "#validate")
+    @on(Input.Submitted, "#dataset-path")
+    def action_validate(self) -> None:
+        path = self.query_one("#dataset-path", Input).value.strip()
+        if not path:
+            self.notify("Enter a dataset path first", severity="warning")
+            return
+        if self.app.training:
+            self.notify("The engine is training; validate after the run (or stop it)", severity="warning")
+            return
+        self.query_one("#dataset-summary", Static).update(f"Validating {escape(path)}…")
+        self.query_one("#dataset-progress", ProgressBar).update(progress=0)
+        self.app.submit(ValidateDataset(self.app.cfg, path))
+
+    def handle_engine(self, payload) -> None:
+        if isinstance(payload, ProgressUpdate):
+            self.query_one("#dataset-progress", ProgressBar).update(progress=payload.fraction)
+        elif isinstance(payload, DatasetChecked):
+            self.show_report(payload.report, payload.preview)
+        elif isinstance(payload, EngineError) and payload.what == "dataset":
+            self.query_one("#dataset-summary", Static).update(f"[$error]{escape(payload.message)}[/]")
+
+    def show_report(self, report, preview) -> None:
+        self.report = report
+        self.query_one("#dataset-progress", ProgressBar).update(progress=1.0)
+        verdict = "[$error]rejected[/]" if report.failed else "[$success]ok[/]"
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(report.labels.items())) or "none"
+        lines = [f"[b]{escape(report.path)}[/b]: {verdict}",
+                 f"{report.valid} valid of {report.records} conversations; {report.error_lines} bad lines "
+                 f"({report.error_rate:.1%}, threshold {report.error_threshold:.0%})",
+                 f"labels: {escape(labels)}; will train on {report.trainable}"
+                 + (f", set aside {sum(report.set_aside.values())} ({escape(', '.join(report.set_aside))})"
+                    if report.set_aside else "")]
+        p = report.length_percentiles()
+        if p:
+            lines.append(f"tokens: p50 {p['p50']}, p95 {p['p95']}, max {p['max']}; "
+                         f"{report.truncated} longer than max_seq_length={report.max_seq_length} will be truncated")
+        for w in report.warnings:
+            lines.append(f"[$warning]! {escape(w)}[/]")
+        self.query_one("#dataset-summary", Static).update("\n".join(lines))
+        counts, edges = report.histogram(30)
+        self.query_one("#histogram", Sparkline).data = counts
+        self.query_one("#histogram-label", Static).update(
+            f"token lengths {edges[0]}…{edges[-1]} (max_seq_length {report.max_seq_length})" if edges else "")
+        table = self.query_one("#dataset-errors", DataTable)
+        table.clear()
+        for issue in report.issues[:1000]:
+            table.add_row(str(issue.line), issue.field or "—",
+                          issue.reason + ("" if issue.severity == "error" else " (warning)"), key=str(len(table.rows)))
+        self.query_one("#line-preview", Static).update("")
+        self.show_rendered(preview)
+
+    def show_rendered(self, preview) -> None:
+        widget = self.query_one("#rendered", Static)
+        if not preview:
+            widget.update("")
+            return
+        line, pieces = preview
+        out = [f"[b]line {line} through the chat template[/b] — [reverse $success]trained[/] / [dim]masked[/dim]\n"]
+        for piece, trained in pieces:
+            text = escape(piece)
+            out.append(f"[reverse $success]{text}[/]" if trained else f"[dim]{text}[/dim]")
+        widget.update("".join(out))
+
+    @on(DataTable.RowHighlighted, "#dataset-errors")
+    def preview_line(self, event: DataTable.RowHighlighted) -> None:
+        row = event.data_table.get_row(event.row_key)
+        number = int(row[0])
+        text = _read_line(self.report.path, number)
+        self.query_one("#line-preview", Static).update(f"line {number}: {escape(text)}")
