@@ -4,8 +4,26 @@ It never imports the UI. The optimized BLAS is preloaded here because it must be
 first `import mlx.core` anywhere in the process.
 """
 
+import atexit as _atexit
+import sys as _sys
+
 from engine import blas as _blas
 
 _blas.preload()
+
+
+def release_mlx_streams() -> None:
+    """Destroy the calling thread's MLX streams. MLX no longer cleans up at exit by itself: a thread
+    that used MLX must call this before it ends, or the process may abort at exit (code 134)."""
+    mx = _sys.modules.get("mlx.core")
+    if mx is not None:
+        try:
+            mx.synchronize()
+        except Exception:
+            pass
+        mx.clear_streams()
+
+
+_atexit.register(release_mlx_streams)  # the main thread's streams
 
 __version__ = "0.1.0"

@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
-
-from engine.data.encode import ChatEncoder
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,10 @@ class Chunk:
 def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings,
                  tools=None) -> Iterator[Chunk]:
     """Stream the assistant's reply to `messages`, rendered with the model's own chat template."""
+    from mlx_lm.generate import stream_generate  # imported here: the UI imports this module at start-up
+    from mlx_lm.sample_utils import make_sampler
+
+    from engine.data.encode import ChatEncoder
     prompt = ChatEncoder(tokenizer).prompt_text(messages, tools)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 0.0)

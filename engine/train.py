@@ -21,6 +21,7 @@ from engine import events as ev
 from engine.batches import collate, epoch_batches, steps_per_epoch
 from engine.checkpoints import CheckpointError, CheckpointStore, read_state, write_atomic_json
 from engine.config import Config, atomic_write_text, check_against_total, to_yaml
+from engine.control import RunControl
 from engine.monitor import RunLog, memory_stats
 
 
@@ -30,37 +31,6 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, kind: str = "training"):
         super().__init__(message)
         self.kind = kind  # "config", "data", "model", "checkpoint", "training", "disk"
-
-
-class RunControl:
-    """Thread-safe controls for a run in progress (the UI thread calls these)."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._running = threading.Event()
-        self._running.set()
-        self._save = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._running.set()  # wake a paused loop so it can save and exit
-
-    def pause(self) -> None:
-        self._running.clear()
-
-    def resume(self) -> None:
-        self._running.set()
-
-    def save_now(self) -> None:
-        self._save.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def paused(self) -> bool:
-        return not self._running.is_set()
 
 
 @dataclass
@@ -527,7 +497,11 @@ def run_in_thread(cfg: Config, listeners=(), **kwargs) -> tuple[threading.Thread
     box: list = []
 
     def target():
-        box.append(TrainingRun(cfg, listeners, control, **kwargs).run())
+        from engine import release_mlx_streams
+        try:
+            box.append(TrainingRun(cfg, listeners, control, **kwargs).run())
+        finally:
+            release_mlx_streams()
 
     thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
     thread.start()

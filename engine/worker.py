@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import Config
+from engine.control import RunControl
 from engine.generate import GenerationSettings
-from engine.train import RunControl, TrainingRun
 
 
 # ---------------------------------------------------------------- commands
@@ -119,6 +119,14 @@ class EngineWorker:
 
     def serve(self, should_exit: Callable[[], bool] = lambda: False) -> None:
         """Process commands until Shutdown (run this on the engine thread)."""
+        try:
+            self._serve(should_exit)
+        finally:
+            self._chat = None
+            from engine import release_mlx_streams
+            release_mlx_streams()
+
+    def _serve(self, should_exit: Callable[[], bool]) -> None:
         while not should_exit():
             try:
                 command = self._queue.get(timeout=0.2)
@@ -133,7 +141,6 @@ class EngineWorker:
                 traceback.print_exc()
             finally:
                 self.busy = ""
-        self._chat = None
 
     def _handle(self, command) -> None:
         if isinstance(command, ValidateDataset):
@@ -142,6 +149,7 @@ class EngineWorker:
         elif isinstance(command, StartTraining):
             self.busy = "training"
             self._chat = None  # free its memory for training
+            from engine.train import TrainingRun
             control = RunControl()
             self.emit(TrainingStarted(control))
             result = TrainingRun(command.cfg, [self.emit], control, resume=command.resume).run()

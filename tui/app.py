@@ -73,7 +73,8 @@ class LoraTuiApp(App[int]):
         # However the app ends, let the engine thread finish (a run in progress is stopped first).
         if self.control is not None:
             self.control.stop()
-        from engine.worker import Shutdown
+        from engine.worker import CancelGeneration, Shutdown
+        self.engine.submit(CancelGeneration())
         self.engine.submit(Shutdown())
 
     def submit(self, command) -> None:

@@ -100,6 +100,7 @@ class PathPrompt(ModalScreen[str | None]):
 
 class ConfigScreen(Screen):
     CSS_PATH = "config_screen.tcss"
+    AUTO_FOCUS = "#field-search"
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),
         Binding("ctrl+o", "load", "Load…"),
@@ -108,8 +109,10 @@ class ConfigScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
+        yield Input(placeholder="Find a setting: type part of its name and press Enter (e.g. rank)",
+                    id="field-search")
+        yield Static("", id="config-status")
         with VerticalScroll(id="form"):
-            yield Static("", id="config-status")
             section = None
             for path, spec in SPECS.items():
                 if spec.section != section:
@@ -157,6 +160,21 @@ class ConfigScreen(Screen):
         self.app.dirty = self.app.dirty or issue is not None or \
             getattr(getattr(self.app.cfg, spec.section), spec.name) != before
         self.refresh_issues({path: issue} if issue else {})
+
+    @on(Input.Submitted, "#field-search")
+    def find_field(self, event: Input.Submitted) -> None:
+        text = event.value.strip().lower().replace(" ", "_")
+        if not text:
+            return
+        matches = [p for p in SPECS if p.rsplit(".", 1)[-1] == text] or [p for p in SPECS if text in p]
+        if not matches:
+            self.notify(f"No setting matches {event.value!r}", severity="warning")
+            return
+        widget = self.query_one("#" + field_id(matches[0]))
+        widget.focus()
+        widget.scroll_visible(animate=False)
+        if isinstance(widget, Input):
+            widget.select_all()
 
     @on(Input.Changed)
     def input_changed(self, event: Input.Changed) -> None:

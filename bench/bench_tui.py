@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""The TUI's responsiveness and exit behaviour, on this machine.
+
+  scripts/run python bench/bench_tui.py [--presses 60] [--exits 20]
+
+1. Cold start to first frame: `lora-tui` in tmux (120x40), from process start until the config form is
+   on screen (read with capture-pane every 10 ms). Target <= 1.5 s.
+2. Key-to-paint latency while training: `lora-tui` in tmux trains the embedded model on the sample
+   dataset (real engine thread, real MLX); we send screen-switch keys with tmux and poll capture-pane
+   until the new screen is painted (the poll itself costs a few ms, so this is an upper bound).
+   Target p95 <= 100 ms.
+3. Clean exits: N processes each train 2 steps on the engine thread from the app, then quit; every exit
+   code must be 0 (MLX used to abort at exit with 134 after work on a thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def cold_start(runs: int = 5) -> list[float]:
+    tmux = shutil.which("tmux")
+    times = []
+    for i in range(runs):
+        name = f"bench-cold-{os.getpid()}-{i}"
+        t0 = time.perf_counter()
+        subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
+                        f"cd {ROOT} && {sys.executable} -m tui"], check=True)
+        while True:
+            out = subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+            if "Base model" in out:
+                break
+            if time.perf_counter() - t0 > 30:
+                raise SystemExit("the app never drew its first frame")
+            time.sleep(0.01)
+        times.append(time.perf_counter() - t0)
+        subprocess.run([tmux, "kill-session", "-t", name])
+        time.sleep(0.5)
+    return times
+
+
+def latency_during_training(presses: int) -> tuple[list[float], str]:
+    """Real key-to-paint: `lora-tui` in tmux trains the embedded model on the sample dataset while we send
+    screen-switch keys and poll capture-pane until the new screen's marker is painted."""
+    tmux = shutil.which("tmux")
+    tmp = Path(tempfile.mkdtemp())
+    cfg = (ROOT / "config.yaml").read_text().replace("  dir: runs\n", f"  dir: {tmp / 'runs'}\n")
+    cfg = cfg.replace("  iterations: 0\n", "  iterations: 1000\n")
+    (tmp / "config.yaml").write_text(cfg)
+    name = f"bench-lat-{os.getpid()}"
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
+                    f"cd {ROOT} && {sys.executable} -m tui --config {tmp / 'config.yaml'}"], check=True)
+
+    def screen() -> str:
+        return subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+    def wait(marker: str, timeout: float) -> float:
+        t0 = time.perf_counter()
+        while marker not in screen():
+            if time.perf_counter() - t0 > timeout:
+                raise SystemExit(f"{marker!r} never appeared:\n{screen()}")
+        return time.perf_counter() - t0
+
+    try:
+        wait("Base model", 30)
+        subprocess.run([tmux, "send-keys", "-t", name, "F3"])
+        wait("MLX peak", 10)
+        subprocess.run([tmux, "send-keys", "-t", name, "C-t"])
+        wait("tokens/s", 600)  # the first step has been reported: training is under way
+        markers = [("F1", "Find a setting"), ("F2", "JSONL file"), ("F4", "side by side"), ("F3", "MLX peak")]
+        lat = []
+        for i in range(presses):
+            key, marker = markers[i % len(markers)]
+            t0 = time.perf_counter()
+            subprocess.run([tmux, "send-keys", "-t", name, key])
+            wait(marker, 10)
+            lat.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.3)
+        subprocess.run([tmux, "send-keys", "-t", name, "F3"])
+        time.sleep(0.5)
+        last = screen()
+        return lat, next((line.strip() for line in last.splitlines() if "step" in line and "/" in line), "")
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name])
+
+
+EXIT_SCRIPT = """
+import asyncio, sys, tempfile
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from pathlib import Path
+from tui.app import LoraTuiApp
+from tui_helpers import tiny_config, wait_for
+async def main():
+    app = LoraTuiApp(None)
+    app.cfg = tiny_config(Path(tempfile.mkdtemp()), iterations=2)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f3"); await pilot.pause(); await pilot.click("#start")
+        await wait_for(pilot, lambda: app.screen.state == "done", timeout=300)
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, timeout=60)
+    sys.exit(app.return_code or 0)
+asyncio.run(main())
+"""
+
+
+def exits(n: int) -> list[int]:
+    script = EXIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    codes = []
+    for _ in range(n):
+        codes.append(subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True).returncode)
+    return codes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presses", type=int, default=60)
+    ap.add_argument("--exits", type=int, default=20)
+    args = ap.parse_args()
+    starts = cold_start()
+    print(f"cold start to first frame: median {statistics.median(starts):.2f} s, max {max(starts):.2f} s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in starts)}); target <= 1.5 s: "
+          f"{'PASS' if statistics.median(starts) <= 1.5 else 'FAIL'}")
+    lat, progress = latency_during_training(args.presses)
+    lat.sort()
+    p95 = lat[int(0.95 * (len(lat) - 1))]
+    print(f"key-to-paint during training ({len(lat)} screen switches; training at: {progress}): "
+          f"p50 {lat[len(lat) // 2]:.0f} ms, p95 {p95:.0f} ms, max {lat[-1]:.0f} ms; target p95 <= 100 ms: "
+          f"{'PASS' if p95 <= 100 else 'FAIL'}")
+    codes = exits(args.exits)
+    print(f"exits after training on the engine thread: {codes.count(0)}/{len(codes)} with code 0 "
+          f"(codes: {sorted(set(codes))})")
+
+
+if __name__ == "__main__":
+    main()
