@@ -61,8 +61,11 @@ def latency_during_training(presses: int) -> tuple[list[float], str]:
     cfg = cfg.replace("  iterations: 0\n", "  iterations: 1000\n")
     (tmp / "config.yaml").write_text(cfg)
     name = f"bench-lat-{os.getpid()}"
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40"], check=True)
+    time.sleep(0.5)  # a shell first: a program started by new-session itself may see 80x24
+    subprocess.run([tmux, "send-keys", "-t", name, "-l",
                     f"cd {ROOT} && {sys.executable} -m tui --config {tmp / 'config.yaml'}"], check=True)
+    subprocess.run([tmux, "send-keys", "-t", name, "Enter"], check=True)
 
     def screen() -> str:
         return subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
@@ -72,6 +75,7 @@ def latency_during_training(presses: int) -> tuple[list[float], str]:
         while marker not in screen():
             if time.perf_counter() - t0 > timeout:
                 raise SystemExit(f"{marker!r} never appeared:\n{screen()}")
+            time.sleep(0.005)  # polling flat out would steal the CPU from the app being measured
         return time.perf_counter() - t0
 
     try:

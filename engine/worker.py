@@ -119,6 +119,7 @@ class EngineWorker:
 
     def serve(self, should_exit: Callable[[], bool] = lambda: False) -> None:
         """Process commands until Shutdown (run this on the engine thread)."""
+        yield_cpu_to_ui()
         try:
             self._serve(should_exit)
         finally:
@@ -211,6 +212,22 @@ class EngineWorker:
 class ProgressUpdate:
     what: str
     fraction: float
+
+
+ENGINE_NICE = 10
+
+
+def yield_cpu_to_ui() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread, and the BLAS and MLX threads it starts
+    inherit it). On a 2-core machine the training saturates both cores; at nice 10 the UI thread still
+    gets the CPU at once when a key arrives, and training only slows while the UI is actually busy."""
+    import os
+    import sys
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICE)
+        except OSError:
+            pass
 
 
 def _preview(path: str, tokenizer, cfg: Config):

@@ -20,8 +20,13 @@ class Terminal:
     def __init__(self, name: str, command: str, env: dict):
         self.name = name
         exports = " ".join(f"{k}={v}" for k, v in env.items())
-        subprocess.run([TMUX, "new-session", "-d", "-s", name, "-x", "120", "-y", "40",
-                        f"cd {ROOT} && env {exports} {command}; echo EXIT-CODE=$?; sleep 600"], check=True)
+        # Start a shell at 120x40 first and type the command into it: a program started directly by
+        # new-session can read the terminal size before tmux has applied -x/-y (and get 80x24).
+        subprocess.run([TMUX, "new-session", "-d", "-s", name, "-x", "120", "-y", "40"], check=True)
+        time.sleep(0.5)
+        line = f"cd {ROOT} && env {exports} {command}; echo EXIT-CODE=$?"
+        subprocess.run([TMUX, "send-keys", "-t", name, "-l", line], check=True)
+        subprocess.run([TMUX, "send-keys", "-t", name, "Enter"], check=True)
 
     def screen(self) -> str:
         return subprocess.run([TMUX, "capture-pane", "-p", "-t", self.name], capture_output=True,
@@ -65,7 +70,7 @@ def test_new_user_session(tmp_path, embedded_dir):
         term.type("iterations")
         term.keys("Enter")
         term.type("5")
-        term.wait_for("unsaved changes")
+        term.wait_for("unsaved")
         term.keys("C-s")
         term.wait_for("Saved")
         assert "  iterations: 5\n" in config.read_text()
