@@ -55,15 +55,13 @@ def _progress_printer(prefix: str):
 
 
 def cmd_validate(args) -> int:
-    from engine.data import validate_dataset
+    from engine.data import validate_with_config
     from engine.model import load_tokenizer
     cfg = _load_cfg(args)
     tokenizer = None if args.no_tokenize else load_tokenizer(cfg.model, _progress_printer("model"))
     show = _progress_printer("validating")
-    report, _ = validate_dataset(cfg.data.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                                 error_threshold=cfg.data.error_threshold, train_labels=cfg.data.train_labels,
-                                 mask_prompt=cfg.data.mask_prompt,
-                                 progress=lambda d, t: show(f"{d / 1e6:.1f}/{t / 1e6:.1f} MB", d / t))
+    report, _ = validate_with_config(cfg, tokenizer,
+                                     progress=lambda d, t: show(f"{d / 1e6:.1f}/{t / 1e6:.1f} MB", d / t))
     if args.json:
         print(json.dumps(report.to_dict() | {"issue_list": [i.__dict__ for i in report.issues]}, indent=2))
     else:

@@ -161,15 +161,13 @@ class EngineWorker:
             self._generate(command)
 
     def _validate(self, cmd: ValidateDataset) -> None:
-        from engine.data import DatasetError, validate_dataset
+        from engine.data import DatasetError, validate_with_config
         from engine.model import ModelLoadError, load_tokenizer
         cfg = cmd.cfg
         try:
             tokenizer = load_tokenizer(cfg.model)
-            report, examples = validate_dataset(
-                cmd.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                error_threshold=cfg.data.error_threshold, train_labels=cfg.data.train_labels,
-                mask_prompt=cfg.data.mask_prompt, keep_examples=False,
+            report, _ = validate_with_config(
+                cfg, tokenizer, cmd.path,
                 progress=lambda done, total: self.emit(ProgressUpdate("validating", done / total)))
         except (DatasetError, ModelLoadError) as exc:
             self.emit(EngineError("dataset", str(exc)))

@@ -12,7 +12,7 @@ from engine.data.validate import DatasetError, DatasetReport, Example, validate_
 
 __all__ = ["ChatEncoder", "Conversation", "DatasetError", "DatasetReport", "Encoded", "Example",
            "LineIssue", "PreparedData", "parse_record", "prepare_dataset", "stratified_split",
-           "validate_dataset"]
+           "validate_dataset", "validate_with_config"]
 
 
 @dataclass
@@ -22,14 +22,20 @@ class PreparedData:
     valid: list[Example]
 
 
+def validate_with_config(cfg: Config, tokenizer, path: str | None = None, **kwargs):
+    """validate_dataset with the config's length limit, threshold, labels and masking."""
+    d = cfg.data
+    return validate_dataset(path or d.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
+                            error_threshold=d.error_threshold, train_labels=d.train_labels,
+                            mask_prompt=d.mask_prompt, **kwargs)
+
+
 def prepare_dataset(cfg: Config, tokenizer, path: str | None = None, progress=None,
                     should_stop=None) -> PreparedData:
     """Validate, tokenize, filter by label and split; raise DatasetError when it is unusable."""
     d = cfg.data
-    report, examples = validate_dataset(
-        path or d.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
-        error_threshold=d.error_threshold, train_labels=d.train_labels, mask_prompt=d.mask_prompt,
-        keep_examples=True, progress=progress, should_stop=should_stop)
+    report, examples = validate_with_config(cfg, tokenizer, path, keep_examples=True, progress=progress,
+                                            should_stop=should_stop)
     if report.failed:
         first = "; ".join(str(i) for i in report.issues[:3] if i.severity == "error")
         if report.records == 0:
