@@ -53,7 +53,8 @@ def test_train_then_chat_then_fuse(tiny_yaml, tmp_path, embedded_dir):
 
 
 def test_sigint_saves_then_resume_finishes(tiny_yaml, tmp_path, embedded_dir):
-    text = tiny_yaml.read_text().replace("iterations: 4", "iterations: 400")
+    # no interval or best checkpoints: the one written must be the stop's own
+    text = tiny_yaml.read_text().replace("iterations: 4", "iterations: 400").replace("every_steps: 2", "every_steps: 0")
     tiny_yaml.write_text(text)
     proc = subprocess.Popen([sys.executable, "-m", "tui", "--config", str(tiny_yaml), "train"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

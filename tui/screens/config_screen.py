@@ -12,7 +12,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.screen import ModalScreen, Screen
 from textual.validation import Function
-from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Select, Static, Switch
+from textual.widgets import (Button, Footer, Header, Input, Label, OptionList, Select, Static, Switch, TabbedContent,
+                             TabPane)
 
 from engine.config import SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, load_config, \
     save_config, set_value, validate
@@ -112,19 +113,22 @@ class ConfigScreen(Screen):
         yield Input(placeholder="Find a setting: type part of its name and press Enter (e.g. rank)",
                     id="field-search")
         yield Static("", id="config-status")
-        with VerticalScroll(id="form"):
-            section = None
-            for path, spec in SPECS.items():
-                if spec.section != section:
-                    section = spec.section
-                    yield Static(f"{SECTION_HELP[section]}  [dim]({section})[/dim]", classes="section-title")
-                with Vertical(classes="field"):
-                    with Horizontal(classes="row"):
-                        yield Label(spec.name, classes="name")
-                        yield self._widget(spec)
-                        if path == "model.name":
-                            yield Button("Pick…", id="pick-model", compact=True)
-                    yield Static(self._help(spec), classes="help", id=field_id(path) + "-msg")
+        # One tab per category: only the visible tab's ~20 widgets are laid out and painted.
+        with TabbedContent(id="form"):
+            for section in SECTION_HELP:
+                with TabPane(section, id=f"tab-{section}"):
+                    with VerticalScroll():
+                        yield Static(SECTION_HELP[section], classes="section-title")
+                        for path, spec in SPECS.items():
+                            if spec.section != section:
+                                continue
+                            with Vertical(classes="field"):
+                                with Horizontal(classes="row"):
+                                    yield Label(spec.name, classes="name")
+                                    yield self._widget(spec)
+                                    if path == "model.name":
+                                        yield Button("Pick…", id="pick-model", compact=True)
+                                yield Static(self._help(spec), classes="help", id=field_id(path) + "-msg")
         yield Footer()
 
     @staticmethod
@@ -170,6 +174,7 @@ class ConfigScreen(Screen):
         if not matches:
             self.notify(f"No setting matches {event.value!r}", severity="warning")
             return
+        self.query_one("#form", TabbedContent).active = "tab-" + SPECS[matches[0]].section
         widget = self.query_one("#" + field_id(matches[0]))
         widget.focus()
         widget.scroll_visible(animate=False)
