@@ -217,3 +217,21 @@ def test_schedule_warmup_then_cosine():
     assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:4], lrs[1:5])) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] < 1e-4 and math.isfinite(lrs[-1])
+
+
+@pytest.mark.parametrize("variant", ["dora", "qlora"])
+def test_dora_and_qlora_train_and_save_mlx_lm_adapters(variant, tiny_data, tmp_path, embedded_dir):
+    cfg = tiny_config(tiny_data, tmp_path, iterations=2)
+    cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
+    cfg.evaluation.sample_prompts = []
+    if variant == "dora":
+        cfg.lora.use_dora = True
+    else:
+        cfg.model.quantized_base = "keep"  # LoRA on the 4-bit base (QLoRA)
+    result = TrainingRun(cfg).run()
+    assert result.status == "finished" and all(math.isfinite(x) for x in result.losses)
+    config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == ("dora" if variant == "dora" else "lora")
+    from mlx_lm import load
+    model, _ = load(str(embedded_dir), adapter_path=str(result.run_dir / "adapter"))
+    assert model is not None
