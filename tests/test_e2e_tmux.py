@@ -24,7 +24,8 @@ class Terminal:
         # new-session can read the terminal size before tmux has applied -x/-y (and get 80x24).
         subprocess.run([TMUX, "new-session", "-d", "-s", name, "-x", "120", "-y", "40"], check=True)
         time.sleep(0.5)
-        line = f"cd {ROOT} && env {exports} {command}; echo EXIT-CODE=$?"
+        # printf, so that the typed command line itself never contains the marker we wait for
+        line = f"cd {ROOT} && env {exports} {command}; printf 'EXIT-%s=%s\\n' CODE $?"
         subprocess.run([TMUX, "send-keys", "-t", name, "-l", line], check=True)
         subprocess.run([TMUX, "send-keys", "-t", name, "Enter"], check=True)
 
