@@ -175,9 +175,8 @@ class TrainingRun:
 
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self.lengths = [len(e.encoded) for e in data.train]
-        self.micro_per_epoch = -(-len(data.train) // t.batch_size)
-        per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accumulation)
-        self.total_steps = t.iterations if t.iterations > 0 else t.epochs * per_epoch
+        self.steps_per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accumulation)
+        self.total_steps = t.iterations if t.iterations > 0 else t.epochs * self.steps_per_epoch
         for issue in check_against_total(cfg, self.total_steps):
             self.warn(f"{issue.field}: {issue.message}")
 
@@ -289,8 +288,7 @@ class TrainingRun:
         atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         device = str(mx.default_device())
         self.emit(ev.Started(str(self.run_dir), self.total_steps, self.step,
-                             self.total_steps / max(steps_per_epoch(len(self.data.train), t.batch_size,
-                                                                    t.grad_accumulation), 1),
+                             self.total_steps / max(self.steps_per_epoch, 1),
                              len(self.data.train), len(self.data.valid), self.trainable, self.total_params,
                              t.batch_size * t.grad_accumulation, device, self.blas.name, self.info.dtype))
         micro_step = self._make_step()
