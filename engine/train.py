@@ -11,6 +11,7 @@ import json
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,6 +61,70 @@ def build_schedule(cfg: Config, total_steps: int):
         return decay
     # Start at lr/(warm+1), not 0: a first step at lr 0 would be wasted.
     return optim.join_schedules([optim.linear_schedule(lr / (warm + 1), lr, warm), decay], [warm])
+
+
+@contextmanager
+def checkpointed_layers(model, enabled: bool):
+    """Gradient checkpointing of every transformer block (mlx-lm's grad_checkpoint) for one run.
+
+    mlx-lm's helper patches the block's class, so it would stay on for every later run in this process
+    (the TUI trains many times in one process): put the class back when the run ends.
+    """
+    if not enabled:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+    block_class = type(model.layers[0])
+    original = block_class.__call__
+    grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block_class.__call__ = original
+
+
+def build_micro_step(model, optimizer):
+    """The compiled forward + backward of one micro-batch: (sum of token losses, token count, grads)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from engine.evaluate import masked_loss
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(inputs, targets, positions, weights):
+        (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
+        return loss_sum, ntoks, grads
+
+    return micro_step
+
+
+def accumulate_gradients(micro_step, micro_batches):
+    """Sum the gradients of several micro-batches, then scale by the trained-token count, so that the step
+    equals one big batch. micro_batches yields loss_inputs() tuples; returns (grads, mean loss)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0.0)
+    for arrays in micro_batches:
+        s, n, g = micro_step(*arrays)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum, ntoks = loss_sum + s, ntoks + n
+        mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
+    denom = mx.maximum(ntoks, 1)
+    return tree_map(lambda g: g / denom, grads), loss_sum / denom
+
+
+def clip_gradients(grads, max_grad_norm: float):
+    """(clipped grads, global norm); max_grad_norm <= 0 only measures the norm."""
+    import mlx.optimizers as optim
+    return optim.clip_grad_norm(grads, max_grad_norm if max_grad_norm > 0 else math.inf)
+
+
+def apply_update(model, optimizer, grads) -> None:
+    import mlx.core as mx
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -112,7 +177,8 @@ class TrainingRun:
             log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
             self.listeners.append(log)
             self._prepare(*resume)
-            return self._loop()
+            with checkpointed_layers(self.model, self.cfg.training.grad_checkpoint):
+                return self._loop()
         except TrainingError as exc:
             return self._fail(str(exc), exc.kind)
         except CheckpointError as exc:
@@ -251,22 +317,6 @@ class TrainingRun:
 
     # ------------------------------------------------------------ the loop
 
-    def _make_step(self):
-        import mlx.core as mx
-        import mlx.nn as nn
-
-        from engine.evaluate import masked_loss
-        model, optimizer = self.model, self.optimizer
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
-        state = [model.state, optimizer.state, mx.random.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def micro_step(inputs, targets, positions, weights):
-            (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
-            return loss_sum, ntoks, grads
-
-        return micro_step
-
     def _next_batch(self):
         t = self.cfg.training
         if self.pos >= len(self.order):
@@ -279,8 +329,6 @@ class TrainingRun:
 
     def _loop(self) -> RunResult:
         import mlx.core as mx
-        import mlx.optimizers as optim
-        from mlx.utils import tree_map
 
         from engine.evaluate import loss_inputs, perplexity, validation_loss
 
@@ -291,7 +339,7 @@ class TrainingRun:
                              self.total_steps / max(self.steps_per_epoch, 1),
                              len(self.data.train), len(self.data.valid), self.trainable, self.total_params,
                              t.batch_size * t.grad_accumulation, device, self.blas.name, self.info.dtype))
-        micro_step = self._make_step()
+        micro_step = build_micro_step(self.model, self.optimizer)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None
@@ -311,26 +359,21 @@ class TrainingRun:
             # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
             # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
             mx.random.seed(step_seed(t.seed, self.step))
-            grads, loss_sum, ntoks, real = None, mx.array(0.0), mx.array(0.0), 0
-            for _ in range(t.grad_accumulation):
-                inputs, targets, mask, n_real = self._next_batch()
-                s, n, g = micro_step(*loss_inputs(inputs, targets, mask))
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum, ntoks, real = loss_sum + s, ntoks + n, real + n_real
-                mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
-            denom = mx.maximum(ntoks, 1)
-            grads = tree_map(lambda g: g / denom, grads)
-            if t.max_grad_norm > 0:
-                grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
-            else:
-                norm = optim.clip_grad_norm(grads, math.inf)[1]
-            loss = loss_sum / denom
+            real = 0
+
+            def micro_batches():
+                nonlocal real
+                for _ in range(t.grad_accumulation):
+                    inputs, targets, mask, n_real = self._next_batch()
+                    real += n_real
+                    yield loss_inputs(inputs, targets, mask)
+            grads, loss = accumulate_gradients(micro_step, micro_batches())
+            grads, norm = clip_gradients(grads, t.max_grad_norm)
             mx.eval(loss, norm)
             loss_value, norm_value = loss.item(), norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                return self._diverged(loss_value, norm_value)
-            self.optimizer.update(self.model, grads)
-            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+                return self._diverged(loss_value, norm_value)  # before the update: these weights stay good
+            apply_update(self.model, self.optimizer, grads)
             self.step += 1
             self.tokens_seen += real
             self.session_tokens += real

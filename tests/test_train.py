@@ -235,3 +235,20 @@ def test_dora_and_qlora_train_and_save_mlx_lm_adapters(variant, tiny_data, tmp_p
     from mlx_lm import load
     model, _ = load(str(embedded_dir), adapter_path=str(result.run_dir / "adapter"))
     assert model is not None
+
+
+def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp_path, embedded_dir):
+    """grad_checkpoint recomputes activations instead of keeping them: the losses must not change, and the
+    next run in the same process (the TUI's case) must not inherit it."""
+    from mlx_lm.models.llama import TransformerBlock
+    plain_call = TransformerBlock.__call__
+    cfg_plain = tiny_config(tiny_data, tmp_path / "a", iterations=3)
+    cfg_ckpt = tiny_config(tiny_data, tmp_path / "b", iterations=3, grad_checkpoint=True)
+    cfg_plain.lora.dropout = cfg_ckpt.lora.dropout = 0.0  # the recompute would draw new dropout masks
+    plain = TrainingRun(cfg_plain).run()
+    seen = []
+    ckpt = TrainingRun(cfg_ckpt, listeners=[lambda e: seen.append(TransformerBlock.__call__ is plain_call)]).run()
+    assert plain.status == ckpt.status == "finished"
+    np.testing.assert_allclose(ckpt.losses, plain.losses, rtol=1e-5)
+    assert False in seen  # it really was on during the run ...
+    assert TransformerBlock.__call__ is plain_call  # ... and is off again afterwards

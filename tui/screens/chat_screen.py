@@ -9,8 +9,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
+
+from tui.screens.base import AppScreen
+from tui.widgets.footer import KeyFooter
+from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 
 from engine.generate import GenerationSettings
 from engine.worker import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
@@ -42,7 +44,7 @@ class Bubble(Static):
         self.update(self.text)
 
 
-class ChatScreen(Screen):
+class ChatScreen(AppScreen):
     CSS_PATH = "chat_screen.tcss"
     AUTO_FOCUS = "#chat-input"
     BINDINGS = [
@@ -68,7 +70,7 @@ class ChatScreen(Screen):
         with Horizontal(id="chat-input-row"):
             yield Input(placeholder="Ask something (Enter sends, Esc stops the answer)", id="chat-input")
             yield Button("Send", id="chat-send", variant="primary")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.history: dict[str, list[dict]] = {}

@@ -10,13 +10,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
-from textual.screen import ModalScreen, Screen
+from textual.screen import ModalScreen
 from textual.validation import Function
-from textual.widgets import (Button, Footer, Header, Input, Label, OptionList, Select, Static, Switch, TabbedContent,
+from textual.widgets import (Button, Header, Input, Label, OptionList, Select, Static, Switch, TabbedContent,
                              TabPane)
 
 from engine.config import SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, load_config, \
     save_config, set_value, validate
+from tui.screens.base import AppScreen
+from tui.widgets.footer import KeyFooter
 
 HUB_SUGGESTIONS = ["mlx-community/Mistral-7B-Instruct-v0.3-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit",
                    "mlx-community/Qwen2.5-0.5B-Instruct-4bit"]
@@ -99,7 +101,70 @@ class PathPrompt(ModalScreen[str | None]):
         self.dismiss(event.value.strip() or None)
 
 
-class ConfigScreen(Screen):
+def help_text(spec: FieldSpec) -> str:
+    rng = spec.range_text()
+    return escape(spec.help) + (f"  [dim]({escape(rng)})[/dim]" if rng else "")
+
+
+def field_message(spec: FieldSpec, issue) -> tuple[str, bool]:
+    """What the line under a field says: its problem if it has one, else its help."""
+    if not issue:
+        return help_text(spec), False
+    mark, style = ("✗", "$error") if issue.severity == "error" else ("!", "$warning")
+    return f"[{style}]{mark} {escape(issue.message)}[/]", True
+
+
+def field_widget(spec: FieldSpec, cfg: Config):
+    value = getattr(getattr(cfg, spec.section), spec.name)
+    wid = field_id(spec.path)
+    if spec.type is bool:
+        return Switch(value=value, id=wid)
+    if spec.choices:
+        return Select([(c, c) for c in spec.choices], value=value, allow_blank=False, id=wid, compact=True)
+    return Input(as_text(spec, value), id=wid, validators=[_field_validator(spec)],
+                 valid_empty=spec.type is not int, compact=True)
+
+
+class SectionForm(VerticalScroll):
+    """The fields of one config section: a label, an editor and a help/problem line each."""
+
+    def __init__(self, section: str, build: bool = True) -> None:
+        super().__init__()
+        self.section = section
+        self.built = build
+
+    def compose(self) -> ComposeResult:
+        if self.built:
+            yield from self.fields()
+
+    def build(self) -> None:
+        """Build the fields now (on this widget's own message loop: nothing here waits for it)."""
+        if not self.built:
+            self.built = True
+            self.refresh(recompose=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.built and bool(self.children)
+
+    def fields(self):
+        cfg = self.app.cfg
+        issues = {i.field: i for i in validate(cfg)}
+        yield Static(SECTION_HELP[self.section], classes="section-title")
+        for path, spec in SPECS.items():
+            if spec.section != self.section:
+                continue
+            with Vertical(classes="field"):
+                with Horizontal(classes="row"):
+                    yield Label(spec.name, classes="name")
+                    yield field_widget(spec, cfg)
+                    if path == "model.name":
+                        yield Button("Pick…", id="pick-model", compact=True)
+                text, has_issue = field_message(spec, issues.get(path))
+                yield Static(text, classes="help has-issue" if has_issue else "help", id=field_id(path) + "-msg")
+
+
+class ConfigScreen(AppScreen):
     CSS_PATH = "config_screen.tcss"
     AUTO_FOCUS = "#field-search"
     BINDINGS = [
@@ -113,41 +178,30 @@ class ConfigScreen(Screen):
         yield Input(placeholder="Find a setting: type part of its name and press Enter (e.g. rank)",
                     id="field-search")
         yield Static("", id="config-status")
-        # One tab per category: only the visible tab's ~20 widgets are laid out and painted.
+        # One tab per category. Only the first tab's fields are built before the first frame; the other
+        # tabs build theirs once that frame is on screen, so start-up builds ~10 fields instead of ~60.
         with TabbedContent(id="form"):
-            for section in SECTION_HELP:
+            for index, section in enumerate(SECTION_HELP):
                 with TabPane(section, id=f"tab-{section}"):
-                    with VerticalScroll():
-                        yield Static(SECTION_HELP[section], classes="section-title")
-                        for path, spec in SPECS.items():
-                            if spec.section != section:
-                                continue
-                            with Vertical(classes="field"):
-                                with Horizontal(classes="row"):
-                                    yield Label(spec.name, classes="name")
-                                    yield self._widget(spec)
-                                    if path == "model.name":
-                                        yield Button("Pick…", id="pick-model", compact=True)
-                                yield Static(self._help(spec), classes="help", id=field_id(path) + "-msg")
-        yield Footer()
-
-    @staticmethod
-    def _help(spec: FieldSpec) -> str:
-        rng = spec.range_text()
-        return escape(spec.help) + (f"  [dim]({escape(rng)})[/dim]" if rng else "")
-
-    def _widget(self, spec: FieldSpec):
-        value = getattr(getattr(self.app.cfg, spec.section), spec.name)
-        wid = field_id(spec.path)
-        if spec.type is bool:
-            return Switch(value=value, id=wid)
-        if spec.choices:
-            return Select([(c, c) for c in spec.choices], value=value, allow_blank=False, id=wid, compact=True)
-        return Input(as_text(spec, value), id=wid, validators=[_field_validator(spec)],
-                     valid_empty=spec.type is not int, compact=True)
+                    yield SectionForm(section, build=index == 0)
+        yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.refresh_issues()
+        self._show_status({i.field: i for i in validate(self.app.cfg)})
+        self.set_timer(0.25, self._build_forms)  # after the first frame has been written
+
+    def _build_forms(self) -> None:
+        for form in self.query(SectionForm):
+            form.build()
+
+    @property
+    def forms_ready(self) -> bool:
+        return all(form.ready for form in self.query(SectionForm))
+
+    @on(TabbedContent.TabActivated)
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        for form in event.pane.query(SectionForm):  # a tab opened before the timer fired
+            form.build()
 
     # ------------------------------------------------------------ editing
 
@@ -174,8 +228,18 @@ class ConfigScreen(Screen):
         if not matches:
             self.notify(f"No setting matches {event.value!r}", severity="warning")
             return
-        self.query_one("#form", TabbedContent).active = "tab-" + SPECS[matches[0]].section
-        widget = self.query_one("#" + field_id(matches[0]))
+        section = SPECS[matches[0]].section
+        self.query_one(f"#tab-{section} SectionForm", SectionForm).build()
+        self.query_one("#form", TabbedContent).active = f"tab-{section}"
+        self._focus_field(matches[0])
+
+    def _focus_field(self, path: str, tries: int = 100) -> None:
+        found = self.query("#" + field_id(path))
+        if not found:  # its tab is being built: look again shortly
+            if tries:
+                self.set_timer(0.02, lambda: self._focus_field(path, tries - 1))
+            return
+        widget = found.first()
         widget.focus()
         widget.scroll_visible(animate=False)
         if isinstance(widget, Input):
@@ -198,16 +262,14 @@ class ConfigScreen(Screen):
         """Show each field's error or warning beside it (parse errors first, then validation)."""
         issues = {i.field: i for i in validate(self.app.cfg)}
         issues.update(parse_errors or {})
-        for path, spec in SPECS.items():
-            msg = self.query_one("#" + field_id(path) + "-msg", Static)
-            issue = issues.get(path)
-            if issue:
-                mark, style = ("✗", "$error") if issue.severity == "error" else ("!", "$warning")
-                msg.update(f"[{style}]{mark} {escape(issue.message)}[/]")
-                msg.set_class(True, "has-issue")
-            else:
-                msg.update(self._help(spec))
-                msg.set_class(False, "has-issue")
+        for msg in self.query(".help").results(Static):  # the mounted ones: a lazy tab shows its own at mount
+            spec = SPECS[path_of(msg.id[:-len("-msg")])]
+            text, has_issue = field_message(spec, issues.get(spec.path))
+            msg.update(text)
+            msg.set_class(has_issue, "has-issue")
+        self._show_status(issues)
+
+    def _show_status(self, issues: dict) -> None:
         errors = sum(1 for i in issues.values() if i and i.severity == "error")
         where = self.app.config_path or "config.yaml"
         state = "unsaved changes" if self.app.dirty else "saved"
@@ -216,7 +278,9 @@ class ConfigScreen(Screen):
 
     def _reload_widgets(self) -> None:
         for path, spec in SPECS.items():
-            widget = self.query_one("#" + field_id(path))
+            widget = next(iter(self.query("#" + field_id(path))), None)
+            if widget is None:
+                continue  # its tab is not built yet: it will be built from the current config
             value = getattr(getattr(self.app.cfg, spec.section), spec.name)
             with widget.prevent(Input.Changed, Switch.Changed, Select.Changed):
                 if isinstance(widget, Input):

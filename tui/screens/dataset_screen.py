@@ -9,8 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
-from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, ProgressBar, Sparkline, Static
+
+from tui.screens.base import AppScreen
+from tui.widgets.footer import KeyFooter
+from textual.widgets import Button, DataTable, Header, Input, ProgressBar, Sparkline, Static
 
 from engine.worker import DatasetChecked, EngineError, ProgressUpdate, ValidateDataset
 
@@ -27,7 +29,7 @@ def _read_line(path: str, number: int, limit: int = 400) -> str:
     return ""
 
 
-class DatasetScreen(Screen):
+class DatasetScreen(AppScreen):
     CSS_PATH = "dataset_screen.tcss"
     AUTO_FOCUS = "#validate"
     BINDINGS = [Binding("ctrl+v", "validate", "Validate")]
@@ -47,7 +49,7 @@ class DatasetScreen(Screen):
                 yield Static("", id="line-preview", classes="muted")
             with VerticalScroll(id="dataset-right"):
                 yield Static("", id="rendered")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         table = self.query_one("#dataset-errors", DataTable)

@@ -10,13 +10,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
-from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, ProgressBar, RichLog, Sparkline, Static
+
+from textual.widgets import Button, DataTable, Header, ProgressBar, RichLog, Sparkline, Static
 
 from engine import events as ev
 from engine.config import validate
 from engine.monitor import describe
 from engine.worker import StartTraining, TrainingEnded, TrainingStarted
+from tui.screens.base import AppScreen
+from tui.widgets.footer import KeyFooter
 from tui.widgets.gauge import Gauge
 
 LOSS_POINTS = 200  # newest points shown in the sparkline
@@ -31,7 +33,7 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class TrainScreen(Screen):
+class TrainScreen(AppScreen):
     CSS_PATH = "train_screen.tcss"
     AUTO_FOCUS = "#start"
     BINDINGS = [
@@ -63,7 +65,7 @@ class TrainScreen(Screen):
                 yield Static("checkpoints", classes="muted")
                 yield DataTable(id="checkpoints", cursor_type="row")
         yield RichLog(id="train-log", max_lines=2000, wrap=True, markup=False)
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.losses: list[float] = []
