@@ -12,6 +12,7 @@ Every variant runs in its own process (clean peak memory), one after another:
                 positions), accumulate_gradients, clip_gradients, apply_update: the functions TrainingRun uses
   mlx+ckpt      the same with the engine's gradient checkpointing (training.grad_checkpoint)
   mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in bf16
+  mlx-4bit+ckpt the same with gradient checkpointing
   torch         transformers MistralForCausalLM (sdpa attention) + PEFT, eager, AdamW
   torch+ckpt    the same with gradient checkpointing (non-reentrant)
 Model: Mistral-7B-v0.3 shapes (32 layers, d 4096, MLP 14336, 32 heads / 8 KV heads, vocab 32768), random

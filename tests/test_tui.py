@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
 from engine.config import SPECS
 from tui.app import LoraTuiApp
 from tui.screens.confirm import ConfirmScreen
-from tui_helpers import config_form_ready, tiny_config, wait_for
+from tui_helpers import tiny_config, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
@@ -26,7 +26,6 @@ def app_in(tmp_path, monkeypatch):
 async def test_config_form_shows_errors_beside_fields_and_saves(app_in, tmp_path, embedded_dir):
     app = app_in()
     async with app.run_test(size=SIZE) as pilot:
-        await config_form_ready(pilot)
         rank = app.screen.query_one("#f-lora--rank", Input)
         rank.value = "0"
         await pilot.pause()
@@ -47,7 +46,7 @@ async def test_config_form_shows_errors_beside_fields_and_saves(app_in, tmp_path
 
 
 async def test_find_a_setting_in_another_tab_right_after_start(app_in, embedded_dir):
-    """Tabs other than the first are built after the first frame; a search must not wait for that."""
+    """Searching jumps to the field's tab and focuses it."""
     app = app_in()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press(*"grad_accumulation", "enter")
@@ -56,19 +55,16 @@ async def test_find_a_setting_in_another_tab_right_after_start(app_in, embedded_
         focused = app.screen.focused
         assert focused is not None and focused.id == "f-training--grad_accumulation"
         assert app.screen.query_one("#form").active == "tab-training"
-        await config_form_ready(pilot)
         assert len(app.screen.query(".help")) == len(SPECS)  # every field built exactly once
 
 
-async def test_switching_screens_while_the_config_tabs_are_built(app_in, embedded_dir):
-    """A screen switch right after the first frame, while the other config tabs are still being built,
-    once froze the app."""
+async def test_switching_screens_right_after_start(app_in, embedded_dir):
+    """Screen switches pressed right after the first frame (building config tabs after it froze the app)."""
     app = app_in()
     async with app.run_test(size=SIZE) as pilot:
         for key in ("f3", "f1", "f2", "f1"):
             await pilot.press(key)
-        await wait_for(pilot, lambda: app.current_mode == "config" and app.screen.forms_ready, timeout=30,
-                       what="the config screen with every tab built")
+        await wait_for(pilot, lambda: app.current_mode == "config", timeout=30, what="the config screen")
         await pilot.press("f3")
         await wait_for(pilot, lambda: app.screen.query("#start"), timeout=10, what="the train screen")
 
@@ -76,7 +72,6 @@ async def test_switching_screens_while_the_config_tabs_are_built(app_in, embedde
 async def test_cross_field_warning_and_unsaved_guard(app_in, embedded_dir):
     app = app_in()
     async with app.run_test(size=SIZE) as pilot:
-        await config_form_ready(pilot)
         app.screen.query_one("#f-training--learning_rate", Input).value = "0.5"
         await pilot.pause()
         assert "high for LoRA" in str(app.screen.query_one("#f-training--learning_rate-msg", Static).render())
@@ -170,7 +165,7 @@ async def test_bad_config_file_shows_errors_not_a_crash(tmp_path, embedded_dir, 
     bad.write_text("lora:\n  rank: 0\ntraining:\n  lerning_rate: 1\n")
     app = LoraTuiApp(str(bad))
     async with app.run_test(size=SIZE) as pilot:
-        await config_form_ready(pilot)
+        await pilot.pause()
         assert "1 <= x <= 1024" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
         notes = [n.message for n in app._notifications]
         assert any("did you mean 'training.learning_rate'" in m for m in notes)

@@ -43,7 +43,3 @@ def tiny_config(tmp_path: Path, iterations: int = 4) -> Config:
     cfg.output.dir, cfg.output.run_name = str(tmp_path / "runs"), "tui"
     return cfg
 
-
-async def config_form_ready(pilot):
-    """The config screen builds the tabs other than the first just after its first frame."""
-    await wait_for(pilot, lambda: getattr(pilot.app.screen, "forms_ready", False), timeout=30, what="config form")

@@ -128,26 +128,11 @@ def field_widget(spec: FieldSpec, cfg: Config):
 class SectionForm(VerticalScroll):
     """The fields of one config section: a label, an editor and a help/problem line each."""
 
-    def __init__(self, section: str, build: bool = True) -> None:
+    def __init__(self, section: str) -> None:
         super().__init__()
         self.section = section
-        self.built = build
 
     def compose(self) -> ComposeResult:
-        if self.built:
-            yield from self.fields()
-
-    def build(self) -> None:
-        """Build the fields now (on this widget's own message loop: nothing here waits for it)."""
-        if not self.built:
-            self.built = True
-            self.refresh(recompose=True)
-
-    @property
-    def ready(self) -> bool:
-        return self.built and bool(self.children)
-
-    def fields(self):
         cfg = self.app.cfg
         issues = {i.field: i for i in validate(cfg)}
         yield Static(SECTION_HELP[self.section], classes="section-title")
@@ -178,30 +163,15 @@ class ConfigScreen(AppScreen):
         yield Input(placeholder="Find a setting: type part of its name and press Enter (e.g. rank)",
                     id="field-search")
         yield Static("", id="config-status")
-        # One tab per category. Only the first tab's fields are built before the first frame; the other
-        # tabs build theirs once that frame is on screen, so start-up builds ~10 fields instead of ~60.
+        # One tab per category: only the visible tab is laid out and painted.
         with TabbedContent(id="form"):
-            for index, section in enumerate(SECTION_HELP):
+            for section in SECTION_HELP:
                 with TabPane(section, id=f"tab-{section}"):
-                    yield SectionForm(section, build=index == 0)
+                    yield SectionForm(section)
         yield KeyFooter()
 
     def on_mount(self) -> None:
         self._show_status({i.field: i for i in validate(self.app.cfg)})
-        self.set_timer(0.25, self._build_forms)  # after the first frame has been written
-
-    def _build_forms(self) -> None:
-        for form in self.query(SectionForm):
-            form.build()
-
-    @property
-    def forms_ready(self) -> bool:
-        return all(form.ready for form in self.query(SectionForm))
-
-    @on(TabbedContent.TabActivated)
-    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
-        for form in event.pane.query(SectionForm):  # a tab opened before the timer fired
-            form.build()
 
     # ------------------------------------------------------------ editing
 
@@ -229,7 +199,6 @@ class ConfigScreen(AppScreen):
             self.notify(f"No setting matches {event.value!r}", severity="warning")
             return
         section = SPECS[matches[0]].section
-        self.query_one(f"#tab-{section} SectionForm", SectionForm).build()
         self.query_one("#form", TabbedContent).active = f"tab-{section}"
         self._focus_field(matches[0])
 
