@@ -200,15 +200,7 @@ class ConfigScreen(AppScreen):
             return
         section = SPECS[matches[0]].section
         self.query_one("#form", TabbedContent).active = f"tab-{section}"
-        self._focus_field(matches[0])
-
-    def _focus_field(self, path: str, tries: int = 100) -> None:
-        found = self.query("#" + field_id(path))
-        if not found:  # its tab is being built: look again shortly
-            if tries:
-                self.set_timer(0.02, lambda: self._focus_field(path, tries - 1))
-            return
-        widget = found.first()
+        widget = self.query_one("#" + field_id(matches[0]))
         widget.focus()
         widget.scroll_visible(animate=False)
         if isinstance(widget, Input):
@@ -231,7 +223,7 @@ class ConfigScreen(AppScreen):
         """Show each field's error or warning beside it (parse errors first, then validation)."""
         issues = {i.field: i for i in validate(self.app.cfg)}
         issues.update(parse_errors or {})
-        for msg in self.query(".help").results(Static):  # the mounted ones: a lazy tab shows its own at mount
+        for msg in self.query(".help").results(Static):
             spec = SPECS[path_of(msg.id[:-len("-msg")])]
             text, has_issue = field_message(spec, issues.get(spec.path))
             msg.update(text)
@@ -247,9 +239,7 @@ class ConfigScreen(AppScreen):
 
     def _reload_widgets(self) -> None:
         for path, spec in SPECS.items():
-            widget = next(iter(self.query("#" + field_id(path))), None)
-            if widget is None:
-                continue  # its tab is not built yet: it will be built from the current config
+            widget = self.query_one("#" + field_id(path))
             value = getattr(getattr(self.app.cfg, spec.section), spec.name)
             with widget.prevent(Input.Changed, Switch.Changed, Select.Changed):
                 if isinstance(widget, Input):
