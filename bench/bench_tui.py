@@ -79,24 +79,28 @@ def latency_during_training(presses: int) -> tuple[list[float], str]:
         return time.perf_counter() - t0
 
     try:
+        markers = [("F2", "JSONL file"), ("F4", "side by side"), ("F1", "Find a setting"), ("F3", "MLX peak")]
+
+        def switch_screens(n: int) -> list[float]:
+            lat = []
+            for i in range(n):
+                key, marker = markers[i % len(markers)]
+                t0 = time.perf_counter()
+                subprocess.run([tmux, "send-keys", "-t", name, key])
+                wait(marker, 10)
+                lat.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.3)
+            print("  in order: " + " ".join(f"{k}={v:.0f}" for (k, _), v in zip(markers * n, lat)))
+            return lat
+
         wait("Base model", 30)
-        subprocess.run([tmux, "send-keys", "-t", name, "F3"])
-        wait("MLX peak", 10)
+        time.sleep(2)  # a person reads the first screen before pressing anything
+        idle = sorted(switch_screens(8))  # each screen's first visit, then a second round; nothing running
+        print(f"  idle (no training; first visits included): p50 {idle[len(idle) // 2]:.0f} ms, "
+              f"max {idle[-1]:.0f} ms")
         subprocess.run([tmux, "send-keys", "-t", name, "C-t"])
         wait("tokens/s", 600)  # the first step has been reported: training is under way
-        markers = [("F1", "Find a setting"), ("F2", "JSONL file"), ("F4", "side by side"), ("F3", "MLX peak")]
-        lat, per_key = [], {}
-        for i in range(presses):
-            key, marker = markers[i % len(markers)]
-            t0 = time.perf_counter()
-            subprocess.run([tmux, "send-keys", "-t", name, key])
-            wait(marker, 10)
-            lat.append((time.perf_counter() - t0) * 1000)
-            per_key.setdefault(key, []).append(lat[-1])
-            time.sleep(0.3)
-        for key, values in per_key.items():
-            values.sort()
-            print(f"  {key}: p50 {values[len(values) // 2]:.0f} ms, max {values[-1]:.0f} ms")
+        lat = switch_screens(presses)
         subprocess.run([tmux, "send-keys", "-t", name, "F3"])
         time.sleep(0.5)
         last = screen()

@@ -45,7 +45,6 @@ class Bubble(Static):
 
 
 class ChatScreen(AppScreen):
-    CSS_PATH = "chat_screen.tcss"
     AUTO_FOCUS = "#chat-input"
     BINDINGS = [
         Binding("ctrl+l", "clear", "Clear"),

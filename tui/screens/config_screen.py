@@ -150,7 +150,6 @@ class SectionForm(VerticalScroll):
 
 
 class ConfigScreen(AppScreen):
-    CSS_PATH = "config_screen.tcss"
     AUTO_FOCUS = "#field-search"
     BINDINGS = [
         Binding("ctrl+s", "save", "Save"),

@@ -30,7 +30,6 @@ def _read_line(path: str, number: int, limit: int = 400) -> str:
 
 
 class DatasetScreen(AppScreen):
-    CSS_PATH = "dataset_screen.tcss"
     AUTO_FOCUS = "#validate"
     BINDINGS = [Binding("ctrl+v", "validate", "Validate")]
 

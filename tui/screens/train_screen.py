@@ -34,7 +34,6 @@ def fmt_eta(seconds: float) -> str:
 
 
 class TrainScreen(AppScreen):
-    CSS_PATH = "train_screen.tcss"
     AUTO_FOCUS = "#start"
     BINDINGS = [
         Binding("ctrl+t", "start", "Start"),
