@@ -46,6 +46,7 @@ class RunResult:
 
 
 def build_schedule(cfg: Config, total_steps: int):
+    import mlx.core as mx
     import mlx.optimizers as optim
     t = cfg.training
     lr, warm = t.learning_rate, min(t.warmup_steps, max(total_steps - 1, 0))
@@ -56,7 +57,7 @@ def build_schedule(cfg: Config, total_steps: int):
     elif t.lr_schedule == "linear":
         decay = optim.linear_schedule(lr, end, decay_steps)
     else:
-        decay = lambda step: lr  # noqa: E731
+        decay = lambda step: mx.array(lr, dtype=mx.float32)  # noqa: E731  (the optimizer casts it)
     if warm == 0:
         return decay
     # Start at lr/(warm+1), not 0: a first step at lr 0 would be wasted.

@@ -219,6 +219,19 @@ def test_schedule_warmup_then_cosine():
     assert lrs[-1] < 1e-4 and math.isfinite(lrs[-1])
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_every_schedule_trains_without_warmup(schedule, tiny_data, tmp_path):
+    # A constant schedule without warmup once crashed in the optimizer's first update.
+    cfg = tiny_config(tiny_data, tmp_path, iterations=2, warmup_steps=0, lr_schedule=schedule)
+    cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
+    cfg.evaluation.sample_prompts = []
+    events = []
+    result = TrainingRun(cfg, [events.append]).run()
+    assert result.status == "finished", result.message
+    lrs = [e.learning_rate for e in events if isinstance(e, ev.Step)]
+    assert lrs[0] == pytest.approx(1e-3) and (lrs[1] == pytest.approx(1e-3)) == (schedule == "constant")
+
+
 @pytest.mark.parametrize("variant", ["dora", "qlora"])
 def test_dora_and_qlora_train_and_save_mlx_lm_adapters(variant, tiny_data, tmp_path, embedded_dir):
     cfg = tiny_config(tiny_data, tmp_path, iterations=2)
