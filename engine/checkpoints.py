@@ -62,6 +62,10 @@ class CheckpointStore:
         """Complete checkpoints, oldest first (temp folders of interrupted writes are ignored)."""
         if not self.folder.is_dir():
             return []
+        for moved in self.folder.glob(".step_*.old.tmp"):  # a re-save killed between its two renames
+            final = self.folder / moved.name[1:-len(".old.tmp")]
+            if not final.exists() and (moved / STATE_FILE).is_file():
+                os.rename(moved, final)
         out = []
         for child in self.folder.iterdir():
             m = STEP_DIR.match(child.name)
@@ -95,10 +99,15 @@ class CheckpointStore:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             _fsync_dir(tmp)
+            old = None
             if final.exists():  # re-saving the same step (e.g. stop right after an interval save)
-                shutil.rmtree(final)
+                old = final.with_name(f".{final.name}.old.tmp")  # moved aside, so a kill here loses nothing
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +171,15 @@ class FieldSpec:
         return f"{lo}x{hi}"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: short, even for a 10 MB string or a YAML alias bomb."""
+    return _SHORT.repr(value)
+
+
 def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -226,10 +237,10 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
             return value, None
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
             return value.strip().lower() in ("true", "yes", "on", "1"), None
-        return None, f"expected true or false, got {value!r}"
+        return None, f"expected true or false, got {_show(value)}"
     if t is int:
         if isinstance(value, bool):
-            return None, f"expected an integer, got {value!r}"
+            return None, f"expected an integer, got {_show(value)}"
         if isinstance(value, int):
             return value, None
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
@@ -239,28 +250,28 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
                 return int(value.strip().replace("_", "")), None
             except ValueError:
                 pass
-        return None, f"expected an integer, got {value!r}"
+        return None, f"expected an integer, got {_show(value)}"
     if t is float:
         if isinstance(value, bool):
-            return None, f"expected a number, got {value!r}"
+            return None, f"expected a number, got {_show(value)}"
         if isinstance(value, (int, float)):
             v = float(value)
         elif isinstance(value, str):
             try:
                 v = float(value.strip())
             except ValueError:
-                return None, f"expected a number, got {value!r}"
+                return None, f"expected a number, got {_show(value)}"
         else:
-            return None, f"expected a number, got {value!r}"
+            return None, f"expected a number, got {_show(value)}"
         if not math.isfinite(v):
-            return None, f"must be a finite number, got {value!r}"
+            return None, f"must be a finite number, got {_show(value)}"
         return v, None
     if t is str:
         if value is None:
             return "", None
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value), None
-        return None, f"expected a string, got {value!r}"
+        return None, f"expected a string, got {_show(value)}"
     # list[str]
     if value is None:
         return [], None
@@ -268,14 +279,14 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value), None
-    return None, f"expected a list of strings, got {value!r}"
+    return None, f"expected a list of strings, got {_show(value)}"
 
 
 def check_range(spec: FieldSpec, value: Any) -> str | None:
     if spec.choices is not None and value not in spec.choices:
         close = difflib.get_close_matches(str(value), spec.choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{value!r} is not {spec.range_text()}{hint}"
+        return f"{_show(value)} is not {spec.range_text()}{hint}"
     if spec.type in (int, float):
         lo_bad = spec.min is not None and (value <= spec.min if spec.min_open else value < spec.min)
         hi_bad = spec.max is not None and (value >= spec.max if spec.max_open else value > spec.max)
@@ -310,6 +321,8 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
         err("model.name", "empty: name `embedded`, a local model directory or a hub id")
     if not cfg.data.path.strip():
         err("data.path", "empty: name a JSONL file")
+    if run_name_problem(cfg.output.run_name):
+        err("output.run_name", run_name_problem(cfg.output.run_name))
     if not lora.target_modules:
         err("lora.target_modules", "empty: name at least one linear layer, e.g. q_proj, v_proj")
     if len(set(lora.target_modules)) != len(lora.target_modules):
@@ -351,6 +364,13 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
     return out
 
 
+def run_name_problem(name: str) -> str | None:
+    """The run folder must stay inside output.dir: no path separators, no parent folder."""
+    if name and (name.strip() in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128):
+        return f"{_show(name)} is not a plain folder name (no / or \\, not . or .., at most 128 characters)"
+    return None
+
+
 def check_against_total(cfg: Config, total_steps: int) -> list[ConfigIssue]:
     """Checks that need the real step count (known once the dataset is read)."""
     out = []
@@ -381,7 +401,7 @@ def from_dict(data: Any, source: str = "") -> tuple[Config, list[ConfigIssue]]:
         if values is None:
             continue
         if not isinstance(values, dict):
-            issues.append(ConfigIssue(section, f"must be a mapping of keys, got {values!r}"))
+            issues.append(ConfigIssue(section, f"must be a mapping of keys, got {_show(values)}"))
             continue
         for key, value in values.items():
             path = f"{section}.{key}"
@@ -476,6 +496,8 @@ def load_config(path: str | os.PathLike | None = None, *, environ: dict | None =
         try:
             if p.is_dir():
                 raise ConfigError([ConfigIssue("", f"{p} is a directory, not a YAML file")], source)
+            if not stat.S_ISREG(p.stat().st_mode):  # a FIFO or device would block or never end
+                raise ConfigError([ConfigIssue("", f"{p} is not a regular file")], source)
             if p.stat().st_size > MAX_CONFIG_BYTES:
                 raise ConfigError([ConfigIssue("", f"{p} is larger than 1 MiB: not a config file")], source)
             text = p.read_text(encoding="utf-8-sig")

@@ -130,3 +130,26 @@ class Failed(_Event):
 
 Event = Union[Phase, Started, Step, Eval, CheckpointSaved, Sample, Warning, Paused, Resumed, Finished, Failed]
 Listener = Callable[[Event], None]
+
+EVENT_TYPES = {cls.__name__: cls for cls in (Phase, Started, Step, Eval, CheckpointSaved, Sample, Warning, Paused,
+                                             Resumed, Finished, Failed)}
+
+
+def from_dict(data: dict) -> Event | None:
+    """The event a metrics.jsonl line describes (None for a line of an unknown kind, e.g. a newer version's)."""
+    cls = EVENT_TYPES.get(data.get("event"))
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in names}
+    for key, value in values.items():
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):  # written readable, see monitor._jsonable
+            values[key] = float(value)
+    if cls is Step:
+        values["memory"] = MemoryStats(**values["memory"])
+    if cls is CheckpointSaved:
+        values["kept"] = tuple(values["kept"])
+    try:
+        return cls(**values)
+    except TypeError:  # a field missing: a line from another version
+        return None

@@ -11,6 +11,7 @@ import json
 import math
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +24,7 @@ from engine.batches import collate, epoch_batches, steps_per_epoch
 from engine.checkpoints import CheckpointError, CheckpointStore, read_state, write_atomic_json
 from engine.config import Config, atomic_write_text, check_against_total, to_yaml
 from engine.control import RunControl
+from engine.distributed import DistributedError, World
 from engine.monitor import RunLog, memory_stats
 
 
@@ -43,6 +45,23 @@ class RunResult:
     report: dict = field(default_factory=dict)
     message: str = ""
     error_kind: str = ""  # for failures: "config", "data", "model", "checkpoint", "training", "disk"
+
+
+def write_problem(exc: BaseException, folder: Path) -> str:
+    """Why a save failed, in words: MLX's safetensors writer raises RuntimeError("[write] Unable to write
+    ...") where Python would raise OSError(ENOSPC), so ask the file system how much room is left."""
+    import shutil
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return f"No space left on device ({free:,} bytes free)"
+    if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+        raise exc  # not a write failure: let the caller report it as the bug it is
+    return str(exc)
 
 
 def build_schedule(cfg: Config, total_steps: int):
@@ -101,9 +120,10 @@ def build_micro_step(model, optimizer):
     return micro_step
 
 
-def accumulate_gradients(micro_step, micro_batches):
-    """Sum the gradients of several micro-batches, then scale by the trained-token count, so that the step
-    equals one big batch. micro_batches yields loss_inputs() tuples; returns (grads, mean loss)."""
+def accumulate_gradients(micro_step, micro_batches, world=None):
+    """Sum the gradients of several micro-batches (and, in a distributed run, of every rank), then scale by
+    the trained-token count, so that the step equals one big batch. micro_batches yields loss_inputs()
+    tuples; returns (grads, mean loss)."""
     import mlx.core as mx
     from mlx.utils import tree_map
     grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0.0)
@@ -112,6 +132,8 @@ def accumulate_gradients(micro_step, micro_batches):
         grads = g if grads is None else tree_map(mx.add, grads, g)
         loss_sum, ntoks = loss_sum + s, ntoks + n
         mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
+    if world is not None and not world.alone:
+        grads, loss_sum, ntoks = world.sum((grads, loss_sum, ntoks))  # token-weighted across ranks
     denom = mx.maximum(ntoks, 1)
     return tree_map(lambda g: g / denom, grads), loss_sum / denom
 
@@ -148,6 +170,7 @@ class TrainingRun:
                  resume: str | None = None, run_dir: str | Path | None = None, stop_after: int | None = None):
         self.cfg = cfg
         self.listeners = list(listeners)
+        self.world = World(0, 1)  # set by run(): mlx.launch may have made this process one rank of several
         self.control = control or RunControl()
         self.resume_from = resume
         self._run_dir = Path(run_dir) if run_dir else None
@@ -159,6 +182,8 @@ class TrainingRun:
     # ------------------------------------------------------------ events
 
     def emit(self, event) -> None:
+        if not self.world.is_main and not isinstance(event, (ev.Failed, ev.Warning)):
+            return  # rank 0 reports for the whole group
         for listener in self.listeners:
             try:
                 listener(event)
@@ -174,9 +199,12 @@ class TrainingRun:
         """Prepare and train. Expected failures end in a Failed event and status 'failed', not an exception."""
         log = None
         try:
+            self.world = World.current()
+            self.world.on_lost = self._group_lost
             resume = self._locate()
-            log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
-            self.listeners.append(log)
+            if self.world.is_main:  # only rank 0 writes the run folder
+                log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
+                self.listeners.append(log)
             self._prepare(*resume)
             with checkpointed_layers(self.model, self.cfg.training.grad_checkpoint):
                 return self._loop()
@@ -184,9 +212,37 @@ class TrainingRun:
             return self._fail(str(exc), exc.kind)
         except CheckpointError as exc:
             return self._fail(str(exc), "checkpoint")
+        except DistributedError as exc:
+            return self._fail(f"distributed run stopped: {exc}; the last checkpoint is "
+                              f"{self.last_checkpoint or 'none yet'}", "distributed")
+        except OSError as exc:  # e.g. a full disk or a read-only folder while writing logs or the adapter
+            where = f"{exc.filename}: " if exc.filename else ""
+            return self._fail(f"{where}{exc.strerror or exc}", "disk")
+        except MemoryError:
+            return self._fail("out of memory: lower training.batch_size or model.max_seq_length, or turn on "
+                              "training.grad_checkpoint", "memory")
+        except Exception as exc:  # a bug: one line for the user, the traceback kept in the run folder
+            return self._fail(f"unexpected error: {type(exc).__name__}: {exc}{self._keep_traceback()}", "internal")
         finally:
             if log is not None:
                 log.close()
+
+    def _group_lost(self, message: str) -> None:
+        """Called by the distributed watchdog (another thread) just before the process exits."""
+        self.emit(ev.Failed(self.step, f"distributed run stopped: {message}; last checkpoint: "
+                            f"{self.last_checkpoint or 'none yet'}; resume with: lora-tui train --resume "
+                            f"{getattr(self, 'run_dir', '<run folder>')}", self.last_checkpoint))
+
+    def _keep_traceback(self) -> str:
+        run_dir = getattr(self, "run_dir", None)
+        if run_dir is None or not Path(run_dir).is_dir():
+            return ""
+        try:
+            with open(Path(run_dir) / "crash.log", "a", encoding="utf-8") as fh:
+                fh.write(traceback.format_exc() + "\n")
+            return f" (traceback in {Path(run_dir) / 'crash.log'})"
+        except OSError:
+            return ""
 
     def _fail(self, message: str, kind: str) -> RunResult:
         self.emit(ev.Failed(self.step, message, self.last_checkpoint))
@@ -198,11 +254,15 @@ class TrainingRun:
     def _locate(self) -> tuple[dict | None, Path | None]:
         """Pick the run folder (a resumed run keeps its own) and the checkpoint to resume, if any."""
         cfg = self.cfg
+        from engine.config import run_name_problem
+        if run_name_problem(cfg.output.run_name):  # also a name set on the command line, after validation
+            raise TrainingError(f"output.run_name: {run_name_problem(cfg.output.run_name)}", "config")
         resume_state, resume_dir = self._find_resume()
         if resume_dir is not None:
             self.run_dir = resume_dir.parent.parent
         else:
-            name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+            started = self.world.from_main(int(time.time()))  # every rank names the same folder
+            name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S", time.localtime(started))
             self.run_dir = self._run_dir or Path(cfg.output.dir).expanduser() / name
         self.run_dir = self.run_dir.resolve()
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoints.keep_last, cfg.checkpoints.keep_best)
@@ -242,7 +302,8 @@ class TrainingRun:
 
         self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self.lengths = [len(e.encoded) for e in data.train]
-        self.steps_per_epoch = steps_per_epoch(len(data.train), t.batch_size, t.grad_accumulation)
+        self.global_batch = t.batch_size * self.world.size  # rows per micro-step over all ranks
+        self.steps_per_epoch = steps_per_epoch(len(data.train), self.global_batch, t.grad_accumulation)
         self.total_steps = t.iterations if t.iterations > 0 else t.epochs * self.steps_per_epoch
         for issue in check_against_total(cfg, self.total_steps):
             self.warn(f"{issue.field}: {issue.message}")
@@ -254,10 +315,11 @@ class TrainingRun:
         self.trainable = trainable_count(model)
         self.total_params = total_count(model)
         self.blas = blas.active()
+        self.memory_estimate = self._estimate_memory()
 
         # Data position and run history (a resume overwrites them from the checkpoint).
         self.epoch, self.pos = 0, 0
-        self.order = epoch_batches(self.lengths, t.batch_size, t.seed, 0, cfg.data.shuffle)
+        self.order = epoch_batches(self.lengths, self.global_batch, t.seed, 0, cfg.data.shuffle)
         self.best_val = math.inf
         self.tokens_seen = 0
         self.session_tokens = 0
@@ -265,6 +327,31 @@ class TrainingRun:
         if resume_state is not None:
             self._restore(resume_dir, resume_state)
         phase("ready", 1.0)
+
+    def _estimate_memory(self):
+        """Warn before the first step when the worst batch (the longest rows, the most trained tokens) is
+        not expected to fit in memory."""
+        from mlx.utils import tree_flatten
+
+        from engine.batches import PAD_MULTIPLE
+        from engine.memory import ModelShape, available_bytes, estimate_step_memory
+        try:
+            shape = ModelShape.of(self.model)
+        except AttributeError:  # an architecture without the usual ModelArgs: no estimate
+            return None
+        t = self.cfg.training
+        length = min(-(-max(self.lengths) // PAD_MULTIPLE) * PAD_MULTIPLE, self.cfg.model.max_seq_length)
+        trained = max(float(e.encoded.trained[:length].mean()) for e in self.data.train)
+        weights = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        act_bytes = 4 if self.info.dtype == "float32" else 2
+        estimate = estimate_step_memory(shape, weights, self.trainable, t.batch_size, length, trained,
+                                        t.grad_checkpoint, act_bytes)
+        available = available_bytes()
+        if estimate.total > available:
+            self.warn(f"memory: a step on the longest batch ({t.batch_size} x {length} tokens) is estimated to "
+                      f"need {estimate.describe()}, but {available / 1e9:.1f} GB is available: lower "
+                      "training.batch_size or model.max_seq_length, or turn on training.grad_checkpoint")
+        return estimate
 
     def _find_resume(self):
         if not self.resume_from:
@@ -323,10 +410,14 @@ class TrainingRun:
         if self.pos >= len(self.order):
             self.epoch += 1
             self.pos = 0
-            self.order = epoch_batches(self.lengths, t.batch_size, t.seed, self.epoch, self.cfg.data.shuffle)
-        batch = [self.data.train[i] for i in self.order[self.pos]]
+            self.order = epoch_batches(self.lengths, self.global_batch, t.seed, self.epoch, self.cfg.data.shuffle)
+        mine = self.world.share(self.order[self.pos])
         self.pos += 1
-        return collate(batch, self.pad_id, self.cfg.model.max_seq_length)
+        if not mine:  # a short last batch with fewer rows than ranks: this rank adds nothing
+            inputs, targets, mask, _ = collate([self.data.train[self.order[self.pos - 1][0]]], self.pad_id,
+                                               self.cfg.model.max_seq_length)
+            return inputs, targets, mask & False, 0
+        return collate([self.data.train[i] for i in mine], self.pad_id, self.cfg.model.max_seq_length)
 
     def _loop(self) -> RunResult:
         import mlx.core as mx
@@ -334,12 +425,13 @@ class TrainingRun:
         from engine.evaluate import loss_inputs, perplexity, validation_loss
 
         cfg, t = self.cfg, self.cfg.training
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-        device = str(mx.default_device())
+        if self.world.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        device = str(mx.default_device()) + ("" if self.world.alone else f" x {self.world.size} ranks")
         self.emit(ev.Started(str(self.run_dir), self.total_steps, self.step,
                              self.total_steps / max(self.steps_per_epoch, 1),
                              len(self.data.train), len(self.data.valid), self.trainable, self.total_params,
-                             t.batch_size * t.grad_accumulation, device, self.blas.name, self.info.dtype))
+                             self.global_batch * t.grad_accumulation, device, self.blas.name, self.info.dtype))
         micro_step = build_micro_step(self.model, self.optimizer)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
@@ -353,9 +445,10 @@ class TrainingRun:
                     self.control._running.wait(0.2)
                 self.emit(ev.Resumed(self.step))
                 window_t = time.perf_counter()
-            if self.control.stop_requested:
+            if self.world.any(self.control.stop_requested):  # every rank stops at the same step
                 status = "stopped"
                 break
+            step_start = time.perf_counter()
             lr = float(self.schedule(mx.array(self.step)))  # the rate this step's update will use
             # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
             # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
@@ -368,13 +461,15 @@ class TrainingRun:
                     inputs, targets, mask, n_real = self._next_batch()
                     real += n_real
                     yield loss_inputs(inputs, targets, mask)
-            grads, loss = accumulate_gradients(micro_step, micro_batches())
+            grads, loss = accumulate_gradients(micro_step, micro_batches(), self.world)
+            real = int(self.world.sum_number(real))
             grads, norm = clip_gradients(grads, t.max_grad_norm)
             mx.eval(loss, norm)
             loss_value, norm_value = loss.item(), norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 return self._diverged(loss_value, norm_value)  # before the update: these weights stay good
             apply_update(self.model, self.optimizer, grads)
+            self.world.step_took(time.perf_counter() - step_start)
             self.step += 1
             self.tokens_seen += real
             self.session_tokens += real
@@ -418,6 +513,8 @@ class TrainingRun:
                 self._checkpoint("best", final_val, True, elapsed)
         if not self.last_checkpoint or not self.last_checkpoint.endswith(f"step_{self.step:06d}"):
             self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
+        if not self.world.is_main:
+            return RunResult(status, self.run_dir, self.step, self.losses, None)
         adapter_dir = self._write_final_adapter()
         report = self._report(status, elapsed, last_loss, adapter_dir)
         self.emit(ev.Finished(self.step, status == "stopped", last_loss,
@@ -454,6 +551,9 @@ class TrainingRun:
             flat = dict(tree_flatten(self.optimizer.state))
             mx.save_safetensors(str(folder / "optimizer.safetensors"), flat)
 
+        if not self.world.is_main:  # rank 0 writes for the group; the path is the same on every rank
+            self.last_checkpoint = str(self.store.folder / f"step_{self.step:06d}")
+            return
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "pos": self.pos,
                  "order": [list(map(int, b)) for b in self.order], "val_loss": val,
                  "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
@@ -462,9 +562,10 @@ class TrainingRun:
                  "reason": reason}
         try:
             path = self.store.save(self.step, write, state, is_best)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise TrainingError(f"could not save the checkpoint at step {self.step} to {self.store.folder}: "
-                                f"{exc.strerror or exc}; the previous checkpoint is intact", "disk") from None
+                                f"{write_problem(exc, self.store.folder)}; the previous checkpoint is intact",
+                                "disk") from None
         self.last_checkpoint = str(path)
         self.emit(ev.CheckpointSaved(self.step, str(path), reason, is_best,
                                      tuple(str(c.path) for c in self.store.list())))
@@ -477,7 +578,12 @@ class TrainingRun:
         from engine.adapters import save_adapters
         final = self.run_dir / "adapter"
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.run_dir))
-        save_adapters(self.model, self.adapter_config, tmp)
+        try:
+            save_adapters(self.model, self.adapter_config, tmp)
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"could not write the adapter to {final}: {write_problem(exc, self.run_dir)}; "
+                                f"the last checkpoint ({self.last_checkpoint}) is intact", "disk") from None
         old = None
         if final.exists():
             old = final.with_name(f".adapter.old.{int(time.time() * 1e6)}")
@@ -503,7 +609,8 @@ class TrainingRun:
             "tokens_seen": self.tokens_seen,
             "seconds": round(self.elapsed_before + elapsed, 2), "seconds_this_session": round(elapsed, 2),
             "tokens_per_sec": round(self.session_tokens / elapsed, 1) if elapsed > 0 else None,
-            "peak_memory": {"mlx_peak_bytes": mx.get_peak_memory(), "rss_bytes": mem.rss_bytes},
+            "peak_memory": {"mlx_peak_bytes": mx.get_peak_memory(), "rss_bytes": mem.rss_bytes,
+                            "estimated_bytes": self.memory_estimate.total if self.memory_estimate else None},
             "device": str(mx.default_device()), "blas": self.blas.name, "dtype": self.info.dtype,
             "adapter": str(adapter_dir), "best_checkpoint": str(best.path) if best else None,
             "checkpoints": [str(c.path) for c in self.store.list()],

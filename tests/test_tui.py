@@ -169,3 +169,35 @@ async def test_bad_config_file_shows_errors_not_a_crash(tmp_path, embedded_dir, 
         assert "1 <= x <= 1024" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
         notes = [n.message for n in app._notifications]
         assert any("did you mean 'training.learning_rate'" in m for m in notes)
+
+
+async def test_follow_a_run_started_headless(tmp_path, embedded_dir, monkeypatch):
+    """A run started elsewhere (here `lora-tui train` in another process) shown live on the Train screen
+    from its metrics.jsonl: the way a distributed run started with mlx.launch is followed."""
+    import subprocess
+    import sys
+    from engine.config import save_config
+    monkeypatch.chdir(ROOT)
+    cfg = tiny_config(tmp_path, iterations=6)
+    cfg.output.run_name = "headless"
+    save_config(cfg, tmp_path / "c.yaml")
+    run_dir = Path(cfg.output.dir) / "headless"
+    proc = subprocess.Popen([sys.executable, "-m", "tui", "--config", str(tmp_path / "c.yaml"), "train"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        app = LoraTuiApp(None)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f3")
+            await wait_for(pilot, lambda: (run_dir / "metrics.jsonl").is_file(), timeout=120, what="the run folder")
+            screen = app.screen
+            screen.query_one("#external", Input).value = str(run_dir)
+            await pilot.press("ctrl+o")
+            await wait_for(pilot, lambda: screen.state == "following", timeout=10, what="following")
+            await wait_for(pilot, lambda: screen.state == "done", timeout=180, what="the followed run to end")
+            assert "step 6 / 6" in str(screen.query_one("#train-stats", Static).render())
+            assert len(screen.query_one("#loss-chart", Sparkline).data) == 6
+            assert screen.query_one("#checkpoints", DataTable).row_count >= 1
+            assert not app.training  # the app's own engine never trained
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0

@@ -9,6 +9,7 @@ Accepted shapes (one JSON object per line):
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -48,7 +49,7 @@ def _label(record: dict, line: int, issues: list[LineIssue]) -> str | None:
     key = raw.strip().lower() if isinstance(raw, str) else raw
     if isinstance(key, (str, bool)) and key in LABELS:
         return LABELS[key]
-    issues.append(LineIssue(line, "label", f"bad label {raw!r}: use \"desirable\" or \"undesirable\" "
+    issues.append(LineIssue(line, "label", f"bad label {reprlib.repr(raw)}: use \"desirable\" or \"undesirable\" "
                             "(or true/false)"))
     return None
 
@@ -81,7 +82,7 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
             issues.append(LineIssue(line, f"{where}.{role_key}", "missing role"))
             continue
         if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
-            issues.append(LineIssue(line, f"{where}.{role_key}", f"unknown role {role!r}: use one of "
+            issues.append(LineIssue(line, f"{where}.{role_key}", f"unknown role {reprlib.repr(role)}: use one of "
                                     + ", ".join(ROLES)))
             continue
         norm_role = ROLE_ALIASES[role.strip().lower()]

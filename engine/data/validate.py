@@ -116,6 +116,8 @@ def check_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     try:
         if not p.exists():
+            if p.is_symlink():
+                raise DatasetError(f"{p}: a symbolic link that leads nowhere (broken, or a loop)")
             raise DatasetError(f"{p}: no such file")
         if p.is_dir():
             raise DatasetError(f"{p}: is a directory, not a JSONL file")

@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 
-from textual.widgets import Button, DataTable, Header, ProgressBar, RichLog, Sparkline, Static
+from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichLog, Sparkline, Static
 
 from engine import events as ev
 from engine.config import validate
@@ -39,6 +39,7 @@ class TrainScreen(AppScreen):
         Binding("ctrl+t", "start", "Start"),
         Binding("ctrl+p", "pause_resume", "Pause/Resume"),
         Binding("ctrl+x", "stop", "Stop"),
+        Binding("ctrl+o", "follow", "Follow/launch"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -49,6 +50,7 @@ class TrainScreen(AppScreen):
             yield Button("Resume", id="resume", disabled=True)
             yield Button("Stop", id="stop", variant="error", disabled=True)
             yield Static("idle", id="train-state")
+            yield Input(placeholder="run folder to follow, or hosts file to launch on", id="external")
         yield ProgressBar(total=100, show_eta=False, id="train-progress")
         with Horizontal(id="train-body"):
             with Vertical(id="train-left"):
@@ -80,7 +82,8 @@ class TrainScreen(AppScreen):
         self.query_one("#start", Button).disabled = state not in ("idle", "done")
         self.query_one("#pause", Button).disabled = state != "running"
         self.query_one("#resume", Button).disabled = state != "paused"
-        self.query_one("#stop", Button).disabled = state not in ("running", "paused", "starting")
+        self.query_one("#stop", Button).disabled = state not in ("running", "paused", "starting") and not (
+            state == "following" and getattr(self, "external", None) and self.external.launched)
         self.query_one("#train-state", Static).update(state)
 
     @on(Button.Pressed, "#start")
@@ -116,8 +119,51 @@ class TrainScreen(AppScreen):
         elif self.state == "paused":
             self.resume()
 
+    @on(Input.Submitted, "#external")
+    def action_follow(self) -> None:
+        """Follow a run another process writes (its folder), or start a distributed run on the hosts of an
+        `mlx.launch` hosts file and follow it: the same live screen, fed from metrics.jsonl."""
+        from pathlib import Path
+
+        from tui.external import ExternalRun
+        text = self.query_one("#external", Input).value.strip()
+        if not text:
+            self.query_one("#external", Input).focus()
+            return
+        if self.app.training or self.state not in ("idle", "done"):
+            self.notify("A run is already on this screen", severity="warning")
+            return
+        path = Path(text).expanduser()
+        try:
+            self.external = ExternalRun.launch(self.app.cfg, path) if path.is_file() else ExternalRun.follow(path)
+        except ValueError as exc:
+            self.notify(str(exc), title="Cannot follow", severity="error", timeout=10)
+            return
+        self.losses, self.vals, self.best_step = [], [], None
+        self.query_one("#checkpoints", DataTable).clear()
+        self.query_one("#train-log", RichLog).clear()
+        self.query_one("#train-log", RichLog).write(self.external.describe())
+        self._set_buttons("following")
+        self.run_worker(self._follow, thread=True, exclusive=True, group="follow", exit_on_error=False)
+
+    def _follow(self) -> None:
+        from textual.worker import get_current_worker
+        from tui.messages import EngineMessage
+        worker = get_current_worker()
+        end = self.external.run(lambda e: self.app.post_message(EngineMessage(e)), lambda: worker.is_cancelled)
+        self.app.call_from_thread(self._followed, end)
+
+    def _followed(self, end) -> None:
+        self._set_buttons("done")
+        if end is None and self.external.problem():
+            self.notify(self.external.problem(), title="Distributed run", severity="error", timeout=15)
+
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:
+        if self.state == "following" and getattr(self, "external", None):
+            self.external.stop()  # the launched ranks save a checkpoint, then stop together
+            self.notify("Stopping: the run saves a checkpoint first…")
+            return
         if self.app.control:
             self.app.control.stop()
             self._set_buttons("stopping")
@@ -139,7 +185,8 @@ class TrainScreen(AppScreen):
         elif isinstance(e, ev.Started):
             self.total = e.total_steps
             self.query_one("#train-progress", ProgressBar).update(total=e.total_steps, progress=e.start_step)
-            self._set_buttons("running")
+            if self.state != "following":
+                self._set_buttons("running")
             self.started = e
         elif isinstance(e, ev.Step):
             self.on_step(e)
@@ -158,9 +205,9 @@ class TrainScreen(AppScreen):
                 val = vals.get(step)
                 table.add_row(str(step), e.reason if step == e.step else "",
                               f"{val:.4f}" if val is not None else "", "★ best" if step == self.best_step else "")
-        elif isinstance(e, ev.Paused):
+        elif isinstance(e, ev.Paused) and self.state != "following":
             self._set_buttons("paused")
-        elif isinstance(e, ev.Resumed):
+        elif isinstance(e, ev.Resumed) and self.state != "following":
             self._set_buttons("running")
         elif isinstance(e, ev.Failed):
             self.notify(e.message, title="Training failed", severity="error", timeout=15)

@@ -1,0 +1,129 @@
+"""Data-parallel training over MLX's distributed layer (`mx.distributed`, started with `mlx.launch`).
+
+lora-tui adds no cluster of its own: `mlx.launch --hostfile hosts.json --backend ring -- lora-tui train`
+starts one process per host (ring over TCP/Thunderbolt, MPI where present, NCCL on CUDA). Each rank
+trains on its share of every global batch; gradients, losses and token counts are summed across ranks
+before each optimizer step, so N ranks with batch b take the same steps as one process with batch N x b.
+Only rank 0 writes checkpoints, logs and the report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+class DistributedError(RuntimeError):
+    """A peer was lost or the group could not agree: the run stops with its last good checkpoint."""
+
+
+MIN_WAIT = 30.0  # seconds a collective may always wait
+FIXED_WAIT = os.environ.get("LORA_TUI_DIST_TIMEOUT")  # seconds, instead of the step-time rule
+EXIT_LOST = 5  # lora-tui's exit code for a failed training run
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    group: object = None  # mx.distributed.Group, or None when alone
+    on_lost: object = None  # callable(message) run by the watchdog before the process exits
+    _waiting_since: float | None = field(default=None, repr=False)
+    _slowest_step: float = field(default=0.0, repr=False)
+    _steps_seen: int = field(default=0, repr=False)
+    _watchdog: threading.Thread | None = field(default=None, repr=False)
+
+    @classmethod
+    def current(cls) -> "World":
+        """The group this process was launched into (mlx.launch sets it up), or a world of one."""
+        import mlx.core as mx
+        if not mx.distributed.is_available():
+            return cls(0, 1)
+        group = mx.distributed.init()
+        if group.size() == 1:
+            return cls(0, 1)
+        return cls(group.rank(), group.size(), group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def alone(self) -> bool:
+        return self.size == 1
+
+    def share(self, batch: list[int]) -> list[int]:
+        """This rank's rows of a global batch (rank r takes rows r, r+N, ...)."""
+        return batch[self.rank::self.size]
+
+    def sum(self, x):
+        """all_sum of an MLX array or a tree of them; the array itself when alone."""
+        if self.alone:
+            return x
+        import mlx.core as mx
+        from mlx.utils import tree_map
+        self._start_watchdog()
+        self._waiting_since = time.monotonic()
+        try:
+            out = tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x)
+            mx.eval(out)
+        except RuntimeError as exc:
+            raise DistributedError(f"lost contact with the other ranks ({exc})") from None
+        finally:
+            self._waiting_since = None
+        return out
+
+    def step_took(self, seconds: float) -> None:
+        if self._steps_seen:  # the first step of a process also compiles: not a measure of a step
+            self._slowest_step = max(self._slowest_step, seconds)
+        self._steps_seen += 1
+
+    def patience(self) -> float:
+        """How long a collective may wait before the group counts as lost: a healthy one waits at most for
+        the slowest rank's step, so ten of the slowest steps seen, at least 30 s (LORA_TUI_DIST_TIMEOUT
+        sets a fixed number of seconds instead)."""
+        if FIXED_WAIT:
+            return float(FIXED_WAIT)
+        return max(MIN_WAIT, 10 * self._slowest_step)
+
+    def _start_watchdog(self) -> None:
+        # MLX's ring backend blocks for ever when a peer dies mid-collective; the watchdog turns that into
+        # a message and an exit (the checkpoints rank 0 wrote are atomic, so the last one is good).
+        if self._watchdog is not None:
+            return
+        def watch():
+            while True:
+                time.sleep(1.0)
+                since = self._waiting_since
+                if since is not None and time.monotonic() - since > self.patience():
+                    message = (f"rank {self.rank}: no answer from the other ranks for {self.patience():.0f} s "
+                               "(a rank died or the network dropped)")
+                    if self.on_lost is not None:
+                        try:
+                            self.on_lost(message)
+                        except Exception:
+                            pass
+                    print(f"lora-tui: error: {message}", file=sys.stderr, flush=True)
+                    os._exit(EXIT_LOST)
+        self._watchdog = threading.Thread(target=watch, name="lora-tui-dist-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def sum_number(self, value: float) -> float:
+        if self.alone:
+            return value
+        import mlx.core as mx
+        return self.sum(mx.array(float(value), dtype=mx.float32)).item()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (a stop requested on one stops all at the same step)."""
+        return bool(flag) if self.alone else self.sum_number(1.0 if flag else 0.0) > 0
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's integer (int32) on every rank, e.g. the run folder's timestamp."""
+        if self.alone:
+            return value
+        import mlx.core as mx
+        return int(self.sum(mx.array(value if self.is_main else 0, dtype=mx.int32)).item())

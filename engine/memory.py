@@ -1,0 +1,91 @@
+"""Peak-memory estimate of a LoRA training step, made before training starts so that a run that cannot fit
+is caught in seconds rather than after the model has loaded and the machine has started to swap.
+
+What a step holds at its peak (float32 on CPU; counted from the tensors autograd keeps, then checked
+against MLX's measured peak on the embedded model, see tests/test_memory.py):
+- the weights as loaded, plus the adapters with their gradients and two AdamW moments;
+- per token and layer, the saved activations: norms, q/k/v, attention output and residuals (~8 hidden
+  vectors), k and v after RoPE, and the MLP's gate, up, activation and product (4 intermediate vectors);
+- per layer, the attention probabilities (batch x heads x length^2, not fused on CPU);
+- for the trained positions only (masked_loss gathers them first), the logits with their softmax and
+  gradients: about four (tokens x vocabulary) float32 copies.
+With gradient checkpointing only each block's input is kept, plus one block's activations while it is
+recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_COPIES = 1.1  # probabilities kept for the backward pass, plus transient scores
+LOGIT_COPIES = 4.0  # logits, log-softmax, their gradient and the float32 cast
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    kv_dim: int
+    intermediate: int
+    heads: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        a = model.args
+        heads = a.num_attention_heads
+        head_dim = getattr(a, "head_dim", None) or a.hidden_size // heads
+        kv = getattr(a, "num_key_value_heads", None) or heads
+        return cls(a.num_hidden_layers, a.hidden_size, kv * head_dim, a.intermediate_size, heads, a.vocab_size)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    adapters: int
+    activations: int
+    attention: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters + self.activations + self.attention + self.logits
+
+    def describe(self) -> str:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        return (f"{gb(self.total)} (weights {gb(self.weights)}, activations {gb(self.activations)}, "
+                f"attention {gb(self.attention)}, logits {gb(self.logits)}, adapters {gb(self.adapters)})")
+
+
+def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, batch: int, length: int,
+                         trained_fraction: float = 1.0, grad_checkpoint: bool = False,
+                         act_bytes: int = 4) -> MemoryEstimate:
+    """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained."""
+    tokens = batch * length
+    per_token_layer = 8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
+    attention_layer = ATTENTION_COPIES * batch * shape.heads * length * length
+    if grad_checkpoint:
+        activations = tokens * (shape.layers * shape.hidden + per_token_layer)
+        attention = attention_layer
+    else:
+        activations = tokens * shape.layers * per_token_layer
+        attention = attention_layer * shape.layers
+    logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
+    return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
+                          int(attention * act_bytes), int(logits))
+
+
+def available_bytes() -> int:
+    """Memory a training step may still take: the GPU's recommended working set where there is one, else the
+    system's available RAM (what the process already holds is counted back in)."""
+    import mlx.core as mx
+    import psutil
+    if mx.default_device() == mx.gpu:
+        try:
+            info = mx.device_info()
+            limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if limit:
+                return int(limit)
+        except Exception:
+            pass
+    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)

@@ -1,0 +1,102 @@
+"""Data-parallel training with mx.distributed: 2 processes on localhost over the ring backend, started
+with `mlx.launch` as a user would, against 1 process with twice the batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def config(tmp_path: Path, name: str, batch: int, iterations: int, every: int = 0) -> Path:
+    data = tmp_path / "tiny.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"{i} plus {i % 7}", "completion": str(i + i % 7)}) + "\n"
+                                for i in range(64)))
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""
+lora: {{rank: 4, num_layers: 2, target_modules: [q_proj, v_proj], dropout: 0.0}}
+training: {{iterations: {iterations}, batch_size: {batch}, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}}
+data: {{path: {data}, validation_split: 0.1}}
+checkpoints: {{every_steps: {every}, keep_last: 3}}
+evaluation: {{every_steps: 0, val_batches: 1, sample_prompts: [], heldout_path: ''}}
+output: {{dir: {tmp_path / 'runs'}, run_name: {name}, log_every_steps: 1}}
+""")
+    return cfg
+
+
+def launch(cfg: Path, *extra: str) -> list[str]:
+    return [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(5000 + os.getpid() % 2000),
+            "--", str(BIN / "lora-tui"), "--config", str(cfg), "train", *extra]
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == "Step"]
+
+
+def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_dir):
+    one = subprocess.run([str(BIN / "lora-tui"), "--config", str(config(tmp_path, "one", 4, 6)), "train"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(launch(config(tmp_path, "two", 2, 6)), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "effective batch 4" in two.stdout and "x 2 ranks" in two.stdout
+    assert two.stdout.count("finished at step 6") == 1  # rank 0 speaks for the group
+    a, b = steps(tmp_path / "runs" / "one"), steps(tmp_path / "runs" / "two")
+    assert [s["step"] for s in b] == list(range(1, 7))
+    np.testing.assert_allclose([s["loss"] for s in b], [s["loss"] for s in a], rtol=2e-3)
+    np.testing.assert_allclose([s["learning_rate"] for s in b], [s["learning_rate"] for s in a], rtol=1e-6)
+    assert [s["tokens_seen"] for s in b] == [s["tokens_seen"] for s in a]  # both ranks' tokens counted
+    import mlx.core as mx
+    wa = mx.load(str(tmp_path / "runs" / "one" / "adapter" / "adapters.safetensors"))
+    wb = mx.load(str(tmp_path / "runs" / "two" / "adapter" / "adapters.safetensors"))
+    for key in wa:
+        np.testing.assert_allclose(np.array(wb[key]), np.array(wa[key]), rtol=1e-2, atol=1e-5)
+
+
+def test_a_killed_rank_ends_the_run_with_a_message_and_a_good_checkpoint(tmp_path, embedded_dir):
+    cfg = config(tmp_path, "killed", 2, 400, every=2)
+    proc = subprocess.Popen(launch(cfg), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "LORA_TUI_DIST_TIMEOUT": "20"})  # not the 30 s+ default
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step 5/"):
+            victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if p.environ().get("MLX_RANK") == "1" and "train" in p.cmdline()]
+            assert victims, "rank 1 not found"
+            victims[0].send_signal(signal.SIGKILL)
+            break
+    try:
+        rest, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        pytest.fail("the group hung after losing a rank")
+    text = "".join(out) + rest
+    # (mlx.launch itself exits 0 whatever its ranks return: the message and the run folder tell.)
+    last_event = json.loads((tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_event["event"] == "Failed" and "no answer from the other ranks" in last_event["message"]
+    assert "no answer from the other ranks" in text and "resume with: lora-tui train --resume" in text, text[-2000:]
+    assert "Traceback" not in text
+    run_dir = tmp_path / "runs" / "killed"
+    good = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert good, text[-2000:]
+    # The last checkpoint is good: one process resumes it and finishes.
+    last = int(good[-1].name.split("_")[1])
+    cfg.write_text(cfg.read_text().replace("iterations: 400", f"iterations: {last + 2}"))
+    r = subprocess.run([str(BIN / "lora-tui"), "--config", str(cfg), "train", "--resume", str(run_dir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"finished at step {last + 2}" in r.stdout, r.stderr
+    print(f"after rank 1 was killed at step 5:\n{text[-600:]}")

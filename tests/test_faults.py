@@ -1,0 +1,149 @@
+"""Faults done for real to the headless trainer (`lora-tui train`, as a user runs it): kill -9 at random
+steps and resume, a disk that fills up during a save, SIGTERM. Each must cost no work: resume finishes
+with the same adapter, the last good checkpoint stays intact, and the user reads one line, never a
+traceback."""
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ITERATIONS = 8
+
+
+def write_config(tmp_path: Path, **extra: str) -> Path:
+    data = tmp_path / "tiny.jsonl"
+    if not data.exists():
+        with open(data, "w") as fh:
+            for i in range(40):
+                fh.write(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n")
+    sections = {
+        "lora": "{rank: 4, num_layers: 2, target_modules: [q_proj, v_proj], dropout: 0.1}",
+        "training": f"{{iterations: {ITERATIONS}, batch_size: 2, grad_accumulation: 1, warmup_steps: 2, "
+                    "learning_rate: 1.0e-3}",
+        "data": f"{{path: {data}}}",
+        "checkpoints": "{every_steps: 1, keep_last: 2}",
+        "evaluation": "{every_steps: 0, val_batches: 1, sample_prompts: [], heldout_path: ''}",
+        "output": f"{{dir: {tmp_path / 'runs'}, run_name: ref}}",
+    } | extra
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in sections.items()))
+    return cfg
+
+
+def lora_tui_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "tui", *map(str, args)]
+
+
+def run(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(lora_tui_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def adapter(run_dir: Path) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapter" / "adapters.safetensors")).items()}
+
+
+def test_kill_9_at_random_steps_then_resume_matches_the_uninterrupted_run(tmp_path, embedded_dir):
+    cfg = write_config(tmp_path)
+    ref = run("--config", cfg, "train")
+    assert ref.returncode == 0, ref.stderr
+    expected = adapter(tmp_path / "runs" / "ref")
+    rng = random.Random(20261125)
+    mid_write = 0
+    for trial in range(10):
+        name = f"kill{trial}"
+        kill_after, delay = rng.randint(2, ITERATIONS - 1), rng.choice([0.0, 0.002, 0.01, 0.03, 0.08])
+        proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train", "--run-name", name), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            # "step k/N" is printed after step k's update, right before its checkpoint is written:
+            # a short delay lands the kill before, inside or after that write.
+            if line.startswith(f"step {kill_after}/"):
+                if delay:
+                    import time
+                    time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"trial {trial}: the run ended before it was killed"
+        run_dir = tmp_path / "runs" / name
+        mid_write += any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+        resumed = run("--config", cfg, "train", "--resume", run_dir)
+        assert resumed.returncode == 0, f"trial {trial} (killed after step {kill_after}): {resumed.stderr}"
+        assert f"finished at step {ITERATIONS}" in resumed.stdout
+        got = adapter(run_dir)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"trial {trial}, killed after step {kill_after}: {key}")
+    print(f"10 kill -9 trials resumed to the uninterrupted adapter; {mid_write} left a half-written "
+          "checkpoint behind")
+
+
+def _small_disk() -> list[str] | None:
+    """A command prefix that runs a shell with a size-limited tmpfs of its own (no root needed where user
+    namespaces are allowed); None where this machine allows neither."""
+    probe = "mount -t tmpfs -o size=64k none \"$1\""
+    for prefix in (["unshare", "-rm"], ["unshare", "-m"]):
+        if shutil.which(prefix[0]) is None:
+            continue
+        target = Path(os.environ.get("TMPDIR", "/tmp"))
+        r = subprocess.run(prefix + ["sh", "-c", probe, "sh", str(target)], capture_output=True)
+        if r.returncode == 0:
+            return prefix
+    return None
+
+
+def test_disk_full_during_a_save_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, embedded_dir):
+    prefix = _small_disk()
+    if prefix is None:
+        pytest.skip("this machine allows no private tmpfs mount (unshare), so no disk can be filled")
+    disk, saved = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir(), saved.mkdir()
+    cfg = write_config(tmp_path, output=f"{{dir: {disk / 'runs'}, run_name: full}}",
+                       checkpoints="{every_steps: 1, keep_last: 100}",
+                       training="{iterations: 60, batch_size: 2, grad_accumulation: 1, learning_rate: 1.0e-3}")
+    # Each checkpoint of this tiny adapter is ~230 kB with its optimizer state: 1 MB holds a few.
+    script = (f"mount -t tmpfs -o size=1m none {shlex.quote(str(disk))} || exit 99; "
+              f"{shlex.join(lora_tui_cmd('--config', cfg, 'train'))}; code=$?; "
+              f"cp -a {shlex.quote(str(disk))}/. {shlex.quote(str(saved))}/; exit $code")
+    r = subprocess.run(prefix + ["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 5, (r.returncode, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("lora-tui: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    run_dir = saved / "runs" / "full"
+    good = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert good, "no checkpoint survived"
+    # The newest complete checkpoint is intact: resuming it on a roomy disk finishes the run.
+    last = int(good[-1].name.split("_")[1])
+    cfg.write_text(cfg.read_text().replace("iterations: 60", f"iterations: {last + 2}"))
+    resumed = run("--config", cfg, "train", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {last}" in resumed.stdout and f"finished at step {last + 2}" in resumed.stdout
+
+
+def test_sigterm_saves_then_exits_cleanly(tmp_path, embedded_dir):
+    cfg = write_config(tmp_path, checkpoints="{every_steps: 0, keep_last: 2}",
+                       training="{iterations: 400, batch_size: 2, grad_accumulation: 1, learning_rate: 1.0e-3}")
+    proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/400"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM: saving a checkpoint, then stopping" in err and "Traceback" not in err
+    assert "checkpoint saved (stop)" in out
+    assert sorted((tmp_path / "runs" / "ref" / "checkpoints").glob("step_*"))
