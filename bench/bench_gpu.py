@@ -105,6 +105,9 @@ def mlx_step(ckpt: bool, bits: int | None) -> dict:
         nn.quantize(model, group_size=64, bits=bits)
         mx.eval(model.parameters())
     apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    if bits:  # what TrainingRun does with a quantized base on a GPU
+        from engine.qlora import dequantize_in_backward
+        dequantize_in_backward(model)
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())

@@ -289,6 +289,9 @@ class TrainingRun:
             self.adapter_config = apply_lora(model, cfg.lora)
         except AdapterError as exc:
             raise TrainingError(str(exc), "config") from None
+        if info.quantized and mx.default_device() == mx.gpu:  # QLoRA: bf16 speed, 4-bit memory (see qlora.py)
+            from engine.qlora import dequantize_in_backward
+            dequantize_in_backward(model)
         self.model, self.tokenizer, self.info = model, tokenizer, info
         phase("tokenizing the dataset", 0.45)
         try:

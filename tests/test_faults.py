@@ -112,7 +112,7 @@ def test_disk_full_during_a_save_stops_cleanly_and_keeps_the_last_good_checkpoin
     disk.mkdir(), saved.mkdir()
     cfg = write_config(tmp_path, output=f"{{dir: {disk / 'runs'}, run_name: full}}",
                        checkpoints="{every_steps: 1, keep_last: 100}",
-                       training="{iterations: 60, batch_size: 2, grad_accumulation: 1, learning_rate: 1.0e-3}")
+                       training="{iterations: 60, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}")
     # Each checkpoint of this tiny adapter is ~230 kB with its optimizer state: 1 MB holds a few.
     script = (f"mount -t tmpfs -o size=1m none {shlex.quote(str(disk))} || exit 99; "
               f"{shlex.join(lora_tui_cmd('--config', cfg, 'train'))}; code=$?; "
@@ -135,7 +135,7 @@ def test_disk_full_during_a_save_stops_cleanly_and_keeps_the_last_good_checkpoin
 
 def test_sigterm_saves_then_exits_cleanly(tmp_path, embedded_dir):
     cfg = write_config(tmp_path, checkpoints="{every_steps: 0, keep_last: 2}",
-                       training="{iterations: 400, batch_size: 2, grad_accumulation: 1, learning_rate: 1.0e-3}")
+                       training="{iterations: 400, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}")
     proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:

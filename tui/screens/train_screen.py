@@ -50,7 +50,8 @@ class TrainScreen(AppScreen):
             yield Button("Resume", id="resume", disabled=True)
             yield Button("Stop", id="stop", variant="error", disabled=True)
             yield Static("idle", id="train-state")
-            yield Input(placeholder="run folder to follow, or hosts file to launch on", id="external")
+        yield Input(placeholder="ctrl+o: follow a run folder, or launch on the hosts of an mlx.launch hosts file",
+                    id="external")
         yield ProgressBar(total=100, show_eta=False, id="train-progress")
         with Horizontal(id="train-body"):
             with Vertical(id="train-left"):
