@@ -213,8 +213,7 @@ class TrainingRun:
         except CheckpointError as exc:
             return self._fail(str(exc), "checkpoint")
         except DistributedError as exc:
-            return self._fail(f"distributed run stopped: {exc}; the last checkpoint is "
-                              f"{self.last_checkpoint or 'none yet'}", "distributed")
+            return self._fail(self._group_message(str(exc)), "distributed")
         except OSError as exc:  # e.g. a full disk or a read-only folder while writing logs or the adapter
             where = f"{exc.filename}: " if exc.filename else ""
             return self._fail(f"{where}{exc.strerror or exc}", "disk")
@@ -229,9 +228,11 @@ class TrainingRun:
 
     def _group_lost(self, message: str) -> None:
         """Called by the distributed watchdog (another thread) just before the process exits."""
-        self.emit(ev.Failed(self.step, f"distributed run stopped: {message}; last checkpoint: "
-                            f"{self.last_checkpoint or 'none yet'}; resume with: lora-tui train --resume "
-                            f"{getattr(self, 'run_dir', '<run folder>')}", self.last_checkpoint))
+        self.emit(ev.Failed(self.step, self._group_message(message), self.last_checkpoint))
+
+    def _group_message(self, why: str) -> str:
+        return (f"distributed run stopped: {why}; last checkpoint: {self.last_checkpoint or 'none yet'}; "
+                f"resume with: lora-tui train --resume {getattr(self, 'run_dir', '<run folder>')}")
 
     def _keep_traceback(self) -> str:
         run_dir = getattr(self, "run_dir", None)

@@ -54,7 +54,10 @@ def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_di
     assert two.stdout.count("finished at step 6") == 1  # rank 0 speaks for the group
     a, b = steps(tmp_path / "runs" / "one"), steps(tmp_path / "runs" / "two")
     assert [s["step"] for s in b] == list(range(1, 7))
-    np.testing.assert_allclose([s["loss"] for s in b], [s["loss"] for s in a], rtol=2e-3)
+    la, lb = np.array([s["loss"] for s in a]), np.array([s["loss"] for s in b])
+    print(f"losses, 1 process x batch 4: {np.round(la, 4).tolist()}\n          2 ranks x batch 2: "
+          f"{np.round(lb, 4).tolist()} (largest relative difference {np.max(np.abs(lb - la) / la):.1e})")
+    np.testing.assert_allclose(lb, la, rtol=2e-3)
     np.testing.assert_allclose([s["learning_rate"] for s in b], [s["learning_rate"] for s in a], rtol=1e-6)
     assert [s["tokens_seen"] for s in b] == [s["tokens_seen"] for s in a]  # both ranks' tokens counted
     import mlx.core as mx
@@ -87,16 +90,18 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_a_good_checkpoint(tmp_pat
     text = "".join(out) + rest
     # (mlx.launch itself exits 0 whatever its ranks return: the message and the run folder tell.)
     last_event = json.loads((tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last_event["event"] == "Failed" and "no answer from the other ranks" in last_event["message"]
-    assert "no answer from the other ranks" in text and "resume with: lora-tui train --resume" in text, text[-2000:]
+    assert last_event["event"] == "Failed" and "last checkpoint: " in last_event["message"]
+    # Either MLX's ring notices the lost peer, or our watchdog does when the ring just waits.
+    assert "distributed run stopped:" in text and "resume with: lora-tui train --resume" in text, text[-2000:]
+    assert "no answer from the other ranks" in text or "connection to a peer was lost" in text
     assert "Traceback" not in text
     run_dir = tmp_path / "runs" / "killed"
     good = sorted((run_dir / "checkpoints").glob("step_*"))
     assert good, text[-2000:]
-    # The last checkpoint is good: one process resumes it and finishes.
+    # The last checkpoint is good: the two ranks resume it together and finish.
     last = int(good[-1].name.split("_")[1])
     cfg.write_text(cfg.read_text().replace("iterations: 400", f"iterations: {last + 2}"))
-    r = subprocess.run([str(BIN / "lora-tui"), "--config", str(cfg), "train", "--resume", str(run_dir)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and f"finished at step {last + 2}" in r.stdout, r.stderr
+    r = subprocess.run(launch(cfg, "--resume", str(run_dir)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert f"from step {last}" in r.stdout and r.stdout.count(f"finished at step {last + 2}") == 1, \
+        r.stdout[-2000:] + r.stderr[-2000:]
     print(f"after rank 1 was killed at step 5:\n{text[-600:]}")

@@ -147,3 +147,41 @@ def test_sigterm_saves_then_exits_cleanly(tmp_path, embedded_dir):
     assert "SIGTERM: saving a checkpoint, then stopping" in err and "Traceback" not in err
     assert "checkpoint saved (stop)" in out
     assert sorted((tmp_path / "runs" / "ref" / "checkpoints").glob("step_*"))
+
+
+def test_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, embedded_dir):
+    """SIGKILL the moment a checkpoint's temp folder appears (a bigger adapter makes the write last long
+    enough to be caught): the half-written folder is ignored and cleaned up, resume takes the one before."""
+    import time
+    cfg = write_config(tmp_path, lora="{rank: 64, num_layers: -1, target_modules: [q_proj, k_proj, v_proj, o_proj]}",
+                       training="{iterations: 12, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
+                                "learning_rate: 1.0e-3}",
+                       checkpoints="{every_steps: 2, keep_last: 3}")
+    caught = None
+    for attempt in range(5):
+        name = f"write{attempt}"
+        folder = tmp_path / "runs" / name / "checkpoints"
+        proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train", "--run-name", name), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            try:
+                entries = [e.name for e in os.scandir(folder)]
+            except FileNotFoundError:
+                entries = []
+            done = [e for e in entries if e.startswith("step_")]
+            if done and any(e.endswith(".tmp") for e in entries):  # a second checkpoint is being written
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+        proc.wait(timeout=60)
+        if proc.returncode == -signal.SIGKILL and any(p.name.endswith(".tmp") for p in folder.iterdir()):
+            caught = tmp_path / "runs" / name
+            break
+    assert caught is not None, "no kill landed inside a checkpoint write in 5 attempts"
+    before = sorted(p.name for p in (caught / "checkpoints").glob("step_*"))
+    resumed = run("--config", cfg, "train", "--resume", caught)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {int(before[-1].split('_')[1])}" in resumed.stdout
+    assert "finished at step 12" in resumed.stdout
+    assert not any(p.name.endswith(".tmp") for p in (caught / "checkpoints").iterdir())
+    print(f"killed inside the write of the checkpoint after {before[-1]} (attempt {attempt + 1})")
