@@ -201,3 +201,27 @@ async def test_follow_a_run_started_headless(tmp_path, embedded_dir, monkeypatch
     finally:
         proc.wait(timeout=120)
     assert proc.returncode == 0
+
+
+async def test_launch_a_distributed_run_from_a_hosts_file(tmp_path, embedded_dir, monkeypatch):
+    """Two ranks on this machine (an mlx.launch hosts file naming 127.0.0.1 twice runs them locally, no
+    ssh), started from the Train screen and followed live until they finish."""
+    import json
+    monkeypatch.chdir(ROOT)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    app = LoraTuiApp(None)
+    app.cfg = tiny_config(tmp_path, iterations=4)
+    app.cfg.output.run_name = "two-ranks"
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        screen = app.screen
+        screen.query_one("#external", Input).value = str(hosts)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: screen.state == "following", timeout=10, what="the launch")
+        await wait_for(pilot, lambda: screen.state == "done", timeout=240, what="the distributed run to end")
+        stats = str(screen.query_one("#train-stats", Static).render())
+        assert "step 4 / 4" in stats and "x 2 ranks" in stats, stats
+        assert screen.external.process.wait(timeout=60) == 0
+    report = json.loads((Path(app.cfg.output.dir) / "two-ranks" / "report.json").read_text())
+    assert report["status"] == "finished" and report["step"] == 4
