@@ -321,8 +321,9 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
         err("model.name", "empty: name `embedded`, a local model directory or a hub id")
     if not cfg.data.path.strip():
         err("data.path", "empty: name a JSONL file")
-    if run_name_problem(cfg.output.run_name):
-        err("output.run_name", run_name_problem(cfg.output.run_name))
+    problem = run_name_problem(cfg.output.run_name)
+    if problem:
+        err("output.run_name", problem)
     if not lora.target_modules:
         err("lora.target_modules", "empty: name at least one linear layer, e.g. q_proj, v_proj")
     if len(set(lora.target_modules)) != len(lora.target_modules):

@@ -256,8 +256,9 @@ class TrainingRun:
         """Pick the run folder (a resumed run keeps its own) and the checkpoint to resume, if any."""
         cfg = self.cfg
         from engine.config import run_name_problem
-        if run_name_problem(cfg.output.run_name):  # also a name set on the command line, after validation
-            raise TrainingError(f"output.run_name: {run_name_problem(cfg.output.run_name)}", "config")
+        problem = run_name_problem(cfg.output.run_name)  # also a name set on the command line, after validation
+        if problem:
+            raise TrainingError(f"output.run_name: {problem}", "config")
         resume_state, resume_dir = self._find_resume()
         if resume_dir is not None:
             self.run_dir = resume_dir.parent.parent
