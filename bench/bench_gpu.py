@@ -11,7 +11,9 @@ Every variant runs in its own process (clean peak memory), one after another:
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
                 positions), accumulate_gradients, clip_gradients, apply_update: the functions TrainingRun uses
   mlx+ckpt      the same with the engine's gradient checkpointing (training.grad_checkpoint)
-  mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in bf16
+  mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in float32; engine/qlora.py's
+                layers dequantize each weight just before its bf16 matmul, forward and backward
+  mlx-4bit-qfwd the same with MLX's quantized_matmul in the forward pass
   mlx-4bit+ckpt the same with gradient checkpointing
   torch         transformers MistralForCausalLM (sdpa attention) + PEFT, eager, AdamW
   torch+ckpt    the same with gradient checkpointing (non-reentrant)
@@ -79,7 +81,7 @@ def matmul_peak() -> dict:
     return out
 
 
-def mlx_step(ckpt: bool, bits: int | None) -> dict:
+def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
     import mlx.nn as nn
@@ -106,8 +108,8 @@ def mlx_step(ckpt: bool, bits: int | None) -> dict:
         mx.eval(model.parameters())
     apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=0.05, target_modules=["q_proj", "v_proj"]))
     if bits:  # what TrainingRun does with a quantized base on a GPU
-        from engine.qlora import dequantize_in_backward
-        dequantize_in_backward(model)
+        from engine.qlora import dequantize_just_in_time
+        dequantize_just_in_time(model, dense_forward=dense_forward)
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
@@ -190,6 +192,7 @@ VARIANTS = {
     "mlx": lambda: mlx_step(False, None),
     "mlx+ckpt": lambda: mlx_step(True, None),
     "mlx-4bit": lambda: mlx_step(False, 4),
+    "mlx-4bit-qfwd": lambda: mlx_step(False, 4, dense_forward=False),
     "mlx-4bit+ckpt": lambda: mlx_step(True, 4),
     "torch": lambda: torch_step(False),
     "torch+ckpt": lambda: torch_step(True),

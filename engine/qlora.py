@@ -1,12 +1,14 @@
-"""QLoRA on a GPU: the frozen 4-bit layers' backward pass through a dequantized bf16 weight.
+"""QLoRA on a GPU: each frozen 4-bit layer runs as a bf16 matmul on a weight dequantized just in time.
 
-Under autograd MLX 0.32's CUDA backend differentiates `quantized_matmul` with a transposed quantized
-matmul that runs at a small fraction of the bf16 rate. Here the forward pass stays a quantized matmul
-(nothing bf16 is kept for the backward pass) and the custom VJP dequantizes the layer's weight for one
-bf16 matmul, then drops it. Measured on an H100 (bench/gpu/run4.json, bench/RESULTS.md): 4.0k -> 6.1k
-tokens/s at 42.6 -> 45.3 GB. Dequantizing in the forward pass as well runs at bf16 speed (13.3k) but MLX
-keeps every traced forward intermediate, so each layer's bf16 weight lives until the backward pass
-(55 GB: the memory of a bf16 base, which defeats QLoRA); that variant is not used.
+MLX 0.32's CUDA `quantized_matmul` at training shapes (thousands of rows) runs at a fraction of the bf16
+matmul rate, and its autograd backward is another quantized matmul. Here both passes dequantize the
+layer's weight and run one bf16 matmul (as bitsandbytes does), under a custom VJP so that nothing bf16 is
+saved for the backward pass. The catch was scheduling: a dequantize depends only on the weights, so MLX
+was free to run every layer's dequantize early and hold all the bf16 copies at once (55 GB, more than a
+bf16 base). `mx.depends` ties each dequantize to the array it multiplies (the layer input, or the incoming
+gradient), so at most a layer's worth exists at a time. Measured on an H100 (bench/gpu/run6.json,
+bench/RESULTS.md): 12.4k tokens/s at 46.3 GB, against 6.1k at 45.8 GB with the quantized forward pass and
+14.0k at 51.5 GB with a bf16 base.
 """
 
 from __future__ import annotations
@@ -15,20 +17,27 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _quantized_matmul_with_dense_backward(group_size: int, bits: int, mode: str):
+def _matmul_with_dense_backward(group_size: int, bits: int, mode: str, dense_forward: bool):
     def biases_or_none(biases):
         return biases if biases.size else None
 
+    def dense(w, scales, biases, after, dtype):
+        # mx.depends: dequantize only once `after` exists. Without it the scheduler may run every layer's
+        # dequantize (inputs: weights only) early and hold all the bf16 copies at once.
+        w = mx.depends(w, after)
+        return mx.dequantize(w, scales, biases_or_none(biases), group_size, bits, mode=mode).astype(dtype)
+
     @mx.custom_function
     def matmul(x, w, scales, biases):
+        if dense_forward:
+            return x @ dense(w, scales, biases, x, x.dtype).T
         return mx.quantized_matmul(x, w, scales, biases_or_none(biases), transpose=True,
                                    group_size=group_size, bits=bits, mode=mode)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, w, scales, biases = primals
-        dense = mx.dequantize(w, scales, biases_or_none(biases), group_size, bits, mode=mode)
-        dx = cotangent @ dense.astype(cotangent.dtype)
+        dx = cotangent @ dense(w, scales, biases, cotangent, cotangent.dtype)
         # The base is frozen: its cotangents are never used, but every primal needs one.
         return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
@@ -36,24 +45,34 @@ def _quantized_matmul_with_dense_backward(group_size: int, bits: int, mode: str)
 
 
 class DequantizingLinear(nn.Module):
-    """A frozen QuantizedLinear whose input gradient is computed through a dequantized weight."""
+    """A frozen QuantizedLinear that multiplies through its dequantized weight, forward and backward.
 
-    def __init__(self, q: nn.QuantizedLinear):
+    A few rows (token-by-token generation) still go through `quantized_matmul`, which is the fast path
+    there: dequantizing the whole weight for one row would cost more than the product.
+    """
+
+    FEW_ROWS = 16
+
+    def __init__(self, q: nn.QuantizedLinear, dense_forward: bool = True):
         super().__init__()
         self.weight, self.scales = q.weight, q.scales
         self.biases = q.get("biases") if q.get("biases") is not None else mx.array([], dtype=q.scales.dtype)
         if "bias" in q:
             self.bias = q.bias
         self.group_size, self.bits, self.mode = q.group_size, q.bits, getattr(q, "mode", "affine")
-        self._matmul = _quantized_matmul_with_dense_backward(self.group_size, self.bits, self.mode)
+        self._matmul = _matmul_with_dense_backward(self.group_size, self.bits, self.mode, dense_forward)
         self.freeze()
 
     def __call__(self, x):
-        y = self._matmul(x, self.weight, self.scales, self.biases)
+        if x.size // x.shape[-1] <= self.FEW_ROWS:
+            y = mx.quantized_matmul(x, self.weight, self.scales, self.biases if self.biases.size else None,
+                                    transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        else:
+            y = self._matmul(x, self.weight, self.scales, self.biases)
         return y + self.bias if "bias" in self else y
 
 
-def dequantize_in_backward(model: nn.Module) -> int:
+def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
     """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many."""
     swaps = []
     for _, module in model.named_modules():
@@ -61,5 +80,5 @@ def dequantize_in_backward(model: nn.Module) -> int:
             if isinstance(child, nn.QuantizedLinear):
                 swaps.append((module, key, child))
     for parent, key, child in swaps:
-        setattr(parent, key, DequantizingLinear(child))
+        setattr(parent, key, DequantizingLinear(child, dense_forward))
     return len(swaps)

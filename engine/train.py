@@ -292,8 +292,8 @@ class TrainingRun:
         except AdapterError as exc:
             raise TrainingError(str(exc), "config") from None
         if info.quantized and mx.default_device() == mx.gpu:  # QLoRA: bf16 speed, 4-bit memory (see qlora.py)
-            from engine.qlora import dequantize_in_backward
-            dequantize_in_backward(model)
+            from engine.qlora import dequantize_just_in_time
+            dequantize_just_in_time(model)
         self.model, self.tokenizer, self.info = model, tokenizer, info
         phase("tokenizing the dataset", 0.45)
         try:
