@@ -85,25 +85,29 @@ sys.path.insert(0, {root!r})
 import engine
 import mlx.core as mx
 tool, model_dir, prompt, max_tokens, repeats = {tool!r}, {model!r}, {prompt!r}, {max_tokens}, {repeats}
+follow_ups = {follow_ups!r}
 messages = [{{"role": "user", "content": prompt}}]
 if tool == "mlx-lm":
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
     model, tokenizer = load(model_dir)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    def stream():
+    def stream(messages=messages):  # what `mlx_lm.generate` does for each prompt: render and prefill all of it
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
             yield r.text
 else:
     from engine.config import Config
+    from engine.decoding import load_for_chat
     from engine.generate import GenerationSettings, stream_reply
-    from engine.model import load_model
-    cfg = Config().model
-    cfg.name = model_dir
-    model, tokenizer, _ = load_model(cfg)
+    cfg = Config()
+    cfg.model.name = model_dir
+    model, tokenizer, _ = load_for_chat(cfg)  # what the TUI's chat and `lora-tui chat` load
+    from engine.decoding import PromptCache
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
-    def stream():
-        for c in stream_reply(model, tokenizer, messages, settings):
+    conversation_cache = PromptCache()  # the TUI keeps one per chat model
+    def stream(messages=messages, cache=None):
+        for c in stream_reply(model, tokenizer, messages, settings, prompt_cache=cache):
             yield c.text
 for i in range(repeats + 1):  # the first answer warms up (and is not counted)
     t0 = time.perf_counter(); first = None; n = 0; text = ""
@@ -115,6 +119,19 @@ for i in range(repeats + 1):  # the first answer warms up (and is not counted)
     if i:
         print("GEN " + json.dumps({{"ttft": first - t0, "decode_tps": (n - 1) / (end - first), "tokens": n,
                                    "text": text[:80]}}), flush=True)
+# A conversation: each turn adds the reply and a new question; time to first token per turn.
+history = [{{"role": "system", "content": "You are a helpful assistant. Answer in two or three sentences."}}]
+for turn, question in enumerate(follow_ups):
+    history.append({{"role": "user", "content": question}})
+    kwargs = {{"cache": conversation_cache}} if tool != "mlx-lm" else {{}}
+    t0 = time.perf_counter(); first = None; text = ""
+    for piece in stream(history, **kwargs):
+        text += piece
+        if first is None:
+            first = time.perf_counter()
+    history.append({{"role": "assistant", "content": text.strip()}})
+    print("TURN " + json.dumps({{"turn": turn + 1, "ttft": first - t0, "prompt_tokens": len(
+        tokenizer.apply_chat_template(history[:-1], add_generation_prompt=True)), "text": text[:60]}}), flush=True)
 """
 
 
@@ -207,12 +224,18 @@ def summarize(tps: list[float], losses: list[float], peak_gb: float, rss: int) -
 
 def generate(tool: str, model: Path, repeats: int, max_tokens: int) -> dict:
     prompt = "Explain in three sentences why the sky is blue."
+    follow_ups = ["What is Rayleigh scattering?", "Why are sunsets red then?", "Does the same happen on Mars?",
+                  "What colour is the sky on Mars at noon?", "Summarise our conversation in one sentence."]
     out, _ = run_child(GENERATE.format(root=str(ROOT), tool=tool, model=str(model), prompt=prompt,
-                                       max_tokens=max_tokens, repeats=repeats))
+                                       max_tokens=max_tokens, repeats=repeats, follow_ups=follow_ups))
     runs = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("GEN ")]
+    turns = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("TURN ")]
     return {"ttft_ms": round(1000 * statistics.median(r["ttft"] for r in runs), 1),
             "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 1),
-            "tokens": runs[0]["tokens"], "text": runs[0]["text"]}
+            "tokens": runs[0]["tokens"], "text": runs[0]["text"],
+            "conversation_ttft_ms": [round(1000 * t["ttft"], 1) for t in turns],
+            "conversation_prompt_tokens": [t["prompt_tokens"] for t in turns],
+            "conversation_texts": [t["text"] for t in turns]}
 
 
 def versions() -> dict:
@@ -277,6 +300,12 @@ def main() -> None:
                           "ttft_ratio": round(theirs["ttft_ms"] / ours["ttft_ms"], 2),
                           "decode_ratio": round(ours["decode_tps"] / theirs["decode_tps"], 2)}
         c = result["chat"]
+        c["last_turn_ttft_ratio"] = round(theirs["conversation_ttft_ms"][-1] / ours["conversation_ttft_ms"][-1], 2)
+        c["same_replies"] = ours["conversation_texts"] == theirs["conversation_texts"]
+        print(f"chat, {len(ours['conversation_ttft_ms'])}-turn conversation: time to first token per turn "
+              f"lora-tui {ours['conversation_ttft_ms']} ms vs mlx-lm {theirs['conversation_ttft_ms']} ms "
+              f"(prompt tokens {ours['conversation_prompt_tokens']}); last turn {c['last_turn_ttft_ratio']}x as "
+              f"fast; same replies: {c['same_replies']}", flush=True)
         print(f"chat: time to first token {ours['ttft_ms']} ms vs mlx-lm {theirs['ttft_ms']} ms "
               f"({c['ttft_ratio']}x as fast); decode {ours['decode_tps']} vs {theirs['decode_tps']} tok/s "
               f"= {c['decode_ratio']}x (target >= 1.0: "

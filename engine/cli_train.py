@@ -90,14 +90,11 @@ def eval_only(cfg, args) -> int:
 
 def cmd_chat(args, load_cfg) -> int:
     from engine.cli import EXIT_OK
-    from engine.fuse import load_with_adapter
+    from engine.decoding import PromptCache, load_for_chat
     from engine.generate import GenerationSettings, stream_reply
-    from engine.model import load_model
     cfg = load_cfg(args)
-    if args.adapter:
-        model, tokenizer, _ = load_with_adapter(cfg, args.adapter)
-    else:
-        model, tokenizer, _ = load_model(cfg.model)
+    model, tokenizer, _ = load_for_chat(cfg, args.adapter)
+    prompt_cache = PromptCache()
     settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -119,7 +116,7 @@ def cmd_chat(args, load_cfg) -> int:
         history.append({"role": "user", "content": line})
         print("assistant> " if interactive else "", end="", flush=True)
         parts = []
-        for chunk in stream_reply(model, tokenizer, history, settings):
+        for chunk in stream_reply(model, tokenizer, history, settings, prompt_cache=prompt_cache):
             parts.append(chunk.text)
             print(chunk.text, end="", flush=True)
         print()

@@ -14,19 +14,7 @@ import mlx.nn as nn
 from engine.batches import collate
 from engine.data import Example
 from engine.generate import GenerationSettings, reply
-
-
-# Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).
-_PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
-
-
-def _head(model):
-    """The output projection, if the model is a plain trunk + head we may split; else None."""
-    if type(model).__module__ not in _PLAIN_HEAD_MODULES or not hasattr(model, "model"):
-        return None
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear
-    return model.lm_head
+from engine.decoding import split_head
 
 
 def masked_loss(model, inputs, targets, positions, weights):
@@ -37,7 +25,7 @@ def masked_loss(model, inputs, targets, positions, weights):
     the vocabulary projection and softmax: with prompt masking that skips most of the largest matmul and
     most of the exps, and the (tokens x vocab) logits never exist for masked positions.
     """
-    head = _head(model)
+    head = split_head(model)
     flat_targets = targets.reshape(-1)[positions]
     if head is not None:
         hidden = model.model(inputs)

@@ -1,10 +1,14 @@
-"""Text generation for chat, samples and the behaviour metric, on mlx-lm's stream_generate and samplers."""
+"""Text generation for chat, samples and the behaviour metric, on mlx-lm's stream_generate and samplers.
+
+The prompt goes through engine/decoding.py's prefill (reusing a chat's cache from its last turn when one is
+given) before stream_generate takes over.
+This module is imported by the UI at start-up, so MLX is imported only when generating.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
-
 
 
 @dataclass(frozen=True)
@@ -25,18 +29,34 @@ class Chunk:
 
 
 def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings,
-                 tools=None) -> Iterator[Chunk]:
-    """Stream the assistant's reply to `messages`, rendered with the model's own chat template."""
+                 tools=None, prompt_cache=None) -> Iterator[Chunk]:
+    """Stream the assistant's reply to `messages`, rendered with the model's own chat template.
+    `prompt_cache` (a decoding.PromptCache kept per conversation) skips re-reading earlier turns."""
+    import time
+
     from mlx_lm.generate import stream_generate  # imported here: the UI imports this module at start-up
     from mlx_lm.sample_utils import make_sampler
 
     from engine.data.encode import ChatEncoder
+    from engine.decoding import PromptCache, prefill
     prompt = ChatEncoder(tokenizer).prompt_text(messages, tools)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 0.0)
-    for r in stream_generate(model, tokenizer, ids, max_tokens=settings.max_tokens, sampler=sampler):
-        yield Chunk(r.text, r.generation_tokens, r.prompt_tps, r.generation_tps,
-                    r.finish_reason is not None, r.finish_reason)
+    prompt_cache = prompt_cache or PromptCache()
+    cache, reused = prompt_cache.take(model, ids)
+    t0 = time.perf_counter()
+    prefill(model, ids[reused:], cache)
+    prompt_s = time.perf_counter() - t0
+    tokens = list(ids)
+    try:
+        for r in stream_generate(model, tokenizer, ids[-1:], max_tokens=settings.max_tokens, sampler=sampler,
+                                 prompt_cache=cache):
+            tokens.append(r.token)
+            prompt_tps = (len(ids) - reused) / (prompt_s + r.prompt_tokens / max(r.prompt_tps, 1e-9))
+            yield Chunk(r.text, r.generation_tokens, prompt_tps, r.generation_tps,
+                        r.finish_reason is not None, r.finish_reason)
+    finally:  # also when the reader stops early (the Stop button): what was fed is in the cache
+        prompt_cache.keep(cache, tokens)
 
 
 def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, tools=None) -> str:

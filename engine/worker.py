@@ -102,6 +102,7 @@ class _ChatModel:
     key: tuple
     model: object
     tokenizer: object
+    prompt_cache: object = None  # decoding.PromptCache: the next turn prefills only what is new
 
 
 @dataclass
@@ -178,13 +179,10 @@ class EngineWorker:
         key = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base, adapter)
         if self._chat is None or self._chat.key != key:
             self._chat = None
-            from engine.fuse import load_with_adapter
-            from engine.model import load_model
-            if adapter:
-                model, tok, _ = load_with_adapter(cfg, adapter)
-            else:
-                model, tok, _ = load_model(cfg.model)
-            self._chat = _ChatModel(key, model, tok)
+            from engine.decoding import load_for_chat
+            from engine.decoding import PromptCache
+            model, tok, _ = load_for_chat(cfg, adapter)
+            self._chat = _ChatModel(key, model, tok, PromptCache())
         return self._chat
 
     def _generate(self, cmd: Generate) -> None:
@@ -197,7 +195,8 @@ class EngineWorker:
             self.emit(EngineError("chat", str(exc)))
             return
         parts: list[str] = []
-        for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings):
+        for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings,
+                                  prompt_cache=chat.prompt_cache):
             parts.append(chunk.text)
             self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
             if self._cancel_generation.is_set():

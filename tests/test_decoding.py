@@ -1,0 +1,69 @@
+"""Chat decoding on the embedded model: the CPU decoding layout and the per-conversation prompt cache
+change speed only, never what the model says."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from engine.config import Config
+from engine.decoding import PromptCache, TransposedLinear, decoding_layout, load_for_chat
+from engine.generate import GenerationSettings, reply, stream_reply
+from engine.model import load_model
+
+GREEDY = GenerationSettings(max_tokens=24, temperature=0.0)
+TURN1 = [{"role": "system", "content": "You are a concise geography tutor."},
+         {"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_layout_keeps_logits_and_greedy_reply(embedded_dir):
+    plain, tok, _ = load_model(Config().model)
+    laid_out, _, _ = load_for_chat(Config())
+    changed = [m for _, m in laid_out.named_modules() if isinstance(m, TransposedLinear)]
+    assert len(changed) == 2 * len(laid_out.layers)  # gate_proj and up_proj of every block
+    assert hasattr(laid_out.model.embed_tokens, "weight_t")  # the tied head got its transposed copy
+    x = mx.array(tok.encode("The quick brown fox jumps over the lazy dog"))[None]
+    np.testing.assert_allclose(np.array(laid_out(x)), np.array(plain(x)), rtol=1e-4, atol=1e-4)
+    assert reply(laid_out, tok, TURN1, GREEDY) == reply(plain, tok, TURN1, GREEDY)
+    assert "Paris" in reply(laid_out, tok, TURN1, GREEDY)
+
+
+def test_layout_leaves_narrow_and_quantized_layers_alone(embedded_dir):
+    cfg = Config()
+    cfg.model.quantized_base = "keep"
+    model, _, _ = load_model(cfg.model)
+    assert decoding_layout(model) == 0  # 4-bit weights: quantized kernels, nothing to transpose
+    plain, _, _ = load_model(Config().model)
+    decoding_layout(plain)
+    attn = plain.layers[0].self_attn
+    assert all(type(getattr(attn, k)) is nn.Linear for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert type(plain.layers[0].mlp.down_proj) is nn.Linear
+
+
+def test_second_turn_reuses_the_first_and_answers_the_same(embedded_dir):
+    model, tok, _ = load_for_chat(Config())
+    cache = PromptCache()
+    first = "".join(c.text for c in stream_reply(model, tok, TURN1, GREEDY, prompt_cache=cache))
+    turn1_ids = tok.encode(tok.apply_chat_template(TURN1, add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)
+    assert cache.tokens[:len(turn1_ids)] == turn1_ids and len(cache.tokens) > len(turn1_ids)
+    turn2 = TURN1 + [{"role": "assistant", "content": first},
+                     {"role": "user", "content": "And of Italy?"}]
+    ids2 = tok.encode(tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)
+    kv, reused = cache.take(model, ids2)
+    assert reused >= len(turn1_ids)  # the first turn (and most of the reply) is not read again
+    cache.keep(kv, ids2[:reused])
+    with_cache = "".join(c.text for c in stream_reply(model, tok, turn2, GREEDY, prompt_cache=cache)).strip()
+    assert with_cache == reply(model, tok, turn2, GREEDY)
+
+
+def test_a_reply_stopped_early_leaves_a_usable_cache(embedded_dir):
+    model, tok, _ = load_for_chat(Config())
+    cache = PromptCache()
+    stream = stream_reply(model, tok, TURN1, GenerationSettings(max_tokens=64), prompt_cache=cache)
+    partial = "".join(next(stream).text for _ in range(3))
+    stream.close()  # what the Stop button does
+    assert cache.cache is not None and len(cache.tokens) == cache.cache[0].offset
+    turn2 = TURN1 + [{"role": "assistant", "content": partial}, {"role": "user", "content": "Go on."}]
+    got = "".join(c.text for c in stream_reply(model, tok, turn2, GREEDY, prompt_cache=cache)).strip()
+    assert got == reply(model, tok, turn2, GREEDY)
