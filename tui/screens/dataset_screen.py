@@ -44,15 +44,15 @@ class DatasetScreen(AppScreen):
                 yield Static("Choose a JSONL file and press Validate (ctrl+v).", id="dataset-summary")
                 yield Static("", id="histogram-label", classes="muted")
                 yield Sparkline([], id="histogram")
-                yield DataTable(id="dataset-errors", zebra_stripes=True, cursor_type="row")
+                errors = DataTable(id="dataset-errors", zebra_stripes=True, cursor_type="row")
+                # Columns here, not in on_mount: a screen prebuilt in the background (tui/app.py) could get
+                # its Mount before this table was composed, and the lookup failed (a rare CI flake).
+                errors.add_columns("line", "field", "problem")
+                yield errors
                 yield Static("", id="line-preview", classes="muted")
             with VerticalScroll(id="dataset-right"):
                 yield Static("", id="rendered")
         yield KeyFooter()
-
-    def on_mount(self) -> None:
-        table = self.query_one("#dataset-errors", DataTable)
-        table.add_columns("line", "field", "problem")
 
     @on(Button.Pressed, "#validate")
     @on(Input.Submitted, "#dataset-path")
