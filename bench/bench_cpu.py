@@ -91,19 +91,17 @@ if tool == "mlx-lm":
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
     model, tokenizer = load(model_dir)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     def stream(messages=messages):  # what `mlx_lm.generate` does for each prompt: render and prefill all of it
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
             yield r.text
 else:
     from engine.config import Config
-    from engine.decoding import load_for_chat
+    from engine.decoding import PromptCache, load_for_chat
     from engine.generate import GenerationSettings, stream_reply
     cfg = Config()
     cfg.model.name = model_dir
     model, tokenizer, _ = load_for_chat(cfg)  # what the TUI's chat and `lora-tui chat` load
-    from engine.decoding import PromptCache
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
     conversation_cache = PromptCache()  # the TUI keeps one per chat model
     def stream(messages=messages, cache=None):

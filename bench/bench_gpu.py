@@ -81,21 +81,17 @@ def matmul_peak() -> dict:
     return out
 
 
-def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
+def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forward: bool = True):
+    """The bench model with the seed's LoRA, ready to train as TrainingRun would (also used by probe_gpu.py)."""
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
     from mlx_lm.models import llama
 
     from engine.adapters import apply_lora
     from engine.config import LoRAConfig
-    from engine.evaluate import loss_inputs
-    from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
-        clip_gradients
 
-    args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
+    args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],
                            num_key_value_heads=SHAPE["kv_heads"], rms_norm_eps=1e-5, vocab_size=SHAPE["vocab"],
                            rope_theta=1e6, head_dim=SHAPE["head_dim"], tie_word_embeddings=False)
@@ -106,18 +102,35 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         mx.eval(model.parameters())
-    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]))
     if bits:  # what TrainingRun does with a quantized base on a GPU
         from engine.qlora import dequantize_just_in_time
         dequantize_just_in_time(model, dense_forward=dense_forward)
     model.train()
+    return model
+
+
+def random_batch():
+    """BATCH x SEQ random tokens, loss on every position, as engine.evaluate.masked_loss takes them."""
+    import numpy as np
+
+    from engine.evaluate import loss_inputs
+    tokens = np.random.default_rng(0).integers(0, SHAPE["vocab"], (BATCH, SEQ + 1)).astype(np.int32)
+    return loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((BATCH, SEQ), dtype=bool))
+
+
+def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
+    model = build_model(SHAPE["layers"], bits, dense_forward=dense_forward)
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
+        clip_gradients
+
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
     weights_bytes = mx.get_active_memory()
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, SHAPE["vocab"], (BATCH, SEQ + 1)).astype(np.int32)
-    batch = loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((BATCH, SEQ), dtype=bool))
+    batch = random_batch()
 
     with checkpointed_layers(model, ckpt):
         micro_step = build_micro_step(model, optimizer)

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_gpu import BATCH, SEQ, SHAPE  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench_gpu import BATCH, SEQ, SHAPE, build_model, random_batch  # noqa: E402
 
 
 def probe_sdpa() -> dict:
@@ -84,16 +84,12 @@ def _dequantizing_forward(group_size, bits):
 
 
 def probe_step(variant: str, layers: int) -> dict:
-    sys.path.insert(0, str(ROOT))
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    import numpy as np
     from mlx_lm.models import llama
 
-    from engine.adapters import apply_lora
-    from engine.config import LoRAConfig
-    from engine.evaluate import loss_inputs, masked_loss
+    from engine.evaluate import masked_loss
     from engine.train import accumulate_gradients, apply_update, build_micro_step
 
     if variant == "noattn":
@@ -104,40 +100,17 @@ def probe_step(variant: str, layers: int) -> dict:
     if variant == "nomlp":
         llama.MLP.__call__ = lambda self, x: x
 
-    args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
-                           intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],
-                           num_key_value_heads=SHAPE["kv_heads"], rms_norm_eps=1e-5, vocab_size=SHAPE["vocab"],
-                           rope_theta=1e6, head_dim=SHAPE["head_dim"], tie_word_embeddings=False)
-    mx.random.seed(0)
-    model = llama.Model(args)
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    bits = 4 if "4bit" in variant else None
-    if bits:
-        nn.quantize(model, group_size=64, bits=bits)
-        mx.eval(model.parameters())
-    dropout = 0.0 if variant == "nodropout" else 0.05
-    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]))
-    if variant == "4bit":
-        from engine.qlora import dequantize_just_in_time
-        dequantize_just_in_time(model)
-    if variant == "4bit-fwd":
-        from engine.qlora import DequantizingLinear, dequantize_just_in_time
-        dequantize_just_in_time(model)
+    model = build_model(layers, 4 if "4bit" in variant else None, dropout=0.0 if variant == "nodropout" else 0.05,
+                        dense_forward=variant == "4bit-dep")
+    if variant == "4bit-fwd":  # dense forward without mx.depends: what engine/qlora.py did before it
+        from engine.qlora import DequantizingLinear
         for _, m in model.named_modules():
             if isinstance(m, DequantizingLinear):
                 m._matmul = _dequantizing_forward(m.group_size, m.bits)
-    if variant == "4bit-dep":
-        from engine.qlora import dequantize_just_in_time
-        dequantize_just_in_time(model, dense_forward=True)
-    model.train()
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
     weights = mx.get_active_memory()
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, SHAPE["vocab"], (BATCH, SEQ + 1)).astype(np.int32)
-    batch = loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((BATCH, SEQ), dtype=bool))
+    batch = random_batch()
     if variant == "nocompile":
         loss_and_grad = nn.value_and_grad(model, masked_loss)
 

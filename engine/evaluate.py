@@ -14,7 +14,19 @@ import mlx.nn as nn
 from engine.batches import collate
 from engine.data import Example
 from engine.generate import GenerationSettings, reply
-from engine.decoding import split_head
+
+
+# Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).
+_PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+
+
+def split_head(model):
+    """The output projection, if the model is a plain trunk + head we may split; else None."""
+    if type(model).__module__ not in _PLAIN_HEAD_MODULES or not hasattr(model, "model"):
+        return None
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear
+    return model.lm_head
 
 
 def masked_loss(model, inputs, targets, positions, weights):

@@ -17,21 +17,22 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _matmul_with_dense_backward(group_size: int, bits: int, mode: str, dense_forward: bool):
-    def biases_or_none(biases):
-        return biases if biases.size else None
+def _biases_or_none(biases):
+    return biases if biases.size else None  # an empty array stands for "none" (custom functions take arrays)
 
+
+def _matmul_with_dense_backward(group_size: int, bits: int, mode: str, dense_forward: bool):
     def dense(w, scales, biases, after, dtype):
         # mx.depends: dequantize only once `after` exists. Without it the scheduler may run every layer's
         # dequantize (inputs: weights only) early and hold all the bf16 copies at once.
         w = mx.depends(w, after)
-        return mx.dequantize(w, scales, biases_or_none(biases), group_size, bits, mode=mode).astype(dtype)
+        return mx.dequantize(w, scales, _biases_or_none(biases), group_size, bits, mode=mode).astype(dtype)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
         if dense_forward:
             return x @ dense(w, scales, biases, x, x.dtype).T
-        return mx.quantized_matmul(x, w, scales, biases_or_none(biases), transpose=True,
+        return mx.quantized_matmul(x, w, scales, _biases_or_none(biases), transpose=True,
                                    group_size=group_size, bits=bits, mode=mode)
 
     @matmul.vjp
@@ -65,7 +66,7 @@ class DequantizingLinear(nn.Module):
 
     def __call__(self, x):
         if x.size // x.shape[-1] <= self.FEW_ROWS:
-            y = mx.quantized_matmul(x, self.weight, self.scales, self.biases if self.biases.size else None,
+            y = mx.quantized_matmul(x, self.weight, self.scales, _biases_or_none(self.biases),
                                     transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
         else:
             y = self._matmul(x, self.weight, self.scales, self.biases)
