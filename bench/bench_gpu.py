@@ -10,7 +10,10 @@ Every variant runs in its own process (clean peak memory), one after another:
   matmul peak   bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
                 positions), accumulate_gradients, clip_gradients, apply_update: the functions TrainingRun uses
-  mlx+ckpt      the same with the engine's gradient checkpointing (training.grad_checkpoint)
+  mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/memory.py gpu_memory_limit;
+                BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
+  mlx-stock     neither limit nor engine/lean.py's backward passes (plain autograd): the engine before them
+  mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
   mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in float32; engine/qlora.py's
                 layers dequantize each weight just before its bf16 matmul, forward and backward
   mlx-4bit-qfwd the same with MLX's quantized_matmul in the forward pass
@@ -81,7 +84,7 @@ def matmul_peak() -> dict:
     return out
 
 
-def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forward: bool = True):
+def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forward: bool = True, lean: bool = True):
     """The bench model with the seed's LoRA, ready to train as TrainingRun would (also used by probe_gpu.py)."""
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
@@ -102,7 +105,7 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         mx.eval(model.parameters())
-    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]))
+    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]), lean=lean)
     if bits:  # what TrainingRun does with a quantized base on a GPU
         from engine.qlora import dequantize_just_in_time
         dequantize_just_in_time(model, dense_forward=dense_forward)
@@ -119,14 +122,24 @@ def random_batch():
     return loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((BATCH, SEQ), dtype=bool))
 
 
-def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
-    model = build_model(SHAPE["layers"], bits, dense_forward=dense_forward)
+def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: bool = True,
+             queue_limit: bool = True) -> dict:
+    model = build_model(SHAPE["layers"], bits, dense_forward=dense_forward, lean=lean)
     import mlx.core as mx
     import mlx.optimizers as optim
 
     from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
         clip_gradients
 
+    from engine.adapters import trainable_count
+    from engine.memory import ModelShape, estimate_step_memory, fused_attention, gpu_memory_limit
+
+    # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
+    estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
+                                    SEQ, 1.0, ckpt, 2, fused_attention())
+    limit = gpu_memory_limit(estimate, float(os.environ.get("BENCH_MEMORY_LIMIT_GB", "0"))) if queue_limit else None
+    if limit is not None:
+        mx.set_memory_limit(limit)
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
     weights_bytes = mx.get_active_memory()
@@ -151,7 +164,8 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True) -> dict:
         mx.synchronize()
         dt = time.perf_counter() - t0
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
-                weights_gb=weights_bytes / 1e9, loss=loss)
+                weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
+                memory_limit_gb=mx.get_memory_limit() / 1e9)
 
 
 def torch_step(ckpt: bool) -> dict:
@@ -203,6 +217,8 @@ def torch_step(ckpt: bool) -> dict:
 VARIANTS = {
     "peak": matmul_peak,
     "mlx": lambda: mlx_step(False, None),
+    "mlx-nolimit": lambda: mlx_step(False, None, queue_limit=False),
+    "mlx-stock": lambda: mlx_step(False, None, lean=False, queue_limit=False),
     "mlx+ckpt": lambda: mlx_step(True, None),
     "mlx-4bit": lambda: mlx_step(False, 4),
     "mlx-4bit-qfwd": lambda: mlx_step(False, 4, dense_forward=False),

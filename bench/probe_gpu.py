@@ -8,7 +8,7 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
   sdpa            attention alone at the bench shape under value_and_grad: MLX's default, force_fused, and
                   the plain matmul-softmax-matmul, peak memory above the inputs
   <variant>@<L>   the engine's step (compiled micro_step) on an L-layer model, with one thing changed:
-                  base, nocompile, nodropout, noattn (attention output = queries), nomlp (MLP = identity),
+                  base (the engine's step, lean autograd included), stock (plain autograd), nocompile, nodropout, noattn (attention output = queries), nomlp (MLP = identity),
                   fused (force_fused attention), 4bit (quantized forward, dequantized backward), 4bit-fwd
                   (dequantize in the forward pass too, custom VJP), 4bit-dep (the same, each dequantize
                   ordered after its input with mx.depends: what engine/qlora.py does)
@@ -101,7 +101,7 @@ def probe_step(variant: str, layers: int) -> dict:
         llama.MLP.__call__ = lambda self, x: x
 
     model = build_model(layers, 4 if "4bit" in variant else None, dropout=0.0 if variant == "nodropout" else 0.05,
-                        dense_forward=variant == "4bit-dep")
+                        dense_forward=variant == "4bit-dep", lean=variant != "stock")
     if variant == "4bit-fwd":  # dense forward without mx.depends: what engine/qlora.py did before it
         from engine.qlora import DequantizingLinear
         for _, m in model.named_modules():
@@ -152,7 +152,7 @@ def main() -> None:
             r = probe_step(v, int(layers))
         print("RESULT " + json.dumps(r), flush=True)
         return
-    variants = a.only or ["base", "nocompile", "nodropout", "noattn", "nomlp", "fused", "4bit", "4bit-fwd", "4bit-dep"]
+    variants = a.only or ["base", "stock", "nocompile", "nodropout", "noattn", "nomlp", "fused", "4bit", "4bit-fwd", "4bit-dep"]
     probes = ["sdpa"] + [f"{v}@{d}" for v in variants for d in a.depths]
     results = {}
     for p in probes:

@@ -55,11 +55,15 @@ def adapter_config(cfg: LoRAConfig, model: nn.Module) -> dict:
     }
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> dict:
-    """Freeze the base, add adapters on the configured modules; return the adapter config."""
+def apply_lora(model: nn.Module, cfg: LoRAConfig, lean: bool = True) -> dict:
+    """Freeze the base, add adapters on the configured modules; return the adapter config. `lean`: train
+    through engine/lean.py's custom backward passes (same gradients, less memory; inference is unchanged)."""
     acfg = adapter_config(cfg, model)
     model.freeze()
     linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"], use_dora=cfg.use_dora)
+    if lean:
+        from engine.lean import lean_autograd
+        lean_autograd(model)
     return acfg
 
 

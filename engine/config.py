@@ -72,6 +72,9 @@ class TrainingConfig:
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay", min=0, max=1)
     max_grad_norm: float = opt(1.0, "Clip gradients to this global norm; 0 = no clipping", min=0, max=1e6)
     grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% slower")
+    memory_limit_gb: float = opt(0.0, "GPU only: above this much memory MLX waits for queued work to free its "
+                                 "buffers before queuing more (slower, never fails); 0 = the step's memory "
+                                 "estimate + 15%", min=0, max=1e6)
     seed: int = opt(42, "Seed for the split, data order, dropout and adapter init", min=0, max=2**31 - 1)
 
 

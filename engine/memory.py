@@ -4,9 +4,11 @@ is caught in seconds rather than after the model has loaded and the machine has 
 What a step holds at its peak (float32 on CPU; counted from the tensors autograd keeps, then checked
 against MLX's measured peak on the embedded model, see tests/test_memory.py):
 - the weights as loaded, plus the adapters with their gradients and two AdamW moments;
-- per token and layer, the saved activations: norms, q/k/v, attention output and residuals (~8 hidden
-  vectors), k and v after RoPE, and the MLP's gate, up, activation and product (4 intermediate vectors);
-- per layer, the attention probabilities (batch x heads x length^2, not fused on CPU);
+- per token and layer, the saved activations (engine/lean.py's backward passes): the block input, the
+  residual, the adapters' shared input, q and attention output, dropout masks and slack (~6 hidden
+  vectors), k and v after RoPE, and the MLP's gate and up (2 intermediate vectors);
+- per layer, the attention probabilities (batch x heads x length^2) where attention is not fused under
+  autograd (MLX's CPU backend; its CUDA backend keeps only q, k, v and the output);
 - for the trained positions only (masked_loss gathers them first), the logits with their softmax and
   gradients: about four (tokens x vocabulary) float32 copies.
 With gradient checkpointing only each block's input is kept, plus one block's activations while it is
@@ -59,11 +61,11 @@ class MemoryEstimate:
 
 def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, batch: int, length: int,
                          trained_fraction: float = 1.0, grad_checkpoint: bool = False,
-                         act_bytes: int = 4) -> MemoryEstimate:
+                         act_bytes: int = 4, fused_attention: bool = False) -> MemoryEstimate:
     """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained."""
     tokens = batch * length
-    per_token_layer = 8 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
-    attention_layer = ATTENTION_COPIES * batch * shape.heads * length * length
+    per_token_layer = 6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate
+    attention_layer = 0 if fused_attention else ATTENTION_COPIES * batch * shape.heads * length * length
     if grad_checkpoint:
         activations = tokens * (shape.layers * shape.hidden + per_token_layer)
         attention = attention_layer
@@ -73,6 +75,30 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
     logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
                           int(attention * act_bytes), int(logits))
+
+
+QUEUE_HEADROOM = 1.15  # the automatic GPU memory limit, as a multiple of the step's estimate
+
+
+def fused_attention() -> bool:
+    """Whether attention under autograd keeps no probabilities: MLX's CUDA backend (cuDNN, both passes)."""
+    import mlx.core as mx
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:
+    """The memory limit to give MLX on a GPU (bytes), or None to leave MLX's default.
+
+    A GPU backend queues work ahead of the device, and queued work holds its temporaries until it has run:
+    at Mistral-7B shapes that was ~10 GB above what the step needs (bench/RESULTS.md). Over its memory limit
+    MLX waits for queued work to finish before queuing more, so a limit near the step's real need removes
+    that excess; a limit set too low costs speed, never a failed step."""
+    import mlx.core as mx
+    if mx.default_device() != mx.gpu:
+        return None
+    if configured_gb > 0:
+        return int(configured_gb * 1e9)
+    return int(estimate.total * QUEUE_HEADROOM) if estimate is not None else None
 
 
 def available_bytes() -> int:

@@ -277,6 +277,7 @@ class TrainingRun:
         from engine import blas
         from engine.adapters import AdapterError, apply_lora, total_count, trainable_count
         from engine.data import DatasetError, prepare_dataset
+        from engine.memory import gpu_memory_limit
         from engine.model import ModelLoadError, load_model
 
         cfg, t = self.cfg, self.cfg.training
@@ -321,6 +322,9 @@ class TrainingRun:
         self.total_params = total_count(model)
         self.blas = blas.active()
         self.memory_estimate = self._estimate_memory()
+        self.memory_limit = gpu_memory_limit(self.memory_estimate, t.memory_limit_gb)
+        if self.memory_limit is not None:
+            mx.set_memory_limit(self.memory_limit)
 
         # Data position and run history (a resume overwrites them from the checkpoint).
         self.epoch, self.pos = 0, 0
@@ -339,7 +343,7 @@ class TrainingRun:
         from mlx.utils import tree_flatten
 
         from engine.batches import PAD_MULTIPLE
-        from engine.memory import ModelShape, available_bytes, estimate_step_memory
+        from engine.memory import ModelShape, available_bytes, estimate_step_memory, fused_attention
         try:
             shape = ModelShape.of(self.model)
         except AttributeError:  # an architecture without the usual ModelArgs: no estimate
@@ -350,7 +354,7 @@ class TrainingRun:
         weights = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         act_bytes = 4 if self.info.dtype == "float32" else 2
         estimate = estimate_step_memory(shape, weights, self.trainable, t.batch_size, length, trained,
-                                        t.grad_checkpoint, act_bytes)
+                                        t.grad_checkpoint, act_bytes, fused_attention())
         available = available_bytes()
         if estimate.total > available:
             self.warn(f"memory: a step on the longest batch ({t.batch_size} x {length} tokens) is estimated to "
