@@ -1,0 +1,111 @@
+"""engine/lean.py's backward passes train exactly as mlx-lm's layers do, on the embedded model with the
+default LoRA (dropout included), and a training step takes less memory with them; the GPU memory limit
+follows training.memory_limit_gb."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from engine.adapters import apply_lora
+from engine.config import Config
+from engine.lean import LeanLoRALinear, LeanSwiGLUMLP
+from engine.memory import MemoryEstimate, gpu_memory_limit
+from engine.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _loss_and_grads(lean: bool, train: bool = True):
+    cfg = Config()  # the default LoRA: rank 8 on q_proj and v_proj, dropout 0.05
+    model, _, _ = load_model(cfg.model)
+    mx.random.seed(0)
+    apply_lora(model, cfg.lora, lean=lean)
+    for _, p in tree_flatten(model.trainable_parameters()):  # non-zero B, so every gradient path is used
+        p[...] = mx.random.normal(p.shape) * 0.02
+    model.train(train)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 40000, (2, 65)), dtype=mx.int32)
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    mx.random.seed(1)  # the same dropout masks for both
+    value, grads = nn.value_and_grad(model, loss)(model)
+    return model, value.item(), dict(tree_flatten(grads))
+
+
+def test_same_loss_and_gradients_as_mlx_lm_layers_with_dropout(embedded_dir):
+    model, l_lean, g_lean = _loss_and_grads(lean=True)
+    assert any(type(m) is LeanLoRALinear for _, m in model.named_modules())
+    assert any(isinstance(m, LeanSwiGLUMLP) for _, m in model.named_modules())
+    _, l_stock, g_stock = _loss_and_grads(lean=False)
+    assert g_lean.keys() == g_stock.keys() and len(g_lean) > 0
+    assert abs(l_lean - l_stock) < 1e-5 * abs(l_stock)
+    for k in g_stock:
+        scale = mx.abs(g_stock[k]).max().item()
+        assert scale > 0, k
+        assert mx.abs(g_lean[k] - g_stock[k]).max().item() < 1e-4 * scale, k
+
+
+def test_inference_and_parameter_names_are_unchanged(embedded_dir):
+    lean, _, _ = _loss_and_grads(lean=True, train=False)
+    stock, _, _ = _loss_and_grads(lean=False, train=False)
+    assert all(isinstance(m, LoRALinear) for _, m in lean.named_modules() if type(m) is LeanLoRALinear)
+    assert sorted(k for k, _ in tree_flatten(lean.parameters())) == sorted(k for k, _ in tree_flatten(stock.parameters()))
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    assert mx.allclose(lean(tokens), stock(tokens), atol=1e-5).item()
+
+
+# In a process of its own, so that no other test's arrays count towards the peak.
+MEASURE = """
+import json
+import numpy as np
+import engine
+import mlx.core as mx, mlx.optimizers as optim
+from engine.adapters import apply_lora
+from engine.config import Config
+from engine.evaluate import loss_inputs
+from engine.model import load_model
+from engine.train import accumulate_gradients, apply_update, build_micro_step
+cfg = Config()
+model, _, _ = load_model(cfg.model)
+apply_lora(model, cfg.lora, lean={lean})
+model.train()
+opt = optim.AdamW(learning_rate=1e-4)
+step = build_micro_step(model, opt)
+tokens = np.random.default_rng(0).integers(0, 40000, (2, 513)).astype(np.int32)
+batch = loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((2, 512), bool))
+base = mx.get_active_memory()
+for _ in range(2):
+    grads, loss = accumulate_gradients(step, iter([batch]))
+    apply_update(model, opt, grads)
+    mx.eval(loss, model.parameters(), opt.state)
+print(json.dumps({{"peak": mx.get_peak_memory() - base}}))
+"""
+
+
+def test_a_training_step_takes_less_memory(embedded_dir):
+    peaks = {}
+    for lean in (False, True):
+        r = subprocess.run([sys.executable, "-c", MEASURE.format(lean=lean)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[lean] = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+    print(f"step memory above the weights: stock {peaks[False] / 1e9:.2f} GB, lean {peaks[True] / 1e9:.2f} GB")
+    assert peaks[True] < 0.9 * peaks[False]  # 0.84x measured: the logits and attention probabilities stay
+
+
+def test_gpu_memory_limit_follows_the_config(monkeypatch):
+    estimate = MemoryEstimate(weights=10_000_000_000, adapters=0, activations=10_000_000_000, attention=0, logits=0)
+    assert gpu_memory_limit(estimate, 0.0) is None  # on this CPU: MLX's default stays
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # no GPU here: pretend, for the arithmetic
+    assert gpu_memory_limit(estimate, 0.0) == pytest.approx(23e9)
+    assert gpu_memory_limit(estimate, 30.0) == 30_000_000_000
+    assert gpu_memory_limit(None, 0.0) is None
