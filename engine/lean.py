@@ -40,7 +40,7 @@ def _swiglu_vjp(primals, cotangent, output):
 def lora_branch(keep: float, scale: float):
     """f(x, lora_a, lora_b, mask) = scale * dropout(x) @ lora_a @ lora_b in x's dtype, saving only its inputs.
 
-    `mask` is nn.Dropout's own Bernoulli draw (bool, a quarter of a bf16 copy), so the random stream and the
+    `mask` is nn.Dropout's own Bernoulli draw (bool: one byte a value), so the random stream and the
     result are exactly mlx-lm's."""
 
     def dropped(x, mask):
@@ -96,7 +96,10 @@ def lean_autograd(model: nn.Module) -> int:
         if type(module) is LoRALinear:
             module.__class__ = LeanLoRALinear  # only __call__ differs: isinstance checks and weights unchanged
             n += 1
-    for layer in getattr(model, "layers", []):
+    layers = list(getattr(model, "layers", []))
+    adapted = [i for i, layer in enumerate(layers)
+               if any(isinstance(m, LeanLoRALinear) for _, m in layer.named_modules())]
+    for layer in layers[adapted[0]:] if adapted else []:  # blocks below the first adapter have no backward pass
         mlp = getattr(layer, "mlp", None)
         if type(mlp).__module__ in _SWIGLU_MLP_MODULES and type(mlp).__name__ == "MLP":
             layer.mlp = LeanSwiGLUMLP(mlp)
