@@ -128,11 +128,10 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
-        clip_gradients
-
     from engine.adapters import trainable_count
     from engine.memory import ModelShape, estimate_step_memory, fused_attention, gpu_memory_limit
+    from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
+        clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,

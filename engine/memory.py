@@ -90,7 +90,7 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     """The memory limit to give MLX on a GPU (bytes), or None to leave MLX's default.
 
     A GPU backend queues work ahead of the device, and queued work holds its temporaries until it has run:
-    at Mistral-7B shapes that was ~10 GB above what the step needs (bench/RESULTS.md). Over its memory limit
+    at Mistral-7B shapes that was ~7 GB above what the step needs (bench/RESULTS.md). Over its memory limit
     MLX waits for queued work to finish before queuing more, so a limit near the step's real need removes
     that excess; a limit set too low costs speed, never a failed step."""
     import mlx.core as mx

@@ -179,8 +179,7 @@ class EngineWorker:
         key = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base, adapter)
         if self._chat is None or self._chat.key != key:
             self._chat = None
-            from engine.decoding import load_for_chat
-            from engine.decoding import PromptCache
+            from engine.decoding import PromptCache, load_for_chat
             model, tok, _ = load_for_chat(cfg, adapter)
             self._chat = _ChatModel(key, model, tok, PromptCache())
         return self._chat

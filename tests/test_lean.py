@@ -23,7 +23,7 @@ from engine.model import load_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _loss_and_grads(lean: bool, train: bool = True):
+def _adapted_model(lean: bool, train: bool):
     cfg = Config()  # the default LoRA: rank 8 on q_proj and v_proj, dropout 0.05
     model, _, _ = load_model(cfg.model)
     mx.random.seed(0)
@@ -31,6 +31,11 @@ def _loss_and_grads(lean: bool, train: bool = True):
     for _, p in tree_flatten(model.trainable_parameters()):  # non-zero B, so every gradient path is used
         p[...] = mx.random.normal(p.shape) * 0.02
     model.train(train)
+    return model
+
+
+def _loss_and_grads(lean: bool):
+    model = _adapted_model(lean, train=True)
     tokens = mx.array(np.random.default_rng(0).integers(0, 40000, (2, 65)), dtype=mx.int32)
 
     def loss(m):
@@ -55,8 +60,8 @@ def test_same_loss_and_gradients_as_mlx_lm_layers_with_dropout(embedded_dir):
 
 
 def test_inference_and_parameter_names_are_unchanged(embedded_dir):
-    lean, _, _ = _loss_and_grads(lean=True, train=False)
-    stock, _, _ = _loss_and_grads(lean=False, train=False)
+    lean = _adapted_model(lean=True, train=False)
+    stock = _adapted_model(lean=False, train=False)
     assert all(isinstance(m, LoRALinear) for _, m in lean.named_modules() if type(m) is LeanLoRALinear)
     assert sorted(k for k, _ in tree_flatten(lean.parameters())) == sorted(k for k, _ in tree_flatten(stock.parameters()))
     tokens = mx.array([[1, 2, 3, 4, 5]])

@@ -2,9 +2,9 @@
 QuantizedLinear on a real model (the embedded one, kept 4-bit), and keeps the base frozen."""
 
 import mlx.core as mx
-import pytest
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from engine.adapters import apply_lora
