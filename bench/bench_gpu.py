@@ -9,10 +9,11 @@ MLX CUDA and mlx-lm into /tmp/site):
 Every variant runs in its own process (clean peak memory), one after another:
   matmul peak   bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
-                positions), accumulate_gradients, clip_gradients, apply_update: the functions TrainingRun uses
+                positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/memory.py gpu_memory_limit;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
-  mlx-stock     neither limit nor engine/lean.py's backward passes (plain autograd): the engine before them
+  mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
+  mlx-stock     neither limit nor engine/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
   mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in float32; engine/qlora.py's
                 layers dequantize each weight just before its bf16 matmul, forward and backward
@@ -123,15 +124,15 @@ def random_batch():
 
 
 def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: bool = True,
-             queue_limit: bool = True) -> dict:
+             queue_limit: bool = True, compiled_update: bool = True) -> dict:
     model = build_model(SHAPE["layers"], bits, dense_forward=dense_forward, lean=lean)
     import mlx.core as mx
     import mlx.optimizers as optim
 
     from engine.adapters import trainable_count
     from engine.memory import ModelShape, estimate_step_memory, fused_attention, gpu_memory_limit
-    from engine.train import accumulate_gradients, apply_update, build_micro_step, checkpointed_layers, \
-        clip_gradients
+    from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update, \
+        checkpointed_layers, clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
@@ -146,11 +147,16 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
 
     with checkpointed_layers(model, ckpt):
         micro_step = build_micro_step(model, optimizer)
+        update = build_update(model, optimizer)
 
         def step():
             grads, loss = accumulate_gradients(micro_step, [batch])
-            grads, norm = clip_gradients(grads, 1.0)
-            apply_update(model, optimizer, grads)
+            if compiled_update:
+                grads, norm = clip_gradients(grads, 1.0)
+                update(grads)
+            else:  # what the engine did before: clipping and the optimizer op by op
+                grads, norm = optim.clip_grad_norm(grads, 1.0)
+                apply_update(model, optimizer, grads)
             return loss.item()
 
         for _ in range(WARMUP):
@@ -217,6 +223,7 @@ VARIANTS = {
     "peak": matmul_peak,
     "mlx": lambda: mlx_step(False, None),
     "mlx-nolimit": lambda: mlx_step(False, None, queue_limit=False),
+    "mlx-eager": lambda: mlx_step(False, None, compiled_update=False),
     "mlx-stock": lambda: mlx_step(False, None, lean=False, queue_limit=False),
     "mlx+ckpt": lambda: mlx_step(True, None),
     "mlx-4bit": lambda: mlx_step(False, 4),
@@ -243,19 +250,24 @@ def main() -> None:
     ap.add_argument("--variant", help="run one variant in this process and print its JSON")
     ap.add_argument("--only", nargs="*", default=list(VARIANTS))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="run the list this many times, interleaved; report medians")
     args = ap.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(VARIANTS[args.variant]()), flush=True)
         return
 
-    results = {}
-    for name in args.only:
+    results, runs = {}, {}
+    for name in [n for i in range(args.repeat) for n in args.only if i == 0 or n != "peak"]:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--variant", name], capture_output=True, text=True,
                               timeout=240)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        results[name] = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
-        print(f"{name}: {results[name]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
+        print(f"{name}: {r}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        runs.setdefault(name, []).append(r)
+    for name, rs in runs.items():  # the run with the median speed stands for the variant; all are kept
+        ok = sorted((r for r in rs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+        results[name] = dict(ok[len(ok) // 2], runs_tokens_per_s=[r["tokens_per_s"] for r in ok]) if ok else rs[-1]
 
     peak = results.get("peak", {}).get("mlx_tflops")
     fpt = flops_per_token()

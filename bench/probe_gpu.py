@@ -67,6 +67,78 @@ def probe_sdpa() -> dict:
     return out
 
 
+TIMED_STEPS = 8
+
+
+def _timed(fn, *args, n=10):
+    """(ms per call, GB above what was live before) of an evaluated call."""
+    import mlx.core as mx
+    base = mx.get_active_memory()
+    for _ in range(2):
+        mx.eval(fn(*args))
+    mx.synchronize()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        mx.eval(fn(*args))
+    mx.synchronize()
+    return dict(ms=round((time.perf_counter() - t0) / n * 1e3, 3), extra_gb=round((mx.get_peak_memory() - base) / 1e9, 3))
+
+
+def probe_ops() -> dict:
+    """The step's pieces alone at the bench shape: dropout masks, the LoRA branch, the loss, the matmuls."""
+    import mlx.core as mx
+    from engine import lean
+    out = {}
+    d, m, v, tokens = SHAPE["hidden"], SHAPE["mlp"], SHAPE["vocab"], BATCH * SEQ
+    x = mx.random.normal((BATCH, SEQ, d)).astype(mx.bfloat16)
+    mx.eval(x)
+    out["mask_bernoulli"] = _timed(lambda: mx.random.bernoulli(0.95, x.shape))
+    out["mask_bernoulli16"] = _timed(lambda: mx.random.bernoulli(mx.array(0.95, mx.float16), x.shape))
+    try:
+        from engine.philox import philox_mask
+        out["mask_philox"] = _timed(lambda: philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,)), x, 0.95))
+        seed = mx.array([12345, 678], dtype=mx.int32)
+        big = philox_mask(seed, x, 0.95)
+        out["philox_check"] = dict(mean_keep=big.astype(mx.float32).mean().item(),
+                                   other_seed_differs=(philox_mask(seed + 1, x, 0.95) != big).any().item())
+    except Exception as e:  # noqa: BLE001  (reported; the other pieces are still timed)
+        out["philox_error"] = str(e)[-600:]
+    a = (mx.random.normal((d, 16)) * 0.01)
+    b = mx.random.normal((16, d)) * 0.01
+    mask = mx.random.bernoulli(0.95, x.shape)
+    w = mx.random.normal(x.shape).astype(mx.bfloat16)
+    mx.eval(a, b, mask, w)
+    for name, in_dtype in (("lora_f32", False), ("lora_bf16", True)):
+        branch = lean.lora_branch(0.95, 2.0, in_dtype)
+        g = mx.compile(mx.value_and_grad(lambda x, a, b: (branch(x, a, b, mask) * w).astype(mx.float32).sum(),
+                                         argnums=(0, 1, 2)))
+        out[name] = _timed(g, x, a, b)
+    logits = mx.random.normal((tokens, v)).astype(mx.bfloat16)
+    targets = mx.random.randint(0, v, (tokens,))
+    mx.eval(logits, targets)
+    import mlx.nn as nn
+    out["ce_plain"] = _timed(mx.compile(mx.value_and_grad(
+        lambda l: nn.losses.cross_entropy(l.astype(mx.float32), targets).sum())), logits)
+    out["ce_fused"] = _timed(mx.compile(mx.value_and_grad(
+        lambda l: mx.fast.cross_entropy(l, targets).sum())), logits)
+    h = x.reshape(tokens, d)
+    hm = mx.random.normal((tokens, m)).astype(mx.bfloat16)
+    mx.eval(hm)
+    for name, (n_out, inp) in {"q": (d, h), "k": (SHAPE["kv_heads"] * SHAPE["head_dim"], h), "gate": (m, h),
+                               "gate+up": (2 * m, h), "down": (d, hm)}.items():
+        wt = mx.random.normal((n_out, inp.shape[1])).astype(mx.bfloat16)
+        mx.eval(wt)
+        r = _timed(lambda: inp @ wt.T)
+        r["tflops"] = round(2 * tokens * n_out * inp.shape[1] / (r["ms"] / 1e3) / 1e12, 1)
+        gy = mx.random.normal((tokens, n_out)).astype(mx.bfloat16)
+        mx.eval(gy)
+        rb = _timed(lambda: gy @ wt)  # the backward pass to the input
+        r["bwd_tflops"] = round(2 * tokens * n_out * inp.shape[1] / (rb["ms"] / 1e3) / 1e12, 1)
+        out["matmul_" + name] = r
+    return out
+
+
 def _dequantizing_forward(group_size, bits):
     import mlx.core as mx
 
@@ -89,8 +161,14 @@ def probe_step(variant: str, layers: int) -> dict:
     import mlx.optimizers as optim
     from mlx_lm.models import llama
 
+    from engine import evaluate, lean, philox
     from engine.evaluate import masked_loss
-    from engine.train import accumulate_gradients, apply_update, build_micro_step
+    from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update
+
+    evaluate.FUSED_CE = variant not in ("unfusedce", "old")
+    lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
+    lean.FUSE_GATE_UP = variant not in ("nofuse", "old")
+    philox.MASKS = {"bernoulli": "bernoulli", "old": "bernoulli", "bern16": "bernoulli16"}.get(variant, "philox")
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q
@@ -120,9 +198,14 @@ def probe_step(variant: str, layers: int) -> dict:
     else:
         micro_step = build_micro_step(model, optimizer)  # compiled lazily, at the first call
 
+    update = build_update(model, optimizer)
+
     def step():
         grads, loss = accumulate_gradients(micro_step, [batch])
-        apply_update(model, optimizer, grads)
+        if variant == "eagerupdate":
+            apply_update(model, optimizer, grads)
+        else:
+            update(grads)
         return loss.item()
 
     for _ in range(2):
@@ -130,10 +213,10 @@ def probe_step(variant: str, layers: int) -> dict:
     mx.synchronize()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    for _ in range(4):
+    for _ in range(TIMED_STEPS):
         step()
     mx.synchronize()
-    return dict(step_ms=(time.perf_counter() - t0) / 4 * 1e3, weights_gb=weights / 1e9,
+    return dict(step_ms=(time.perf_counter() - t0) / TIMED_STEPS * 1e3, weights_gb=weights / 1e9,
                 peak_gb=mx.get_peak_memory() / 1e9, act_gb=(mx.get_peak_memory() - weights) / 1e9)
 
 
@@ -141,31 +224,45 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe")
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--depths", nargs=2, type=int, default=[2, 6])
+    ap.add_argument("--depths", nargs="+", type=int, default=[2, 6])
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="run the step probes this many times, interleaved")
+    ap.add_argument("--ops", action="store_true", help="also time the step's pieces alone")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.probe:
-        if a.probe == "sdpa":
-            r = probe_sdpa()
+        if a.probe in ("sdpa", "ops"):
+            r = probe_sdpa() if a.probe == "sdpa" else probe_ops()
         else:
             v, layers = a.probe.split("@")
             r = probe_step(v, int(layers))
         print("RESULT " + json.dumps(r), flush=True)
         return
     variants = a.only or ["base", "stock", "nocompile", "nodropout", "noattn", "nomlp", "fused", "4bit", "4bit-fwd", "4bit-dep"]
-    probes = ["sdpa"] + [f"{v}@{d}" for v in variants for d in a.depths]
+    probes = ([] if a.no_sdpa else ["sdpa"]) + (["ops"] if a.ops else []) + [f"{v}@{d}" for _ in range(a.repeat) for v in variants for d in a.depths]
     results = {}
     for p in probes:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--probe", p], capture_output=True, text=True, timeout=180)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        results[p] = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-400:]}
-        print(f"{p}: {results[p]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    lo, hi = a.depths
-    print(f"\nper layer (slope between {lo} and {hi} layers):")
+        r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-400:]}
+        print(f"{p}: {r} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if p in results and "step_ms" in r:  # a repeat: keep every time, and the median as step_ms
+            runs = results[p].setdefault("runs_ms", [results[p]["step_ms"]]) + [r["step_ms"]]
+            results[p]["runs_ms"] = runs
+            results[p]["step_ms"] = sorted(runs)[len(runs) // 2]
+        else:
+            results[p] = r
+    if a.repeat > 1:
+        for p, r in results.items():
+            if "runs_ms" in r:
+                print(f"{p}: median {r['step_ms']:.1f} ms of {', '.join(f'{x:.1f}' for x in r['runs_ms'])}")
+    lo, hi = a.depths[0], a.depths[-1]
+    if lo != hi:
+        print(f"\nper layer (slope between {lo} and {hi} layers):")
     for v in variants:
         r0, r1 = results.get(f"{v}@{lo}", {}), results.get(f"{v}@{hi}", {})
-        if "act_gb" in r0 and "act_gb" in r1:
+        if lo != hi and "act_gb" in r0 and "act_gb" in r1:
             print(f"  {v:<10} activations {(r1['act_gb'] - r0['act_gb']) / (hi - lo) * 1e3:7.0f} MB/layer  "
                   f"time {(r1['step_ms'] - r0['step_ms']) / (hi - lo):6.1f} ms/layer  "
                   f"(fixed {r0['act_gb'] - lo * (r1['act_gb'] - r0['act_gb']) / (hi - lo):5.2f} GB)")

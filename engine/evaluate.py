@@ -29,6 +29,13 @@ def split_head(model):
     return model.lm_head
 
 
+FUSED_CE = True
+
+
+def on_gpu() -> bool:
+    return mx.default_device() == mx.gpu
+
+
 def masked_loss(model, inputs, targets, positions, weights):
     """(sum of cross-entropies over the trained targets, their count).
 
@@ -45,7 +52,10 @@ def masked_loss(model, inputs, targets, positions, weights):
     else:
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[positions]
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets) * weights
+    if FUSED_CE:
+        ce = mx.fast.cross_entropy(logits if on_gpu() else logits.astype(mx.float32), flat_targets) * weights
+    else:
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets) * weights
     return ce.sum(), weights.sum()
 
 

@@ -7,9 +7,11 @@ Plain autograd keeps, per transformer block, more than the backward pass needs:
   arrays where two suffice.
 Two custom VJPs keep only what is needed: the adapter keeps the layer input itself (one array, shared by
 every adapter reading it) and its boolean dropout mask, and redoes the cheap low-rank products in the
-backward pass; the SwiGLU keeps gate and up and recomputes the sigmoid. Each backward computation is tied with `mx.depends` to the
-incoming gradient, so the scheduler cannot run it early and hold its result (the trap qlora.py describes).
-Measured per block: bench/RESULTS.md.
+backward pass; the SwiGLU keeps gate and up and recomputes the sigmoid. Each backward computation is tied
+with `mx.depends` to the incoming gradient, so the scheduler cannot run it early and hold its result (the
+trap qlora.py describes). Two more savings in time: where the activations are 16-bit, the low-rank products
+run in that dtype (the adapters and their gradients stay float32), and frozen gate and up projections run as
+one matmul. Dropout masks come from engine/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.lora import LoRALinear
+
+from engine.philox import dropout_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
@@ -37,23 +41,72 @@ def _swiglu_vjp(primals, cotangent, output):
     return cotangent * up * (sig + silu * (1 - sig)), cotangent * silu
 
 
-def lora_branch(keep: float, scale: float):
+# Switches for bench/probe_gpu.py's comparisons. LORA_IN_INPUT_DTYPE: the low-rank products run in the
+# activations' dtype (bf16 on a GPU, as Unsloth does); the adapters, their gradients and the optimizer stay
+# float32. FUSE_GATE_UP: see LeanSwiGLUMLP.
+LORA_IN_INPUT_DTYPE = True
+FUSE_GATE_UP = True
+
+
+@mx.custom_function
+def swiglu_pair(gate_up):
+    """swiglu over the two halves of one (..., 2 x width) array: the fused gate + up projection's output."""
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return stock_swiglu(gate, up)
+
+
+@swiglu_pair.vjp
+def _swiglu_pair_vjp(primals, cotangent, output):
+    # The gradient is written straight into one (..., 2, width) array, gate rows then up rows, by broadcast
+    # element-wise ops (one fused kernel under mx.compile), not as two halves concatenated afterwards.
+    gate_up = mx.depends(primals, cotangent)  # a one-argument function gets its primal as is
+    pair = gate_up.reshape(*gate_up.shape[:-1], 2, -1)
+    gate, up, c = pair[..., :1, :], pair[..., 1:, :], cotangent[..., None, :]
+    sig = mx.sigmoid(gate)
+    silu = gate * sig
+    is_gate = (mx.arange(2) == 0).reshape(2, 1)
+    grad = mx.where(is_gate, c * up * (sig + silu * (1 - sig)), c * silu)
+    return grad.reshape(gate_up.shape)
+
+
+def fuse_rows(*layers: nn.Module) -> mx.array | None:
+    """One weight for several bias-free Linear layers reading the same input, stacked by rows; each layer's
+    weight becomes a view into it (no extra memory). None if any layer is not a plain bias-free nn.Linear."""
+    if any(type(layer) is not nn.Linear or "bias" in layer for layer in layers):
+        return None
+    fused = mx.concatenate([layer.weight for layer in layers], axis=0)
+    mx.eval(fused)
+    start = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = fused[start:start + rows]  # a slice of a row-contiguous array shares its buffer
+        start += rows
+    mx.eval([layer.weight for layer in layers])
+    return fused
+
+
+def lora_branch(keep: float, scale: float, in_input_dtype: bool = False):
     """f(x, lora_a, lora_b, mask) = scale * dropout(x) @ lora_a @ lora_b in x's dtype, saving only its inputs.
 
-    `mask` is nn.Dropout's own Bernoulli draw (bool: one byte a value), so the random stream and the
-    result are exactly mlx-lm's."""
+    `mask` is the dropout draw (bool: one byte a value); off CUDA it is nn.Dropout's own Bernoulli draw, so
+    the random stream and the result are exactly mlx-lm's."""
 
     def dropped(x, mask):
         return x if keep >= 1.0 else (mask * x) * (1 / keep)
 
+    def factors(x, a, b):
+        return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
+
     @mx.custom_function
     def branch(x, a, b, mask):
+        a, b = factors(x, a, b)
         return (scale * ((dropped(x, mask) @ a) @ b)).astype(x.dtype)
 
     @branch.vjp
     def branch_vjp(primals, cotangent, output):
-        x, a, b, mask = primals
+        x, a32, b32, mask = primals
         x = mx.depends(x, cotangent)
+        a, b = factors(x, a32, b32)
         xd = dropped(x, mask)
         g = cotangent.astype(a.dtype) * scale
         gb = g @ b.T
@@ -61,7 +114,7 @@ def lora_branch(keep: float, scale: float):
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         da = flat(xd).T @ flat(gb)
         db = flat(xd @ a).T @ flat(g)
-        return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), mx.zeros_like(mask)
+        return dx.astype(x.dtype), da.astype(a32.dtype), db.astype(b32.dtype), mx.zeros_like(mask)
 
     return branch
 
@@ -73,20 +126,29 @@ class LeanLoRALinear(LoRALinear):
         keep = self.dropout._p_1  # nn.Dropout keeps 1 - p there
         if not self.training:
             return super().__call__(x)
-        mask = mx.random.bernoulli(keep, x.shape) if keep < 1.0 else mx.array(True)
-        return self.linear(x) + lora_branch(keep, self.scale)(x, self.lora_a, self.lora_b, mask)
+        mask = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
+        branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE)
+        return self.linear(x) + branch(x, self.lora_a, self.lora_b, mask)
 
 
 class LeanSwiGLUMLP(nn.Module):
-    """The llama-family MLP with the lean SwiGLU; same child names, so the same parameter paths."""
+    """The llama-family MLP with the lean SwiGLU; same child names, so the same parameter paths.
 
-    def __init__(self, mlp: nn.Module):
+    Where gate and up are frozen bias-free Linears, training runs them as one matmul over a fused weight
+    (`_gate_up`, outside the parameter tree; the two layers' weights are views into it): one wider matmul
+    runs nearer the GPU's peak, and the backward pass needs one matmul to the input instead of two + an add."""
+
+    def __init__(self, mlp: nn.Module, fuse: bool = True):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self._gate_up = fuse_rows(self.gate_proj, self.up_proj) if fuse and FUSE_GATE_UP else None
 
     def __call__(self, x):
-        act = swiglu if self.training else stock_swiglu
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        if not self.training:
+            return self.down_proj(stock_swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self._gate_up is not None:
+            return self.down_proj(swiglu_pair(x @ self._gate_up.T))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def lean_autograd(model: nn.Module) -> int:

@@ -219,6 +219,40 @@ def test_schedule_warmup_then_cosine():
     assert lrs[-1] < 1e-4 and math.isfinite(lrs[-1])
 
 
+def test_compiled_update_and_clip_equal_the_step_by_step_ones():
+    # The training loop runs the optimizer update and the gradient clipping compiled (fused kernels).
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
+
+    from engine.train import apply_update, build_update, clip_gradients
+
+    def train(compiled):
+        mx.random.seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+        model.layers[0].freeze()
+        opt = optim.AdamW(learning_rate=optim.cosine_decay(1e-2, 10), weight_decay=0.01)
+        opt.init(model.trainable_parameters())
+        update = build_update(model, opt) if compiled else (lambda g: apply_update(model, opt, g))
+        norms = []
+        for i in range(3):
+            grads = tree_map(lambda p: mx.random.normal(p.shape) * (i + 1), model.trainable_parameters())
+            if compiled:
+                grads, norm = clip_gradients(grads, 1.0)
+            else:
+                grads, norm = optim.clip_grad_norm(grads, 1.0)
+            norms.append(norm.item())
+            update(grads)
+        return dict(tree_flatten(model.parameters())), norms, opt.learning_rate.item()
+
+    (eager, eager_norms, eager_lr), (fused, fused_norms, fused_lr) = train(False), train(True)
+    assert fused_norms == pytest.approx(eager_norms, rel=1e-6) and fused_lr == pytest.approx(eager_lr)
+    assert eager.keys() == fused.keys()
+    for k in eager:
+        assert mx.allclose(eager[k], fused[k], rtol=1e-6, atol=1e-7).item(), k
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_every_schedule_trains_without_warmup(schedule, tiny_data, tmp_path):
     # A constant schedule without warmup once crashed in the optimizer's first update.

@@ -1,0 +1,80 @@
+"""Dropout masks on CUDA from Philox-4x32-10, the counter-based generator cuRAND and PyTorch's dropout use.
+
+MLX draws a dropout mask as a float32 uniform per value (threefry), then compares it with the keep
+probability: at Mistral-7B shapes, 64 masks a step of 16.8M values each. On CUDA one kernel can hash
+(seed, index) straight into the boolean mask instead, four values per Philox call. The seed comes from
+MLX's random state, so `mx.random.seed` still makes a run repeatable and a compiled step still threads the
+state. Elsewhere (CPU, Metal) the mask is MLX's `bernoulli`: exactly mlx-lm's stream. Measured:
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+_HEADER = r"""
+__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
+  #pragma unroll
+  for (int i = 0; i < 10; ++i) {
+    unsigned int hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    unsigned int hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+    k.x += 0x9E3779B9u;
+    k.y += 0xBB67AE85u;
+  }
+  return c;
+}
+"""
+
+# One thread per four values. `like` is an input only for its shape, and so that a mask is made when the
+# array it masks exists (not all at the start of the step, where the scheduler would hold every mask).
+_SOURCE = r"""
+  long long n = 1;
+  for (int i = 0; i < like_ndim; ++i) n *= like_shape[i];
+  long long t = cg::this_grid().thread_rank();
+  if (t * 4 >= n) return;
+  uint4 r = philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
+                          make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
+  unsigned int v[4] = {r.x, r.y, r.z, r.w};
+  if (t * 4 + 3 < n) {  // four bools in one 32-bit store (the buffer is allocator-aligned)
+    unsigned int packed = 0;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) packed |= (unsigned int)((int)(v[j] >> 8) < THRESHOLD) << (8 * j);
+    reinterpret_cast<unsigned int*>(mask)[t] = packed;
+  } else {
+    for (int j = 0; t * 4 + j < n; ++j) mask[t * 4 + j] = (int)(v[j] >> 8) < THRESHOLD;
+  }
+"""
+
+_kernel = None
+MASKS = "philox"  # "philox" | "bernoulli16" | "bernoulli": how CUDA draws masks (bench/probe_gpu.py compares)
+
+
+def on_cuda() -> bool:
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def keep_threshold(keep: float) -> int:
+    """The 24-bit threshold: a value is kept when the top 24 bits of its random word fall below it."""
+    return min(1 << 24, max(0, round(keep * (1 << 24))))
+
+
+def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
+    """Boolean mask shaped like `like`, True with probability `keep`; `seed` holds two int32 (CUDA only)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(name="lora_tui_philox_mask", input_names=["seed", "like"],
+                                      output_names=["mask"], source=_SOURCE, header=_HEADER)
+    like = mx.stop_gradient(like)  # a custom kernel has no VJP, and the mask needs none
+    return _kernel(inputs=[seed.astype(mx.int32), like], template=[("THRESHOLD", keep_threshold(keep))],
+                   grid=(max(1, -(-like.size // 4)), 1, 1), threadgroup=(256, 1, 1),
+                   output_shapes=[like.shape], output_dtypes=[mx.bool_])[0]
+
+
+def dropout_mask(keep: float, like: mx.array) -> mx.array:
+    """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
+    if on_cuda() and MASKS == "philox":
+        return philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,)), like, keep)
+    if on_cuda() and MASKS == "bernoulli16":
+        return mx.random.bernoulli(mx.array(keep, dtype=mx.float16), like.shape)
+    return mx.random.bernoulli(keep, like.shape)

@@ -1,0 +1,50 @@
+"""engine/philox.py: the CUDA dropout masks are Philox-4x32-10 (checked against Random123's published
+answers through a host implementation), and off CUDA the mask is mlx-lm's own draw."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from engine.philox import dropout_mask, keep_threshold, on_cuda, philox_mask
+
+FULL = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Random123's Philox-4x32-10 on the host: 10 rounds of two 32x32->64 multiplies and a key bump."""
+    c, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & FULL, (p0 >> 32) ^ c[3] ^ k[1], p0 & FULL]
+        k = [(k[0] + 0x9E3779B9) & FULL, (k[1] + 0xBB67AE85) & FULL]
+    return c
+
+
+def test_host_philox_gives_random123s_known_answers():
+    assert philox4x32_10([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert philox4x32_10([FULL] * 4, [FULL, FULL]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_off_cuda_the_mask_is_mlx_lm_dropouts_own_draw():
+    x = mx.ones((4, 33))
+    mx.random.seed(3)
+    mask = dropout_mask(0.9, x)
+    mx.random.seed(3)
+    dropped = nn.Dropout(0.1)(x)  # nn.Dropout scales the kept values by 1/0.9
+    assert mx.array_equal(mask, dropped != 0).item()
+    assert keep_threshold(0.95) == round(0.95 * 2 ** 24) and keep_threshold(1.0) == 2 ** 24
+
+
+@pytest.mark.skipif(not on_cuda(), reason="the kernel runs on CUDA only (bench/probe_gpu.py runs it there)")
+def test_cuda_kernel_matches_the_host_philox_and_keeps_the_right_share():
+    seed = mx.array([12345, 678], dtype=mx.int32)
+    like = mx.zeros((3, 111))  # 333 values: 83 full words of four and one partial
+    got = np.array(philox_mask(seed, like, 0.5)).reshape(-1)
+    want = [(w >> 8) < keep_threshold(0.5) for t in range(84) for w in philox4x32_10([t, 0, 0, 0], [12345, 678])]
+    assert (got == np.array(want[:333])).all()
+    big = philox_mask(seed, mx.zeros((2, 2048, 4096), dtype=mx.bfloat16), 0.95)
+    assert abs(big.astype(mx.float32).mean().item() - 0.95) < 1e-3
+    assert (philox_mask(seed + 1, like, 0.5) != philox_mask(seed, like, 0.5)).any().item()
