@@ -6,12 +6,19 @@
 Every probe runs in its own process. Per-layer activation memory is the slope of (peak - weights) between
 two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes:
   sdpa            attention alone at the bench shape under value_and_grad: MLX's default, force_fused, and
-                  the plain matmul-softmax-matmul, peak memory above the inputs
-  <variant>@<L>   the engine's step (compiled micro_step) on an L-layer model, with one thing changed:
-                  base (the engine's step, lean autograd included), stock (plain autograd), nocompile, nodropout, noattn (attention output = queries), nomlp (MLP = identity),
-                  fused (force_fused attention), 4bit (quantized forward, dequantized backward), 4bit-fwd
-                  (dequantize in the forward pass too, custom VJP), 4bit-dep (the same, each dequantize
-                  ordered after its input with mx.depends: what engine/qlora.py does)
+                  the plain matmul-softmax-matmul, peak memory above the inputs (--no-sdpa skips it)
+  ops             (--ops) the step's pieces alone at the bench shape: dropout masks, one LoRA adapter's
+                  forward + backward in float32 and bf16, the loss plain and fused, the layer matmuls
+  <variant>@<L>   the engine's step (compiled micro_step, compiled update) on an L-layer model, with one
+                  thing changed: base (the engine's step), stock (plain autograd), nocompile, nodropout,
+                  noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
+                  attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
+                  bernoulli (MLX's masks on CUDA), unfusedce (the plain loss), eagerupdate (optimizer op by
+                  op), old (f32lora + nofuse + bernoulli + unfusedce), 4bit (quantized forward, dequantized
+                  backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
+                  each dequantize ordered after its input with mx.depends: what engine/qlora.py does)
+--depths takes one depth (time only) or two (per-layer slopes); --repeat N runs the step probes N times,
+interleaved, and keeps the median.
 """
 
 from __future__ import annotations
@@ -167,8 +174,8 @@ def probe_step(variant: str, layers: int) -> dict:
 
     evaluate.FUSED_CE = variant not in ("unfusedce", "old")
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
-    lean.FUSE_GATE_UP = variant not in ("nofuse", "old")
-    philox.MASKS = {"bernoulli": "bernoulli", "old": "bernoulli", "bern16": "bernoulli16"}.get(variant, "philox")
+    lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
+    philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q

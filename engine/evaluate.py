@@ -14,6 +14,7 @@ import mlx.nn as nn
 from engine.batches import collate
 from engine.data import Example
 from engine.generate import GenerationSettings, reply
+from engine.model import on_gpu
 
 
 # Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).
@@ -29,11 +30,11 @@ def split_head(model):
     return model.lm_head
 
 
+# MLX's fused cross-entropy (float32 accumulation): on a GPU it reads the bf16 logits as they are, where
+# the plain loss made a float32 copy and kept its softmax (bench/RESULTS.md). False: the plain loss, for
+# bench/probe_gpu.py's comparison. On the CPU the fused op falls back to reducing in the logits' dtype, so
+# the logits are cast to float32 there first.
 FUSED_CE = True
-
-
-def on_gpu() -> bool:
-    return mx.default_device() == mx.gpu
 
 
 def masked_loss(model, inputs, targets, positions, weights):

@@ -30,6 +30,11 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
+def on_cuda() -> bool:
+    import mlx.core as mx
+    return on_gpu() and mx.cuda.is_available()
+
+
 def resolve_model_path(cfg: ModelConfig, progress: Callable[[str, float], None] | None = None) -> Path:
     """The local directory holding the model: imported, found on disk, or fetched from the hub."""
     name = cfg.name.strip()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from engine.model import on_cuda
+
 _HEADER = r"""
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
   #pragma unroll
@@ -47,11 +49,7 @@ _SOURCE = r"""
 """
 
 _kernel = None
-MASKS = "philox"  # "philox" | "bernoulli16" | "bernoulli": how CUDA draws masks (bench/probe_gpu.py compares)
-
-
-def on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+PHILOX_ON_CUDA = True  # False: MLX's bernoulli on CUDA too (bench/probe_gpu.py's comparison)
 
 
 def keep_threshold(keep: float) -> int:
@@ -73,8 +71,6 @@ def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
 
 def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
-    if on_cuda() and MASKS == "philox":
+    if PHILOX_ON_CUDA and on_cuda():
         return philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,)), like, keep)
-    if on_cuda() and MASKS == "bernoulli16":
-        return mx.random.bernoulli(mx.array(keep, dtype=mx.float16), like.shape)
     return mx.random.bernoulli(keep, like.shape)

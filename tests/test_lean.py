@@ -15,6 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from engine import lean
 from engine.adapters import apply_lora
 from engine.config import Config
 from engine.lean import LeanLoRALinear, LeanSwiGLUMLP
@@ -49,7 +50,8 @@ def _loss_and_grads(lean: bool, dtype=None):
     return model, value.item(), dict(tree_flatten(grads))
 
 
-def test_same_loss_and_gradients_as_mlx_lm_layers_with_dropout(embedded_dir):
+def test_same_loss_and_gradients_as_mlx_lm_layers_with_dropout(embedded_dir, monkeypatch):
+    monkeypatch.setattr(lean, "FUSE_GATE_UP", True)  # fused gate + up, as on CUDA (the default there only)
     model, l_lean, g_lean = _loss_and_grads(lean=True)
     assert any(type(m) is LeanLoRALinear for _, m in model.named_modules())
     assert any(isinstance(m, LeanSwiGLUMLP) and m._gate_up is not None for _, m in model.named_modules())
@@ -77,7 +79,8 @@ def test_in_bfloat16_gradients_are_as_accurate_as_mlx_lm_layers(embedded_dir):
     assert errors[True].max() < 1.25 * errors[False].max()
 
 
-def test_fused_projections_take_no_extra_memory(embedded_dir):
+def test_fused_projections_take_no_extra_memory(embedded_dir, monkeypatch):
+    monkeypatch.setattr(lean, "FUSE_GATE_UP", True)
     cfg = Config()
     model, _, _ = load_model(cfg.model)
     mx.eval(model.parameters())
@@ -109,6 +112,7 @@ import json
 import numpy as np
 import engine
 import mlx.core as mx, mlx.optimizers as optim
+from engine import lean
 from engine.adapters import apply_lora
 from engine.config import Config
 from engine.evaluate import loss_inputs
