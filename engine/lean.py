@@ -33,13 +33,17 @@ def swiglu(gate, up):
     return stock_swiglu(gate, up)
 
 
-@swiglu.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    gate, up = primals
-    gate = mx.depends(gate, cotangent)
+def _swiglu_grads(gate, up, cotangent):
+    """(d gate, d up) of silu(gate) * up, from gate and up alone (the sigmoid is recomputed)."""
     sig = mx.sigmoid(gate)
     silu = gate * sig
     return cotangent * up * (sig + silu * (1 - sig)), cotangent * silu
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    return _swiglu_grads(mx.depends(gate, cotangent), up, cotangent)
 
 
 # Switches for bench/probe_gpu.py's comparisons. LORA_IN_INPUT_DTYPE: the low-rank products run in the
@@ -63,12 +67,9 @@ def _swiglu_pair_vjp(primals, cotangent, output):
     # element-wise ops (one fused kernel under mx.compile), not as two halves concatenated afterwards.
     gate_up = mx.depends(primals, cotangent)  # a one-argument function gets its primal as is
     pair = gate_up.reshape(*gate_up.shape[:-1], 2, -1)
-    gate, up, c = pair[..., :1, :], pair[..., 1:, :], cotangent[..., None, :]
-    sig = mx.sigmoid(gate)
-    silu = gate * sig
+    d_gate, d_up = _swiglu_grads(pair[..., :1, :], pair[..., 1:, :], cotangent[..., None, :])
     is_gate = (mx.arange(2) == 0).reshape(2, 1)
-    grad = mx.where(is_gate, c * up * (sig + silu * (1 - sig)), c * silu)
-    return grad.reshape(gate_up.shape)
+    return mx.where(is_gate, d_gate, d_up).reshape(gate_up.shape)
 
 
 def fuse_rows(*layers: nn.Module) -> mx.array | None:

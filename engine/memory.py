@@ -82,8 +82,8 @@ QUEUE_HEADROOM = 1.15  # the automatic GPU memory limit, as a multiple of the st
 
 def fused_attention() -> bool:
     """Whether attention under autograd keeps no probabilities: MLX's CUDA backend (cuDNN, both passes)."""
-    import mlx.core as mx
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    from engine.model import on_cuda
+    return on_cuda()
 
 
 def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:
@@ -93,8 +93,8 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     at Mistral-7B shapes that was ~7 GB above what the step needs (bench/RESULTS.md). Over its memory limit
     MLX waits for queued work to finish before queuing more, so a limit near the step's real need removes
     that excess; a limit set too low costs speed, never a failed step."""
-    import mlx.core as mx
-    if mx.default_device() != mx.gpu:
+    from engine.model import on_gpu
+    if not on_gpu():
         return None
     if configured_gb > 0:
         return int(configured_gb * 1e9)
