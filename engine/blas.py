@@ -78,3 +78,30 @@ def preload() -> BlasInfo:
 
 def active() -> BlasInfo:
     return preload()
+
+
+# Each library's own call for its thread count; both take effect at once, also after the first matmul.
+_SET_THREADS = {"mkl": "MKL_Set_Num_Threads", "openblas": "openblas_set_num_threads"}
+
+
+def set_threads(n: int) -> bool:
+    """Cap the preloaded BLAS at n threads. Several ranks of one host each running a thread per core spin
+    against each other: two ranks on 2 cores took 4-27 s a step instead of 1.2 s. False where the BLAS
+    has no such call (the reference BLAS is single-threaded; Accelerate manages its own)."""
+    info = active()
+    setter = _SET_THREADS.get(info.name)
+    if setter is None or info.path is None:
+        return False
+    try:
+        getattr(ctypes.CDLL(info.path), setter)(ctypes.c_int(max(1, int(n))))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

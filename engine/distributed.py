@@ -21,6 +21,7 @@ class DistributedError(RuntimeError):
 
 
 MIN_WAIT = 30.0  # seconds a collective may always wait
+START_WAIT = 600.0  # until this rank has timed a step: ranks load, tokenize and compile at their own pace
 FIXED_WAIT = os.environ.get("LORA_TUI_DIST_TIMEOUT")  # seconds, instead of the step-time rule
 EXIT_LOST = 5  # lora-tui's exit code for a failed training run
 
@@ -35,6 +36,7 @@ class World:
     _slowest_step: float = field(default=0.0, repr=False)
     _steps_seen: int = field(default=0, repr=False)
     _watchdog: threading.Thread | None = field(default=None, repr=False)
+    blas_threads: int | None = None  # the BLAS thread cap set because ranks share this host's cores
 
     @classmethod
     def current(cls) -> "World":
@@ -45,7 +47,28 @@ class World:
         group = mx.distributed.init()
         if group.size() == 1:
             return cls(0, 1)
-        return cls(group.rank(), group.size(), group)
+        world = cls(group.rank(), group.size(), group)
+        world.share_cores()
+        return world
+
+    def ranks_on_this_host(self) -> int:
+        """How many ranks of the group run on this machine (mlx.launch -n 2 puts both on one)."""
+        import socket
+        import zlib
+
+        import mlx.core as mx
+        me = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+        hosts = self._collective(lambda: mx.distributed.all_gather(mx.array([me], dtype=mx.int32), group=self.group))
+        return int((hosts == me).sum().item())
+
+    def share_cores(self) -> None:
+        """Give each rank of one host its share of the cores for BLAS, so that they don't spin on each other."""
+        from engine import blas
+        local = self.ranks_on_this_host()
+        if local > 1:
+            threads = max(1, blas.cores() // local)
+            if blas.set_threads(threads):
+                self.blas_threads = threads
 
     @property
     def is_main(self) -> bool:
@@ -65,10 +88,15 @@ class World:
             return x
         import mlx.core as mx
         from mlx.utils import tree_map
+        return self._collective(lambda: tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x))
+
+    def _collective(self, collective):
+        """Evaluate collective() (a tree of arrays from MLX's collectives) under the watchdog."""
+        import mlx.core as mx
         self._start_watchdog()
         self._waiting_since = time.monotonic()
         try:
-            out = tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x)
+            out = collective()
             mx.eval(out)
         except RuntimeError as exc:
             raise DistributedError(f"lost contact with the other ranks ({exc})") from None
@@ -83,10 +111,13 @@ class World:
 
     def patience(self) -> float:
         """How long a collective may wait before the group counts as lost: a healthy one waits at most for
-        the slowest rank's step, so ten of the slowest steps seen, at least 30 s (LORA_TUI_DIST_TIMEOUT
-        sets a fixed number of seconds instead)."""
+        the slowest rank's step, so ten of the slowest steps seen, at least 30 s; 10 minutes before the first
+        timed step, while another rank may still be loading a model from a slower disk
+        (LORA_TUI_DIST_TIMEOUT sets a fixed number of seconds instead)."""
         if FIXED_WAIT:
             return float(FIXED_WAIT)
+        if self._slowest_step == 0.0:
+            return START_WAIT
         return max(MIN_WAIT, 10 * self._slowest_step)
 
     def _start_watchdog(self) -> None:

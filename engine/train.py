@@ -461,6 +461,8 @@ class TrainingRun:
         if self.world.is_main:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         device = str(mx.default_device()) + ("" if self.world.alone else f" x {self.world.size} ranks")
+        if self.world.blas_threads:
+            device += f" ({self.world.blas_threads} BLAS thread{'s' if self.world.blas_threads > 1 else ''} each)"
         self.emit(ev.Started(str(self.run_dir), self.total_steps, self.step,
                              self.total_steps / max(self.steps_per_epoch, 1),
                              len(self.data.train), len(self.data.valid), self.trainable, self.total_params,

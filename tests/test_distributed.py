@@ -3,6 +3,7 @@ with `mlx.launch` as a user would, against 1 process with twice the batch."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_di
                          timeout=300)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert "effective batch 4" in two.stdout and "x 2 ranks" in two.stdout
+    # Both ranks share this machine's cores: each caps its BLAS threads (on 2 cores, uncapped OpenMP threads
+    # spinning against each other made a step take 4-27 s instead of ~1 s).
+    assert re.search(r"x 2 ranks \(\d+ BLAS threads? each\)", two.stdout), two.stdout[:600]
     assert two.stdout.count("finished at step 6") == 1  # rank 0 speaks for the group
     a, b = steps(tmp_path / "runs" / "one"), steps(tmp_path / "runs" / "two")
     assert [s["step"] for s in b] == list(range(1, 7))
@@ -105,3 +109,18 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_a_good_checkpoint(tmp_pat
     assert f"from step {last}" in r.stdout and r.stdout.count(f"finished at step {last + 2}") == 1, \
         r.stdout[-2000:] + r.stderr[-2000:]
     print(f"after rank 1 was killed at step 5:\n{text[-600:]}")
+
+
+def test_a_collective_waits_for_slow_starters_then_for_ten_slow_steps(monkeypatch):
+    from engine import distributed
+    monkeypatch.setattr(distributed, "FIXED_WAIT", None)
+    world = distributed.World(0, 2)
+    assert world.patience() == distributed.START_WAIT  # another rank may still be loading its model
+    world.step_took(40.0)  # the first step compiles: not counted
+    assert world.patience() == distributed.START_WAIT
+    world.step_took(1.0)
+    assert world.patience() == distributed.MIN_WAIT
+    world.step_took(7.0)
+    assert world.patience() == 70.0
+    monkeypatch.setattr(distributed, "FIXED_WAIT", "20")
+    assert world.patience() == 20.0
