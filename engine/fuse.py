@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from engine import atomic
 from engine.config import Config
 
 
@@ -56,16 +55,8 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     config["torch_dtype"] = info.dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.folder(out) as tmp:  # `out` is absent or empty (checked above)
         save(tmp, src, model, tokenizer, config, donate_model=False)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     del model
     mx.clear_cache()
     fused_model, fused_tok = mlx_load(str(out))

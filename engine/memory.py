@@ -101,6 +101,15 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     return int(estimate.total * QUEUE_HEADROOM) if estimate is not None else None
 
 
+def limit_gpu_queue(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:
+    """Set MLX's memory limit to gpu_memory_limit(...) where that gives one; return the limit (bytes)."""
+    limit = gpu_memory_limit(estimate, configured_gb)
+    if limit is not None:
+        import mlx.core as mx
+        mx.set_memory_limit(limit)
+    return limit
+
+
 def available_bytes() -> int:
     """Memory a training step may still take: the GPU's recommended working set where there is one, else the
     system's available RAM (what the process already holds is counted back in)."""

@@ -7,7 +7,6 @@ happens on the thread that calls `run()` (MLX streams are per thread).
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -17,12 +16,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 
-import numpy as np
-
+from engine import atomic
 from engine import events as ev
 from engine.batches import collate, epoch_batches, steps_per_epoch
-from engine.checkpoints import CheckpointError, CheckpointStore, read_state, write_atomic_json
-from engine.config import Config, atomic_write_text, check_against_total, to_yaml
+from engine.checkpoints import CheckpointError, CheckpointStore, read_state
+from engine.config import Config, check_against_total, to_yaml
 from engine.control import RunControl
 from engine.distributed import DistributedError, World
 from engine.monitor import RunLog, memory_stats
@@ -301,7 +299,7 @@ class TrainingRun:
         from engine import blas
         from engine.adapters import AdapterError, apply_lora, total_count, trainable_count
         from engine.data import DatasetError, prepare_dataset
-        from engine.memory import gpu_memory_limit
+        from engine.memory import limit_gpu_queue
         from engine.model import ModelLoadError, load_model
 
         cfg, t = self.cfg, self.cfg.training
@@ -346,9 +344,7 @@ class TrainingRun:
         self.total_params = total_count(model)
         self.blas = blas.active()
         self.memory_estimate = self._estimate_memory()
-        self.memory_limit = gpu_memory_limit(self.memory_estimate, t.memory_limit_gb)
-        if self.memory_limit is not None:
-            mx.set_memory_limit(self.memory_limit)
+        self.memory_limit = limit_gpu_queue(self.memory_estimate, t.memory_limit_gb)
 
         # Data position and run history (a resume overwrites them from the checkpoint).
         self.epoch, self.pos = 0, 0
@@ -459,7 +455,7 @@ class TrainingRun:
 
         cfg, t = self.cfg, self.cfg.training
         if self.world.is_main:
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            atomic.write_text(self.run_dir / "config.yaml", to_yaml(cfg))
         device = str(mx.default_device()) + ("" if self.world.alone else f" x {self.world.size} ranks")
         if self.world.blas_threads:
             device += f" ({self.world.blas_threads} BLAS thread{'s' if self.world.blas_threads > 1 else ''} each)"
@@ -608,25 +604,14 @@ class TrainingRun:
 
     def _write_final_adapter(self) -> Path:
         """run_dir/adapter: the adapter of the last step, in mlx-lm's format (atomic swap)."""
-        import shutil
-        import tempfile
-
         from engine.adapters import save_adapters
         final = self.run_dir / "adapter"
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.run_dir))
         try:
-            save_adapters(self.model, self.adapter_config, tmp)
+            with atomic.folder(final) as tmp:
+                save_adapters(self.model, self.adapter_config, tmp)
         except (OSError, RuntimeError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingError(f"could not write the adapter to {final}: {write_problem(exc, self.run_dir)}; "
                                 f"the last checkpoint ({self.last_checkpoint}) is intact", "disk") from None
-        old = None
-        if final.exists():
-            old = final.with_name(f".adapter.old.{int(time.time() * 1e6)}")
-            final.rename(old)
-        tmp.rename(final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def _report(self, status: str, elapsed: float, last_loss: float | None, adapter_dir: Path) -> dict:
@@ -653,7 +638,7 @@ class TrainingRun:
             "losses": self.losses, "data": self.data.report.to_dict(), "config": self.cfg.to_dict(),
         }
         report["samples"] = self._samples()
-        write_atomic_json(self.run_dir / "report.json", report)
+        atomic.write_json(self.run_dir / "report.json", report)
         return report
 
     def _samples(self) -> list[dict]:

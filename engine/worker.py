@@ -99,10 +99,13 @@ class EngineError:
 
 @dataclass
 class _ChatModel:
-    key: tuple
+    base: tuple  # (model name, dtype, quantized base)
+    adapter: str | None
     model: object
     tokenizer: object
-    prompt_cache: object = None  # decoding.PromptCache: the next turn prefills only what is new
+    # decoding.PromptCache per answering model (adapter path, or None for the base): the next turn of each
+    # conversation prefills only what is new
+    prompt_caches: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -175,16 +178,23 @@ class EngineWorker:
             return
         self.emit(DatasetChecked(report, _preview(cmd.path, tokenizer, cfg)))
 
-    def _chat_model(self, cfg: Config, adapter: str | None):
-        key = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base, adapter)
-        if self._chat is None or self._chat.key != key:
-            self._chat = None
-            from engine.decoding import PromptCache, load_for_chat
+    def _chat_model(self, cfg: Config, adapter: str | None) -> _ChatModel:
+        """The loaded chat model, reloaded only for another base or adapter: a model with an adapter also
+        answers as the base (side by side), with its adapter layers swapped out for that answer."""
+        base = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base)
+        chat = self._chat
+        if chat is None or chat.base != base or adapter not in (None, chat.adapter):
+            self._chat = None  # free the old model before loading the new one
+            from engine.decoding import load_for_chat
             model, tok, _ = load_for_chat(cfg, adapter)
-            self._chat = _ChatModel(key, model, tok, PromptCache())
-        return self._chat
+            self._chat = chat = _ChatModel(base, adapter, model, tok)
+        return chat
 
     def _generate(self, cmd: Generate) -> None:
+        from contextlib import nullcontext
+
+        from engine.adapters import adapters_disabled
+        from engine.decoding import PromptCache
         from engine.fuse import FuseError
         from engine.generate import stream_reply
         from engine.model import ModelLoadError
@@ -193,14 +203,17 @@ class EngineWorker:
         except (ModelLoadError, FuseError) as exc:
             self.emit(EngineError("chat", str(exc)))
             return
+        as_base = cmd.adapter is None and chat.adapter is not None
+        cache = chat.prompt_caches.setdefault(cmd.adapter, PromptCache())
         parts: list[str] = []
-        for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings,
-                                  prompt_cache=chat.prompt_cache):
-            parts.append(chunk.text)
-            self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
-            if self._cancel_generation.is_set():
-                self.emit(GenerationDone(cmd.request_id, "".join(parts), True))
-                return
+        with adapters_disabled(chat.model) if as_base else nullcontext():
+            for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings,
+                                      prompt_cache=cache):
+                parts.append(chunk.text)
+                self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
+                if self._cancel_generation.is_set():
+                    self.emit(GenerationDone(cmd.request_id, "".join(parts), True))
+                    return
         self.emit(GenerationDone(cmd.request_id, "".join(parts), False))
 
 

@@ -67,3 +67,44 @@ def test_a_reply_stopped_early_leaves_a_usable_cache(embedded_dir):
     turn2 = TURN1 + [{"role": "assistant", "content": partial}, {"role": "user", "content": "Go on."}]
     got = "".join(c.text for c in stream_reply(model, tok, turn2, GREEDY, prompt_cache=cache)).strip()
     assert got == reply(model, tok, turn2, GREEDY)
+
+
+def _nudged_adapter(folder, cfg):
+    """A real adapter folder in mlx-lm's format whose answers differ from the base model's."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from engine.adapters import apply_lora, save_adapters
+    model, _, _ = load_model(cfg.model)
+    acfg = apply_lora(model, cfg.lora, lean=False)
+    mx.random.seed(3)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5 if k.endswith("lora_b") else v)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    save_adapters(model, acfg, folder)
+    return folder
+
+
+def test_side_by_side_chat_loads_the_model_once_and_answers_as_base_exactly(embedded_dir, tmp_path, monkeypatch):
+    """Base and adapter side by side: one load (the adapter's model answers as the base with its adapter
+    layers swapped out), and each answer is what a model loaded for that side alone says."""
+    import engine.decoding
+    from engine.worker import EngineWorker, Generate, GenerationDone
+
+    cfg = Config()
+    adapter = str(_nudged_adapter(tmp_path / "adapter", cfg))
+    loads = []
+    real_load = engine.decoding.load_for_chat
+    monkeypatch.setattr(engine.decoding, "load_for_chat", lambda *a: loads.append(a[1:]) or real_load(*a))
+    events = []
+    worker = EngineWorker(events.append)
+    order = [adapter, None, adapter, None]  # what the chat screen sends for two side-by-side turns
+    for i, which in enumerate(order):
+        worker._handle(Generate(cfg, tuple(TURN1), GREEDY, which, i))
+    answers = {e.request_id: e.text for e in events if isinstance(e, GenerationDone)}
+    assert loads == [(adapter,)]
+    base_model, tok, _ = real_load(cfg)
+    alone_base = reply(base_model, tok, TURN1, GREEDY)
+    del base_model
+    adapter_model, _, _ = real_load(cfg, adapter)
+    alone_adapter = reply(adapter_model, tok, TURN1, GREEDY)
+    assert alone_adapter != alone_base  # the adapter changes what the model says
+    assert [answers[i].strip() for i in range(4)] == [alone_adapter, alone_base, alone_adapter, alone_base]

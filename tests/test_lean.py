@@ -117,19 +117,19 @@ from engine.adapters import apply_lora
 from engine.config import Config
 from engine.evaluate import loss_inputs
 from engine.model import load_model
-from engine.train import accumulate_gradients, apply_update, build_micro_step
+from engine.train import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)
 apply_lora(model, cfg.lora, lean={lean})
 model.train()
 opt = optim.AdamW(learning_rate=1e-4)
-step = build_micro_step(model, opt)
+step, update = build_micro_step(model, opt), build_update(model, opt)
 tokens = np.random.default_rng(0).integers(0, 40000, (2, 513)).astype(np.int32)
 batch = loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((2, 512), bool))
 base = mx.get_active_memory()
 for _ in range(2):
     grads, loss = accumulate_gradients(step, iter([batch]))
-    apply_update(model, opt, grads)
+    update(grads)
     mx.eval(loss, model.parameters(), opt.state)
 print(json.dumps({{"peak": mx.get_peak_memory() - base}}))
 """

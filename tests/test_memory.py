@@ -22,12 +22,12 @@ from engine.config import Config
 from engine.evaluate import loss_inputs
 from engine.memory import ModelShape, estimate_step_memory
 from engine.model import load_model
-from engine.train import accumulate_gradients, apply_update, build_micro_step
+from engine.train import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)
 apply_lora(model, cfg.lora)
 opt = optim.AdamW(learning_rate=1e-4)
-step = build_micro_step(model, opt)
+step, update = build_micro_step(model, opt), build_update(model, opt)
 weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 rng = np.random.default_rng(0)
 for batch, length, trained in {sizes}:
@@ -37,7 +37,7 @@ for batch, length, trained in {sizes}:
     mx.clear_cache(); mx.reset_peak_memory()
     for _ in range(2):
         grads, loss = accumulate_gradients(step, iter([loss_inputs(tokens[:, :-1], tokens[:, 1:], mask)]))
-        apply_update(model, opt, grads)
+        update(grads)
         mx.eval(loss, model.parameters(), opt.state)
     est = estimate_step_memory(ModelShape.of(model), weights, trainable_count(model), batch, length, trained)
     print(json.dumps({{"size": [batch, length, trained], "measured": mx.get_peak_memory(), "estimated": est.total}}))

@@ -140,7 +140,7 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_pat
 
 def test_crash_between_write_and_rename_leaves_previous_checkpoint(tiny_data, tmp_path, embedded_dir,
                                                                  monkeypatch):
-    import engine.checkpoints as ck
+    import engine.atomic as atomic
     cfg = tiny_config(tiny_data, tmp_path, iterations=6)
     cfg.evaluation.every_steps = 0
     real_rename, calls = os.rename, {"n": 0}
@@ -152,7 +152,7 @@ def test_crash_between_write_and_rename_leaves_previous_checkpoint(tiny_data, tm
                 raise OSError(28, "No space left on device")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ck.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "rename", rename)
     result = TrainingRun(cfg).run()
     assert result.status == "failed" and result.error_kind == "disk"
     assert "could not save the checkpoint at step 6" in result.message and "previous checkpoint is intact" in result.message

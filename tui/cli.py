@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from engine.cli import build_parser, run
-    commands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    commands = build_parser().commands
     if any(a in commands for a in argv) or any(a in ("-h", "--help") for a in argv):
         sys.exit(run(argv))
     config_path = None

@@ -149,6 +149,8 @@ class ChatScreen(AppScreen):
             self.next_id += 1
             row.mount(bubble)
             self.pending.append(request)
+        # The adapter answers first: its model then answers as the base too, with no second load.
+        self.pending.sort(key=lambda r: r.adapter is None)
         log.scroll_end(animate=False)
         self.busy = True
         self._next()
