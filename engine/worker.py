@@ -184,7 +184,7 @@ class EngineWorker:
         base = (cfg.model.name, cfg.model.dtype, cfg.model.quantized_base)
         chat = self._chat
         if chat is None or chat.base != base or adapter not in (None, chat.adapter):
-            self._chat = None  # free the old model before loading the new one
+            chat = self._chat = None  # free the old model before loading the new one
             from engine.decoding import load_for_chat
             model, tok, _ = load_for_chat(cfg, adapter)
             self._chat = chat = _ChatModel(base, adapter, model, tok)
