@@ -10,6 +10,9 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import mlx.core as mx
 
 from engine.model import on_cuda
@@ -69,8 +72,33 @@ def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
                    output_shapes=[like.shape], output_dtypes=[mx.bool_])[0]
 
 
+_keys = threading.local()  # the key the next mask splits its own from, inside dropout_keys()
+
+
+@contextmanager
+def dropout_keys(key: mx.array):
+    """Inside, each mask comes from `key` (split once per mask, in draw order), not from MLX's global
+    random state. Gradient checkpointing recomputes a block in the backward pass: drawn this way, the
+    recompute gets the very masks the forward pass used."""
+    outer = getattr(_keys, "key", None)
+    _keys.key = key
+    try:
+        yield
+    finally:
+        _keys.key = outer
+
+
+def _next_key() -> mx.array | None:
+    key = getattr(_keys, "key", None)
+    if key is None:
+        return None
+    key, _keys.key = mx.random.split(key)
+    return key
+
+
 def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
+    key = _next_key()
     if PHILOX_ON_CUDA and on_cuda():
-        return philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,)), like, keep)
-    return mx.random.bernoulli(keep, like.shape)
+        return philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,), key=key), like, keep)
+    return mx.random.bernoulli(keep, like.shape, key=key)

@@ -83,22 +83,39 @@ def build_schedule(cfg: Config, total_steps: int):
 
 @contextmanager
 def checkpointed_layers(model, enabled: bool):
-    """Gradient checkpointing of every transformer block (mlx-lm's grad_checkpoint) for one run.
+    """Gradient checkpointing of every transformer block for one run: each block keeps only its input and
+    is recomputed in the backward pass.
 
-    mlx-lm's helper patches the block's class, so it would stay on for every later run in this process
-    (the TUI trains many times in one process): put the class back when the run ends.
-    """
+    As mlx-lm's grad_checkpoint does, this patches the block's class, so it is put back when the run ends
+    (the TUI trains many times in one process). Unlike it, the block's dropout masks come from a key drawn
+    before the block (philox.dropout_keys): with mlx-lm's, the recompute draws new masks, and the gradients
+    are not those of the loss the forward pass computed (tests/test_train.py)."""
     if not enabled:
         yield
         return
-    from mlx_lm.tuner.trainer import grad_checkpoint
     block_class = type(model.layers[0])
     original = block_class.__call__
-    grad_checkpoint(model.layers[0])
+    block_class.__call__ = _checkpointed(original)
     try:
         yield
     finally:
         block_class.__call__ = original
+
+
+def _checkpointed(call):
+    import mlx.core as mx
+
+    from engine.philox import dropout_keys
+
+    def checkpointed_call(block, *args, **kwargs):
+        key = mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)  # a closure: no gradient for it
+
+        def inner(params, *args, **kwargs):
+            block.update(params)
+            with dropout_keys(key):
+                return call(block, *args, **kwargs)
+        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
+    return checkpointed_call
 
 
 def build_micro_step(model, optimizer):

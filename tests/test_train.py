@@ -291,7 +291,8 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     plain_call = TransformerBlock.__call__
     cfg_plain = tiny_config(tiny_data, tmp_path / "a", iterations=3)
     cfg_ckpt = tiny_config(tiny_data, tmp_path / "b", iterations=3, grad_checkpoint=True)
-    cfg_plain.lora.dropout = cfg_ckpt.lora.dropout = 0.0  # the recompute would draw new dropout masks
+    # Without dropout: with it the two runs draw different masks (checkpointed blocks draw theirs from a key).
+    cfg_plain.lora.dropout = cfg_ckpt.lora.dropout = 0.0
     plain = TrainingRun(cfg_plain).run()
     seen = []
     ckpt = TrainingRun(cfg_ckpt, listeners=[lambda e: seen.append(TransformerBlock.__call__ is plain_call)]).run()
@@ -299,3 +300,66 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     np.testing.assert_allclose(ckpt.losses, plain.losses, rtol=1e-5)
     assert False in seen  # it really was on during the run ...
     assert TransformerBlock.__call__ is plain_call  # ... and is off again afterwards
+
+
+def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(embedded_dir):
+    """Gradient checkpointing recomputes each block in the backward pass. With dropout, mlx-lm's recompute
+    draws new masks, so its gradients belong to another loss than the one reported; ours draws the masks
+    the forward pass drew, and equals the same step run without checkpointing."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from engine.adapters import apply_lora
+    from engine.evaluate import loss_inputs, masked_loss
+    from engine.model import load_model
+    from engine.philox import dropout_keys
+    from engine.train import checkpointed_layers
+
+    cfg = Config()
+    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout = 8, 4, 0.2
+    model, _, _ = load_model(cfg.model)
+    apply_lora(model, cfg.lora)
+    model.train()
+    mx.random.seed(3)  # trained-looking adapters (lora_b starts at 0, where masks would not change the loss)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    tokens = np.random.default_rng(0).integers(0, 40000, (2, 65)).astype(np.int32)
+    batch = loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((2, 64), bool))
+    block_class = type(model.layers[0])
+    plain_call = block_class.__call__
+
+    def step():
+        mx.random.seed(7)
+        (loss, _), grads = nn.value_and_grad(model, masked_loss)(model, *batch)
+        mx.eval(loss, grads)
+        return loss.item(), dict(tree_flatten(grads))
+
+    def keyed_call(block, *args, **kwargs):  # the same masks as checkpointing draws, without it
+        with dropout_keys(mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)):
+            return plain_call(block, *args, **kwargs)
+
+    def worst(a, b):
+        return max(float(np.abs(np.array(a[k]) - np.array(b[k])).max() / (np.abs(np.array(b[k])).max() + 1e-12))
+                   for k in b)
+
+    plain = step()
+    try:
+        grad_checkpoint(model.layers[0])  # mlx-lm's
+        mlx_lm_ckpt = step()
+        block_class.__call__ = keyed_call
+        reference = step()
+    finally:
+        block_class.__call__ = plain_call
+    with checkpointed_layers(model, True):
+        ours = step()
+    assert reference[0] != pytest.approx(plain[0], rel=1e-5)  # the masks do change the loss
+    assert ours[0] == pytest.approx(reference[0], rel=1e-5)
+    assert worst(ours[1], reference[1]) < 1e-3
+    # mlx-lm's: the forward pass is the plain one, the gradients are not
+    assert mlx_lm_ckpt[0] == pytest.approx(plain[0], rel=1e-5)
+    print(f"losses: plain {plain[0]}, keyed {reference[0]}, mlx-lm ckpt {mlx_lm_ckpt[0]}, ours {ours[0]}")
+    print(f"largest relative gradient difference to the step without checkpointing: ours "
+          f"{worst(ours[1], reference[1]):.1e}, mlx-lm's grad_checkpoint {worst(mlx_lm_ckpt[1], plain[1]):.1e}")
+    assert worst(mlx_lm_ckpt[1], plain[1]) > 0.05
