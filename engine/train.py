@@ -574,7 +574,7 @@ class TrainingRun:
     def _evaluate(self, validation_loss, perplexity) -> float:
         t0 = time.perf_counter()
         val = validation_loss(self.model, self.data.valid, self.cfg.training.batch_size, self.pad_id,
-                              self.cfg.model.max_seq_length, self.cfg.evaluation.val_batches)
+                              self.cfg.model.max_seq_length, self.cfg.evaluation.val_batches, self.world)
         self.emit(ev.Eval(self.step, val, perplexity(val), val < self.best_val, time.perf_counter() - t0))
         self.last_val = val
         return val

@@ -64,6 +64,11 @@ def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_di
     np.testing.assert_allclose(lb, la, rtol=2e-3)
     np.testing.assert_allclose([s["learning_rate"] for s in b], [s["learning_rate"] for s in a], rtol=1e-6)
     assert [s["tokens_seen"] for s in b] == [s["tokens_seen"] for s in a]  # both ranks' tokens counted
+    # Validation is sharded (each rank scores half of each global batch), and scores the same examples.
+    va, vb = ([e["val_loss"] for e in map(json.loads, (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines())
+               if e["event"] == "Eval"] for n in ("one", "two"))
+    assert len(vb) == len(va) == 1
+    np.testing.assert_allclose(vb, va, rtol=1e-5)
     import mlx.core as mx
     wa = mx.load(str(tmp_path / "runs" / "one" / "adapter" / "adapters.safetensors"))
     wb = mx.load(str(tmp_path / "runs" / "two" / "adapter" / "adapters.safetensors"))
