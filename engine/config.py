@@ -358,9 +358,6 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
     if t.batch_size * cfg.model.max_seq_length > 262144:
         warn("training.batch_size", f"batch {t.batch_size} x {cfg.model.max_seq_length} tokens is large: "
              "memory may not fit; use gradient accumulation instead")
-    if t.grad_checkpoint and lora.dropout > 0 and lora.use_dora:  # LoRA layers redraw the same masks
-        warn("training.grad_checkpoint", f"with DoRA and lora.dropout {lora.dropout:g} the recomputed forward "
-             "pass draws new dropout masks, so gradients do not match the loss exactly; dropout 0 avoids it")
     if cfg.model.trust_remote_code:
         warn("model.trust_remote_code", "on: the model directory may run arbitrary Python code")
     if ck.every_steps and ev.every_steps and ck.keep_best and ck.every_steps % ev.every_steps:

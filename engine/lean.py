@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu as stock_swiglu
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from engine.model import on_cuda
@@ -155,13 +156,26 @@ class LeanSwiGLUMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class MaskedDropout(nn.Dropout):
+    """nn.Dropout drawing its mask through dropout_mask: the same draw from MLX's random state, but also
+    Philox on CUDA and the block's key under gradient checkpointing (the recompute redraws the same mask)."""
+
+    def __call__(self, x):
+        if self._p_1 == 1 or not self.training:
+            return x
+        return (dropout_mask(self._p_1, x) * x) * (1 / self._p_1)
+
+
 def lean_autograd(model: nn.Module) -> int:
-    """Switch a LoRA model's adapters and SwiGLU MLPs to the lean versions in place; return how many."""
+    """Switch a LoRA model's adapters and SwiGLU MLPs to the lean versions in place; return how many.
+    DoRA layers keep mlx-lm's autograd and get only MaskedDropout."""
     n = 0
     for _, module in model.named_modules():
         if type(module) is LoRALinear:
             module.__class__ = LeanLoRALinear  # only __call__ differs: isinstance checks and weights unchanged
             n += 1
+        elif type(module) is DoRALinear and type(module.dropout) is nn.Dropout:
+            module.dropout.__class__ = MaskedDropout
     layers = list(getattr(model, "layers", []))
     adapted = [i for i, layer in enumerate(layers)
                if any(isinstance(m, LeanLoRALinear) for _, m in layer.named_modules())]

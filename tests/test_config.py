@@ -156,12 +156,3 @@ def test_readme_reference_lists_every_key_with_its_default():
     for path in SPECS:
         assert f"`{path}`" in readme
 
-
-def test_checkpointing_with_dropout_warns_only_where_masks_are_redrawn():
-    from engine.config import validate
-    cfg = Config()
-    cfg.training.grad_checkpoint, cfg.lora.dropout = True, 0.05
-    assert not [i for i in validate(cfg) if i.field == "training.grad_checkpoint"]  # LoRA: the same masks
-    cfg.lora.use_dora = True
-    warned = [i for i in validate(cfg) if i.field == "training.grad_checkpoint"]
-    assert len(warned) == 1 and warned[0].severity == "warning" and "DoRA" in warned[0].message

@@ -302,7 +302,8 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     assert TransformerBlock.__call__ is plain_call  # ... and is off again afterwards
 
 
-def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(embedded_dir):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(use_dora, embedded_dir):
     """Gradient checkpointing recomputes each block in the backward pass. With dropout, mlx-lm's recompute
     draws new masks, so its gradients belong to another loss than the one reported; ours draws the masks
     the forward pass drew, and equals the same step run without checkpointing."""
@@ -318,7 +319,7 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     from engine.train import checkpointed_layers
 
     cfg = Config()
-    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout = 8, 4, 0.2
+    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 8, 4, 0.2, use_dora
     model, _, _ = load_model(cfg.model)
     apply_lora(model, cfg.lora)
     model.train()
