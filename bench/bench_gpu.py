@@ -244,6 +244,13 @@ def versions() -> dict:
     return out
 
 
+def median_run(runs: list[dict], key: str, runs_key: str) -> dict:
+    """The run with the median `key` stands for its variant, with every run's `key` kept as `runs_key`
+    (a variant that failed every time: its last error)."""
+    ok = sorted((r for r in runs if key in r), key=lambda r: r[key])
+    return dict(ok[len(ok) // 2], **{runs_key: [r[key] for r in ok]}) if ok else runs[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", help="run one variant in this process and print its JSON")
@@ -264,9 +271,8 @@ def main() -> None:
         r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
         print(f"{name}: {r}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         runs.setdefault(name, []).append(r)
-    for name, rs in runs.items():  # the run with the median speed stands for the variant; all are kept
-        ok = sorted((r for r in rs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
-        results[name] = dict(ok[len(ok) // 2], runs_tokens_per_s=[r["tokens_per_s"] for r in ok]) if ok else rs[-1]
+    for name, rs in runs.items():
+        results[name] = median_run(rs, "tokens_per_s", "runs_tokens_per_s")
 
     peak = results.get("peak", {}).get("mlx_tflops")
     fpt = flops_per_token()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_gpu import BATCH, SEQ, SHAPE, build_model, random_batch  # noqa: E402
+from bench_gpu import BATCH, SEQ, SHAPE, build_model, median_run, random_batch  # noqa: E402
 
 
 def probe_sdpa() -> dict:
@@ -247,19 +247,15 @@ def main() -> None:
         return
     variants = a.only or ["base", "stock", "nocompile", "nodropout", "noattn", "nomlp", "fused", "4bit", "4bit-fwd", "4bit-dep"]
     probes = ([] if a.no_sdpa else ["sdpa"]) + (["ops"] if a.ops else []) + [f"{v}@{d}" for _ in range(a.repeat) for v in variants for d in a.depths]
-    results = {}
+    runs: dict[str, list[dict]] = {}
     for p in probes:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--probe", p], capture_output=True, text=True, timeout=180)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-400:]}
         print(f"{p}: {r} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        if p in results and "step_ms" in r:  # a repeat: keep every time, and the median as step_ms
-            runs = results[p].setdefault("runs_ms", [results[p]["step_ms"]]) + [r["step_ms"]]
-            results[p]["runs_ms"] = runs
-            results[p]["step_ms"] = sorted(runs)[len(runs) // 2]
-        else:
-            results[p] = r
+        runs.setdefault(p, []).append(r)
+    results = {p: median_run(rs, "step_ms", "runs_ms") if len(rs) > 1 else rs[0] for p, rs in runs.items()}
     if a.repeat > 1:
         for p, r in results.items():
             if "runs_ms" in r:
