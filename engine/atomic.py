@@ -62,6 +62,7 @@ def folder(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[Pa
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)  # an earlier swap killed half-way: put its old version back, to be replaced below
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

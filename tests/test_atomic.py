@@ -62,6 +62,14 @@ def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
     assert make(target, "two") == "two"  # and a stale aside copy would not block the next swap
 
 
+def test_the_next_swap_after_a_kill_leaves_no_aside_copy(tmp_path):
+    target = tmp_path / "adapter"
+    make(target, "one")
+    os.rename(target, atomic.aside(target))  # killed between the two renames, and never read since
+    assert make(target, "two") == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
 def test_keep_existing_lets_the_first_finisher_win(tmp_path):
     target = tmp_path / "model"
     with atomic.folder(target, keep_existing=True) as tmp:
