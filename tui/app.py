@@ -15,10 +15,10 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, ConfigError
 from tui.messages import EngineMessage
 from tui.screens.chat_screen import ChatScreen
-from tui.screens.config_screen import ConfigScreen
+from tui.screens.config_screen import ConfigScreen, load_config_and_file
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.dataset_screen import DatasetScreen
 from tui.screens.train_screen import TrainScreen
@@ -48,10 +48,10 @@ class LoraTuiApp(App[int]):
         self.config_path = config_path
         self.config_errors: list = []
         try:
-            self.cfg, self.config_warnings = load_config(config_path, strict=False)
+            self.cfg, self.file_cfg, self.config_warnings = load_config_and_file(config_path)
             self.config_errors = [i for i in self.config_warnings if i.severity == "error"]
         except ConfigError as exc:  # unreadable file: start from defaults and say so
-            self.cfg, self.config_warnings = Config(), []
+            self.cfg, self.file_cfg, self.config_warnings = Config(), Config(), []
             self.config_errors = exc.issues
         self.dirty = False
         self.training = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import os
 from pathlib import Path
 
 from textual import on
@@ -15,13 +15,22 @@ from textual.validation import Function
 from textual.widgets import (Button, Header, Input, Label, OptionList, Select, Static, Switch, TabbedContent,
                              TabPane)
 
-from engine.config import SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, load_config, \
-    save_config, set_value, validate
+from engine.config import ENV_PREFIX, SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, \
+    load_config, save_config, set_value, validate
 from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 
 HUB_SUGGESTIONS = ["mlx-community/Mistral-7B-Instruct-v0.3-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit",
                    "mlx-community/Qwen2.5-0.5B-Instruct-4bit"]
+
+
+def load_config_and_file(path: str | None) -> tuple[Config, Config, list]:
+    """(effective config, the file's own values, issues): the app runs with the first (environment
+    overrides applied); the config form saves the second plus the user's edits, so an override set for one
+    session never lands in the file."""
+    cfg, issues = load_config(path, strict=False)
+    file_cfg, _ = load_config(path, environ={}, strict=False)
+    return cfg, file_cfg, issues
 
 
 def field_id(path: str) -> str:
@@ -35,7 +44,10 @@ def path_of(widget_id: str) -> str:
 def as_text(spec: FieldSpec, value) -> str:
     if spec.type not in (int, float, bool, str):
         return ", ".join(value)
-    return f"{value:g}" if spec.type is float else str(value)
+    if spec.type is float:  # short, but never a rounded value the user did not choose
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
 
 
 def _field_validator(spec: FieldSpec) -> Function:
@@ -101,15 +113,29 @@ class PathPrompt(ModalScreen[str | None]):
         self.dismiss(event.value.strip() or None)
 
 
-def help_text(spec: FieldSpec) -> str:
+def env_overrides() -> dict[str, str]:
+    """{field path: variable} for each LORA_TUI__SECTION__KEY variable naming a field."""
+    found = {}
+    for var in os.environ:
+        if var.startswith(ENV_PREFIX):
+            path = var[len(ENV_PREFIX):].lower().replace("__", ".")
+            if path in SPECS:
+                found[path] = var
+    return found
+
+
+def help_text(spec: FieldSpec, env_var: str | None = None) -> str:
     rng = spec.range_text()
-    return escape(spec.help) + (f"  [dim]({escape(rng)})[/dim]" if rng else "")
+    text = escape(spec.help) + (f"  [dim]({escape(rng)})[/dim]" if rng else "")
+    if env_var:  # the form shows the session's value; the file keeps its own
+        text = f"[$warning]set by {escape(env_var)} for this session (ctrl+s keeps the file's value)[/] " + text
+    return text
 
 
-def field_message(spec: FieldSpec, issue) -> tuple[str, bool]:
+def field_message(spec: FieldSpec, issue, env_var: str | None = None) -> tuple[str, bool]:
     """What the line under a field says: its problem if it has one, else its help."""
     if not issue:
-        return help_text(spec), False
+        return help_text(spec, env_var), False
     mark, style = ("✗", "$error") if issue.severity == "error" else ("!", "$warning")
     return f"[{style}]{mark} {escape(issue.message)}[/]", True
 
@@ -135,6 +161,7 @@ class SectionForm(VerticalScroll):
     def compose(self) -> ComposeResult:
         cfg = self.app.cfg
         issues = {i.field: i for i in validate(cfg)}
+        from_env = env_overrides()
         yield Static(SECTION_HELP[self.section], classes="section-title")
         for path, spec in SPECS.items():
             if spec.section != self.section:
@@ -145,7 +172,7 @@ class SectionForm(VerticalScroll):
                     yield field_widget(spec, cfg)
                     if path == "model.name":
                         yield Button("Pick…", id="pick-model", compact=True)
-                text, has_issue = field_message(spec, issues.get(path))
+                text, has_issue = field_message(spec, issues.get(path), from_env.get(path))
                 yield Static(text, classes="help has-issue" if has_issue else "help", id=field_id(path) + "-msg")
 
 
@@ -170,6 +197,10 @@ class ConfigScreen(AppScreen):
         yield KeyFooter()
 
     def on_mount(self) -> None:
+        # Fields whose text is not a valid value, with the problem: the config keeps its last valid value,
+        # so these, not validate(), tell whether the form holds what the user typed.
+        self.invalid: dict[str, object] = {}
+        self.from_env = env_overrides()  # fields an environment variable sets, until the user edits them
         self._show_status({i.field: i for i in validate(self.app.cfg)})
 
     # ------------------------------------------------------------ editing
@@ -182,11 +213,18 @@ class ConfigScreen(AppScreen):
         before = getattr(getattr(self.app.cfg, spec.section), spec.name)
         issue = set_value(self.app.cfg, path, raw)
         if issue is None and getattr(getattr(self.app.cfg, spec.section), spec.name) == before:
-            if not self.query_one("#" + field_id(path) + "-msg", Static).has_class("has-issue"):
+            if path not in self.invalid and \
+                    not self.query_one("#" + field_id(path) + "-msg", Static).has_class("has-issue"):
                 return  # a widget reporting its initial value: nothing changed
+        if issue is None:
+            self.invalid.pop(path, None)
+            set_value(self.app.file_cfg, path, raw)  # what ctrl+s writes: the file's values plus edits
+            self.from_env.pop(path, None)
+        else:
+            self.invalid[path] = issue
         self.app.dirty = self.app.dirty or issue is not None or \
             getattr(getattr(self.app.cfg, spec.section), spec.name) != before
-        self.refresh_issues({path: issue} if issue else {})
+        self.refresh_issues()
 
     @on(Input.Submitted, "#field-search")
     def find_field(self, event: Input.Submitted) -> None:
@@ -218,13 +256,13 @@ class ConfigScreen(AppScreen):
         if event.value is not Select.NULL:
             self._changed(event.select.id, event.value)
 
-    def refresh_issues(self, parse_errors: dict | None = None) -> None:
-        """Show each field's error or warning beside it (parse errors first, then validation)."""
+    def refresh_issues(self) -> None:
+        """Show each field's error or warning beside it (text that is no valid value first, then validation)."""
         issues = {i.field: i for i in validate(self.app.cfg)}
-        issues.update(parse_errors or {})
+        issues.update(self.invalid)
         for msg in self.query(".help").results(Static):
             spec = SPECS[path_of(msg.id[:-len("-msg")])]
-            text, has_issue = field_message(spec, issues.get(spec.path))
+            text, has_issue = field_message(spec, issues.get(spec.path), self.from_env.get(spec.path))
             msg.update(text)
             msg.set_class(has_issue, "has-issue")
         self._show_status(issues)
@@ -237,6 +275,7 @@ class ConfigScreen(AppScreen):
             f"[b]{escape(where)}[/b] — {state}" + (f" — [$error]{errors} error(s)[/]" if errors else " — valid"))
 
     def _reload_widgets(self) -> None:
+        self.invalid.clear()
         for path, spec in SPECS.items():
             widget = self.query_one("#" + field_id(path))
             value = getattr(getattr(self.app.cfg, spec.section), spec.name)
@@ -258,14 +297,23 @@ class ConfigScreen(AppScreen):
                 self.query_one("#" + field_id("model.name"), Input).value = name
         self.app.push_screen(ModelPicker(options), chosen)
 
+    def save_problems(self) -> dict:
+        """{field: issue} for every field that keeps the form from being saved as typed."""
+        problems = {i.field: i for i in validate(self.app.file_cfg) if i.severity == "error"}
+        problems.update(self.invalid)
+        return problems
+
     def action_save(self) -> None:
-        errors = [i for i in validate(self.app.cfg) if i.severity == "error"]
-        if errors:
-            self.notify(f"Not saved: {errors[0].field}: {errors[0].message}", severity="error", timeout=8)
+        problems = self.save_problems()
+        if problems:
+            fields = ", ".join(problems)
+            first = next(iter(problems.values()))
+            self.notify(f"Not saved: fix {fields} first ({first.field}: {first.message})", severity="error",
+                        timeout=10)
             return
         path = self.app.config_path or "config.yaml"
         try:
-            save_config(self.app.cfg, path)
+            save_config(self.app.file_cfg, path)
         except OSError as exc:
             self.notify(f"Cannot write {path}: {exc.strerror or exc}", severity="error", timeout=8)
             return
@@ -280,18 +328,20 @@ class ConfigScreen(AppScreen):
             if not path:
                 return
             try:
-                cfg, issues = load_config(path, strict=False)
+                cfg, file_cfg, issues = load_config_and_file(path)
             except ConfigError as exc:
                 self.notify(str(exc), severity="error", timeout=10)
                 return
-            self.app.cfg, self.app.config_path, self.app.dirty = cfg, path, False
+            self.app.cfg, self.app.file_cfg, self.app.config_path, self.app.dirty = cfg, file_cfg, path, False
+            self.from_env = env_overrides()
             self.app.sub_title = path
             self._reload_widgets()
             self.notify(f"Loaded {path}" + (f" with {len(issues)} issue(s)" if issues else ""))
         self.app.push_screen(PathPrompt("Load which config file?", self.app.config_path or "config.yaml"), load)
 
     def action_reset(self) -> None:
-        self.app.cfg = copy.deepcopy(Config())
+        self.app.cfg, self.app.file_cfg = Config(), Config()
+        self.from_env = {}
         self.app.dirty = True
         self._reload_widgets()
         self.notify("Defaults restored (not saved yet)")
