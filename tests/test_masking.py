@@ -78,7 +78,8 @@ def test_mistral_inst_template_masks_instructions(mistral_tokenizer):
     enc = encoder.encode(conv)
     hf = encoder.tok
     assert hf.decode(enc.tokens.tolist()) == "<s>[INST] Hi[/INST] Yo there</s>[INST] Q2[/INST] A2</s>"
-    assert trained_segments(enc, hf) == ["Yo there</s>", "A2</s>"]
+    # The space the template puts after [/INST] is part of what the model generates after the prompt.
+    assert trained_segments(enc, hf) == [" Yo there</s>", " A2</s>"]
 
 
 def test_mask_prompt_off_trains_everything(tokenizer):
@@ -116,3 +117,158 @@ def test_tokenizer_without_template_uses_chatml_fallback(mistral_dir, tmp_path):
     enc = encoder.encode(conv)
     assert encoder.tok.decode(enc.tokens.tolist()) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
     assert np.count_nonzero(enc.trained) > 0
+
+
+# --- The mask comes from the structure of the turns, not from finding the answer's text ---------------
+
+SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# Text that turns repeat: answers, role names and template words, the default system prompt.
+FRAGMENTS = ["chat", "cat -> chat", "Hugging Face", "assistant", "user", "system", "tool", "INST", "/INST",
+             "im_end", "im_start", "s>", "42", "Paris", "It is 21 degrees.", SMOL_DEFAULT_SYSTEM, "a\nb"]
+
+
+def _text(rng, pool) -> str:
+    """One to three pieces of the pool; never blank, never starting with whitespace."""
+    words = [pool[i] for i in rng.integers(0, len(pool), rng.integers(1, 4))]
+    return " ".join(words) + (" " if rng.random() < 0.2 else "")
+
+
+def random_conversation(rng, tool_turns: bool) -> list[dict]:
+    """A conversation whose turns repeat each other's text: one of a few answers (often all the same)
+    is also put in the system prompt and in the user turns."""
+    answers = [_text(rng, FRAGMENTS) for _ in range(rng.integers(1, 3))]
+    pool = FRAGMENTS + answers
+    msgs = []
+    if rng.random() < 0.6:
+        msgs.append({"role": "system", "content": _text(rng, pool) + " Example: " + answers[0]})
+    for _ in range(rng.integers(1, 4)):
+        msgs.append({"role": "user", "content": answers[rng.integers(len(answers))] if rng.random() < 0.4
+                     else _text(rng, pool)})
+        msgs.append({"role": "assistant", "content": answers[rng.integers(len(answers))]})
+        if tool_turns and rng.random() < 0.3:
+            msgs.append({"role": "tool", "content": _text(rng, pool)})
+            msgs.append({"role": "assistant", "content": answers[rng.integers(len(answers))]})
+    return msgs
+
+
+def chatml_expected(pieces: list[str]) -> tuple[list[bool], list[str]]:
+    """Independent of the encoder: walk the ChatML tokens; a turn's body and its <|im_end|> train exactly
+    when the header names the assistant. Also returns the roles, in order."""
+    expected, roles, i = [], [], 0
+    while i < len(pieces):
+        assert pieces[i] == "<|im_start|>"
+        role, j = "", i + 1
+        while pieces[j] != "\n":
+            role += pieces[j]
+            j += 1
+        expected += [False] * (j + 1 - i)
+        i = j + 1
+        while pieces[i] != "<|im_end|>":
+            expected.append(role == "assistant")
+            i += 1
+        expected += [role == "assistant", False]  # <|im_end|>, then the newline between turns
+        assert pieces[i + 1] == "\n"
+        i += 2
+        roles.append(role)
+    return expected, roles
+
+
+def inst_expected(pieces: list[str]) -> list[bool]:
+    """Independent of the encoder: in [INST] text, what follows [/INST] up to and including </s> trains."""
+    expected, answering = [], False
+    for piece in pieces:
+        if piece == "[/INST]":
+            expected.append(False)
+            answering = True
+        else:
+            expected.append(answering)
+            answering = answering and piece != "</s>"
+    return expected
+
+
+def test_property_chatml_trains_exactly_the_assistant_turns(tokenizer):
+    rng = np.random.default_rng(15)
+    encoder = ChatEncoder(tokenizer)
+    hf = encoder.tok
+    for n in range(300):
+        msgs = random_conversation(rng, tool_turns=True)
+        conv, issues = parse_record({"messages": msgs}, n)
+        assert not issues, issues
+        enc = encoder.encode(conv)
+        assert hf.decode(enc.tokens.tolist()) == hf.apply_chat_template(msgs, tokenize=False)
+        expected, roles = chatml_expected([hf.decode([t]) for t in enc.tokens.tolist()])
+        assert roles == ([] if msgs[0]["role"] == "system" else ["system"]) + [m["role"] for m in msgs]
+        assert enc.trained.tolist() == expected, msgs
+
+
+def test_property_inst_trains_exactly_the_assistant_turns(mistral_tokenizer):
+    rng = np.random.default_rng(16)
+    encoder = ChatEncoder(mistral_tokenizer)
+    hf = encoder.tok
+    for n in range(300):
+        msgs = random_conversation(rng, tool_turns=False)
+        conv, issues = parse_record({"messages": msgs}, n)
+        assert not issues, issues
+        enc = encoder.encode(conv)
+        pieces = [hf.decode([t]) for t in enc.tokens.tolist()]
+        assert "".join(pieces) == hf.apply_chat_template(msgs, tokenize=False)
+        assert pieces.count("</s>") == sum(m["role"] == "assistant" for m in msgs)
+        assert enc.trained.tolist() == inst_expected(pieces), msgs
+
+
+def trained_at_end(enc, hf, answer: str) -> None:
+    """Exactly the answer and its end token train, and they are the last turn (not text in the system)."""
+    assert trained_segments(enc, hf) == [answer + hf.eos_token]
+    first = enc.trained.tolist().index(True)
+    assert hf.decode(enc.tokens[first:].tolist()) == answer + hf.eos_token + "\n"
+
+
+def test_system_prompt_containing_the_answer_does_not_train(tokenizer):
+    conv, _ = parse_record({"messages": [
+        {"role": "system", "content": "Translate the word to French. Example: cat -> chat"},
+        {"role": "user", "content": "cat"}, {"role": "assistant", "content": "chat"}]}, 1)
+    encoder = ChatEncoder(tokenizer)
+    enc = encoder.encode(conv)
+    trained_at_end(enc, encoder.tok, "chat")
+
+
+@pytest.mark.parametrize("question", ["Who trained you?", "SmolLM", "assistant"])
+def test_default_system_prompt_containing_the_answer_does_not_train(tokenizer, question):
+    # No system message: SmolLM2's template adds "... assistant named SmolLM, trained by Hugging Face".
+    conv, _ = parse_record({"messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": "Hugging Face"}]}, 1)
+    encoder = ChatEncoder(tokenizer)
+    enc = encoder.encode(conv)
+    assert "trained by Hugging Face" in encoder.tok.decode(enc.tokens.tolist())
+    trained_at_end(enc, encoder.tok, "Hugging Face")
+
+
+def test_inst_system_prompt_moved_into_the_last_user_turn(mistral_tokenizer):
+    # Mistral v0.3 renders the system prompt only in a final user turn (so a prompt for turn k has it and
+    # the whole conversation does not): the turns are still found, and the dropped prompt is reported.
+    from engine.data.encode import NOTE_SYSTEM_DROPPED
+    conv, _ = parse_record({"messages": [
+        {"role": "system", "content": "Say A2."}, {"role": "user", "content": "A2"},
+        {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"}]}, 1)
+    encoder = ChatEncoder(mistral_tokenizer)
+    assert encoder.prompt_text(conv.messages[:4]) == "<s>[INST] A2[/INST] A2</s>[INST] Say A2.\n\nQ2[/INST]"
+    enc = encoder.encode(conv)
+    hf = encoder.tok
+    assert hf.decode(enc.tokens.tolist()) == "<s>[INST] A2[/INST] A2</s>[INST] Q2[/INST] A2</s>"
+    assert trained_segments(enc, hf) == [" A2</s>", " A2</s>"]
+    assert enc.notes == (NOTE_SYSTEM_DROPPED,)
+
+
+def test_template_that_is_not_prefix_stable_is_refused(mistral_tokenizer):
+    import copy
+    from engine.data.encode import EncodeError
+    tok = copy.copy(mistral_tokenizer)
+    tok._tokenizer = copy.deepcopy(mistral_tokenizer._tokenizer)
+    # Marks the last message, so a turn renders differently once another follows it.
+    tok._tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} (last)"
+                         "{% endif %}\n{% endfor %}")
+    conv, _ = parse_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, 1)
+    with pytest.raises(EncodeError, match="renders earlier turns differently"):
+        ChatEncoder(tok).encode(conv)

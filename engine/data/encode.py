@@ -1,17 +1,28 @@
 """Render conversations through the tokenizer's own chat template and mark which tokens train.
 
-Masking: the whole conversation is rendered once; each assistant message's content (and the end-of-turn
-token right after it) is located in the rendered text, and a token trains when its character span
-overlaps one of those regions. Every assistant turn of a multi-turn chat trains; role headers, system,
-user and tool turns do not. This works for templates that move text around (Mistral v0.3 puts the
-system prompt into the last user turn) because we search, in order, for what each message rendered as.
+Masking comes from the structure of the rendered turns, never from finding a message's text (a system
+prompt may contain the answer): assistant turn k is what rendering messages[:k+1] adds to the prompt
+rendered for messages[:k] with the generation prompt, both checked to be prefixes of the whole rendering.
+A token trains when it begins inside such a turn; the whitespace the template puts after the
+end-of-turn token does not. Templates that move the system prompt into the last user turn (Mistral v0.3)
+are prefix-stable once the system message is left out of the earlier prefixes; a template that is
+prefix-stable neither way is refused with a clear error.
+
+Rendering is bounded (RENDER_SECONDS, MAX_RENDER_CHARS): a chat template is code from the model's
+tokenizer_config.json, and a runaway loop or a huge output must end in an error, not a hang or an OOM kill.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.data.records import Conversation
 
@@ -22,8 +33,154 @@ FALLBACK_TEMPLATE = (
 )
 
 
+RENDER_SECONDS = 10.0  # one conversation; real templates take well under a millisecond
+MAX_RENDER_CHARS = 32 * 2**20  # one conversation's rendering (a line is at most 10 MB)
+
+
 class EncodeError(ValueError):
     pass
+
+
+class TemplateLimitError(EncodeError):
+    """The chat template itself ran away (time or size): the template's fault, not one line's."""
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus size checks where a template can build huge values in one step."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            _check_repeat(left, right)
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 \
+                and right * abs(left).bit_length() > 1_000_000:
+            raise TemplateLimitError("the chat template computes a power with over a million bits")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's naming: no clash with kwargs)
+        _check_size_args(args, kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, str) and len(result) > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_big())
+        return result
+
+
+def _too_big() -> str:
+    return f"the chat template produces more than {MAX_RENDER_CHARS // 2**20} M characters for one conversation"
+
+
+def _check_repeat(left, right) -> None:
+    for seq, n in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+            raise TemplateLimitError(_too_big())
+
+
+def _check_size_args(args, kwargs) -> None:
+    """A number that large as a width or count ('x'|center(10**10)) would allocate it at once."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDER_CHARS:
+            raise TemplateLimitError(f"the chat template asks for a size of {value:.3g}")
+
+
+def _bounded_filter(fn):
+    @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args, **kwargs):
+        _check_size_args(args[1:], kwargs)
+        return fn(*args, **kwargs)
+    return bounded
+
+
+@functools.lru_cache(maxsize=8)
+def compile_template(source: str):
+    """The template compiled with transformers' filters, globals and extensions (so it renders exactly as
+    apply_chat_template does, without its per-call deep copies: 10x faster on 100k conversations), in a
+    sandbox that bounds sizes. Compiled once per template."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    base = _compile_jinja_template(source).environment
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                              extensions=[type(e) for e in base.extensions.values()])
+    env.filters.update({name: _bounded_filter(fn) for name, fn in base.filters.items()})
+    env.globals.update({k: v for k, v in base.globals.items() if k != "range"})  # keep the sandbox's range
+    return env.from_string(source)
+
+
+class _RenderTimeout(TemplateLimitError):
+    """Raised (with no arguments) in a rendering thread by the watchdog."""
+
+
+class _Watchdog:
+    """One daemon thread that interrupts a render past its deadline: CPython's PyThreadState_SetAsyncExc
+    raises _RenderTimeout in the rendering thread at its next bytecode, so even an empty runaway loop ends.
+    A render costs a dict update here, where a trace function on template frames tripled its time."""
+
+    POLL = 0.25  # seconds between checks while renders happen
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._due: dict[int, float] = {}  # thread id -> deadline of its render
+        self._fired: set[int] = set()
+        self._busy = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, seconds: float):
+        tid = threading.get_ident()
+        with self._lock:
+            self._cancel(tid)
+            self._due[tid] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="template-watchdog", daemon=True)
+                self._thread.start()
+        if not self._busy.is_set():
+            self._busy.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._due.pop(tid, None)
+                self._cancel(tid)
+
+    def _cancel(self, tid: int) -> None:
+        if tid in self._fired:  # fired as the render finished: drop the exception if still pending
+            self._fired.discard(tid)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+
+    def _run(self) -> None:
+        while self._busy.wait():
+            time.sleep(self.POLL)
+            with self._lock:
+                now = time.monotonic()
+                for tid in [t for t, due in self._due.items() if due < now]:
+                    del self._due[tid]
+                    self._fired.add(tid)
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_RenderTimeout))
+                if not self._due:
+                    self._busy.clear()  # sleep until the next render
+
+
+_WATCHDOG = _Watchdog()
+
+
+def render_bounded(template, name: str, **variables) -> str:
+    """template.render(**variables), ended with TemplateLimitError past RENDER_SECONDS or MAX_RENDER_CHARS."""
+    chunks, size = [], 0
+    try:
+        with _WATCHDOG.watch(RENDER_SECONDS):
+            for chunk in template.generate(**variables):
+                size += len(chunk)
+                if size > MAX_RENDER_CHARS:
+                    raise TemplateLimitError(_too_big())
+                chunks.append(chunk)
+    except _RenderTimeout:
+        raise TemplateLimitError(f"the chat template of {name} did not finish rendering one conversation in "
+                                 f"{RENDER_SECONDS:g} s (a runaway loop?): fix chat_template in its "
+                                 "tokenizer_config.json or use another model") from None
+    except TemplateLimitError as exc:
+        what = str(exc).replace("the chat template", f"the chat template of {name}", 1)
+        raise TemplateLimitError(f"{what}: fix chat_template in its tokenizer_config.json or use another "
+                                 "model") from None
+    return "".join(chunks)
 
 
 @dataclass
@@ -62,35 +219,26 @@ class ChatEncoder:
         self.has_template = bool(getattr(self.tok, "chat_template", None))
         self.eos_text = self.tok.eos_token or ""
         self.eos_id = self.tok.eos_token_id
-        self._compiled = self._compile(self.tok.chat_template if self.has_template else FALLBACK_TEMPLATE)
+        self.name = getattr(self.tok, "name_or_path", "") or "this model"
+        source = self.tok.chat_template if self.has_template else FALLBACK_TEMPLATE
+        try:
+            self._compiled = compile_template(source)
+        except Exception as exc:  # a syntax error, or a constant the size checks refuse
+            raise EncodeError(f"the chat template of {self.name} does not compile: {exc}") from None
         self._special = {k: v for k, v in self.tok.special_tokens_map.items() if isinstance(v, str)}
         self._fast = getattr(self.tok, "backend_tokenizer", None)
-
-    @staticmethod
-    def _compile(template: str):
-        """The template compiled the way transformers does (same filters and globals), once. Rendering
-        through it skips apply_chat_template's per-call deep copies: 10x faster on 100k conversations."""
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-            return _compile_jinja_template(template)
-        except Exception:  # a transformers without it: fall back to apply_chat_template
-            return None
 
     def render(self, conv: Conversation, add_generation_prompt: bool = False) -> str:
         if conv.format == "text":
             return conv.text or ""
-        if self._compiled is not None:
-            try:
-                return self._compiled.render(messages=conv.messages, tools=conv.tools or None,
-                                             add_generation_prompt=add_generation_prompt, **self._special)
-            except Exception as exc:
-                raise EncodeError(f"the chat template rejected this conversation: {exc}") from None
-        kwargs = {"tools": conv.tools} if conv.tools else {}
-        if not self.has_template:
-            kwargs["chat_template"] = FALLBACK_TEMPLATE
+        return self._render(conv.messages, conv.tools, add_generation_prompt)
+
+    def _render(self, messages: list[dict], tools, add_generation_prompt: bool = False) -> str:
         try:
-            return self.tok.apply_chat_template(conv.messages, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt, **kwargs)
+            return render_bounded(self._compiled, self.name, messages=messages, tools=tools or None,
+                                  add_generation_prompt=add_generation_prompt, **self._special)
+        except TemplateLimitError:
+            raise
         except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate")
             raise EncodeError(f"the chat template rejected this conversation: {exc}") from None
 
@@ -99,26 +247,22 @@ class ChatEncoder:
         return self.render(Conversation(list(messages), tools), add_generation_prompt=True)
 
     def _assistant_spans(self, text: str, conv: Conversation) -> list[tuple[int, int]]:
-        spans, cursor = [], 0
-        for msg in conv.messages:
-            if msg["role"] == "system":
-                continue  # some templates move the system prompt; it is never trained anyway
-            content = msg["content"].strip()
-            if not content:
-                continue
-            at = text.find(content, cursor)
-            if at < 0:
-                if msg["role"] == "assistant":
-                    raise EncodeError("the chat template does not render this assistant message verbatim, "
-                                      "so its tokens cannot be located for loss masking")
-                continue
-            end = at + len(content)
-            if msg["role"] == "assistant":
-                if self.eos_text and text.startswith(self.eos_text, end):
-                    end += len(self.eos_text)
-                spans.append((at, end))
-            cursor = end
-        return spans
+        return [self._turn_span(text, conv, k) for k, m in enumerate(conv.messages) if m["role"] == "assistant"]
+
+    def _turn_span(self, full: str, conv: Conversation, k: int) -> tuple[int, int]:
+        """(start, end) in `full` of assistant turn k: from the end of the generation prompt for the turns
+        before it to the end of its own rendering, less the whitespace the template adds after it."""
+        msgs = conv.messages
+        starts = [0, 1] if msgs[0]["role"] == "system" else [0]  # 1: the system prompt is rendered later
+        for first in starts:
+            prompt = self._render(msgs[first:k], conv.tools, add_generation_prompt=True)
+            upto = full if first == 0 and k + 1 == len(msgs) else self._render(msgs[first:k + 1], conv.tools)
+            end = len(upto.rstrip())
+            if end > len(prompt) and upto.startswith(prompt) and full.startswith(upto):
+                return len(prompt), end
+        raise EncodeError("the chat template renders earlier turns differently once later turns follow, so "
+                          "the assistant turns cannot be located for loss masking (set data.mask_prompt: false "
+                          "to train on every token, or use another model)")
 
     def encode(self, conv: Conversation) -> Encoded:
         result = self.encode_many([conv])[0]
@@ -177,8 +321,8 @@ class ChatEncoder:
             return Encoded(tokens, np.ones(len(tokens), dtype=bool))
         off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         trained = np.zeros(len(tokens), dtype=bool)
-        for start, end in self._assistant_spans(text, conv):
-            trained |= (off[:, 0] < end) & (off[:, 1] > start)
+        for start, end in self._assistant_spans(text, conv):  # a token that begins in the prompt never trains
+            trained |= (off[:, 0] >= start) & (off[:, 0] < end)
         return Encoded(tokens, trained)
 
     def _encode_text(self, conv: Conversation) -> Encoded:
