@@ -9,8 +9,10 @@ place: a reader sees the old set of checkpoints or the new one, never a partial 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,9 +57,10 @@ class CheckpointStore:
     @staticmethod
     def _val_loss(path: Path) -> float | None:
         try:
-            return json.loads((path / STATE_FILE).read_text()).get("val_loss")
-        except (OSError, ValueError):
+            value = json.loads((path / STATE_FILE).read_text()).get("val_loss")
+        except (OSError, ValueError, AttributeError):  # AttributeError: a state that is not an object
             return None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def best(self) -> CheckpointInfo | None:
         try:
@@ -110,7 +113,91 @@ class CheckpointStore:
 
 
 def read_state(path: Path) -> dict:
+    """trainer_state.json, checked field by field: a wrong type names its field."""
+    file = path / STATE_FILE
     try:
-        return json.loads((path / STATE_FILE).read_text())
+        state = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    problem = state_problem(state)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
+    return state
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# What resume reads from trainer_state.json: field -> (check, what it must be, required)
+STATE_FIELDS = {
+    "step": (_is_int, "a non-negative integer", True),
+    "epoch": (_is_int, "a non-negative integer", True),
+    "pos": (_is_int, "a non-negative integer", True),
+    "order": (lambda x: isinstance(x, list) and all(isinstance(b, list) and b and all(_is_int(i) for i in b)
+                                                    for b in x), "a list of batches (lists of row numbers)", True),
+    "total_steps": (_is_int, "a non-negative integer", False),
+    "tokens_seen": (_is_int, "a non-negative integer", False),
+    "elapsed": (_is_number, "a number of seconds", False),
+    "best_val_loss": (lambda x: x is None or _is_number(x), "a number or null", False),
+    "run": (lambda x: isinstance(x, dict), "an object", False),
+    "resumes": (lambda x: isinstance(x, list), "a list", False),
+}
+
+
+def state_problem(state) -> str | None:
+    """What is wrong with a trainer state, naming the field; None when resume can use it."""
+    if not isinstance(state, dict):
+        return f"must be a JSON object, got {type(state).__name__}"
+    for name, (check, what, required) in STATE_FIELDS.items():
+        if name not in state:
+            if required:
+                return f"field {name!r} is missing"
+            continue
+        if not check(state[name]):
+            return f"field {name!r} must be {what}, got {json.dumps(state[name])[:40]}"
+    if state["order"] and state["pos"] > len(state["order"]):
+        return f"field 'pos' ({state['pos']}) is past the end of 'order' ({len(state['order'])} batches)"
+    return None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Whether a safetensors file is whole: a readable JSON header whose tensors end exactly at the file's
+    end (a truncated save, a zero-length file or another format fails); None when whole."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{file}: truncated ({size} bytes)"
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                return f"{file}: truncated or not a safetensors file (header of {n} bytes in a {size}-byte file)"
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        return f"{file}: missing"
+    except OSError as exc:
+        return f"{file}: unreadable ({exc.strerror or exc})"
+    except ValueError:
+        return f"{file}: not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{file}: not a safetensors file"
+    ends = [t["data_offsets"][1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict) and isinstance(t.get("data_offsets"), list)]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"{file}: truncated ({size:,} bytes, its header describes {expected:,})"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (its tensors are not whole), or None."""
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        problem = safetensors_problem(path / name)
+        if problem:
+            return problem
+    return None

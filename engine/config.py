@@ -71,6 +71,9 @@ class TrainingConfig:
                             min=0, max=10_000_000)
     min_lr_ratio: float = opt(0.0, "Final learning rate as a fraction of the peak", min=0, max=1)
     weight_decay: float = opt(0.01, "AdamW decoupled weight decay", min=0, max=1)
+    adam_bias_correction: bool = opt(True, "AdamW's bias correction of its moment estimates, as in PyTorch and "
+                                     "Hugging Face (the learning rates recipes give assume it); off = MLX's "
+                                     "default, whose first steps are several times larger")
     max_grad_norm: float = opt(1.0, "Clip gradients to this global norm; 0 = no clipping", min=0, max=1e6)
     grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% slower")
     memory_limit_gb: float = opt(0.0, "GPU only: above this much memory MLX waits for queued work to free its "
@@ -367,9 +370,18 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
 
 
 def run_name_problem(name: str) -> str | None:
-    """The run folder must stay inside output.dir: no path separators, no parent folder."""
-    if name and (name.strip() in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128):
+    """The run folder must stay inside output.dir: no path separators, no parent folder; and be a name a
+    user can see and type again: not only spaces, no control characters (a newline, a tab)."""
+    if not name:
+        return None  # a timestamp
+    if name.strip() in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128:
         return f"{_show(name)} is not a plain folder name (no / or \\, not . or .., at most 128 characters)"
+    if not name.strip():
+        return f"{_show(name)} is only spaces: name the run, or leave it empty for a timestamp"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{_show(name)} holds control characters (a newline or tab?): use a plain folder name"
+    if name != name.strip():
+        return f"{_show(name)} starts or ends with a space: write {name.strip()!r}"
     return None
 
 

@@ -172,3 +172,72 @@ def clear(run_dir: Path) -> None:
             path.unlink()
     for old in run_dir.glob("config.step_*.yaml"):
         old.unlink()
+
+
+# ---------------------------------------------------------------- what determines a run
+
+# Settings a resume must keep to continue exactly: the data order, the dropout masks, the adapter's shape
+# and meaning depend on them. (The global batch, training.batch_size x ranks, is checked on its own.)
+FIXED_SETTINGS = ("training.seed", "training.grad_accumulation", "data.validation_split", "data.shuffle",
+                  "model.name", "model.max_seq_length", "lora.rank", "lora.alpha", "lora.dropout",
+                  "lora.target_modules", "lora.num_layers", "lora.use_dora")
+# Settings that name where things are, not what is trained: a change is not worth a warning.
+PLACES = ("output.dir", "output.run_name", "data.path")
+
+
+def data_fingerprint(train, valid) -> str:
+    """sha256 of the tokenized split (tokens and loss masks, in order): what the run trains and validates
+    on, whatever file or formatting it came from."""
+    import hashlib
+
+    import numpy as np
+    h = hashlib.sha256()
+    for part in (train, valid):
+        h.update(len(part).to_bytes(8, "little"))
+        for example in part:
+            tokens = np.ascontiguousarray(example.encoded.tokens, dtype=np.int32)
+            h.update(len(tokens).to_bytes(8, "little"))
+            h.update(tokens.tobytes())
+            h.update(np.packbits(example.encoded.trained).tobytes())
+    return h.hexdigest()
+
+
+def flat_config(cfg_dict: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in cfg_dict.items() for key, value in values.items()}
+
+
+def run_identity(cfg, data, ranks: int) -> dict:
+    """What trainer_state.json records so that a resume can tell whether it continues the same run
+    (data=None: the settings only, checked before the dataset is read)."""
+    flat = flat_config(cfg.to_dict())
+    identity = {"batch_size": cfg.training.batch_size, "ranks": ranks, "global_batch": cfg.training.batch_size * ranks,
+                "settings": {k: flat[k] for k in FIXED_SETTINGS}}
+    if data is not None:
+        identity |= {"data_sha256": data_fingerprint(data.train, data.valid), "data_path": cfg.data.path,
+                     "train_rows": len(data.train), "valid_rows": len(data.valid)}
+    return identity
+
+
+def resume_conflicts(old: dict, new: dict) -> list[str]:
+    """What differs between a checkpoint's run and this one that makes an exact resume impossible."""
+    out = []
+    if "data_sha256" in new and old.get("data_sha256") != new["data_sha256"]:
+        out.append(f"the dataset differs ({old.get('train_rows')} training / {old.get('valid_rows')} validation "
+                   f"rows from {old.get('data_path')} then, {new['train_rows']} / {new['valid_rows']} from "
+                   f"{new['data_path']} now)")
+    if old.get("global_batch") != new["global_batch"]:
+        out.append(f"the global batch (training.batch_size x ranks) was {old.get('batch_size')} x "
+                   f"{old.get('ranks')} = {old.get('global_batch')}, now {new['batch_size']} x {new['ranks']} = "
+                   f"{new['global_batch']}")
+    settings = old.get("settings") or {}
+    for key in FIXED_SETTINGS:
+        if key in settings and settings[key] != new["settings"][key]:
+            out.append(f"{key} was {settings[key]!r}, now {new['settings'][key]!r}")
+    return out
+
+
+def config_changes(old_cfg: dict, new_cfg: dict) -> dict:
+    """Settings a resume may change (learning rate, length, schedule, intervals...): {key: [old, new]}."""
+    old, new = flat_config(old_cfg), flat_config(new_cfg)
+    return {k: [old.get(k), v] for k, v in new.items()
+            if old.get(k) != v and k not in FIXED_SETTINGS and k not in PLACES}  # a key new since: None
