@@ -10,6 +10,7 @@ Accepted shapes (one JSON object per line):
 from __future__ import annotations
 
 import reprlib
+import unicodedata
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -19,6 +20,22 @@ ROLE_ALIASES = {
     "ipython": "tool",
 }
 LABELS = {"desirable": "desirable", "undesirable": "undesirable", True: "desirable", False: "undesirable"}
+# Characters that show nothing: whitespace, format characters (zero-width space, joiners, BOM, soft
+# hyphen, direction marks), controls and separators, plus the letters and symbols that render blank.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # Hangul fillers, braille blank
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: empty, whitespace or only invisible characters (a zero-width space)."""
+    return all(c.isspace() or c in BLANK_CHARACTERS or unicodedata.category(c) in INVISIBLE_CATEGORIES
+               for c in text)
+
+
+def _blank_reason(text: str, what: str) -> str:
+    """`what`, and which invisible characters the text holds when it is not plain whitespace."""
+    hidden = sorted({f"U+{ord(c):04X}" for c in text if not c.isspace()})
+    return what + (f" (only invisible characters: {', '.join(hidden[:5])})" if hidden else "")
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,9 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
                                     + ", ".join(ROLES)))
             continue
         norm_role = ROLE_ALIASES[role.strip().lower()]
+        if "tool_calls" in msg and msg["tool_calls"] is not None and \
+                _tool_calls_issue(msg["tool_calls"], f"{where}.tool_calls", line, issues):
+            continue
         has_tool_calls = norm_role == "assistant" and isinstance(msg.get("tool_calls"), list) and msg["tool_calls"]
         if content is None and not has_tool_calls:
             issues.append(LineIssue(line, f"{where}.{content_key}", "missing content"))
@@ -94,8 +114,8 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
             issues.append(LineIssue(line, f"{where}.{content_key}", f"content must be a string, got "
                                     f"{type(content).__name__}"))
             continue
-        if not has_tool_calls and not content.strip():
-            issues.append(LineIssue(line, f"{where}.{content_key}", "empty content"))
+        if not has_tool_calls and is_blank(content):
+            issues.append(LineIssue(line, f"{where}.{content_key}", _blank_reason(content, "empty content")))
             continue
         norm = {"role": norm_role, "content": content or ""}
         for extra in ("tool_calls", "tool_call_id", "name"):
@@ -103,6 +123,37 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
                 norm[extra] = msg[extra]
         out.append(norm)
     return out
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _tool_calls_issue(calls, where: str, line: int, issues: list[LineIssue]) -> bool:
+    """Add an issue when tool_calls is not a list of calls, each an object naming its function."""
+    before = len(issues)
+    if not isinstance(calls, list):
+        issues.append(LineIssue(line, where, f"must be a list of tool calls (objects), got {_type_name(calls)}"))
+        return True
+    for i, call in enumerate(calls):
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            issues.append(LineIssue(line, at, f"must be an object (a tool call), got {_type_name(call)}"))
+            continue
+        function = call.get("function", call)
+        if not isinstance(function, dict):
+            issues.append(LineIssue(line, f"{at}.function", f"must be an object with name and arguments, got "
+                                    f"{_type_name(function)}"))
+            continue
+        name = function.get("name")
+        if not isinstance(name, str) or is_blank(name):
+            issues.append(LineIssue(line, f"{at}{'.function' if 'function' in call else ''}.name",
+                                    "a tool call needs the function's name (a string)"))
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, (dict, str)):
+            issues.append(LineIssue(line, f"{at}{'.function' if 'function' in call else ''}.arguments",
+                                    f"must be an object (or a JSON string), got {_type_name(arguments)}"))
+    return len(issues) > before
 
 
 def _check_order(messages: list[dict], key: str, line: int, issues: list[LineIssue]) -> None:
@@ -152,6 +203,11 @@ def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue
         tools = record.get("tools")
         if tools is not None and not isinstance(tools, list):
             issues.append(LineIssue(line, "tools", f"must be a list of tool schemas, got {type(tools).__name__}"))
+        elif tools:
+            for i, tool in enumerate(tools):
+                if not isinstance(tool, dict):
+                    issues.append(LineIssue(line, f"tools[{i}]", f"must be an object (a tool schema), got "
+                                            f"{_type_name(tool)}"))
         conv = Conversation(messages, tools, label, "seed" if key == "conversations" else "chat")
     elif "prompt" in record or "completion" in record:
         for key in ("prompt", "completion"):
@@ -160,8 +216,9 @@ def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue
                 issues.append(LineIssue(line, key, f"missing {key}"))
             elif not isinstance(value, str):
                 issues.append(LineIssue(line, key, f"must be a string, got {type(value).__name__}"))
-            elif key == "completion" and not value.strip():
-                issues.append(LineIssue(line, key, "empty completion: nothing to train on"))
+            elif key == "completion" and is_blank(value):
+                issues.append(LineIssue(line, key, _blank_reason(value, "empty completion") + ": nothing to "
+                                        "train on"))
         conv = Conversation([{"role": "user", "content": record.get("prompt") or ""},
                              {"role": "assistant", "content": record.get("completion") or ""}],
                             None, label, "completion")
@@ -169,8 +226,8 @@ def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue
         text = record["text"]
         if not isinstance(text, str):
             issues.append(LineIssue(line, "text", f"must be a string, got {type(text).__name__}"))
-        elif not text.strip():
-            issues.append(LineIssue(line, "text", "empty text"))
+        elif is_blank(text):
+            issues.append(LineIssue(line, "text", _blank_reason(text, "empty text")))
         conv = Conversation([], None, label, "text", text if isinstance(text, str) else None)
     else:
         keys = ", ".join(sorted(map(str, record))[:5]) or "none"

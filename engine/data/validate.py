@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from engine.data.encode import ChatEncoder, Encoded, EncodeError, truncate
+from engine.data.encode import ChatEncoder, Encoded, EncodeError, TemplateLimitError, truncate
 from engine.data.records import Conversation, LineIssue, parse_record
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
 MAX_KEPT_ISSUES = 2000
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: paired (an emoji) or lone
 CHUNK = 256  # lines tokenized together  # the report keeps the first N issues; counts stay exact
 
 
@@ -168,7 +170,11 @@ def validate_dataset(
     """Validate (and, with a tokenizer, tokenize) a JSONL file. Never raises for bad lines."""
     p = check_path(path)
     report = DatasetReport(str(p), max_seq_length=max_seq_length, error_threshold=error_threshold)
-    encoder = ChatEncoder(tokenizer, mask_prompt) if tokenizer is not None else None
+    try:
+        encoder = ChatEncoder(tokenizer, mask_prompt) if tokenizer is not None else None
+    except EncodeError as exc:  # the template does not compile: no line can be rendered
+        raise DatasetError(f"{p}: {exc}") from None
+    before = _fingerprint(p)
     wanted = set(train_labels or [])
     examples: list[Example] = []
     total_bytes = max(p.stat().st_size, 1)
@@ -200,6 +206,9 @@ def validate_dataset(
         if encoder is not None:
             ok = [(n, c) for n, c, iss in pending if c is not None]
             encoded = dict(zip((n for n, _ in ok), encoder.encode_many([c for _, c in ok])))
+            for number, enc in encoded.items():
+                if isinstance(enc, TemplateLimitError):  # the template's fault: every line would hit it
+                    raise DatasetError(f"{p}: line {number}: {enc}")
         for number, conv, issues in pending:
             if conv is not None and encoder is not None:
                 keep = keep_examples and (not wanted or conv.label is None or conv.label in wanted)
@@ -226,6 +235,10 @@ def validate_dataset(
                 report.warnings.append(f"stopped early at line {number}")
                 break
     flush(pending)
+    if _fingerprint(p) != before:
+        report.warnings.append(f"{p} changed while it was being validated (its size or modification time "
+                               "differs): the report may mix old and new lines; validate it again once it "
+                               "is written")
     report.seconds = time.perf_counter() - start
     if progress:
         progress(total_bytes, total_bytes)
@@ -236,6 +249,14 @@ def validate_dataset(
     return report, examples
 
 
+def _fingerprint(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _parse_line(text: str, number: int) -> tuple[Conversation | None, list[LineIssue]]:
     try:
         record = json.loads(text)
@@ -243,7 +264,38 @@ def _parse_line(text: str, number: int) -> tuple[Conversation | None, list[LineI
         return None, [LineIssue(number, "", f"invalid JSON: {exc.msg} at column {exc.colno}")]
     except RecursionError:
         return None, [LineIssue(number, "", "invalid JSON: nested too deeply")]
+    except ValueError as exc:  # an integer over Python's digit limit (4300)
+        return None, [LineIssue(number, "", f"unreadable number: {str(exc).split(';')[0]}")]
+    if SURROGATE_ESCAPE.search(text) and (where := _surrogate_field(record)) is not None:
+        return None, [LineIssue(number, where, "contains a lone surrogate escape (\\ud800-\\udfff without "
+                                "its pair): not a character, cannot be encoded as UTF-8")]
     return parse_record(record, number)
+
+
+def _surrogate_field(record) -> str | None:
+    try:
+        return _lone_surrogate(record)
+    except RecursionError:  # nested as deep as JSON allows: the tokenizer reports it, if need be
+        return None
+
+
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in the record a string (or key) holds an unpaired UTF-16 surrogate that JSON let through."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return where or "(a key)"
+        inner = f"{where}.{key}" if isinstance(key, str) and where else str(key) if isinstance(key, str) \
+            else f"{where}[{key}]"
+        if (found := _lone_surrogate(item, inner)) is not None:
+            return found
+    return None
 
 
 def _encode_issues(enc: Encoded | EncodeError, conv: Conversation, number: int, max_len: int,
