@@ -41,7 +41,8 @@ def cmd_train(args, load_cfg) -> int:
             print(f"\r{event.name} [{event.fraction:4.0%}]\033[K", end="", file=sys.stderr, flush=True)
 
     try:
-        result = TrainingRun(cfg, [printer], control, resume=args.resume, stop_after=args.stop_after).run()
+        result = TrainingRun(cfg, [printer], control, resume=args.resume, stop_after=args.stop_after,
+                             overwrite=args.overwrite).run()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -51,8 +52,13 @@ def cmd_train(args, load_cfg) -> int:
         return {"config": EXIT_CONFIG, "checkpoint": EXIT_CONFIG, "data": EXIT_DATA,
                 "model": EXIT_MODEL}.get(result.error_kind, EXIT_TRAINING)
     if result.status == "stopped" and interrupted["n"]:
-        print(f"lora-tui: stopped at step {result.step}; resume with: lora-tui train --resume {result.run_dir}",
+        print(f"lora-tui: {result.message}" if result.message else  # stopped before training: nothing to resume
+              f"lora-tui: stopped at step {result.step}; resume with: lora-tui train --resume {result.run_dir}",
               file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if interrupted["n"]:  # during the end-of-run samples: training had finished
+        print(f"lora-tui: interrupted after the last step: the adapter and report in {result.run_dir} are saved, "
+              "the samples cut short", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
 
@@ -66,11 +72,11 @@ def eval_only(cfg, args) -> int:
     from engine.fuse import load_with_adapter
     if not args.resume:
         raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")
+    heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
     model, tokenizer, _ = load_with_adapter(cfg, args.resume)
     data = prepare_dataset(cfg, tokenizer)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     result = {}
-    heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
     for name in ("base", "adapter"):
         def measure():
             loss = validation_loss(model, data.valid, cfg.training.batch_size, pad, cfg.model.max_seq_length,
@@ -131,8 +137,9 @@ def cmd_fuse(args, load_cfg) -> int:
     result = fuse(cfg, args.adapter, args.out)
     print(json.dumps(result, indent=2))
     if not result["same_greedy_output"]:
-        print("lora-tui: error: the fused model does not reproduce base + adapter's greedy output",
-              file=sys.stderr)
+        why = "gives NaN or infinite outputs" if not result["finite_output"] else \
+            "does not reproduce base + adapter's greedy output"
+        print(f"lora-tui: error: {result['path']}: the fused model {why}", file=sys.stderr)
         return EXIT_TRAINING
     return EXIT_OK
 
@@ -142,21 +149,25 @@ def add_commands(sub, load_cfg) -> None:
     t.add_argument("--dataset", "-d", help="JSONL file (default: data.path from the config)")
     t.add_argument("--resume", help="a checkpoint folder, a run folder, or 'latest' (with output.run_name)")
     t.add_argument("--eval-only", action="store_true", help="evaluate --resume's adapter against the base")
-    t.add_argument("--iterations", type=int, help="override training.iterations")
+    from engine.cli import config_value, whole_number
+    t.add_argument("--iterations", type=config_value("training.iterations"), help="override training.iterations")
     t.add_argument("--run-name", help="override output.run_name")
-    t.add_argument("--stop-after", type=int, help=argparse_suppress())
-    t.add_argument("--heldout-limit", type=int, default=None, help="with --eval-only: first N held-out prompts")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (its checkpoints, adapter and report)")
+    t.add_argument("--stop-after", type=whole_number(1), help=argparse_suppress())
+    t.add_argument("--heldout-limit", type=whole_number(1), default=None,
+                   help="with --eval-only: first N held-out prompts")
     t.set_defaults(func=lambda a: cmd_train(a, load_cfg))
     c = sub.add_parser("chat", help="a plain terminal chat with the base model or an adapter")
-    c.add_argument("--adapter", help="adapter or checkpoint folder (default: the base model)")
+    c.add_argument("--adapter", help="adapter, checkpoint or run folder (default: the base model)")
     c.add_argument("--system", help="a system prompt")
-    c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--max-tokens", type=config_value("evaluation.max_tokens"), default=256)
+    c.add_argument("--temperature", type=config_value("evaluation.temperature"), default=0.7)
+    c.add_argument("--top-p", type=config_value("evaluation.top_p"), default=0.9)
     c.set_defaults(func=lambda a: cmd_chat(a, load_cfg))
     f = sub.add_parser("fuse", help="merge an adapter into the base: a model folder mlx_lm.load opens")
-    f.add_argument("--adapter", required=True, help="adapter or checkpoint folder")
-    f.add_argument("--out", required=True, help="new folder for the fused model")
+    f.add_argument("--adapter", required=True, help="adapter, checkpoint or run folder")
+    f.add_argument("--out", required=True, help="new folder for the fused model (absent or empty)")
     f.set_defaults(func=lambda a: cmd_fuse(a, load_cfg))
 
 

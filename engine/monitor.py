@@ -58,6 +58,8 @@ def describe(event) -> str | None:
         return f"sample: {event.prompt!r}\n  base:    {event.base!r}\n  adapter: {event.adapter!r}"
     if isinstance(event, WarningEvent):
         return f"warning: {event.message}"
+    if isinstance(event, Finished) and not event.adapter_path:
+        return f"stopped at step {event.step}, before training: nothing saved"
     if isinstance(event, Finished):
         return f"finished at step {event.step}" + (" (stopped)" if event.stopped_early else "") + \
             f"; adapter in {event.adapter_path}; report {event.report_path}"

@@ -19,7 +19,8 @@ from pathlib import Path
 from engine import atomic
 from engine import events as ev
 from engine.batches import collate, epoch_batches, steps_per_epoch
-from engine.checkpoints import CheckpointError, CheckpointStore, read_state
+from engine import run_folder
+from engine.checkpoints import STATE_FILE, CheckpointError, CheckpointStore, checkpoint_problem, read_state
 from engine.config import Config, check_against_total, to_yaml
 from engine.control import RunControl
 from engine.distributed import DistributedError, World
@@ -32,6 +33,10 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, kind: str = "training"):
         super().__init__(message)
         self.kind = kind  # "config", "data", "model", "checkpoint", "training", "disk"
+
+
+class StoppedEarly(Exception):
+    """A stop asked for before the first step: nothing was trained, so nothing is saved."""
 
 
 @dataclass
@@ -79,6 +84,15 @@ def build_schedule(cfg: Config, total_steps: int):
         return decay
     # Start at lr/(warm+1), not 0: a first step at lr 0 would be wasted.
     return optim.join_schedules([optim.linear_schedule(lr / (warm + 1), lr, warm), decay], [warm])
+
+
+def build_optimizer(cfg: Config, schedule):
+    """AdamW as PyTorch and Hugging Face define it (by default): MLX's own default skips the bias
+    correction, which makes the first steps several times larger at the same learning rate (x3.2 at
+    step 1, x6.5 at step 10; bench/check_adamw.py)."""
+    import mlx.optimizers as optim
+    t = cfg.training
+    return optim.AdamW(learning_rate=schedule, weight_decay=t.weight_decay, bias_correction=t.adam_bias_correction)
 
 
 @contextmanager
@@ -206,7 +220,8 @@ def _set_leaf(tree, path: str, value) -> None:
 
 class TrainingRun:
     def __init__(self, cfg: Config, listeners=(), control: RunControl | None = None,
-                 resume: str | None = None, run_dir: str | Path | None = None, stop_after: int | None = None):
+                 resume: str | None = None, run_dir: str | Path | None = None, stop_after: int | None = None,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.listeners = list(listeners)
         self.world = World(0, 1)  # set by run(): mlx.launch may have made this process one rank of several
@@ -214,6 +229,11 @@ class TrainingRun:
         self.resume_from = resume
         self._run_dir = Path(run_dir) if run_dir else None
         self.stop_after = stop_after  # for tests and benchmarks: behave as if stopped after this step
+        self.overwrite = overwrite  # a fresh start may replace an earlier run in the same folder
+        self.lock: run_folder.RunLock | None = None
+        self.resumes: list[dict] = []  # each resume of this run: step, checkpoint, settings changed
+        self.config_kept_as: str | None = None  # where a resume with changed settings keeps the old config.yaml
+        self.identity: dict = {}
         self.step = 0
         self.last_checkpoint: str | None = None
         self.losses: list[float] = []
@@ -240,13 +260,15 @@ class TrainingRun:
         try:
             self.world = World.current()
             self.world.on_lost = self._group_lost
-            resume = self._locate()
+            self._locate()
             if self.world.is_main:  # only rank 0 writes the run folder
                 log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
                 self.listeners.append(log)
-            self._prepare(*resume)
+            self._prepare(*self._find_resume())
             with checkpointed_layers(self.model, self.cfg.training.grad_checkpoint):
                 return self._loop()
+        except StoppedEarly:
+            return self._stopped_before_training()
         except TrainingError as exc:
             return self._fail(str(exc), exc.kind)
         except CheckpointError as exc:
@@ -264,6 +286,8 @@ class TrainingRun:
         finally:
             if log is not None:
                 log.close()
+            if self.lock is not None:
+                self.lock.release()
 
     def _group_lost(self, message: str) -> None:
         """Called by the distributed watchdog (another thread) just before the process exits."""
@@ -284,6 +308,18 @@ class TrainingRun:
         except OSError:
             return ""
 
+    def _stopped_before_training(self) -> RunResult:
+        """A stop during preparation: no checkpoint of an untrained step (it would look like a run to resume)."""
+        message = ("stopped before training began: nothing was trained or saved" if not self.resume_from else
+                   "stopped before training resumed: the run folder is as it was")
+        self.emit(ev.Finished(self.step, True, None, None, "", ""))
+        run_dir = getattr(self, "run_dir", Path(self.cfg.output.dir))
+        return RunResult("stopped", run_dir, self.step, self.losses, message=message)
+
+    def _check_stop(self) -> None:
+        if self.control.stop_requested:
+            raise StoppedEarly()
+
     def _fail(self, message: str, kind: str) -> RunResult:
         self.emit(ev.Failed(self.step, message, self.last_checkpoint))
         run_dir = getattr(self, "run_dir", Path(self.cfg.output.dir))
@@ -291,27 +327,65 @@ class TrainingRun:
 
     # ------------------------------------------------------------ preparation
 
-    def _locate(self) -> tuple[dict | None, Path | None]:
-        """Pick the run folder (a resumed run keeps its own) and the checkpoint to resume, if any."""
+    def _locate(self) -> None:
+        """Pick the run folder (a resumed run keeps its own) and claim it."""
         cfg = self.cfg
         from engine.config import run_name_problem
         problem = run_name_problem(cfg.output.run_name)  # also a name set on the command line, after validation
         if problem:
             raise TrainingError(f"output.run_name: {problem}", "config")
-        resume_state, resume_dir = self._find_resume()
-        if resume_dir is not None:
-            self.run_dir = resume_dir.parent.parent
-        else:
-            started = self.world.from_main(int(time.time()))  # every rank names the same folder
-            name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S", time.localtime(started))
-            self.run_dir = self._run_dir or Path(cfg.output.dir).expanduser() / name
-        self.run_dir = self.run_dir.resolve()
+        self.run_dir = self._pick_run_dir().resolve()
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoints.keep_last, cfg.checkpoints.keep_best)
-        return resume_state, resume_dir
+        self._claim_folder()
+
+    def _pick_run_dir(self) -> Path:
+        if self.resume_from == "latest":
+            base = self._run_dir or (Path(self.cfg.output.dir).expanduser() / self.cfg.output.run_name
+                                     if self.cfg.output.run_name else None)
+            if base is None:
+                raise TrainingError("--resume latest needs output.run_name (or a run folder): which run?", "config")
+            if not (base / "checkpoints").is_dir():
+                raise CheckpointError(f"no checkpoint to resume in {base / 'checkpoints'}")
+            return base
+        if self.resume_from:
+            path = Path(self.resume_from).expanduser()
+            if (path / "checkpoints").is_dir():  # a run folder
+                return path
+            if not (path / STATE_FILE).is_file():
+                raise CheckpointError(f"{path}: not a checkpoint (no {STATE_FILE})")
+            return path.resolve().parent.parent  # a checkpoint folder: run/checkpoints/step_N
+        if self._run_dir:
+            return self._run_dir
+        started = self.world.from_main(int(time.time()))  # every rank names the same folder
+        name = self.cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S", time.localtime(started))
+        return Path(self.cfg.output.dir).expanduser() / name
+
+    def _claim_folder(self) -> None:
+        """Rank 0 (the only writer) locks the run folder for this process and checks that writing there
+        loses nothing; every rank stops together when it cannot."""
+        problem = None
+        if self.world.is_main:
+            try:
+                run_folder.check_written_paths(self.run_dir)
+                self.lock = run_folder.RunLock(self.run_dir).acquire()
+                if not self.resume_from:
+                    self._start_fresh()
+            except run_folder.RunFolderError as exc:
+                problem = str(exc)
+            except OSError as exc:
+                problem = f"{exc.filename or self.run_dir}: {exc.strerror or exc}"
+        if self.world.any(problem is not None):
+            raise TrainingError(problem or "rank 0 cannot use the run folder (its log says why)", "config")
+
+    def _start_fresh(self) -> None:
+        if run_folder.holds_run(self.run_dir) and not self.overwrite:
+            raise run_folder.RunFolderError(
+                f"{self.run_dir} holds an earlier run (checkpoints, adapter or report): use --resume latest to "
+                "continue it, --overwrite to replace it, or another --run-name")
+        run_folder.clear(self.run_dir)  # the replaced run, or the logs of one that failed before its first step
 
     def _prepare(self, resume_state: dict | None, resume_dir: Path | None) -> None:
         import mlx.core as mx
-        import mlx.optimizers as optim
 
         from engine import blas
         from engine.adapters import AdapterError, apply_lora, total_count, trainable_count
@@ -320,12 +394,15 @@ class TrainingRun:
         from engine.model import ModelLoadError, load_model
 
         cfg, t = self.cfg, self.cfg.training
+        if resume_state is not None:  # settings first: a refusal should not wait for the model and the data
+            self._check_same_run(resume_dir, resume_state, run_folder.run_identity(cfg, None, self.world.size))
 
         phase = lambda name, frac: self.emit(ev.Phase(name, frac))  # noqa: E731
         try:
             model, tokenizer, info = load_model(cfg.model, lambda w, f: phase(w, 0.4 * f))
         except ModelLoadError as exc:
             raise TrainingError(str(exc), "model") from None
+        self._check_stop()
         mx.random.seed(t.seed)
         try:
             self.adapter_config = apply_lora(model, cfg.lora)
@@ -338,10 +415,16 @@ class TrainingRun:
         phase("tokenizing the dataset", 0.45)
         try:
             data = prepare_dataset(cfg, tokenizer, progress=lambda d, n: phase("tokenizing the dataset",
-                                                                                   0.45 + 0.45 * d / n))
+                                                                                   0.45 + 0.45 * d / n),
+                                   should_stop=lambda: self.control.stop_requested)
         except DatasetError as exc:
+            self._check_stop()  # a dataset cut short by a stop is not a bad dataset
             raise TrainingError(str(exc), "data") from None
+        self._check_stop()
         self.data = data
+        self.identity = run_folder.run_identity(cfg, data, self.world.size)
+        if resume_state is not None:
+            self._check_same_run(resume_dir, resume_state, self.identity)
         for w in data.report.warnings:
             self.warn(w)
 
@@ -354,7 +437,7 @@ class TrainingRun:
             self.warn(f"{issue.field}: {issue.message}")
 
         self.schedule = build_schedule(cfg, self.total_steps)
-        self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=t.weight_decay)
+        self.optimizer = build_optimizer(cfg, self.schedule)
         self.optimizer.init(model.trainable_parameters())
         model.train()
         self.trainable = trainable_count(model)
@@ -372,6 +455,7 @@ class TrainingRun:
         self.elapsed_before = 0.0
         if resume_state is not None:
             self._restore(resume_dir, resume_state)
+        self._check_stop()
         phase("ready", 1.0)
 
     def _estimate_memory(self):
@@ -399,26 +483,53 @@ class TrainingRun:
                       "training.batch_size or model.max_seq_length, or turn on training.grad_checkpoint")
         return estimate
 
-    def _find_resume(self):
+    def _find_resume(self) -> tuple[dict | None, Path | None]:
         if not self.resume_from:
             return None, None
-        if self.resume_from == "latest":
-            base = self._run_dir or (Path(self.cfg.output.dir).expanduser() / self.cfg.output.run_name
-                                     if self.cfg.output.run_name else None)
-            if base is None:
-                raise TrainingError("--resume latest needs output.run_name (or a run folder): which run?", "config")
-            candidates = CheckpointStore(base / "checkpoints").resolve("latest")
+        path = Path(self.resume_from).expanduser()
+        if self.resume_from != "latest" and (path / STATE_FILE).is_file():
+            candidates = [path]
         else:
-            candidates = CheckpointStore(Path(self.resume_from)).resolve(self.resume_from)
-        for cand in candidates:  # newest first; a corrupt one falls back to the one before
+            candidates = [c.path for c in self.store.resolve("latest")]
+        reasons = []
+        for folder in candidates:  # newest first; an unusable one falls back to the one before
             try:
-                state = read_state(cand.path)
-                if not (cand.path / "adapters.safetensors").is_file() or not (cand.path / "optimizer.safetensors").is_file():
-                    raise CheckpointError(f"{cand.path}: missing adapter or optimizer file")
-                return state, cand.path
+                state = read_state(folder)
+                problem = checkpoint_problem(folder)
+                if problem:
+                    raise CheckpointError(problem)
+                return state, folder
             except CheckpointError as exc:
-                self.warn(f"skipping unusable checkpoint: {exc}")
-        raise TrainingError(f"no usable checkpoint to resume from {self.resume_from}", "checkpoint")
+                reasons.append(str(exc))
+                if len(candidates) > 1:
+                    self.warn(f"skipping unusable checkpoint {folder.name}: {exc}")
+        more = f" (and {len(reasons) - 1} older checkpoint(s) unusable too)" if len(reasons) > 1 else ""
+        raise TrainingError(f"cannot resume: {reasons[0]}{more}", "checkpoint")
+
+    def _check_same_run(self, folder: Path, state: dict, identity: dict) -> None:
+        """Refuse a resume that cannot continue the checkpoint's run exactly (other data, seed, batch, LoRA)."""
+        old = state.get("run")
+        if old is None:
+            if identity.get("data_sha256"):  # warn once, when the data are known
+                self.warn(f"{folder.name} was saved by an older lora-tui that did not record its dataset, seed, "
+                          "batch and LoRA settings: they cannot be checked against this run's")
+            return
+        conflicts = run_folder.resume_conflicts(old, identity)
+        if conflicts:
+            raise TrainingError(f"cannot resume {folder} exactly: {'; '.join(conflicts)}. Set them back to resume "
+                                "it, or start a new run (--overwrite replaces it, or another --run-name)", "config")
+
+    def _record_changes(self, folder: Path, state: dict) -> None:
+        """Settings that may change on a resume (learning rate, length, intervals...): said and recorded."""
+        changes = run_folder.config_changes(state["config"], self.cfg.to_dict()) if "config" in state else {}
+        self.resumes = state.get("resumes", []) + [
+            {"step": state["step"], "checkpoint": str(folder), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "changed": changes}]
+        if changes:
+            self.config_kept_as = f"config.step_{state['step']:06d}.yaml"
+            said = ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changes.items())
+            self.warn(f"resuming step {state['step']} with changed settings: {said}; the run's config.yaml is "
+                      f"updated, the previous one kept as {self.config_kept_as}")
 
     def _restore(self, folder: Path, state: dict) -> None:
         import mlx.core as mx
@@ -438,6 +549,11 @@ class TrainingRun:
             except (KeyError, IndexError, ValueError):
                 raise TrainingError(f"cannot resume: optimizer state {key!r} does not fit this config",
                                     "checkpoint") from None
+        rows = max(i for batch in state["order"] for i in batch)
+        if rows >= len(self.data.train):  # only an old checkpoint without a data fingerprint gets here
+            raise TrainingError(f"cannot resume {folder}: its data order uses training row {rows}, this dataset "
+                                f"has {len(self.data.train)}: resume with the run's dataset", "config")
+        self._record_changes(folder, state)
         self.step = state["step"]
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.order = state["order"]
@@ -472,7 +588,10 @@ class TrainingRun:
 
         cfg, t = self.cfg, self.cfg.training
         if self.world.is_main:
-            atomic.write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            current = self.run_dir / "config.yaml"
+            if self.config_kept_as and current.is_file():
+                atomic.write_text(self.run_dir / self.config_kept_as, current.read_text())
+            atomic.write_text(current, to_yaml(cfg))
         device = str(mx.default_device()) + ("" if self.world.alone else f" x {self.world.size} ranks")
         if self.world.blas_threads:
             device += f" ({self.world.blas_threads} BLAS thread{'s' if self.world.blas_threads > 1 else ''} each)"
@@ -608,7 +727,7 @@ class TrainingRun:
                  "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
                  "tokens_seen": self.tokens_seen, "elapsed": self.elapsed_before + elapsed,
                  "seed": self.cfg.training.seed, "rng": "mx.random.seed(step_seed(seed, step)) each step",
-                 "reason": reason}
+                 "reason": reason, "run": self.identity, "config": self.cfg.to_dict(), "resumes": self.resumes}
         try:
             path = self.store.save(self.step, write, state, is_best)
         except (OSError, RuntimeError) as exc:
@@ -653,29 +772,52 @@ class TrainingRun:
             "adapter": str(adapter_dir), "best_checkpoint": str(best.path) if best else None,
             "checkpoints": [str(c.path) for c in self.store.list()],
             "losses": self.losses, "data": self.data.report.to_dict(), "config": self.cfg.to_dict(),
+            "resumes": self.resumes, "samples": [],
         }
+        atomic.write_json(self.run_dir / "report.json", report)  # before the samples: a stop there loses nothing
         report["samples"] = self._samples()
-        atomic.write_json(self.run_dir / "report.json", report)
+        if report["samples"]:
+            atomic.write_json(self.run_dir / "report.json", report)
         return report
 
     def _samples(self) -> list[dict]:
-        """The configured prompts answered by the base model and by the adapter (one model in memory)."""
+        """The configured prompts answered by the base model and by the adapter (one model in memory); a stop
+        ends them between prompts or tokens."""
         from engine.adapters import adapters_disabled
-        from engine.generate import GenerationSettings, reply
+        from engine.generate import GenerationSettings
         e = self.cfg.evaluation
         settings = GenerationSettings(e.max_tokens, e.temperature, e.top_p)
         out = []
-        if self.control.stop_requested:
-            return out  # a user who pressed stop wants out, not more generation
         self.model.eval()
         for prompt in e.sample_prompts:
             messages = [{"role": "user", "content": prompt}]
-            adapter = reply(self.model, self.tokenizer, messages, settings)
+            adapter = self._answer(messages, settings)
             with adapters_disabled(self.model):
-                base = reply(self.model, self.tokenizer, messages, settings)
+                base = None if adapter is None else self._answer(messages, settings)
+            if base is None:
+                break  # a user who pressed stop wants out, not more generation
             self.emit(ev.Sample(self.step, prompt, base, adapter))
             out.append({"prompt": prompt, "base": base, "adapter": adapter})
         return out
+
+    def _answer(self, messages: list[dict], settings) -> str | None:
+        """The model's reply, or None when a stop came first."""
+        from contextlib import closing
+
+        from engine.generate import stream_reply
+        parts = []
+        if self.control.stop_requested:
+            return None
+        with closing(stream_reply(self.model, self.tokenizer, messages, settings)) as chunks:
+            for chunk in chunks:
+                if self.control.stop_requested:
+                    return None
+                parts.append(chunk.text)
+        return None if self.control.stop_requested else "".join(parts).strip()
+
+
+def _shown(value) -> str:
+    return "unset" if value is None else repr(value)
 
 
 def run_in_thread(cfg: Config, listeners=(), **kwargs) -> tuple[threading.Thread, RunControl, list]:

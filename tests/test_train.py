@@ -364,3 +364,54 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     print(f"largest relative gradient difference to the step without checkpointing: ours "
           f"{worst(ours[1], reference[1]):.1e}, mlx-lm's grad_checkpoint {worst(mlx_lm_ckpt[1], plain[1]):.1e}")
     assert worst(mlx_lm_ckpt[1], plain[1]) > 0.05
+
+
+def pytorch_adamw(params, grads, lrs, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """torch.optim.AdamW's documented algorithm (amsgrad off), in float64 numpy: decoupled decay
+    p -= lr*wd*p, then the moments, their bias corrections, and p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+    p, m, v, out = params.astype(np.float64), 0.0, 0.0, []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        p = p - lr * weight_decay * p
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p)
+    return out
+
+
+def test_our_adamw_updates_equal_pytorchs_on_the_same_gradients():
+    """The optimizer and schedule training builds (build_optimizer, the compiled update) against PyTorch's
+    AdamW algorithm: three steps with weight decay and warmup. MLX's default form, without the bias
+    correction, makes the first step 3.2x larger (0.1 / sqrt(0.001))."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from engine.train import build_optimizer, build_schedule, build_update
+    rng = np.random.default_rng(5)
+    start = rng.normal(size=(3, 4)).astype(np.float32)
+    grads = [rng.normal(size=(3, 4)).astype(np.float32) * s for s in (1.0, 0.1, 3.0)]
+
+    def ours(correct: bool):
+        cfg = Config()
+        cfg.training.learning_rate, cfg.training.warmup_steps, cfg.training.weight_decay = 1e-3, 2, 0.1
+        cfg.training.adam_bias_correction = correct
+        schedule = build_schedule(cfg, 10)
+        model = nn.Linear(4, 3, bias=False)
+        model.weight = mx.array(start)
+        optimizer = build_optimizer(cfg, schedule)
+        optimizer.init(model.trainable_parameters())
+        update, out = build_update(model, optimizer), []
+        for g in grads:
+            update({"weight": mx.array(g)})
+            out.append(np.array(model.weight))
+        return out, [float(schedule(mx.array(i))) for i in range(len(grads))]
+
+    (got, lrs), (uncorrected, _) = ours(True), ours(False)
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # warmup: the schedule's values, not the peak
+    expected = pytorch_adamw(start, grads, lrs, weight_decay=0.1)
+    for step, (a, b) in enumerate(zip(got, expected), start=1):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"step {step}")
+    first_ours, first_theirs = uncorrected[0] - start * (1 - lrs[0] * 0.1), expected[0] - start * (1 - lrs[0] * 0.1)
+    assert np.abs(first_ours).mean() / np.abs(first_theirs).mean() == pytest.approx(0.1 / math.sqrt(0.001), rel=1e-3)
+    assert Config().training.adam_bias_correction is True  # the default is PyTorch's form
