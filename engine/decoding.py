@@ -62,14 +62,18 @@ def decoding_layout(model: nn.Module) -> int:
     return len(swaps)
 
 
-def prefill(model, ids: list[int], cache, chunk: int = 2048) -> None:
+def prefill(model, ids: list[int], cache, chunk: int = 2048, should_stop=None) -> bool:
     """Run all but the last of `ids` into `cache` (on mlx-lm's generation stream, where decoding runs).
-    Only the cache is evaluated, so the output head never runs for these positions."""
+    Only the cache is evaluated, so the output head never runs for these positions. `should_stop` is
+    asked between chunks (a long prompt takes minutes on a CPU); False when it stopped the prefill."""
     from mlx_lm.generate import generation_stream
     with mx.stream(generation_stream):
         for start in range(0, len(ids) - 1, chunk):
+            if should_stop is not None and should_stop():
+                return False
             model(mx.array(ids[start:min(start + chunk, len(ids) - 1)])[None], cache=cache)
             mx.eval([c.state for c in cache])
+    return True
 
 
 class PromptCache:

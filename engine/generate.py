@@ -28,10 +28,16 @@ class Chunk:
     finish_reason: str | None
 
 
+# Prompt tokens read per step when the reader can stop the reply: on a CPU a step of 2048 at a long
+# context took 20-90 s, too long to wait for a Stop.
+STOPPABLE_PREFILL_CHUNK = 256
+
+
 def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings,
-                 tools=None, prompt_cache=None) -> Iterator[Chunk]:
+                 tools=None, prompt_cache=None, should_stop=None) -> Iterator[Chunk]:
     """Stream the assistant's reply to `messages`, rendered with the model's own chat template.
-    `prompt_cache` (a decoding.PromptCache kept per conversation) skips re-reading earlier turns."""
+    `prompt_cache` (a decoding.PromptCache kept per conversation) skips re-reading earlier turns;
+    `should_stop` is also asked while the prompt is read (nothing is yielded when it stops there)."""
     import time
 
     from mlx_lm.generate import stream_generate  # imported here: the UI imports this module at start-up
@@ -45,7 +51,10 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSet
     prompt_cache = prompt_cache or PromptCache()
     cache, reused = prompt_cache.take(model, ids)
     t0 = time.perf_counter()
-    prefill(model, ids[reused:], cache)
+    chunk = STOPPABLE_PREFILL_CHUNK if should_stop is not None else 2048
+    if not prefill(model, ids[reused:], cache, chunk, should_stop):
+        prompt_cache.keep(cache, ids)  # what was read stays cached: its offset says how much
+        return
     prompt_s = time.perf_counter() - t0
     tokens = list(ids)
     try:

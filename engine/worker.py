@@ -113,23 +113,37 @@ class EngineWorker:
     emit: Callable[[object], None]
     _queue: "queue.Queue[object]" = field(default_factory=queue.Queue)
     _cancel_generation: threading.Event = field(default_factory=threading.Event)
+    # Set by Shutdown as soon as it is submitted: long work (validation, a chat's prefill) checks it, so
+    # quitting never waits for that work to end.
+    _shutting_down: threading.Event = field(default_factory=threading.Event)
     _chat: _ChatModel | None = None
     busy: str = ""  # what the engine is doing now ("", "validating", "training", "generating")
+    finished: threading.Event = field(default_factory=threading.Event)  # serve() has returned
+    _should_exit: Callable[[], bool] = lambda: False  # the host's own stop (the app's worker cancelled)
 
     def submit(self, command) -> None:
-        if isinstance(command, CancelGeneration):
+        if isinstance(command, Generate):  # here, not when it starts: a Stop pressed before then still counts
+            self._cancel_generation.clear()
+        elif isinstance(command, CancelGeneration):
             self._cancel_generation.set()
+        elif isinstance(command, Shutdown):
+            self._shutting_down.set()
         self._queue.put(command)
 
     def serve(self, should_exit: Callable[[], bool] = lambda: False) -> None:
         """Process commands until Shutdown (run this on the engine thread)."""
         yield_cpu_to_ui()
+        self._should_exit = should_exit
         try:
             self._serve(should_exit)
         finally:
             self._chat = None
             from engine import release_mlx_streams
             release_mlx_streams()
+            self.finished.set()
+
+    def _stopping(self) -> bool:
+        return self._shutting_down.is_set() or self._should_exit()
 
     def _serve(self, should_exit: Callable[[], bool]) -> None:
         while not should_exit():
@@ -137,7 +151,7 @@ class EngineWorker:
                 command = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if isinstance(command, Shutdown):
+            if isinstance(command, Shutdown) or self._shutting_down.is_set():
                 break
             try:
                 self._handle(command)
@@ -161,8 +175,14 @@ class EngineWorker:
             self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
         elif isinstance(command, Generate):
             self.busy = "generating"
-            self._cancel_generation.clear()
-            self._generate(command)
+            from engine.data.encode import EncodeError
+            try:
+                self._generate(command)
+            except EncodeError as exc:  # the chat template refused the conversation
+                self.emit(EngineError("chat", f"no answer: {exc}"))
+            except Exception as exc:  # whatever it was, this answer ends here and the chat goes on
+                traceback.print_exc()
+                self.emit(EngineError("chat", f"no answer: {type(exc).__name__}: {exc}"))
 
     def _validate(self, cmd: ValidateDataset) -> None:
         from engine.data import DatasetError, validate_with_config
@@ -171,12 +191,14 @@ class EngineWorker:
         try:
             tokenizer = load_tokenizer(cfg.model)
             report, _ = validate_with_config(
-                cfg, tokenizer, cmd.path,
+                cfg, tokenizer, cmd.path, should_stop=self._stopping,
                 progress=lambda done, total: self.emit(ProgressUpdate("validating", done / total)))
         except (DatasetError, ModelLoadError) as exc:
             self.emit(EngineError("dataset", str(exc)))
             return
-        self.emit(DatasetChecked(report, _preview(cmd.path, tokenizer, cfg)))
+        if self._stopping():  # quitting: the report is partial and no one will read it
+            return
+        self.emit(DatasetChecked(report, _preview(cmd.path, tokenizer, cfg, self._stopping)))
 
     def _chat_model(self, cfg: Config, adapter: str | None) -> _ChatModel:
         """The loaded chat model, reloaded only for another base or adapter: a model with an adapter also
@@ -206,15 +228,15 @@ class EngineWorker:
         as_base = cmd.adapter is None and chat.adapter is not None
         cache = chat.prompt_caches.setdefault(cmd.adapter, PromptCache())
         parts: list[str] = []
+        stopped = lambda: self._cancel_generation.is_set() or self._stopping()  # noqa: E731
         with adapters_disabled(chat.model) if as_base else nullcontext():
             for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings,
-                                      prompt_cache=cache):
+                                      prompt_cache=cache, should_stop=stopped):
                 parts.append(chunk.text)
                 self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
-                if self._cancel_generation.is_set():
-                    self.emit(GenerationDone(cmd.request_id, "".join(parts), True))
-                    return
-        self.emit(GenerationDone(cmd.request_id, "".join(parts), False))
+                if stopped():
+                    break
+        self.emit(GenerationDone(cmd.request_id, "".join(parts), stopped()))
 
 
 @dataclass(frozen=True)
@@ -239,26 +261,30 @@ def yield_cpu_to_ui() -> None:
             pass
 
 
-def _preview(path: str, tokenizer, cfg: Config):
-    """The first valid conversation as (piece, trained) pairs, to show masking."""
+def _preview(path: str, tokenizer, cfg: Config, stopped: Callable[[], bool] = lambda: False):
+    """The first valid conversation as (piece, trained) pairs, to show masking. Lines are read as
+    validation reads them: a line over its size limit is skipped, never loaded (a 200 MB first line
+    once took this preview past 10 GB)."""
     import json
 
     from engine.data import ChatEncoder, parse_record
+    from engine.data.validate import iter_lines
     encoder = ChatEncoder(tokenizer, cfg.data.mask_prompt)
     try:
-        with open(Path(path), encoding="utf-8-sig", errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
-                if number > 200:
-                    break
-                try:
-                    conv, issues = parse_record(json.loads(line), number)
-                except ValueError:
-                    continue
-                if conv is None:
-                    continue
-                enc = encoder.encode(conv)
-                pieces = [encoder.tok.decode([int(t)]) for t in enc.tokens[:cfg.model.max_seq_length]]
-                return number, list(zip(pieces, enc.trained.tolist()))
+        for number, line, error in iter_lines(Path(path)):
+            if number > 200 or stopped():
+                break
+            if error or not line.strip():
+                continue
+            try:
+                conv, issues = parse_record(json.loads(line), number)
+            except ValueError:
+                continue
+            if conv is None:
+                continue
+            enc = encoder.encode(conv)
+            pieces = [encoder.tok.decode([int(t)]) for t in enc.tokens[:cfg.model.max_seq_length]]
+            return number, list(zip(pieces, enc.trained.tolist()))
     except Exception:
         return None
     return None

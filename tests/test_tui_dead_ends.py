@@ -85,3 +85,200 @@ async def test_save_writes_no_environment_override(app_in, tmp_path, embedded_di
     assert "  rank: 8\n" in saved and "  dropout: 0.1\n" in saved
     assert "  learning_rate: 0.0001\n" in saved  # the file's own value, not the override
     assert "0.0003" not in saved
+
+
+# ---------------------------------------------------------------- Dataset screen: a huge line, quitting
+
+def rss_sampler():
+    """Start sampling this process's RSS in a thread; calling the result stops it and gives the peak."""
+    import threading
+
+    import psutil
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.02)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+
+    def stop() -> int:
+        done.set()
+        thread.join()
+        return peak[0]
+    return stop
+
+
+async def test_a_40_mb_first_line_stays_bounded_and_quit_works(app_in, tmp_path, embedded_dir):
+    """The preview of the first conversation read whole lines and tokenized a 200 MB one (RSS over 10 GB,
+    ctrl+q stuck behind it); validation skips such a line, and so must the preview."""
+    import json
+
+    import psutil
+    path = tmp_path / "huge.jsonl"
+    huge = {"messages": [{"role": "user", "content": "hello world " * ((40 << 20) // 12 + 1000)},
+                         {"role": "assistant", "content": "hi"}]}
+    good = [{"messages": [{"role": "user", "content": f"{i}+1"}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in [huge, *good]) + "\n")
+    assert path.stat().st_size > 40 << 20
+    app = app_in()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        app.screen.query_one("#dataset-path", Input).value = str(path)
+        before = psutil.Process().memory_info().rss
+        peak = rss_sampler()
+        await pilot.press("ctrl+v")
+        summary = app.screen.query_one("#dataset-summary", Static)
+        await wait_for(pilot, lambda: "valid of" in str(summary.render()), timeout=120, what="the report")
+        growth = peak() - before
+        assert growth < 400 << 20, f"RSS grew by {growth >> 20} MB"
+        assert "30 valid of 31" in str(summary.render())
+        assert "line 2 through the chat template" in str(app.screen.query_one("#rendered", Static).render())
+        errors = app.screen.query_one("#dataset-errors")
+        errors.focus()
+        await pilot.pause()  # the bad line's preview shows its start, not 40 MB
+        preview = str(app.screen.query_one("#line-preview", Static).render())
+        assert preview.startswith("line 1:") and len(preview) < 500, preview[:100]
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, timeout=30, what="the app to exit")
+    assert app.engine.finished.wait(60), "the engine thread still runs after ctrl+q"
+
+
+async def test_quit_during_validation_stops_it(app_in, tmp_path, embedded_dir):
+    """ctrl+q used to wait for the whole validation (27 s on a large file); now validation stops."""
+    lines = (ROOT / "data" / "tool_calls.jsonl").read_text()
+    path = tmp_path / "big.jsonl"
+    path.write_text(lines * 40)  # 48,000 conversations: a minute or more of validation here
+    app = app_in()
+    seen: list[str] = []
+    emit = app.engine.emit
+    app.engine.emit = lambda payload: (seen.append(type(payload).__name__), emit(payload))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        app.screen.query_one("#dataset-path", Input).value = str(path)
+        await pilot.press("ctrl+v")
+        await wait_for(pilot, lambda: "ProgressUpdate" in seen, timeout=60, what="validation to start")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, timeout=30, what="the app to exit")
+    assert app.engine.finished.wait(60), "the engine thread still runs after ctrl+q"
+    assert "DatasetChecked" not in seen  # stopped, not run to its end
+
+
+# ---------------------------------------------------------------- Chat: errors end the answer; long prompts stop
+
+REFUSING_TEMPLATE = ("{% for m in messages %}{% if 'secret' in m['content'] %}"
+                     "{{ raise_exception('this model does not tell secrets') }}{% endif %}{% endfor %}")
+
+
+def model_with_refusing_template(embedded_dir: Path, folder: Path) -> Path:
+    """The embedded model with a chat template that rejects some conversations, as real templates do
+    (Mistral's "roles must alternate", Gemma's "System role not supported")."""
+    import json
+    folder.mkdir()
+    for item in embedded_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((embedded_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = REFUSING_TEMPLATE + config["chat_template"]
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+async def send(pilot, text: str, max_tokens: int = 4) -> None:
+    chat = pilot.app.screen
+    chat.query_one("#chat-max", Input).value = str(max_tokens)
+    chat.query_one("#chat-input", Input).value = text
+    chat.query_one("#chat-input", Input).focus()
+    await pilot.press("enter")
+
+
+def answers(chat) -> list[str]:
+    return [b.text for b in chat.query("Bubble.assistant")]
+
+
+async def test_an_engine_error_ends_the_answer_and_the_next_message_works(tmp_path, embedded_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    app.cfg.model.name = str(model_with_refusing_template(embedded_dir, tmp_path / "model"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        chat = app.screen
+        await send(pilot, "tell me a secret")
+        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the failed answer to end")
+        assert answers(chat) == ["(no answer: see the error)"]
+        assert any("does not tell secrets" in m for m in notes(app)), notes(app)
+        await send(pilot, "2+2")
+        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the next answer")
+        assert len(answers(chat)) == 2 and answers(chat)[1].strip(), answers(chat)
+        assert not any("Still answering" in m for m in notes(app))
+        assert [m["role"] for m in chat.history["base"]] == ["user", "assistant"]  # the refused turn is gone
+
+
+async def test_a_100_kb_message_can_be_stopped_and_quit_ends_the_engine(tmp_path, embedded_dir, monkeypatch):
+    """The prompt is read in chunks with a Stop check between them (reading 25k tokens takes minutes here)."""
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    long_message = "Please summarise this. " + "The quick brown fox jumps over the lazy dog. " * 2300
+    assert len(long_message) > 100_000
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        chat = app.screen
+        await send(pilot, "hi", max_tokens=2)  # loads the model
+        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the first answer")
+        await send(pilot, long_message)
+        await wait_for(pilot, lambda: app.engine.busy == "generating", timeout=30, what="the long prompt")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the stop")
+        assert answers(chat)[-1] == " [stopped]"
+        await send(pilot, "2+2")
+        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the next answer")
+        assert answers(chat)[-1].strip() and "[stopped]" not in answers(chat)[-1]
+        await send(pilot, long_message)
+        await wait_for(pilot, lambda: app.engine.busy == "generating", timeout=30, what="the long prompt")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, timeout=30, what="the app to exit")
+    assert app.engine.finished.wait(120), "the engine thread still runs after ctrl+q"
+
+
+# ---------------------------------------------------------------- following a run folder with bad lines
+
+async def test_following_a_run_with_bad_metric_lines_skips_them(tmp_path, embedded_dir, monkeypatch):
+    """A string loss crashed the whole app; junk lines and wrong types are now reported and skipped."""
+    import json
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "runs" / "odd"
+    run.mkdir(parents=True)
+    memory = {"rss_bytes": 1, "system_used_bytes": 1, "system_total_bytes": 2, "mlx_active_bytes": 0,
+              "mlx_peak_bytes": 0}
+
+    def step(n, **changes):
+        return {"event": "Step", "time": 1.0, "step": n, "total_steps": 3, "epoch": 0.1 * n, "loss": 1.0 / n,
+                "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 5.0, "steps_per_sec": 1.0,
+                "eta_seconds": 3.0, "tokens_seen": 40 * n, "memory": memory} | changes
+    lines = [json.dumps(step(1)), json.dumps(step(2, loss="high")), "junk {", "[1, 2]",
+             json.dumps(step(2, memory="lots")), json.dumps({"event": "CheckpointSaved", "step": 2, "path": "x",
+                                                              "reason": "interval", "is_best": True, "kept": "x"}),
+             json.dumps(step(3)),
+             json.dumps({"event": "Finished", "step": 3, "stopped_early": False, "final_loss": 0.3,
+                         "best_val_loss": None, "adapter_path": "a", "report_path": "r"})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    app = LoraTuiApp(None)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#external", Input).value = str(run)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: screen.state == "done", timeout=30, what="the followed run to end")
+        assert app.is_running
+        assert screen.losses == [1.0, 1.0 / 3]
+        log = "".join(line.text for line in screen.query_one("#train-log").lines)  # its lines wrap
+        assert "metrics.jsonl:2: skipped, Step.loss is \"high\"" in log, log
+        assert "metrics.jsonl:3: skipped, not JSON" in log
+        assert "later bad lines are skipped" in log

@@ -31,9 +31,10 @@ def find_adapters(output_dir: str) -> list[str]:
 
 
 class Bubble(Static):
-    def __init__(self, who: str, text: str = "", **kwargs) -> None:
+    def __init__(self, who: str, text: str = "", target: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.who, self.text = who, text
+        self.target = target  # the model an answer bubble is for (BASE or an adapter folder)
         self.border_title = who
 
     def on_mount(self) -> None:
@@ -144,7 +145,7 @@ class ChatScreen(AppScreen):
             history.append({"role": "user", "content": text})
             request = Generate(self.app.cfg, tuple(history), settings, None if target == BASE else target, self.next_id)
             bubble = Bubble("base model" if target == BASE else f"adapter {self._short(target)}",
-                            classes="assistant")
+                            target=target, classes="assistant")
             self.bubbles[self.next_id] = bubble
             self.next_id += 1
             row.mount(bubble)
@@ -167,23 +168,36 @@ class ChatScreen(AppScreen):
             self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
         elif isinstance(payload, GenerationDone) and payload.request_id in self.bubbles:
             bubble = self.bubbles.pop(payload.request_id)
-            target = next((k for k, v in self.history.items()
-                           if bubble.who == ("base model" if k == BASE else f"adapter {self._short(k)}")), None)
-            if target is not None:
-                self.history[target].append({"role": "assistant", "content": payload.text.strip()})
-            self.last_answer = payload.text.strip()
-            if payload.cancelled:
-                bubble.append(" [stopped]")
+            answer = payload.text.strip()
+            if payload.cancelled and not answer:  # stopped while reading the prompt: never answered
+                self._unanswered(bubble, " [stopped]")
+            else:
+                self.history[bubble.target].append({"role": "assistant", "content": answer})
+                self.last_answer = answer
+                if payload.cancelled:
+                    bubble.append(" [stopped]")
             self._next()
         elif isinstance(payload, EngineError) and payload.what == "chat":
+            # The answer in progress and those queued after it end here; the error itself is notified
+            # by the app. The next message starts afresh.
             self.pending.clear()
             for bubble in self.bubbles.values():
-                bubble.append("(no answer: see the error)")
+                self._unanswered(bubble, "(no answer: see the error)")
             self.bubbles.clear()
             self.busy = False
 
+    def _unanswered(self, bubble: Bubble, note: str) -> None:
+        """An answer that never came: say so, and take its question out of that model's history (a
+        conversation with two user turns in a row is one that some chat templates refuse)."""
+        bubble.append(note)
+        history = self.history.get(bubble.target, [])
+        if history and history[-1]["role"] == "user":
+            history.pop()
+
     def action_cancel(self) -> None:
         if self.busy:
+            for request in self.pending:  # queued answers (side by side) are never asked for
+                self._unanswered(self.bubbles.pop(request.request_id), " [stopped]")
             self.pending.clear()
             self.app.submit(CancelGeneration())
 

@@ -18,15 +18,18 @@ from engine.worker import DatasetChecked, EngineError, ProgressUpdate, ValidateD
 
 
 def _read_line(path: str, number: int, limit: int = 400) -> str:
+    """The start of line `number`, read in bounded pieces: a line can be hundreds of MB."""
     try:
         with open(path, "rb") as fh:
-            for i, raw in enumerate(fh, 1):
-                if i == number:
-                    text = raw[:limit * 4].decode("utf-8", "replace").rstrip("\r\n")
-                    return text[:limit] + ("…" if len(text) > limit else "")
+            for _ in range(number - 1):
+                while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
+                    pass
+            raw = fh.readline(limit * 4)
     except OSError as exc:
         return f"(cannot read: {exc.strerror})"
-    return ""
+    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+    cut = len(text) > limit or not raw.endswith(b"\n") and len(raw) == limit * 4
+    return text[:limit] + ("…" if cut else "")
 
 
 class DatasetScreen(AppScreen):

@@ -33,6 +33,12 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The step in a checkpoint folder's name (step_000042), None for any other name."""
+    tail = path.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 class TrainScreen(AppScreen):
     AUTO_FOCUS = "#start"
     BINDINGS = [
@@ -202,7 +208,7 @@ class TrainScreen(AppScreen):
             table.clear()
             vals = dict(self.vals)
             for path in e.kept:
-                step = int(path.rsplit("_", 1)[-1])
+                step = checkpoint_step(path)
                 val = vals.get(step)
                 table.add_row(str(step), e.reason if step == e.step else "",
                               f"{val:.4f}" if val is not None else "", "★ best" if step == self.best_step else "")
