@@ -71,6 +71,8 @@ def cmd_validate(args) -> int:
         if report.issue_count > len(shown):
             print(f"... and {report.issue_count - len(shown)} more")
         print(report.summary())
+        for warning in report.warnings:  # e.g. the file changed while it was read
+            print(f"{report.path}: warning: {warning}")
     if report.failed:
         _print_err(f"{report.path}: dataset rejected: {report.error_lines} of {report.records} lines are bad "
                    f"({report.error_rate:.1%}; data.error_threshold is {report.error_threshold:.0%})"

@@ -192,3 +192,13 @@ def test_file_changed_while_validated_is_noted(tmp_path):
     assert any("changed while it was being validated" in w for w in report.warnings), report.warnings
     quiet, _ = validate_dataset(data)
     assert not any("changed" in w for w in quiet.warnings)
+
+
+def test_validate_prints_the_report_warnings(mistral_dir, tmp_path, capsys):
+    # Mistral's template has no tool role: tool results become user turns, which the report says.
+    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "calling"},
+            {"role": "tool", "content": "21"}, {"role": "assistant", "content": "21 degrees"}]
+    data = write_lines(tmp_path / "d.jsonl", [{"messages": msgs}])
+    code, out, err = cli(capsys, "--config", config_for(tmp_path, mistral_dir, data), "validate")
+    assert code == EXIT_OK, (code, out, err)
+    assert f"{data}: warning: 1 conversations: tool turns rendered as user turns" in out, out

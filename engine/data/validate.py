@@ -236,7 +236,7 @@ def validate_dataset(
                 break
     flush(pending)
     if _fingerprint(p) != before:
-        report.warnings.append(f"{p} changed while it was being validated (its size or modification time "
+        report.warnings.append("the file changed while it was being validated (its size or modification time "
                                "differs): the report may mix old and new lines; validate it again once it "
                                "is written")
     report.seconds = time.perf_counter() - start
