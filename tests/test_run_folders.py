@@ -2,6 +2,7 @@
 `lora-tui train` refusing to destroy, share or write through a run folder."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -64,3 +65,93 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     assert run_state(tmp_path).state == "empty"  # ... but nobody holds it
     with RunLock(tmp_path):
         assert run_state(tmp_path).state == "running"
+
+
+# ---------------------------------------------------------------- through `lora-tui train`
+
+def lora_tui_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "tui", *map(str, args)]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("lora-tui: error:")]
+
+
+def test_two_trainings_on_one_run_name_cannot_both_write(tmp_path, embedded_dir):
+    from test_faults import write_config
+    cfg = write_config(tmp_path, training="{iterations: 400, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
+                                          "learning_rate: 1.0e-3}", checkpoints="{every_steps: 2, keep_last: 2}")
+    first = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for line in first.stdout:
+        if line.startswith("step 2/400"):
+            break
+    run_dir = tmp_path / "runs" / "ref"
+    second = subprocess.run(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    again = subprocess.run(lora_tui_cmd("--config", cfg, "train", "--resume", "latest", "--overwrite"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    for other in (second, again):
+        assert other.returncode == 2, other.stderr
+        assert error_lines(other.stderr) == [f"lora-tui: error: {run_dir}: process {first.pid} is training in this "
+                                             "run folder; wait for it, stop it, or use another --run-name"]
+        assert "Traceback" not in other.stderr
+    assert first.returncode == 130, err
+    # The folder holds the first run alone: one start in its log, its checkpoints, its stop.
+    events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("Started") == 1 and events[-1] == "Finished"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    stopped_at = int(saved[-1].split("_")[1])
+    assert f"finished at step {stopped_at} (stopped)" in out
+    assert run_state(run_dir).state == "interrupted" and run_state(run_dir).last_step == stopped_at
+
+
+def test_a_second_run_without_resume_or_overwrite_is_refused_and_the_first_left_untouched(tmp_path, embedded_dir,
+                                                                                          capsys):
+    from engine.cli import run
+    from test_faults import write_config
+    cfg = write_config(tmp_path, training="{iterations: 3, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
+                                          "learning_rate: 1.0e-3}")
+    assert run(["--config", str(cfg), "train"]) == 0
+    run_dir = tmp_path / "runs" / "ref"
+    before = files(run_dir)
+    assert run_state(run_dir) == run_state(run_dir).__class__("finished", 3)
+    capsys.readouterr()
+    assert run(["--config", str(cfg), "train"]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [f"lora-tui: error: {run_dir} holds an earlier run (checkpoints, adapter or report): use "
+                                "--resume latest to continue it, --overwrite to replace it, or another --run-name"]
+    assert files(run_dir) == before  # nothing written, not even to its logs
+    # --overwrite replaces it whole: a fresh log, checkpoints and report of the new run only.
+    cfg.write_text(cfg.read_text().replace("iterations: 3", "iterations: 2"))
+    assert run(["--config", str(cfg), "train", "--overwrite"]) == 0
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("Started") == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
+    assert json.loads((run_dir / "report.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("link", ["checkpoints", "adapter", "metrics.jsonl", "checkpoints/step_000001"])
+def test_run_folder_paths_that_are_symlinks_are_refused(link, tmp_path, embedded_dir, capsys):
+    from engine.cli import run
+    from test_faults import write_config
+    cfg = write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "ref"
+    (run_dir / link).parent.mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside if "." not in link else outside / "file"
+    (run_dir / link).symlink_to(target)
+    code = run(["--config", str(cfg), "train"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert error_lines(err) == [f"lora-tui: error: {run_dir / link}: is a symbolic link (to {target}); a run writes "
+                                "only inside its own folder: remove the link or use another --run-name"]
+    assert list(outside.iterdir()) == []  # nothing went through the link
+    assert not (run_dir / "metrics.jsonl").is_file() or (run_dir / "metrics.jsonl").is_symlink()
