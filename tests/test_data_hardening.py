@@ -202,3 +202,12 @@ def test_validate_prints_the_report_warnings(mistral_dir, tmp_path, capsys):
     code, out, err = cli(capsys, "--config", config_for(tmp_path, mistral_dir, data), "validate")
     assert code == EXIT_OK, (code, out, err)
     assert f"{data}: warning: 1 conversations: tool turns rendered as user turns" in out, out
+
+
+def test_large_numbers_in_the_data_are_not_refused_by_the_bounds():
+    # Only sizes a template asks for are bounded, not the values it formats (a tool argument of 10^12).
+    template = encode.compile_template(
+        "{% macro show(v) %}{{ v|tojson }}{% endmacro %}{% for m in messages %}{{ show(m.amount) }} "
+        "{{ m.amount|int }} {{ m.amount|string|center(16) }}{% endfor %}")
+    assert encode.render_bounded(template, "m", messages=[{"amount": 10**12}]) == \
+        "1000000000000 1000000000000  1000000000000  "

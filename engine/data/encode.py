@@ -59,7 +59,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's naming: no clash with kwargs)
-        _check_size_args(args, kwargs)
+        if isinstance(getattr(__obj, "__self__", None), (str, list, tuple)):  # 'x'.ljust(n), 'x'.zfill(n)
+            _check_size_args(args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, str) and len(result) > MAX_RENDER_CHARS:
             raise TemplateLimitError(_too_big())
@@ -77,16 +78,19 @@ def _check_repeat(left, right) -> None:
 
 
 def _check_size_args(args, kwargs) -> None:
-    """A number that large as a width or count ('x'|center(10**10)) would allocate it at once."""
+    """A number that large as a width or count ('x'|center(10**10)) would allocate that much at once."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDER_CHARS:
             raise TemplateLimitError(f"the chat template asks for a size of {value:.3g}")
 
 
 def _bounded_filter(fn):
+    """The filter, refusing huge size parameters (not a huge value filtered: `amount|tojson` is fine)."""
+    value_at = 1 if hasattr(fn, "jinja_pass_arg") else 0  # after the context or environment, if passed
+
     @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment marks
     def bounded(*args, **kwargs):
-        _check_size_args(args[1:], kwargs)
+        _check_size_args(args[value_at + 1:], kwargs)
         return fn(*args, **kwargs)
     return bounded
 
