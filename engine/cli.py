@@ -1,8 +1,9 @@
 """Headless command line: `lora-tui train|validate|chat|fuse|config|import-model`.
 
 A user's mistake ends in one line on stderr and a documented exit code, never a traceback:
-  0 ok · 1 unexpected failure · 2 bad usage or config · 3 bad dataset · 4 model or adapter cannot be
-  loaded · 5 training failed (diverged, disk full; the last good checkpoint is kept) ·
+  0 ok · 1 unexpected failure · 2 bad usage or config (also `fuse --out` onto an existing file or folder) ·
+  3 bad dataset · 4 model or adapter cannot be loaded (also an adapter with NaN/inf values or scale) ·
+  5 training failed (diverged, disk full; the last good checkpoint is kept), or a fused model came out wrong ·
   130 interrupted (Ctrl+C or SIGTERM; a checkpoint was saved first)
 """
 
@@ -23,6 +24,44 @@ class UsageError(Exception):
 
 def _print_err(msg: str) -> None:
     print(f"lora-tui: error: {msg}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in our one-line form, under its usage line (exit code 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        _print_err(f"{command}{message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_CONFIG)
+
+
+def config_value(path: str):
+    """An argparse type for an option that overrides (or mirrors) config field `path`: the same type and
+    valid range, so `--iterations -5` is refused as `training.iterations: -5` would be."""
+    from engine.config import SPECS, check_range, coerce
+    spec = SPECS[path]
+
+    def parse(text: str):
+        value, err = coerce(spec, text)
+        err = err or check_range(spec, value)
+        if err:
+            raise argparse.ArgumentTypeError(f"{err} (as {path})")
+        return value
+    return parse
+
+
+def whole_number(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range (valid: x >= {minimum})")
+        return value
+    return parse
 
 
 def _load_cfg(args):
@@ -82,9 +121,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from engine.model import resolve_model_path
+    from engine.model import check_folder, resolve_model_path
     cfg = _load_cfg(args)
     path = resolve_model_path(cfg.model, _progress_printer("model"))
+    check_folder(path)  # a folder printed here must be one that loads
     print(path)
     return EXIT_OK
 
@@ -97,7 +137,7 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lora-tui", description="LoRA fine-tuning on MLX, from one terminal "
+    ap = _Parser(prog="lora-tui", description="LoRA fine-tuning on MLX, from one terminal "
                                  "screen. With no command, opens the app.")
     ap.add_argument("--config", "-c", help="YAML config (default: ./config.yaml if present, else built-in defaults)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -105,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dataset", "-d", help="JSONL file (default: data.path from the config)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--no-tokenize", action="store_true", help="check structure only (no tokenizer needed)")
-    v.add_argument("--max-issues", type=int, default=50, help="issues to print (default 50)")
+    v.add_argument("--max-issues", type=whole_number(0), default=50, help="issues to print (default 50)")
     v.set_defaults(func=cmd_validate)
     m = sub.add_parser("import-model", help="resolve/import the configured model and print its directory")
     m.set_defaults(func=cmd_import_model)
@@ -123,7 +163,7 @@ def run(argv: list[str] | None = None) -> int:
     from engine.data import DatasetError
     from engine.model import ModelLoadError
 
-    from engine.fuse import FuseError
+    from engine.fuse import FuseCheckError, FuseError, FuseTargetError
     AdapterError = _adapter_error()
     ap = build_parser()
     try:
@@ -145,6 +185,12 @@ def run(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         _print_err(str(exc))
         return EXIT_DATA
+    except FuseTargetError as exc:  # --out unusable: bad usage
+        _print_err(str(exc))
+        return EXIT_CONFIG
+    except FuseCheckError as exc:  # the fused model came out wrong
+        _print_err(str(exc))
+        return EXIT_TRAINING
     except (ModelLoadError, FuseError, AdapterError) as exc:
         _print_err(str(exc))
         return EXIT_MODEL

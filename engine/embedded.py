@@ -188,6 +188,6 @@ def import_embedded(progress: Progress | None = None, root: Path | None = None) 
             if tokenizer_config.get(k)})
         _write_json(tmp / "config.json", config)
     if not _complete(target):  # a folder of that name was there before, not one of our imports
-        raise RuntimeError(f"{target}: exists but holds no complete model; delete it and start again")
+        raise EmbeddedModelError(f"{target}: exists but holds no complete model; delete it and start again")
     report("embedded model ready", 1.0)
     return target

@@ -154,14 +154,36 @@ def score_call(text: str, expected: dict) -> tuple[bool, bool, bool]:
 
 
 def load_heldout(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Held-out prompts, one JSON object a line: {"messages": [...], "expected": {"name", "arguments"}}."""
+    from engine.data import DatasetError
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                items.append(json.loads(line))
-                if limit and len(items) >= limit:
-                    break
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    items.append(_heldout_item(line, f"{path}:line {number}"))
+                    if limit and len(items) >= limit:
+                        break
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DatasetError(f"evaluation.heldout_path: {path}: {why}; name a held-out file or set it to \"\" "
+                           "for none") from None
     return items
+
+
+def _heldout_item(line: str, where: str) -> dict:
+    from engine.data import DatasetError
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise DatasetError(f"{where}: invalid JSON ({exc})") from None
+    expected = item.get("expected") if isinstance(item, dict) else None
+    if not (isinstance(item, dict) and isinstance(item.get("messages"), list) and item["messages"]
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in item["messages"])
+            and isinstance(expected, dict) and "name" in expected and isinstance(expected.get("arguments"), dict)):
+        raise DatasetError(f"{where}: a held-out prompt needs messages (a list of role/content objects) and "
+                           "expected {name, arguments}")
+    return item
 
 
 def tool_call_score(model, tokenizer, items: list[dict], max_tokens: int = 96, keep_examples: int = 3) -> ToolCallScore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from engine import atomic
@@ -10,24 +11,81 @@ from engine.config import Config
 
 
 class FuseError(RuntimeError):
-    pass
+    """The adapter cannot be loaded or fused (exit code 4)."""
+
+
+class FuseTargetError(FuseError):
+    """`--out` cannot take the fused model: it exists, or the place is not writable (exit code 2)."""
+
+
+class FuseCheckError(FuseError):
+    """Fusing gave a wrong model, e.g. non-finite weights; nothing was written (exit code 5)."""
 
 
 def load_with_adapter(cfg: Config, adapter: str | Path, progress=None):
-    """The configured base (same dtype/dequantization as training) with a saved adapter applied."""
-    from mlx_lm.tuner.utils import load_adapters
-
+    """The configured base (same dtype/dequantization as training) with a saved adapter applied: `adapter`
+    is an adapter or checkpoint folder, or a run folder (its final adapter/)."""
+    from engine.adapters import AdapterError, adapter_folder, apply_saved_adapter, read_saved_adapter
     from engine.model import load_model
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapters.safetensors").is_file():
-        raise FuseError(f"{adapter}: not an adapter folder (needs adapter_config.json and adapters.safetensors)")
+    try:  # the adapter's own files first: a typo or a broken file fails before a long model load
+        folder = adapter_folder(adapter)
+        saved = read_saved_adapter(folder)
+    except AdapterError as exc:
+        raise FuseError(str(exc)) from None
     model, tokenizer, info = load_model(cfg.model, progress)
     try:
-        load_adapters(model, str(adapter))
-    except (ValueError, KeyError) as exc:
-        raise FuseError(f"{adapter}: does not fit {cfg.model.name}: {str(exc).splitlines()[0]}") from None
+        apply_saved_adapter(model, folder, saved, f"the base model {cfg.model.name}")
+    except AdapterError as exc:
+        raise FuseError(str(exc)) from None
     model.eval()
     return model, tokenizer, info
+
+
+def check_out(out: str | Path) -> Path:
+    """The absolute `--out` folder, refused before any work when it could not take the fused model: an
+    existing file or non-empty folder (never replaced), or a place that cannot be written."""
+    try:
+        path = Path(out).expanduser().absolute()
+    except RuntimeError:
+        raise FuseTargetError(f"--out {out}: cannot expand ~ (no such user here); write the full path") from None
+    if path.is_symlink():  # the fused folder would replace the link, not fill what it points at
+        raise FuseTargetError(f"--out {path}: is a symbolic link; name a new folder for the fused model")
+    if path.exists() and not path.is_dir():
+        raise FuseTargetError(f"--out {path}: exists and is not a folder; name a new folder for the fused model")
+    try:
+        if path.is_dir() and any(path.iterdir()):
+            raise FuseTargetError(f"--out {path}: exists and is not empty; name a new folder (nothing was changed)")
+    except OSError as exc:
+        raise FuseTargetError(f"--out {path}: cannot be read ({exc.strerror}); name a new folder") from None
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FuseTargetError(f"--out {path}: {parent} is a file, so no folder can be made inside it")
+    try:  # the only sure test of writability (root passes os.access on a read-only mount)
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise FuseTargetError(f"--out {path}: cannot write in {parent} ({exc.strerror}); choose a writable "
+                              "place") from None
+    return path
+
+
+def _non_finite_params(model) -> list[str]:
+    from mlx.utils import tree_flatten
+
+    from engine.adapters import non_finite
+    return non_finite(dict(tree_flatten(model.parameters())))
+
+
+def _finite_logits(model, tokenizer, messages, reply_text: str) -> bool:
+    """Whether the model's output over the check prompt and its reply is finite: two NaN models generate
+    the same (meaningless) tokens, so equal replies prove nothing unless this holds."""
+    import mlx.core as mx
+
+    from engine.data.encode import ChatEncoder
+    prompt = ChatEncoder(tokenizer).prompt_text(messages)
+    ids = tokenizer.encode(prompt + reply_text, add_special_tokens=False)
+    return bool(mx.all(mx.isfinite(model(mx.array(ids)[None]))).item())
 
 
 def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = "Hello! Who are you?") -> dict:
@@ -40,26 +98,37 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
     from engine.generate import GenerationSettings, reply
     from engine.model import resolve_model_path
 
-    out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FuseError(f"{out}: exists and is not empty; choose a new folder")
+    out = check_out(out)
     model, tokenizer, info = load_with_adapter(cfg, adapter)
     settings = GenerationSettings(max_tokens=32, temperature=0.0)
     messages = [{"role": "user", "content": check_prompt}]
     expected = reply(model, tokenizer, messages, settings)
+    if not _finite_logits(model, tokenizer, messages, expected):
+        raise FuseError(f"{adapter}: base + adapter give NaN or infinite outputs on the check prompt: the "
+                        "adapter is broken (e.g. an extreme scale); nothing was written")
     fused = [(n, m.fuse(dequantize=not info.quantized)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     model.update_modules(tree_unflatten(fused))
+    bad = _non_finite_params(model)
+    if bad:
+        raise FuseCheckError(f"the fused model would hold NaN or infinite weights in {bad[0]} ({len(bad)} "
+                             f"tensor(s)): the base or the adapter is broken, or {info.dtype} cannot hold the "
+                             "merged values; nothing was written")
     src = resolve_model_path(cfg.model)
     config = json.loads((src / "config.json").read_text())
     if not info.quantized:  # we trained on dequantized weights: save them so, exactly
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     config["torch_dtype"] = info.dtype
-    with atomic.folder(out) as tmp:  # `out` is absent or empty (checked above)
-        save(tmp, src, model, tokenizer, config, donate_model=False)
+    try:
+        with atomic.folder(out) as tmp:  # `out` is absent or empty (checked above)
+            save(tmp, src, model, tokenizer, config, donate_model=False)
+    except (OSError, RuntimeError) as exc:  # mx.save_safetensors raises RuntimeError on a failed write
+        raise FuseTargetError(f"--out {out}: could not write the fused model ({exc}); nothing was left "
+                              "there") from None
     del model
     mx.clear_cache()
     fused_model, fused_tok = mlx_load(str(out))
     got = reply(fused_model, fused_tok, messages, settings)
+    finite = _finite_logits(fused_model, fused_tok, messages, got)
     return {"path": str(out), "check_prompt": check_prompt, "adapter_reply": expected, "fused_reply": got,
-            "same_greedy_output": got == expected}
+            "finite_output": finite, "same_greedy_output": finite and got == expected}

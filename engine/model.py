@@ -35,20 +35,37 @@ def on_cuda() -> bool:
     return on_gpu() and mx.cuda.is_available()
 
 
+def expand_path(raw: str, field: str) -> Path:
+    """`raw` with ~ expanded; a `~name` this machine has no user for is the user's mistake, not a crash."""
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        user = raw[1:].split("/", 1)[0]
+        who = f"no user {user!r} on this machine" if user else "no home directory (HOME is not set)"
+        raise ModelLoadError(f"{field}: {raw!r}: cannot expand ~ ({who}); write the full path") from None
+
+
 def resolve_model_path(cfg: ModelConfig, progress: Callable[[str, float], None] | None = None) -> Path:
     """The local directory holding the model: imported, found on disk, or fetched from the hub."""
     name = cfg.name.strip()
     if is_embedded(name):
         from engine.embedded import cache_root
-        root = cache_root() if os.environ.get("LORA_TUI_CACHE") else Path(cfg.cache_dir).expanduser()
+        root = cache_root() if os.environ.get("LORA_TUI_CACHE") else expand_path(cfg.cache_dir, "model.cache_dir")
         try:
             return import_embedded(progress, root=root)
         except EmbeddedModelError as exc:
             raise ModelLoadError(str(exc)) from None
-    local = Path(name).expanduser()
+        except OSError as exc:  # an unwritable or full cache folder
+            raise ModelLoadError(f"model.cache_dir: cannot import the embedded model into {root} "
+                                 f"({exc.strerror or exc}); set model.cache_dir (or LORA_TUI_CACHE) to a "
+                                 "writable folder") from None
+    local = expand_path(name, "model.name")
     if local.exists() or name.startswith((".", "/", "~")):
+        if not local.exists():
+            raise ModelLoadError(f"model.name: {local} does not exist; name a model folder (config.json and "
+                                 "*.safetensors), `embedded`, or a hub id like org/model")
         if not local.is_dir():
-            raise ModelLoadError(f"model.name: {local} is not a directory")
+            raise ModelLoadError(f"model.name: {local} is a file, not a model folder")
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"model.name: {local} has no config.json: not a model directory")
         if not list(local.glob("*.safetensors")):
@@ -67,6 +84,55 @@ def resolve_model_path(cfg: ModelConfig, progress: Callable[[str, float], None] 
                              "download it once with network access or name a local directory") from None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")
+
+
+def damaged_file(path: Path) -> str | None:
+    """The first file of a model folder that cannot be what it claims (bad JSON, a cut safetensors file, no
+    tokenizer), in words; None when each looks whole. Cheap: safetensors are opened lazily (headers only)."""
+    import mlx.core as mx
+    for name in JSON_FILES:
+        f = path / name
+        if f.is_file():
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                return f"{f}: not valid JSON ({_first_line(exc)})"
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+    if not any((path / n).is_file() for n in tokenizer_files) and not any(path.glob("*.tiktoken")):
+        return f"{path}: no tokenizer (none of {', '.join(tokenizer_files)})"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            mx.load(str(f))
+        except (RuntimeError, OSError, ValueError) as exc:
+            return f"{f}: not a complete safetensors file ({_first_line(exc)})"
+    return None
+
+
+def _redo_hint(path: Path) -> str:
+    from engine.embedded import DIR_NAME
+    return f"delete {path} and it is imported again" if path.name == DIR_NAME else "download or copy it again"
+
+
+def check_folder(path: Path) -> None:
+    """Refuse a damaged model folder before a long weight load, naming the file."""
+    problem = damaged_file(path)
+    if problem:
+        raise ModelLoadError(f"model.name: {problem}: the model folder is damaged; {_redo_hint(path)}")
+
+
+def load_failure(path: Path, exc: BaseException, what: str = "model") -> ModelLoadError:
+    """Why mlx-lm could not load a folder whose files each look whole (an unknown model type, say)."""
+    return ModelLoadError(f"model.name: {path}: the {what} cannot be loaded ({type(exc).__name__}: "
+                          f"{_first_line(exc)})")
+
+
 def _target_dtype(cfg: ModelConfig):
     import mlx.core as mx
     name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_gpu() else "float32")
@@ -83,13 +149,12 @@ def load_model(cfg: ModelConfig, progress: Callable[[str, float], None] | None =
     path = resolve_model_path(cfg, progress)
     if progress:
         progress(f"loading {path.name}", 0.9)
+    check_folder(path)
     try:
         model, tokenizer, config = load(str(path), return_config=True,
                                         trust_remote_code=cfg.trust_remote_code)
-    except ValueError as exc:
-        raise ModelLoadError(f"model.name: {path}: {str(exc).splitlines()[0]}") from None
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"model.name: {path}: {exc}") from None
+    except Exception as exc:  # whatever mlx-lm or transformers raise on this folder: it cannot be loaded
+        raise load_failure(path, exc) from None
     quantized = "quantization" in config or "quantization_config" in config
     dequantize = cfg.quantized_base == "dequantize" or (cfg.quantized_base == "auto" and not on_gpu())
     if quantized and dequantize:
@@ -116,4 +181,8 @@ def load_tokenizer(cfg: ModelConfig, progress=None):
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     except (OSError, ValueError):
         pass
-    return _load_tokenizer(path, eos_token_ids=eos)
+    check_folder(path)
+    try:
+        return _load_tokenizer(path, eos_token_ids=eos)
+    except Exception as exc:  # as in load_model: a damaged or foreign tokenizer is the folder's problem
+        raise load_failure(path, exc, "tokenizer") from None

@@ -37,7 +37,7 @@ def test_embedded_can_stay_quantized(embedded_dir):
 
 
 @pytest.mark.parametrize("name,needle", [
-    ("./no/such/dir", "is not a directory"),
+    ("./no/such/dir", "does not exist"),
     ("not a model", "neither `embedded`, an existing directory, nor a hub id"),
 ])
 def test_bad_model_names(name, needle):
