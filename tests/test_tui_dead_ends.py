@@ -282,3 +282,128 @@ async def test_following_a_run_with_bad_metric_lines_skips_them(tmp_path, embedd
         assert "metrics.jsonl:2: skipped, Step.loss is \"high\"" in log, log
         assert "metrics.jsonl:3: skipped, not JSON" in log
         assert "later bad lines are skipped" in log
+
+
+# ---------------------------------------------------------------- resuming an interrupted run from the Train screen
+
+CHILD_APP = """
+import sys
+from tui.app import LoraTuiApp
+
+async def start_training(pilot):
+    app = pilot.app
+    await pilot.press("f3")
+    while not (app.current_mode == "train" and app.screen.query("#start")):
+        await pilot.pause(0.05)
+    await pilot.press("ctrl+t")
+    while True:  # train until killed
+        await pilot.pause(0.5)
+
+LoraTuiApp(sys.argv[1]).run(headless=True, size=(120, 40), auto_pilot=start_training)
+"""
+
+
+def digest(folder: Path) -> dict[str, str]:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def checkpoints(run_dir: Path) -> dict[int, dict[str, str]]:
+    """{step: file digests} of every complete checkpoint."""
+    return {int(p.name[5:]): digest(p) for p in sorted((run_dir / "checkpoints").glob("step_*"))
+            if (p / "trainer_state.json").is_file()}
+
+
+def kill_app_after_first_checkpoint(config: Path, run_dir: Path, tmp_path: Path) -> None:
+    """The real app in a child process (headless, driven by an auto-pilot that presses F3 and ctrl+t), killed
+    with SIGKILL as soon as a checkpoint is on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "child_app.py"
+    script.write_text(CHILD_APP)
+    child = subprocess.Popen([sys.executable, str(script), str(config)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoints(run_dir) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        _, err = child.communicate(timeout=60)
+    assert checkpoints(run_dir), f"the child app never saved a checkpoint: {err.decode()[-2000:]}"
+
+
+async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir, monkeypatch):
+    """Killed mid-run, relaunched: ctrl+t offers to resume, and the run ends at its full step count from the
+    last checkpoint, with every earlier checkpoint as it was (a fresh start used to overwrite and prune them)."""
+    import json
+
+    from engine.config import save_config
+    from engine.run_folder import run_state
+    from tui.screens.confirm import ConfirmScreen
+    from tui_helpers import tiny_config
+    monkeypatch.chdir(ROOT)
+    cfg = tiny_config(tmp_path, iterations=12)
+    cfg.checkpoints.keep_last = 100  # nothing is pruned: every checkpoint must survive
+    cfg.evaluation.every_steps = 6
+    config = tmp_path / "config.yaml"
+    save_config(cfg, config)
+    run_dir = Path(cfg.output.dir) / "tui"
+    kill_app_after_first_checkpoint(config, run_dir, tmp_path)
+    before = checkpoints(run_dir)
+    last = max(before)
+    assert run_state(run_dir).state == "interrupted" and last < 12
+
+    app = LoraTuiApp(str(config))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.current_mode == "train" and app.screen.query("#start"), timeout=30,
+                       what="the train screen")
+        screen = app.screen
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
+        assert f"Resume from step {last}" in str(app.screen.query_one("#yes").label)
+        await pilot.press("y")
+        await wait_for(pilot, lambda: screen.state == "done", timeout=300, what="the resumed run to end")
+        assert screen.started.start_step == last
+        assert "step 12 / 12" in str(screen.query_one("#train-stats", Static).render())
+    after = checkpoints(run_dir)
+    assert {step: after.get(step) for step in before} == before  # the earlier checkpoints, untouched
+    assert sorted(after) == list(range(2, 13, 2))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "finished" and report["step"] == 12
+
+
+async def test_declining_the_resume_starts_a_new_run_and_keeps_the_old(tmp_path, embedded_dir, monkeypatch):
+    from engine.run_folder import run_state
+    from engine.train import TrainingRun
+    from tui.screens.confirm import ConfirmScreen
+    from tui_helpers import tiny_config
+    monkeypatch.chdir(ROOT)
+    cfg = tiny_config(tmp_path, iterations=4)
+    result = TrainingRun(cfg, stop_after=2).run()  # stopped before the end: a run to resume
+    run_dir = Path(cfg.output.dir) / "tui"
+    assert result.step == 2 and run_state(run_dir).state == "interrupted"
+    before = checkpoints(run_dir)
+    app = LoraTuiApp(None)
+    app.cfg = cfg
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.current_mode == "train" and app.screen.query("#start"), timeout=30,
+                       what="the train screen")
+        screen = app.screen
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
+        await pilot.press("escape")  # cancel: nothing starts
+        await pilot.pause()
+        assert screen.state == "idle" and not (Path(cfg.output.dir) / "tui-2").exists()
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: screen.state == "done", timeout=300, what="the new run to end")
+        assert "step 4 / 4" in str(screen.query_one("#train-stats", Static).render())
+    assert run_state(Path(cfg.output.dir) / "tui-2").state == "finished"
+    assert checkpoints(run_dir) == before
+    assert run_state(run_dir).state == "interrupted"

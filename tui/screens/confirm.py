@@ -8,7 +8,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class ConfirmScreen(ModalScreen[bool | None]):
+    """True for the first button (y), False for the second (n), None for Escape: cancel."""
+
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Grid { grid-size: 2; grid-gutter: 1 2; grid-rows: auto 3; padding: 1 2; width: 64;
@@ -16,7 +18,7 @@ class ConfirmScreen(ModalScreen[bool]):
     ConfirmScreen Label { column-span: 2; width: 100%; }
     ConfirmScreen Button { width: 100%; }
     """
-    BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes"), ("n", "dismiss(False)", "No")]
+    BINDINGS = [("escape", "dismiss(None)", "Cancel"), ("y", "dismiss(True)", "Yes"), ("n", "dismiss(False)", "No")]
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel") -> None:
         super().__init__()

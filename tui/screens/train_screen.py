@@ -3,7 +3,9 @@ learning rate and throughput; memory gauges; checkpoints (best marked); a scroll
 
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
@@ -16,8 +18,10 @@ from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichL
 from engine import events as ev
 from engine.config import validate
 from engine.monitor import describe
+from engine.run_folder import run_state
 from engine.worker import StartTraining, TrainingEnded, TrainingStarted
 from tui.screens.base import AppScreen
+from tui.screens.confirm import ConfirmScreen
 from tui.widgets.footer import KeyFooter
 from tui.widgets.gauge import Gauge
 
@@ -31,6 +35,14 @@ def fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fresh_run_name(output_dir: Path, name: str) -> str:
+    """`name-2`, `name-3`, ...: the first that names no folder yet."""
+    k = 2
+    while (output_dir / f"{name}-{k}").exists():
+        k += 1
+    return f"{name}-{k}"
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -101,13 +113,48 @@ class TrainScreen(AppScreen):
         if errors:
             self.notify(f"Fix the config first: {errors[0].field}: {errors[0].message}", severity="error", timeout=8)
             return
+        cfg = copy.deepcopy(self.app.cfg)
+        if not cfg.output.run_name:  # a new timestamped folder: nothing there to lose
+            self._start(cfg)
+            return
+        output_dir = Path(cfg.output.dir).expanduser()
+        run_dir = output_dir / cfg.output.run_name
+        state = run_state(run_dir)
+        fresh = fresh_run_name(output_dir, cfg.output.run_name)
+
+        def start_fresh() -> None:
+            cfg.output.run_name = fresh  # the earlier run stays as it is
+            self.notify(f"Starting a new run in {output_dir / fresh}; {run_dir} is kept", timeout=8)
+            self._start(cfg)
+
+        if state.state == "running":
+            who = f"process {state.pid}" if state.pid else "another process"
+            self.notify(f"{who} is training in {run_dir}: follow it (ctrl+o) or set another output.run_name",
+                        severity="error", timeout=10)
+        elif state.resumable and state.state == "interrupted":
+            def answer(resume: bool | None) -> None:
+                if resume:
+                    self._start(cfg, resume=str(run_dir))
+                elif resume is False:
+                    start_fresh()
+            self.app.push_screen(ConfirmScreen(
+                f"{run_dir} holds a run that did not finish (last checkpoint: step {state.last_step}). "
+                "Resume it, or start a new run beside it?", yes=f"Resume from step {state.last_step}",
+                no=f"New run {fresh}"), answer)
+        elif state.state != "empty":
+            self.app.push_screen(ConfirmScreen(
+                f"{run_dir} holds a finished run. Start a new run beside it as {fresh}?", yes=f"New run {fresh}"),
+                lambda yes: start_fresh() if yes else None)
+        else:
+            self._start(cfg)
+
+    def _start(self, cfg, resume: str | None = None) -> None:
         self.losses, self.vals, self.best_step = [], [], None
         self.query_one("#checkpoints", DataTable).clear()
         self.query_one("#loss-chart", Sparkline).data = []
         self.query_one("#train-log", RichLog).clear()
         self._set_buttons("starting")
-        import copy
-        self.app.submit(StartTraining(copy.deepcopy(self.app.cfg)))
+        self.app.submit(StartTraining(cfg, resume=resume))
 
     @on(Button.Pressed, "#pause")
     def pause(self) -> None:
