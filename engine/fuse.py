@@ -102,8 +102,9 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
     model, tokenizer, info = load_with_adapter(cfg, adapter)
     settings = GenerationSettings(max_tokens=32, temperature=0.0)
     messages = [{"role": "user", "content": check_prompt}]
-    expected = reply(model, tokenizer, messages, settings)
-    if not _finite_logits(model, tokenizer, messages, expected):
+    finite = _finite_logits(model, tokenizer, messages, "")  # the prompt alone first: fails before generating
+    expected = reply(model, tokenizer, messages, settings) if finite else ""
+    if not (finite and _finite_logits(model, tokenizer, messages, expected)):
         raise FuseError(f"{adapter}: base + adapter give NaN or infinite outputs on the check prompt: the "
                         "adapter is broken (e.g. an extreme scale); nothing was written")
     fused = [(n, m.fuse(dequantize=not info.quantized)) for n, m in model.named_modules() if hasattr(m, "fuse")]
