@@ -133,17 +133,17 @@ def _text(rng, pool) -> str:
     return " ".join(words) + (" " if rng.random() < 0.2 else "")
 
 
-def random_conversation(rng, tool_turns: bool) -> list[dict]:
+def random_conversation(rng, tool_turns: bool, distinct_users: bool = False) -> list[dict]:
     """A conversation whose turns repeat each other's text: one of a few answers (often all the same)
-    is also put in the system prompt and in the user turns."""
+    is also put in the system prompt and in the user turns (numbered when `distinct_users`)."""
     answers = [_text(rng, FRAGMENTS) for _ in range(rng.integers(1, 3))]
     pool = FRAGMENTS + answers
     msgs = []
     if rng.random() < 0.6:
         msgs.append({"role": "system", "content": _text(rng, pool) + " Example: " + answers[0]})
-    for _ in range(rng.integers(1, 4)):
-        msgs.append({"role": "user", "content": answers[rng.integers(len(answers))] if rng.random() < 0.4
-                     else _text(rng, pool)})
+    for turn in range(rng.integers(1, 4)):
+        msgs.append({"role": "user", "content": (answers[rng.integers(len(answers))] if rng.random() < 0.4
+                                                 else _text(rng, pool)) + (f" #{turn}" if distinct_users else "")})
         msgs.append({"role": "assistant", "content": answers[rng.integers(len(answers))]})
         if tool_turns and rng.random() < 0.3:
             msgs.append({"role": "tool", "content": _text(rng, pool)})
@@ -201,19 +201,63 @@ def test_property_chatml_trains_exactly_the_assistant_turns(tokenizer):
         assert enc.trained.tolist() == expected, msgs
 
 
-def test_property_inst_trains_exactly_the_assistant_turns(mistral_tokenizer):
+def with_template(tokenizer, template: str):
+    """A copy of an mlx-lm tokenizer wrapper whose Hugging Face tokenizer has another chat template."""
+    import copy
+    tok = copy.copy(tokenizer)
+    tok._tokenizer = copy.deepcopy(tokenizer._tokenizer)
+    tok._tokenizer.chat_template = template
+    return tok
+
+
+def inst_with_tools_template() -> str:
+    """Mistral v0.3's template with its tools part: [AVAILABLE_TOOLS] goes before the *last* user turn."""
+    from tiny_mistral import MISTRAL_TEMPLATE
+    user = "{%- if message['role'] == 'user' %}"
+    assert MISTRAL_TEMPLATE.count(user) == 1
+    return ("{%- set user_messages = messages | selectattr('role', 'equalto', 'user') | list %}" +
+            MISTRAL_TEMPLATE.replace(user, user + "{%- if tools is not none and message == user_messages[-1] %}"
+                                     "{{- '[AVAILABLE_TOOLS] ' + tools|tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}"))
+
+
+TOOLS = [{"type": "function", "function": {"name": "chat", "parameters": {"assistant": "user"}}}]
+
+
+@pytest.mark.parametrize("tools_part", [False, True], ids=["inst", "inst-with-tools"])
+def test_property_inst_trains_exactly_the_assistant_turns(mistral_tokenizer, tools_part):
     rng = np.random.default_rng(16)
-    encoder = ChatEncoder(mistral_tokenizer)
+    tok = with_template(mistral_tokenizer, inst_with_tools_template()) if tools_part else mistral_tokenizer
+    encoder = ChatEncoder(tok)
     hf = encoder.tok
     for n in range(300):
-        msgs = random_conversation(rng, tool_turns=False)
-        conv, issues = parse_record({"messages": msgs}, n)
+        # Mistral's tools part tests `message == user_messages[-1]`, so it puts the tools before every user
+        # turn equal to the last one (test_inst_tools_before_a_repeated_user_turn): users differ here.
+        msgs = random_conversation(rng, tool_turns=False, distinct_users=tools_part)
+        record = {"messages": msgs} | ({"tools": TOOLS} if tools_part and rng.random() < 0.7 else {})
+        conv, issues = parse_record(record, n)
         assert not issues, issues
         enc = encoder.encode(conv)
         pieces = [hf.decode([t]) for t in enc.tokens.tolist()]
-        assert "".join(pieces) == hf.apply_chat_template(msgs, tokenize=False)
+        assert "".join(pieces) == hf.apply_chat_template(msgs, tools=record.get("tools"), tokenize=False)
         assert pieces.count("</s>") == sum(m["role"] == "assistant" for m in msgs)
+        assert ("[AVAILABLE_TOOLS]" in "".join(pieces)) == ("tools" in record)
         assert enc.trained.tolist() == inst_expected(pieces), msgs
+
+
+def test_inst_tools_before_a_repeated_user_turn(mistral_tokenizer):
+    # The first and last user turns are equal, so the template puts the tools before both; the prompt for
+    # the middle answer has them before neither: no prefix matches, and the line is refused, not mistrained.
+    from engine.data.encode import EncodeError
+    encoder = ChatEncoder(with_template(mistral_tokenizer, inst_with_tools_template()))
+    conv, _ = parse_record({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "ok"}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "ok"}, {"role": "assistant", "content": "c"}]}, 1)
+    assert encoder.render(conv).count("[AVAILABLE_TOOLS]") == 2
+    with pytest.raises(EncodeError, match="renders earlier turns differently"):
+        encoder.encode(conv)
+    conv.messages[4]["content"] = "ok then"
+    assert trained_segments(encoder.encode(conv), encoder.tok) == [" a</s>", " b</s>", " c</s>"]
 
 
 def trained_at_end(enc, hf, answer: str) -> None:
@@ -261,13 +305,10 @@ def test_inst_system_prompt_moved_into_the_last_user_turn(mistral_tokenizer):
 
 
 def test_template_that_is_not_prefix_stable_is_refused(mistral_tokenizer):
-    import copy
     from engine.data.encode import EncodeError
-    tok = copy.copy(mistral_tokenizer)
-    tok._tokenizer = copy.deepcopy(mistral_tokenizer._tokenizer)
     # Marks the last message, so a turn renders differently once another follows it.
-    tok._tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} (last)"
-                         "{% endif %}\n{% endfor %}")
+    tok = with_template(mistral_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                        "{% if loop.last %} (last){% endif %}\n{% endfor %}")
     conv, _ = parse_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, 1)
     with pytest.raises(EncodeError, match="renders earlier turns differently"):

@@ -4,9 +4,9 @@ Masking comes from the structure of the rendered turns, never from finding a mes
 prompt may contain the answer): assistant turn k is what rendering messages[:k+1] adds to the prompt
 rendered for messages[:k] with the generation prompt, both checked to be prefixes of the whole rendering.
 A token trains when it begins inside such a turn; the whitespace the template puts after the
-end-of-turn token does not. Templates that move the system prompt into the last user turn (Mistral v0.3)
-are prefix-stable once the system message is left out of the earlier prefixes; a template that is
-prefix-stable neither way is refused with a clear error.
+end-of-turn token does not. Templates that move the system prompt or the tools into the last user turn
+(Mistral v0.3) are prefix-stable once those are left out of the earlier prefixes; a template that is
+prefix-stable in none of these ways is refused with a clear error.
 
 Rendering is bounded (RENDER_SECONDS, MAX_RENDER_CHARS): a chat template is code from the model's
 tokenizer_config.json, and a runaway loop or a huge output must end in an error, not a hang or an OOM kill.
@@ -257,13 +257,17 @@ class ChatEncoder:
         """(start, end) in `full` of assistant turn k: from the end of the generation prompt for the turns
         before it to the end of its own rendering, less the whitespace the template adds after it."""
         msgs = conv.messages
-        starts = [0, 1] if msgs[0]["role"] == "system" else [0]  # 1: the system prompt is rendered later
-        for first in starts:
-            prompt = self._render(msgs[first:k], conv.tools, add_generation_prompt=True)
-            upto = full if first == 0 and k + 1 == len(msgs) else self._render(msgs[first:k + 1], conv.tools)
-            end = len(upto.rstrip())
-            if end > len(prompt) and upto.startswith(prompt) and full.startswith(upto):
-                return len(prompt), end
+        # Mistral v0.3 puts the system prompt and the tools in the last user turn: for an earlier turn,
+        # the prefix that matches the whole rendering is the one without them.
+        firsts = [0, 1] if msgs[0]["role"] == "system" else [0]
+        for tools in [conv.tools, None] if conv.tools else [None]:
+            for first in firsts:
+                prompt = self._render(msgs[first:k], tools, add_generation_prompt=True)
+                whole = first == 0 and tools is conv.tools and k + 1 == len(msgs)
+                upto = full if whole else self._render(msgs[first:k + 1], tools)
+                end = len(upto.rstrip())
+                if end > len(prompt) and upto.startswith(prompt) and full.startswith(upto):
+                    return len(prompt), end
         raise EncodeError("the chat template renders earlier turns differently once later turns follow, so "
                           "the assistant turns cannot be located for loss masking (set data.mask_prompt: false "
                           "to train on every token, or use another model)")
