@@ -265,10 +265,11 @@ def _parse_line(text: str, number: int) -> tuple[Conversation | None, list[LineI
     except RecursionError:
         return None, [LineIssue(number, "", "invalid JSON: nested too deeply")]
     except ValueError as exc:  # an integer over Python's digit limit (4300)
-        return None, [LineIssue(number, "", f"unreadable number: {str(exc).split(';')[0]}")]
+        return None, [LineIssue(number, "", f"unreadable number ({str(exc).split(';')[0]}): write it as a "
+                                "string")]
     if SURROGATE_ESCAPE.search(text) and (where := _surrogate_field(record)) is not None:
         return None, [LineIssue(number, where, "contains a lone surrogate escape (\\ud800-\\udfff without "
-                                "its pair): not a character, cannot be encoded as UTF-8")]
+                                "its pair): not a character, cannot be encoded as UTF-8; fix or remove the escape")]
     return parse_record(record, number)
 
 
@@ -289,10 +290,12 @@ def _lone_surrogate(value, where: str = "") -> str | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if isinstance(key, str) and _lone_surrogate(key) is not None:
-            return where or "(a key)"
-        inner = f"{where}.{key}" if isinstance(key, str) and where else str(key) if isinstance(key, str) \
-            else f"{where}[{key}]"
+        if isinstance(key, str):
+            if _lone_surrogate(key) is not None:
+                return where or "(a key)"
+            inner = f"{where}.{key}" if where else key
+        else:
+            inner = f"{where}[{key}]"
         if (found := _lone_surrogate(item, inner)) is not None:
             return found
     return None
