@@ -211,3 +211,18 @@ def test_large_numbers_in_the_data_are_not_refused_by_the_bounds():
         "{{ m.amount|int }} {{ m.amount|string|center(16) }}{% endfor %}")
     assert encode.render_bounded(template, "m", messages=[{"amount": 10**12}]) == \
         "1000000000000 1000000000000  1000000000000  "
+
+
+def test_the_time_bound_holds_in_a_forked_child(monkeypatch):
+    # A forked child has no watchdog thread (and maybe a lock held at the fork): it gets its own.
+    import os
+    monkeypatch.setattr(encode, "RENDER_SECONDS", 0.5)
+    encode.render_bounded(encode.compile_template("warm"), "m")  # the parent's watchdog is running
+    pid = os.fork()
+    if pid == 0:
+        try:
+            encode.render_bounded(encode.compile_template(LOOP), "m")
+        except encode.TemplateLimitError:
+            os._exit(7)
+        os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -121,6 +122,11 @@ class _Watchdog:
     POLL = 0.25  # seconds between checks while renders happen
 
     def __init__(self):
+        self._reset()
+        if hasattr(os, "register_at_fork"):  # a forked child has no watchdog thread, maybe a held lock
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._due: dict[int, float] = {}  # thread id -> deadline of its render
         self._fired: set[int] = set()
