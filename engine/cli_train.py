@@ -95,10 +95,12 @@ def eval_only(cfg, args) -> int:
 
 
 def cmd_chat(args, load_cfg) -> int:
-    from engine.cli import EXIT_OK
+    from engine.cli import EXIT_OK, UsageError
     from engine.decoding import PromptCache, load_for_chat
     from engine.generate import GenerationSettings, stream_reply
     cfg = load_cfg(args)
+    if args.system and not _is_text(args.system):
+        raise UsageError("--system: not UTF-8 text")
     model, tokenizer, _ = load_for_chat(cfg, args.adapter)
     prompt_cache = PromptCache()
     settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p)
@@ -112,6 +114,11 @@ def cmd_chat(args, load_cfg) -> int:
             line = input("you> " if interactive else "")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            line = "\udcff"  # reported just below, like a line read with surrogateescape
+        if not _is_text(line):  # bytes that are not UTF-8: the tokenizer cannot take them
+            print("lora-tui: that line is not UTF-8 text: skipped", file=sys.stderr)
+            continue
         if line.strip() in ("/quit", "/exit"):
             break
         if line.strip() == "/reset":
@@ -128,6 +135,15 @@ def cmd_chat(args, load_cfg) -> int:
         print()
         history.append({"role": "assistant", "content": "".join(parts).strip()})
     return EXIT_OK
+
+
+def _is_text(text: str) -> bool:
+    """False for a string holding lone surrogates (undecodable bytes read with surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_fuse(args, load_cfg) -> int:

@@ -210,3 +210,20 @@ def test_iterations_below_zero_is_refused_not_ignored(tmp_path, capsys, monkeypa
     assert error_line(err) == ("lora-tui: error: train: argument --iterations: -5 is out of range "
                                "(valid: 0 <= x <= 10000000) (as training.iterations) (see lora-tui train --help)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_skips_a_line_that_is_not_utf8(embedded_dir):
+    """Bytes that are not UTF-8 on stdin (read with surrogateescape) used to crash the tokenizer."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "tui", "chat", "--max-tokens", "4"], cwd=root, capture_output=True,
+                       input=b"\xff\xfehello\nhi\n", timeout=300, env={**os.environ, "LC_ALL": "C"})
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == EXIT_OK and "Traceback" not in err, err
+    assert "that line is not UTF-8 text: skipped" in err and r.stdout.strip()  # the next line is answered
+
+
+def test_chat_system_prompt_must_be_text(capsys):
+    code, out, err = cli(capsys, "chat", "--system", "caf\udce9")
+    assert code == EXIT_CONFIG and error_line(err) == "lora-tui: error: --system: not UTF-8 text"
