@@ -185,3 +185,52 @@ def test_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, embedded_dir):
     assert "finished at step 12" in resumed.stdout
     assert not any(p.name.endswith(".tmp") for p in (caught / "checkpoints").iterdir())
     print(f"killed inside the write of the checkpoint after {before[-1]} (attempt {attempt + 1})")
+
+
+def test_sigterm_during_dataset_preparation_stops_without_a_checkpoint(tmp_path, embedded_dir):
+    """A stop before the first step used to wait for the whole dataset to be tokenized and then save an
+    untrained step_000000 that looked like a run to resume. Now it ends the preparation and saves nothing."""
+    import time
+
+    from engine.run_folder import run_state
+    data = tmp_path / "tiny.jsonl"
+    with open(data, "w") as fh:  # big enough that tokenizing it takes a while on 2 cores
+        for i in range(20000):
+            fh.write(json.dumps({"prompt": f"What is {i} plus one? Answer in words.", "completion": f"{i + 1}"}) + "\n")
+    cfg = write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "ref"
+    proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None:  # preparation has begun
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "lora-tui: stopped before training began: nothing was trained or saved" in err and "Traceback" not in err
+    assert "started:" not in out  # no step was run ...
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "adapter").exists()  # ... nor saved
+    assert not (run_dir / "report.json").exists() and run_state(run_dir).state == "empty"
+
+
+def test_sigterm_during_the_end_of_run_samples_ends_them(tmp_path, embedded_dir):
+    """The samples (base and adapter answering each prompt) come after the adapter and the report are saved;
+    a SIGTERM there used to be ignored until every prompt was answered."""
+    import time
+    prompts = [f"Count from {i} to 500, separated by commas." for i in range(6)]
+    cfg = write_config(tmp_path, training="{iterations: 2, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
+                                          "learning_rate: 1.0e-3}",
+                       evaluation=f"{{every_steps: 0, val_batches: 1, sample_prompts: {json.dumps(prompts)}, "
+                                  "max_tokens: 64, heldout_path: ''}")
+    run_dir = tmp_path / "runs" / "ref"
+    proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "report.json").exists() and proc.poll() is None:  # written just before the samples
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "lora-tui: interrupted after the last step: the adapter and report" in err and "Traceback" not in err
+    assert (run_dir / "adapter" / "adapters.safetensors").is_file()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "finished" and report["step"] == 2
+    assert len(report["samples"]) < len(prompts) and out.count("sample: ") == len(report["samples"])
