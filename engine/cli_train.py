@@ -96,12 +96,14 @@ def eval_only(cfg, args) -> int:
 
 def cmd_chat(args, load_cfg) -> int:
     from engine.cli import EXIT_OK, UsageError
+    from engine.data.encode import EncodeError
     from engine.decoding import PromptCache, load_for_chat
     from engine.generate import GenerationSettings, stream_reply
     cfg = load_cfg(args)
     if args.system and not _is_text(args.system):
         raise UsageError("--system: not UTF-8 text")
     model, tokenizer, _ = load_for_chat(cfg, args.adapter)
+    _check_template(tokenizer, args.system)
     prompt_cache = PromptCache()
     settings = GenerationSettings(args.max_tokens, args.temperature, args.top_p)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -129,12 +131,29 @@ def cmd_chat(args, load_cfg) -> int:
         history.append({"role": "user", "content": line})
         print("assistant> " if interactive else "", end="", flush=True)
         parts = []
-        for chunk in stream_reply(model, tokenizer, history, settings, prompt_cache=prompt_cache):
-            parts.append(chunk.text)
-            print(chunk.text, end="", flush=True)
+        try:
+            for chunk in stream_reply(model, tokenizer, history, settings, prompt_cache=prompt_cache):
+                parts.append(chunk.text)
+                print(chunk.text, end="", flush=True)
+        except EncodeError as exc:  # the template refused this conversation: drop the turn, the chat goes on
+            print(f"\nlora-tui: no answer: {exc}", file=sys.stderr)
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(parts).strip()})
     return EXIT_OK
+
+
+def _check_template(tokenizer, system: str | None) -> None:
+    """A chat template that cannot render a first turn (it does not compile, say) fails every turn: say so
+    once, as a model that cannot be used (exit 4), instead of once per line."""
+    from engine.data.encode import ChatEncoder, EncodeError
+    from engine.model import ModelLoadError
+    first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
+    try:
+        ChatEncoder(tokenizer).prompt_text(first)
+    except EncodeError as exc:
+        raise ModelLoadError(f"model.name: {exc}") from None
 
 
 def _is_text(text: str) -> bool:

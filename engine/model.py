@@ -101,9 +101,11 @@ def damaged_file(path: Path) -> str | None:
         f = path / name
         if f.is_file():
             try:
-                json.loads(f.read_text(encoding="utf-8"))
+                data = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 return f"{f}: not valid JSON ({_first_line(exc)})"
+            if not isinstance(data, dict):
+                return f"{f}: not a JSON object (it holds {type(data).__name__})"
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
     if not any((path / n).is_file() for n in tokenizer_files) and not any(path.glob("*.tiktoken")):
         return f"{path}: no tokenizer (none of {', '.join(tokenizer_files)})"
@@ -176,12 +178,12 @@ def load_tokenizer(cfg: ModelConfig, progress=None):
     """Only the tokenizer (fast: used for dataset validation without loading weights)."""
     from mlx_lm.utils import load_tokenizer as _load_tokenizer
     path = resolve_model_path(cfg, progress)
+    check_folder(path)
     eos = None
     try:
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     except (OSError, ValueError):
         pass
-    check_folder(path)
     try:
         return _load_tokenizer(path, eos_token_ids=eos)
     except Exception as exc:  # as in load_model: a damaged or foreign tokenizer is the folder's problem

@@ -540,6 +540,11 @@ MODEL_FILE_CASES = [
      ALL),
     ("weights-text", "model.safetensors", b"weights\n", "model.safetensors: not a complete safetensors file", ALL),
     ("weights-deleted", "model.safetensors", None, "has no .safetensors weights", ALL),
+    ("config-a-list", "config.json", b"[1]", "config.json: not a JSON object", ALL),
+    ("tokenizer-a-list", "tokenizer.json", b"[1]", "tokenizer.json: not a JSON object", ALL),
+    ("tokenizer-config-a-string", "tokenizer_config.json", b'"x"', "tokenizer_config.json: not a JSON object", ALL),
+    ("template-does-not-compile", "tokenizer_config.json",
+     lambda raw: json.dumps(json.loads(raw) | {"chat_template": "{% for %}"}).encode(), "does not compile", ("chat",)),
 ]
 MODEL_COMMANDS = ALL
 MODEL_FILE_PARAMS = [pytest.param(name, content, needle, command, id=f"{case_id}-{command}")
@@ -553,7 +558,9 @@ def _damaged_model(embedded_dir: Path, tmp_path: Path, name: str, content) -> Pa
     for f in embedded_dir.iterdir():
         if f.name != name:
             os.symlink(f, folder / f.name)
-    if content in ("half", "header"):
+    if callable(content):
+        content = content((embedded_dir / name).read_bytes())
+    elif content in ("half", "header"):
         raw = (embedded_dir / name).read_bytes()
         content = raw[:len(raw) // 2] if content == "half" else raw[:64]
     if content is not None:

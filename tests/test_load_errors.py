@@ -227,3 +227,24 @@ def test_chat_skips_a_line_that_is_not_utf8(embedded_dir):
 def test_chat_system_prompt_must_be_text(capsys):
     code, out, err = cli(capsys, "chat", "--system", "caf\udce9")
     assert code == EXIT_CONFIG and error_line(err) == "lora-tui: error: --system: not UTF-8 text"
+
+
+def test_chat_goes_on_after_the_template_refuses_one_turn(embedded_dir, tmp_path, capsys):
+    """A template that refuses one conversation (raise_exception) used to end chat with a traceback; one
+    that cannot render any first turn is refused at once (tests/test_bad_input.py)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in embedded_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            os.symlink(f, base / f.name)
+    tok_cfg = json.loads((embedded_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = ("{% if 'boom' in messages[-1]['content'] %}{{ raise_exception('no boom here') }}"
+                                "{% endif %}" + tok_cfg["chat_template"])
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {json.dumps(str(base))}}}\n")
+    code, out, err = cli(capsys, "--config", config, "chat", "--max-tokens", "4", "--temperature", "0",
+                         stdin="boom\nhi\n")
+    assert code == EXIT_OK, err
+    assert "lora-tui: no answer:" in err and "no boom here" in err and "lora-tui: error:" not in err
+    assert out.strip()  # the second line was answered
