@@ -73,7 +73,7 @@ def eval_only(cfg, args) -> int:
     if not args.resume:
         raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")
     heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
-    model, tokenizer, _ = load_with_adapter(cfg, args.resume)
+    model, tokenizer, _ = load_with_adapter(cfg, _eval_target(cfg, args.resume))
     data = prepare_dataset(cfg, tokenizer)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     result = {}
@@ -92,6 +92,18 @@ def eval_only(cfg, args) -> int:
             result[name] = measure()
     print(json.dumps(result, indent=2))
     return EXIT_OK
+
+
+def _eval_target(cfg, resume: str):
+    """What --eval-only evaluates: a folder as given, or for `latest` the run of output.run_name (its adapter/)."""
+    from pathlib import Path
+
+    from engine.cli import UsageError
+    if resume != "latest":
+        return resume
+    if not cfg.output.run_name:
+        raise UsageError("--eval-only --resume latest needs output.run_name (or --run-name): which run?")
+    return Path(cfg.output.dir).expanduser() / cfg.output.run_name
 
 
 def cmd_chat(args, load_cfg) -> int:

@@ -248,3 +248,13 @@ def test_chat_goes_on_after_the_template_refuses_one_turn(embedded_dir, tmp_path
     assert code == EXIT_OK, err
     assert "lora-tui: no answer:" in err and "no boom here" in err and "lora-tui: error:" not in err
     assert out.strip()  # the second line was answered
+
+
+def test_eval_only_latest_is_the_named_runs_adapter(adapter, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f'evaluation: {{heldout_path: ""}}\noutput: {{dir: {json.dumps(str(tmp_path / "runs"))}}}\n')
+    code, out, err = cli(capsys, "--config", config, "train", "--eval-only", "--resume", "latest")
+    assert code == EXIT_CONFIG and "needs output.run_name" in error_line(err)
+    (tmp_path / "runs" / "r" / "checkpoints").mkdir(parents=True)  # interrupted: no adapter/ yet
+    code, out, err = cli(capsys, "--config", config, "train", "--eval-only", "--resume", "latest", "--run-name", "r")
+    assert code == EXIT_MODEL and "name one of its checkpoints" in error_line(err)
