@@ -155,8 +155,9 @@ class EngineWorker:
                 break
             try:
                 self._handle(command)
-            except Exception as exc:  # keep serving: report, don't die
-                self.emit(EngineError("engine", f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # keep serving: report to the screen that asked, don't die
+                what = {ValidateDataset: "dataset", StartTraining: "training"}.get(type(command), "engine")
+                self.emit(EngineError(what, f"{type(exc).__name__}: {exc}"))
                 traceback.print_exc()
             finally:
                 self.busy = ""
@@ -171,7 +172,11 @@ class EngineWorker:
             from engine.train import TrainingRun
             control = RunControl()
             self.emit(TrainingStarted(control))
-            result = TrainingRun(command.cfg, [self.emit], control, resume=command.resume).run()
+            try:
+                result = TrainingRun(command.cfg, [self.emit], control, resume=command.resume).run()
+            except Exception as exc:  # the run never started: the UI must not wait for it
+                self.emit(TrainingEnded("failed", "", 0, f"{type(exc).__name__}: {exc}"))
+                raise
             self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
         elif isinstance(command, Generate):
             self.busy = "generating"

@@ -115,7 +115,7 @@ class LoraTuiApp(App[int]):
             self.training, self.control = True, payload.control
         elif kind == "TrainingEnded":
             self.training, self.control = False, None
-            self.last_run_dir = payload.run_dir
+            self.last_run_dir = payload.run_dir or self.last_run_dir
             if self._quitting:
                 self._stop_engine_and_exit()
                 return
