@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 
-from engine import atomic
+from engine import atomic, run_folder
 from engine import events as ev
 from engine.batches import collate, epoch_batches, steps_per_epoch
-from engine import run_folder
 from engine.checkpoints import STATE_FILE, CheckpointError, CheckpointStore, checkpoint_problem, read_state
 from engine.config import Config, check_against_total, to_yaml
 from engine.control import RunControl
@@ -549,7 +548,7 @@ class TrainingRun:
             except (KeyError, IndexError, ValueError):
                 raise TrainingError(f"cannot resume: optimizer state {key!r} does not fit this config",
                                     "checkpoint") from None
-        rows = max(i for batch in state["order"] for i in batch)
+        rows = max((i for batch in state["order"] for i in batch), default=-1)
         if rows >= len(self.data.train):  # only an old checkpoint without a data fingerprint gets here
             raise TrainingError(f"cannot resume {folder}: its data order uses training row {rows}, this dataset "
                                 f"has {len(self.data.train)}: resume with the run's dataset", "config")
