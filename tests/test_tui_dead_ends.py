@@ -87,6 +87,26 @@ async def test_save_writes_no_environment_override(app_in, tmp_path, embedded_di
     assert "0.0003" not in saved
 
 
+async def test_a_file_value_that_cannot_be_read_is_not_saved_as_the_default(tmp_path, embedded_dir, monkeypatch):
+    """`rank: abc` loads as the default 16 (with an error): saving must not quietly write 16 for it."""
+    monkeypatch.chdir(ROOT)
+    config = tmp_path / "config.yaml"
+    config.write_text("lora:\n  rank: abc\n  alpha: 8\n")
+    app = LoraTuiApp(str(config))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "✗" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert config.read_text() == "lora:\n  rank: abc\n  alpha: 8\n"
+        assert any(m.startswith("Not saved: fix lora.rank") for m in notes(app)), notes(app)
+        await type_into(pilot, "rank", "4")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    saved = config.read_text()
+    assert "  rank: 4\n" in saved and "  alpha: 8.0\n" in saved
+
+
 # ---------------------------------------------------------------- Dataset screen: a huge line, quitting
 
 def rss_sampler():

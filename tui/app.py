@@ -48,10 +48,10 @@ class LoraTuiApp(App[int]):
         self.config_path = config_path
         self.config_errors: list = []
         try:
-            self.cfg, self.file_cfg, self.config_warnings = load_config_and_file(config_path)
+            self.cfg, self.file_cfg, self.config_warnings, self.unreadable_fields = load_config_and_file(config_path)
             self.config_errors = [i for i in self.config_warnings if i.severity == "error"]
         except ConfigError as exc:  # unreadable file: start from defaults and say so
-            self.cfg, self.file_cfg, self.config_warnings = Config(), Config(), []
+            self.cfg, self.file_cfg, self.config_warnings, self.unreadable_fields = Config(), Config(), [], {}
             self.config_errors = exc.issues
         self.dirty = False
         self.training = False

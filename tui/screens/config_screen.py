@@ -24,13 +24,17 @@ HUB_SUGGESTIONS = ["mlx-community/Mistral-7B-Instruct-v0.3-4bit", "mlx-community
                    "mlx-community/Qwen2.5-0.5B-Instruct-4bit"]
 
 
-def load_config_and_file(path: str | None) -> tuple[Config, Config, list]:
-    """(effective config, the file's own values, issues): the app runs with the first (environment
-    overrides applied); the config form saves the second plus the user's edits, so an override set for one
-    session never lands in the file."""
+def load_config_and_file(path: str | None) -> tuple[Config, Config, list, dict]:
+    """(effective config, the file's own values, issues, unreadable fields): the app runs with the first
+    (environment overrides applied); the config form saves the second plus the user's edits, so an override
+    set for one session never lands in the file. Unreadable fields ({path: issue}, e.g. `rank: abc`) hold
+    their default, which the user never chose: the form refuses to save them until they are edited."""
     cfg, issues = load_config(path, strict=False)
-    file_cfg, _ = load_config(path, environ={}, strict=False)
-    return cfg, file_cfg, issues
+    file_cfg, file_issues = load_config(path, environ={}, strict=False)
+    checked = {(i.field, i.message) for i in validate(file_cfg)}
+    unreadable = {i.field: i for i in file_issues
+                  if i.field in SPECS and i.severity == "error" and (i.field, i.message) not in checked}
+    return cfg, file_cfg, issues, unreadable
 
 
 def field_id(path: str) -> str:
@@ -160,7 +164,7 @@ class SectionForm(VerticalScroll):
 
     def compose(self) -> ComposeResult:
         cfg = self.app.cfg
-        issues = {i.field: i for i in validate(cfg)}
+        issues = {i.field: i for i in validate(cfg)} | self.app.unreadable_fields
         from_env = env_overrides()
         yield Static(SECTION_HELP[self.section], classes="section-title")
         for path, spec in SPECS.items():
@@ -199,9 +203,10 @@ class ConfigScreen(AppScreen):
     def on_mount(self) -> None:
         # Fields whose text is not a valid value, with the problem: the config keeps its last valid value,
         # so these, not validate(), tell whether the form holds what the user typed.
-        self.invalid: dict[str, object] = {}
+        self.invalid: dict[str, object] = dict(self.app.unreadable_fields)
+        self.unreadable = set(self.app.unreadable_fields)  # until the user edits them
         self.from_env = env_overrides()  # fields an environment variable sets, until the user edits them
-        self._show_status({i.field: i for i in validate(self.app.cfg)})
+        self._show_status({i.field: i for i in validate(self.app.cfg)} | self.invalid)
 
     # ------------------------------------------------------------ editing
 
@@ -213,11 +218,14 @@ class ConfigScreen(AppScreen):
         before = getattr(getattr(self.app.cfg, spec.section), spec.name)
         issue = set_value(self.app.cfg, path, raw)
         if issue is None and getattr(getattr(self.app.cfg, spec.section), spec.name) == before:
+            if path in self.unreadable:
+                return  # the widget reporting the default it shows: the file's value is still unread
             if path not in self.invalid and \
                     not self.query_one("#" + field_id(path) + "-msg", Static).has_class("has-issue"):
                 return  # a widget reporting its initial value: nothing changed
         if issue is None:
             self.invalid.pop(path, None)
+            self.unreadable.discard(path)
             set_value(self.app.file_cfg, path, raw)  # what ctrl+s writes: the file's values plus edits
             self.from_env.pop(path, None)
         else:
@@ -274,8 +282,8 @@ class ConfigScreen(AppScreen):
         self.query_one("#config-status", Static).update(
             f"[b]{escape(where)}[/b] — {state}" + (f" — [$error]{errors} error(s)[/]" if errors else " — valid"))
 
-    def _reload_widgets(self) -> None:
-        self.invalid.clear()
+    def _reload_widgets(self, unreadable: dict | None = None) -> None:
+        self.invalid, self.unreadable = dict(unreadable or {}), set(unreadable or {})
         for path, spec in SPECS.items():
             widget = self.query_one("#" + field_id(path))
             value = getattr(getattr(self.app.cfg, spec.section), spec.name)
@@ -328,14 +336,14 @@ class ConfigScreen(AppScreen):
             if not path:
                 return
             try:
-                cfg, file_cfg, issues = load_config_and_file(path)
+                cfg, file_cfg, issues, unreadable = load_config_and_file(path)
             except ConfigError as exc:
                 self.notify(str(exc), severity="error", timeout=10)
                 return
             self.app.cfg, self.app.file_cfg, self.app.config_path, self.app.dirty = cfg, file_cfg, path, False
             self.from_env = env_overrides()
             self.app.sub_title = path
-            self._reload_widgets()
+            self._reload_widgets(unreadable)
             self.notify(f"Loaded {path}" + (f" with {len(issues)} issue(s)" if issues else ""))
         self.app.push_screen(PathPrompt("Load which config file?", self.app.config_path or "config.yaml"), load)
 
