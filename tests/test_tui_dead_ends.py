@@ -266,6 +266,47 @@ async def test_a_100_kb_message_can_be_stopped_and_quit_ends_the_engine(tmp_path
     assert app.engine.finished.wait(120), "the engine thread still runs after ctrl+q"
 
 
+CHILD_CHAT = """
+import sys
+from tui.app import LoraTuiApp
+
+async def quit_during_a_long_prompt(pilot):
+    app = pilot.app
+    await pilot.press("f4")
+    while not (app.current_mode == "chat" and app.screen.query("#chat-input")):
+        await pilot.pause(0.05)
+    app.screen.query_one("#chat-input").value = "Summarise: " + "The quick brown fox jumps over the lazy dog. " * 2300
+    app.screen.query_one("#chat-input").focus()
+    await pilot.press("enter")
+    while app.engine.busy != "generating":
+        await pilot.pause(0.05)
+    print("reading the prompt", flush=True)
+    await pilot.press("ctrl+q")
+
+app = LoraTuiApp(None)
+app.run(headless=True, size=(120, 40), auto_pilot=quit_during_a_long_prompt)
+sys.exit(app.return_code)
+"""
+
+
+def test_the_process_ends_on_ctrl_q_while_a_long_prompt_is_read(tmp_path, embedded_dir):
+    """The real app in its own process: ctrl+q while a 100 kB message is read used to leave the process
+    running until the whole prompt was read (minutes here)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "child_chat.py"
+    script.write_text(CHILD_CHAT)
+    child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        out, err = child.communicate(timeout=180)
+    finally:
+        child.kill()
+    assert b"reading the prompt" in out, err.decode()[-2000:]
+    assert child.returncode == 0, err.decode()[-2000:]
+
+
 # ---------------------------------------------------------------- following a run folder with bad lines
 
 async def test_following_a_run_with_bad_metric_lines_skips_them(tmp_path, embedded_dir, monkeypatch):
