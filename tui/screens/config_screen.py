@@ -341,7 +341,7 @@ class ConfigScreen(AppScreen):
                 self.notify(str(exc), severity="error", timeout=10)
                 return
             self.app.cfg, self.app.file_cfg, self.app.config_path, self.app.dirty = cfg, file_cfg, path, False
-            self.from_env = env_overrides()
+            self.app.unreadable_fields, self.from_env = unreadable, env_overrides()
             self.app.sub_title = path
             self._reload_widgets(unreadable)
             self.notify(f"Loaded {path}" + (f" with {len(issues)} issue(s)" if issues else ""))

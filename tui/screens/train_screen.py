@@ -114,9 +114,14 @@ class TrainScreen(AppScreen):
             self.notify(f"Fix the config first: {errors[0].field}: {errors[0].message}", severity="error", timeout=8)
             return
         cfg = copy.deepcopy(self.app.cfg)
-        if not cfg.output.run_name:  # a new timestamped folder: nothing there to lose
+        if cfg.output.run_name:
+            self._start_beside_earlier_run(cfg)
+        else:  # a new timestamped folder: nothing there to lose
             self._start(cfg)
-            return
+
+    def _start_beside_earlier_run(self, cfg) -> None:
+        """Start in the run name's folder, unless a run is there already: resume it (if it did not finish) or
+        start a new run beside it, as the user picks; never over it."""
         output_dir = Path(cfg.output.dir).expanduser()
         run_dir = output_dir / cfg.output.run_name
         state = run_state(run_dir)
