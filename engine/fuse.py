@@ -88,6 +88,12 @@ def _finite_logits(model, tokenizer, messages, reply_text: str) -> bool:
     return bool(mx.all(mx.isfinite(model(mx.array(ids)[None]))).item())
 
 
+def _require_finite(model, tokenizer, messages, reply_text: str, adapter) -> None:
+    if not _finite_logits(model, tokenizer, messages, reply_text):
+        raise FuseError(f"{adapter}: base + adapter give NaN or infinite outputs on the check prompt: the "
+                        "adapter is broken (e.g. an extreme scale); nothing was written")
+
+
 def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = "Hello! Who are you?") -> dict:
     """Write the fused model to `out` (atomically) and check it generates what base + adapter generates."""
     import mlx.core as mx
@@ -102,11 +108,9 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
     model, tokenizer, info = load_with_adapter(cfg, adapter)
     settings = GenerationSettings(max_tokens=32, temperature=0.0)
     messages = [{"role": "user", "content": check_prompt}]
-    finite = _finite_logits(model, tokenizer, messages, "")  # the prompt alone first: fails before generating
-    expected = reply(model, tokenizer, messages, settings) if finite else ""
-    if not (finite and _finite_logits(model, tokenizer, messages, expected)):
-        raise FuseError(f"{adapter}: base + adapter give NaN or infinite outputs on the check prompt: the "
-                        "adapter is broken (e.g. an extreme scale); nothing was written")
+    _require_finite(model, tokenizer, messages, "", adapter)  # the prompt alone first: fails before generating
+    expected = reply(model, tokenizer, messages, settings)
+    _require_finite(model, tokenizer, messages, expected, adapter)
     fused = [(n, m.fuse(dequantize=not info.quantized)) for n, m in model.named_modules() if hasattr(m, "fuse")]
     model.update_modules(tree_unflatten(fused))
     bad = _non_finite_params(model)
