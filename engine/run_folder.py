@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoints import CheckpointStore
+from engine.checkpoints import STATE_FILE, STEP_DIR
 
 LOCK_FILE = "run.lock"
 # What a run writes at the top of its folder; with `config.step_NNNNNN.yaml` kept by resumes.
@@ -45,8 +45,8 @@ def run_state(run_dir: str | os.PathLike) -> RunState:
     checkpoints) or "empty" (nothing of a run; logs of a run that failed before its first step don't count).
     Reads only: safe on a folder another process trains in."""
     run_dir = Path(run_dir)
-    checkpoints = CheckpointStore(run_dir / "checkpoints").list() if (run_dir / "checkpoints").is_dir() else []
-    last_step = checkpoints[-1].step if checkpoints else None
+    checkpoints = checkpoint_steps(run_dir / "checkpoints")
+    last_step = checkpoints[-1] if checkpoints else None
     pid = lock_holder(run_dir)
     if pid is not None:
         return RunState("running", last_step, pid)
@@ -54,6 +54,17 @@ def run_state(run_dir: str | os.PathLike) -> RunState:
         return RunState("empty")
     finished = _report_status(run_dir) == "finished"
     return RunState("finished" if finished or not checkpoints else "interrupted", last_step)
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints in `folder`, oldest first. Unlike CheckpointStore.list, it puts
+    nothing back: a training process may be between the two renames of a save right now."""
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(STEP_DIR.match, names)
+                  if m and (folder / m.group(0) / STATE_FILE).is_file())
 
 
 def holds_run(run_dir: Path) -> bool:
