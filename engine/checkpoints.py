@@ -96,20 +96,12 @@ class CheckpointStore:
                 shutil.rmtree(child, ignore_errors=True)
         return sorted(keep)
 
-    def resolve(self, which: str) -> list[CheckpointInfo]:
-        """Candidates for `--resume`: 'latest' gives all, newest first (the caller falls back on a bad one)."""
-        if which == "latest":
-            items = list(reversed(self.list()))
-            if not items:
-                raise CheckpointError(f"no checkpoint to resume in {self.folder}")
-            return items
-        path = Path(which)
-        if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder
-            return CheckpointStore(path / "checkpoints").resolve("latest")
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"{path}: not a checkpoint (no {STATE_FILE})")
-        m = STEP_DIR.match(path.name)
-        return [CheckpointInfo(int(m.group(1)) if m else 0, path, self._val_loss(path))]
+    def newest_first(self) -> list[CheckpointInfo]:
+        """Candidates for `--resume`, newest first (the caller falls back on a bad one)."""
+        items = list(reversed(self.list()))
+        if not items:
+            raise CheckpointError(f"no checkpoint to resume in {self.folder}")
+        return items
 
 
 def read_state(path: Path) -> dict:

@@ -489,7 +489,7 @@ class TrainingRun:
         if self.resume_from != "latest" and (path / STATE_FILE).is_file():
             candidates = [path]
         else:
-            candidates = [c.path for c in self.store.resolve("latest")]
+            candidates = [c.path for c in self.store.newest_first()]
         reasons = []
         for folder in candidates:  # newest first; an unusable one falls back to the one before
             try:
