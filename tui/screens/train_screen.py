@@ -270,6 +270,8 @@ class TrainScreen(AppScreen):
             self._set_buttons("running")
         elif isinstance(e, ev.Failed):
             self.notify(e.message, title="Training failed", severity="error", timeout=15)
+        elif isinstance(e, ev.Finished) and not e.adapter_path:  # stopped while preparing
+            self.notify("Stopped before training began: nothing was trained or saved", title="Stopped", timeout=10)
         elif isinstance(e, ev.Finished):
             self.notify(f"Finished at step {e.step}; adapter in {e.adapter_path}",
                         title="Stopped" if e.stopped_early else "Training finished", timeout=10)
