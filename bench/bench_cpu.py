@@ -37,7 +37,7 @@ PREPARE = """
 import json, sys
 sys.path.insert(0, {root!r})
 import engine
-from engine.embedded import import_embedded
+from engine.model.embedded import import_embedded
 from mlx_lm.utils import dequantize_model, load, save
 import mlx.core as mx
 from mlx.utils import tree_map

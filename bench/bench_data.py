@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402,F401  (preloads the BLAS before mlx)
 from engine.config import Config  # noqa: E402
 from engine.data import validate_dataset  # noqa: E402
-from engine.model import load_tokenizer  # noqa: E402
+from engine.model.loading import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

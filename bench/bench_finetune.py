@@ -53,11 +53,11 @@ def main() -> None:
     import mlx.core as mx
     import mlx_lm
 
-    from engine.adapters import adapters_disabled
+    from engine.model.adapters import adapters_disabled
     from engine.blas import active
     from engine.config import load_config, set_value
     from engine.evaluate import load_heldout
-    from engine.fuse import load_with_adapter
+    from engine.model.adapters import load_with_adapter
     from engine.train import TrainingRun
 
     cfg, _ = load_config(ROOT / "config.yaml")

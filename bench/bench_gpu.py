@@ -10,12 +10,12 @@ Every variant runs in its own process (clean peak memory), one after another:
   matmul peak   bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
                 positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
-  mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/memory.py limit_gpu_queue;
+  mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
-  mlx-stock     neither limit nor engine/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
+  mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
-  mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in float32; engine/qlora.py's
+  mlx-4bit      QLoRA: the base quantized to 4 bits (group 64), adapters in float32; engine/model/qlora.py's
                 layers dequantize each weight just before its bf16 matmul, forward and backward
   mlx-4bit-qfwd the same with MLX's quantized_matmul in the forward pass
   mlx-4bit+ckpt the same with gradient checkpointing
@@ -92,7 +92,7 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     import mlx.nn as nn
     from mlx_lm.models import llama
 
-    from engine.adapters import apply_lora
+    from engine.model.adapters import apply_lora
     from engine.config import LoRAConfig
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
@@ -108,7 +108,7 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
         mx.eval(model.parameters())
     apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]), lean=lean)
     if bits:  # what TrainingRun does with a quantized base on a GPU
-        from engine.qlora import dequantize_just_in_time
+        from engine.model.qlora import dequantize_just_in_time
         dequantize_just_in_time(model, dense_forward=dense_forward)
     model.train()
     return model
@@ -129,8 +129,8 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from engine.adapters import trainable_count
-    from engine.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
+    from engine.model.adapters import trainable_count
+    from engine.model.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
     from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
 

@@ -16,7 +16,7 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   bernoulli (MLX's masks on CUDA), unfusedce (the plain loss), eagerupdate (optimizer op by
                   op), old (f32lora + nofuse + bernoulli + unfusedce), 4bit (quantized forward, dequantized
                   backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
-                  each dequantize ordered after its input with mx.depends: what engine/qlora.py does)
+                  each dequantize ordered after its input with mx.depends: what engine/model/qlora.py does)
 --depths takes one depth (time only) or two (per-layer slopes); --repeat N runs the step probes N times,
 interleaved, and keeps the median.
 """
@@ -95,7 +95,7 @@ def _timed(fn, *args, n=10):
 def probe_ops() -> dict:
     """The step's pieces alone at the bench shape: dropout masks, the LoRA branch, the loss, the matmuls."""
     import mlx.core as mx
-    from engine import lean
+    from engine.model import lean
     out = {}
     d, m, v, tokens = SHAPE["hidden"], SHAPE["mlp"], SHAPE["vocab"], BATCH * SEQ
     x = mx.random.normal((BATCH, SEQ, d)).astype(mx.bfloat16)
@@ -103,7 +103,7 @@ def probe_ops() -> dict:
     out["mask_bernoulli"] = _timed(lambda: mx.random.bernoulli(0.95, x.shape))
     out["mask_bernoulli16"] = _timed(lambda: mx.random.bernoulli(mx.array(0.95, mx.float16), x.shape))
     try:
-        from engine.philox import philox_mask
+        from engine.model.philox import philox_mask
         out["mask_philox"] = _timed(lambda: philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,)), x, 0.95))
         seed = mx.array([12345, 678], dtype=mx.int32)
         big = philox_mask(seed, x, 0.95)
@@ -168,7 +168,8 @@ def probe_step(variant: str, layers: int) -> dict:
     import mlx.optimizers as optim
     from mlx_lm.models import llama
 
-    from engine import evaluate, lean, philox
+    from engine import evaluate
+    from engine.model import lean, philox
     from engine.evaluate import masked_loss
     from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update
 
@@ -187,8 +188,8 @@ def probe_step(variant: str, layers: int) -> dict:
 
     model = build_model(layers, 4 if "4bit" in variant else None, dropout=0.0 if variant == "nodropout" else 0.05,
                         dense_forward=variant == "4bit-dep", lean=variant != "stock")
-    if variant == "4bit-fwd":  # dense forward without mx.depends: what engine/qlora.py did before it
-        from engine.qlora import DequantizingLinear
+    if variant == "4bit-fwd":  # dense forward without mx.depends: what engine/model/qlora.py did before it
+        from engine.model.qlora import DequantizingLinear
         for _, m in model.named_modules():
             if isinstance(m, DequantizingLinear):
                 m._matmul = _dequantizing_forward(m.group_size, m.bits)

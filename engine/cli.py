@@ -95,7 +95,7 @@ def _progress_printer(prefix: str):
 
 def cmd_validate(args) -> int:
     from engine.data import validate_with_config
-    from engine.model import load_tokenizer
+    from engine.model.loading import load_tokenizer
     cfg = _load_cfg(args)
     tokenizer = None if args.no_tokenize else load_tokenizer(cfg.model, _progress_printer("model"))
     show = _progress_printer("validating")
@@ -121,7 +121,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_import_model(args) -> int:
-    from engine.model import check_folder, resolve_model_path
+    from engine.model.loading import check_folder, resolve_model_path
     cfg = _load_cfg(args)
     path = resolve_model_path(cfg.model, _progress_printer("model"))
     check_folder(path)  # a folder printed here must be one that loads
@@ -161,7 +161,7 @@ def run(argv: list[str] | None = None) -> int:
     """Run a headless command; map every expected failure to one line and an exit code."""
     from engine.config import ConfigError
     from engine.data import DatasetError
-    from engine.model import ModelLoadError
+    from engine.model.loading import ModelLoadError
 
     from engine.fuse import FuseCheckError, FuseError, FuseTargetError
     AdapterError = _adapter_error()
@@ -203,7 +203,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _adapter_error():
-    from engine.adapters import AdapterError
+    from engine.model.adapters import AdapterError
     return AdapterError
 
 

@@ -65,11 +65,11 @@ def cmd_train(args, load_cfg) -> int:
 
 def eval_only(cfg, args) -> int:
     """Validation loss/perplexity and the held-out behaviour metric, base against adapter."""
-    from engine.adapters import adapters_disabled
+    from engine.model.adapters import adapters_disabled
     from engine.cli import EXIT_OK, UsageError
     from engine.data import prepare_dataset
     from engine.evaluate import load_heldout, perplexity, tool_call_score, validation_loss
-    from engine.fuse import load_with_adapter
+    from engine.model.adapters import load_with_adapter
     if not args.resume:
         raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")
     heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
@@ -160,7 +160,7 @@ def _check_template(tokenizer, system: str | None) -> None:
     """A chat template that cannot render a first turn (it does not compile, say) fails every turn: say so
     once, as a model that cannot be used (exit 4), instead of once per line."""
     from engine.data.encode import ChatEncoder, EncodeError
-    from engine.model import ModelLoadError
+    from engine.model.loading import ModelLoadError
     first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
     try:
         ChatEncoder(tokenizer).prompt_text(first)

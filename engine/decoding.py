@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.evaluate import split_head
+from engine.model.adapters import load_with_adapter
+from engine.model.loading import load_model
 
 
 class TransposedLinear(nn.Module):
@@ -105,8 +107,6 @@ class PromptCache:
 
 def load_for_chat(cfg, adapter: str | None = None):
     """(model, tokenizer, info) to chat with: the configured base, an adapter if given, decoding layout."""
-    from engine.fuse import load_with_adapter
-    from engine.model import load_model
     model, tokenizer, info = load_with_adapter(cfg, adapter) if adapter else load_model(cfg.model)
     decoding_layout(model)
     return model, tokenizer, info

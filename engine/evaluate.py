@@ -14,7 +14,7 @@ import mlx.nn as nn
 from engine.batches import collate
 from engine.data import Example
 from engine.generate import GenerationSettings, reply
-from engine.model import on_gpu
+from engine.model.loading import on_gpu
 
 
 # Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).

@@ -22,25 +22,6 @@ class FuseCheckError(FuseError):
     """Fusing gave a wrong model, e.g. non-finite weights; nothing was written (exit code 5)."""
 
 
-def load_with_adapter(cfg: Config, adapter: str | Path, progress=None):
-    """The configured base (same dtype/dequantization as training) with a saved adapter applied: `adapter`
-    is an adapter or checkpoint folder, or a run folder (its final adapter/)."""
-    from engine.adapters import AdapterError, adapter_folder, apply_saved_adapter, read_saved_adapter
-    from engine.model import load_model
-    try:  # the adapter's own files first: a typo or a broken file fails before a long model load
-        folder = adapter_folder(adapter)
-        saved = read_saved_adapter(folder)
-    except AdapterError as exc:
-        raise FuseError(str(exc)) from None
-    model, tokenizer, info = load_model(cfg.model, progress)
-    try:
-        apply_saved_adapter(model, folder, saved, f"the base model {cfg.model.name}")
-    except AdapterError as exc:
-        raise FuseError(str(exc)) from None
-    model.eval()
-    return model, tokenizer, info
-
-
 def check_out(out: str | Path) -> Path:
     """The absolute `--out` folder, refused before any work when it could not take the fused model: an
     existing file or non-empty folder (never replaced), or a place that cannot be written."""
@@ -73,7 +54,7 @@ def check_out(out: str | Path) -> Path:
 def _non_finite_params(model) -> list[str]:
     from mlx.utils import tree_flatten
 
-    from engine.adapters import non_finite
+    from engine.model.adapters import non_finite
     return non_finite(dict(tree_flatten(model.parameters())))
 
 
@@ -102,7 +83,8 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
     from mlx_lm.utils import save
 
     from engine.generate import GenerationSettings, reply
-    from engine.model import resolve_model_path
+    from engine.model.adapters import load_with_adapter
+    from engine.model.loading import resolve_model_path
 
     out = check_out(out)
     model, tokenizer, info = load_with_adapter(cfg, adapter)

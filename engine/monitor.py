@@ -1,4 +1,4 @@
-"""Memory readings and the run's logs: metrics.jsonl (one JSON event per line) and a readable train.log."""
+"""The run's logs: metrics.jsonl (one JSON event per line) and a readable train.log."""
 
 from __future__ import annotations
 
@@ -8,21 +8,8 @@ import os
 import threading
 from pathlib import Path
 
-import psutil
-
-from engine.events import CheckpointSaved, Eval, Failed, Finished, MemoryStats, Phase, Sample, Started, Step
+from engine.events import CheckpointSaved, Eval, Failed, Finished, Phase, Sample, Started, Step
 from engine.events import Warning as WarningEvent
-
-_PROCESS = psutil.Process()
-
-
-def memory_stats() -> MemoryStats:
-    import mlx.core as mx
-    vm = psutil.virtual_memory()
-    return MemoryStats(rss_bytes=_PROCESS.memory_info().rss, system_used_bytes=vm.total - vm.available,
-                       system_total_bytes=vm.total, mlx_active_bytes=mx.get_active_memory(),
-                       mlx_peak_bytes=mx.get_peak_memory())
-
 
 def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -23,7 +23,8 @@ from engine.checkpoints import STATE_FILE, CheckpointError, CheckpointStore, che
 from engine.config import Config, check_against_total, to_yaml
 from engine.control import RunControl
 from engine.distributed import DistributedError, World
-from engine.monitor import RunLog, memory_stats
+from engine.model.memory import memory_stats
+from engine.monitor import RunLog
 
 
 class TrainingError(RuntimeError):
@@ -118,7 +119,7 @@ def checkpointed_layers(model, enabled: bool):
 def _checkpointed(call):
     import mlx.core as mx
 
-    from engine.philox import dropout_keys
+    from engine.model.philox import dropout_keys
 
     def checkpointed_call(block, *args, **kwargs):
         key = mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)  # a closure: no gradient for it
@@ -387,10 +388,10 @@ class TrainingRun:
         import mlx.core as mx
 
         from engine import blas
-        from engine.adapters import AdapterError, apply_lora, total_count, trainable_count
+        from engine.model.adapters import AdapterError, apply_lora, total_count, trainable_count
         from engine.data import DatasetError, prepare_dataset
-        from engine.memory import limit_gpu_queue
-        from engine.model import ModelLoadError, load_model
+        from engine.model.memory import limit_gpu_queue
+        from engine.model.loading import ModelLoadError, load_model
 
         cfg, t = self.cfg, self.cfg.training
         if resume_state is not None:  # settings first: a refusal should not wait for the model and the data
@@ -408,7 +409,7 @@ class TrainingRun:
         except AdapterError as exc:
             raise TrainingError(str(exc), "config") from None
         if info.quantized and mx.default_device() == mx.gpu:  # QLoRA: bf16 speed, 4-bit memory (see qlora.py)
-            from engine.qlora import dequantize_just_in_time
+            from engine.model.qlora import dequantize_just_in_time
             dequantize_just_in_time(model)
         self.model, self.tokenizer, self.info = model, tokenizer, info
         phase("tokenizing the dataset", 0.45)
@@ -463,7 +464,7 @@ class TrainingRun:
         from mlx.utils import tree_flatten
 
         from engine.batches import PAD_MULTIPLE
-        from engine.memory import ModelShape, available_bytes, estimate_step_memory, fused_attention
+        from engine.model.memory import ModelShape, available_bytes, estimate_step_memory, fused_attention
         try:
             shape = ModelShape.of(self.model)
         except AttributeError:  # an architecture without the usual ModelArgs: no estimate
@@ -533,7 +534,7 @@ class TrainingRun:
     def _restore(self, folder: Path, state: dict) -> None:
         import mlx.core as mx
 
-        from engine.adapters import AdapterError, load_adapter_weights
+        from engine.model.adapters import AdapterError, load_adapter_weights
         try:
             load_adapter_weights(self.model, folder)
             opt = mx.load(str(folder / "optimizer.safetensors"))
@@ -711,7 +712,7 @@ class TrainingRun:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        from engine.adapters import save_adapters
+        from engine.model.adapters import save_adapters
 
         def write(folder: Path) -> None:
             save_adapters(self.model, self.adapter_config, folder)
@@ -739,7 +740,7 @@ class TrainingRun:
 
     def _write_final_adapter(self) -> Path:
         """run_dir/adapter: the adapter of the last step, in mlx-lm's format (atomic swap)."""
-        from engine.adapters import save_adapters
+        from engine.model.adapters import save_adapters
         final = self.run_dir / "adapter"
         try:
             with atomic.folder(final) as tmp:
@@ -782,7 +783,7 @@ class TrainingRun:
     def _samples(self) -> list[dict]:
         """The configured prompts answered by the base model and by the adapter (one model in memory); a stop
         ends them between prompts or tokens."""
-        from engine.adapters import adapters_disabled
+        from engine.model.adapters import adapters_disabled
         from engine.generate import GenerationSettings
         e = self.cfg.evaluation
         settings = GenerationSettings(e.max_tokens, e.temperature, e.top_p)

@@ -191,7 +191,7 @@ class EngineWorker:
 
     def _validate(self, cmd: ValidateDataset) -> None:
         from engine.data import DatasetError, validate_with_config
-        from engine.model import ModelLoadError, load_tokenizer
+        from engine.model.loading import ModelLoadError, load_tokenizer
         cfg = cmd.cfg
         try:
             tokenizer = load_tokenizer(cfg.model)
@@ -220,14 +220,13 @@ class EngineWorker:
     def _generate(self, cmd: Generate) -> None:
         from contextlib import nullcontext
 
-        from engine.adapters import adapters_disabled
+        from engine.model.adapters import AdapterError, adapters_disabled
         from engine.decoding import PromptCache
-        from engine.fuse import FuseError
         from engine.generate import stream_reply
-        from engine.model import ModelLoadError
+        from engine.model.loading import ModelLoadError
         try:
             chat = self._chat_model(cmd.cfg, cmd.adapter)
-        except (ModelLoadError, FuseError) as exc:
+        except (ModelLoadError, AdapterError) as exc:
             self.emit(EngineError("chat", str(exc)))
             return
         as_base = cmd.adapter is None and chat.adapter is not None

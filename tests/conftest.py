@@ -21,21 +21,21 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir(model_cache) -> Path:
-    from engine.embedded import import_embedded
+    from engine.model.embedded import import_embedded
     return import_embedded(root=model_cache)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
     from engine.config import ModelConfig
-    from engine.model import load_tokenizer
+    from engine.model.loading import load_tokenizer
     return load_tokenizer(ModelConfig(name="embedded"))
 
 
 @pytest.fixture(scope="session")
 def loaded_model(embedded_dir):
     from engine.config import ModelConfig
-    from engine.model import load_model
+    from engine.model.loading import load_model
     return load_model(ModelConfig(name="embedded"))
 
 
@@ -48,5 +48,5 @@ def mistral_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mistral_tokenizer(mistral_dir):
     from engine.config import ModelConfig
-    from engine.model import load_tokenizer
+    from engine.model.loading import load_tokenizer
     return load_tokenizer(ModelConfig(name=str(mistral_dir)))

@@ -280,9 +280,9 @@ def saved_adapter(embedded_dir, tmp_path_factory) -> Path:
     """A real adapter of the embedded model (rank 4 on the last 2 blocks), with non-zero lora_b as a trained one."""
     import mlx.core as mx
 
-    from engine.adapters import apply_lora, save_adapters
+    from engine.model.adapters import apply_lora, save_adapters
     from engine.config import LoRAConfig, ModelConfig
-    from engine.model import load_model
+    from engine.model.loading import load_model
     model, _, _ = load_model(ModelConfig(name="embedded"))
     acfg = apply_lora(model, LoRAConfig(rank=4, num_layers=2), lean=False)
     folder = tmp_path_factory.mktemp("adapter") / "adapter"

@@ -8,7 +8,7 @@ import numpy as np
 from engine.config import Config
 from engine.decoding import PromptCache, TransposedLinear, decoding_layout, load_for_chat
 from engine.generate import GenerationSettings, reply, stream_reply
-from engine.model import load_model
+from engine.model.loading import load_model
 
 GREEDY = GenerationSettings(max_tokens=24, temperature=0.0)
 TURN1 = [{"role": "system", "content": "You are a concise geography tutor."},
@@ -73,7 +73,7 @@ def _nudged_adapter(folder, cfg):
     """A real adapter folder in mlx-lm's format whose answers differ from the base model's."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from engine.adapters import apply_lora, save_adapters
+    from engine.model.adapters import apply_lora, save_adapters
     model, _, _ = load_model(cfg.model)
     acfg = apply_lora(model, cfg.lora, lean=False)
     mx.random.seed(3)

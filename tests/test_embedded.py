@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from engine import embedded
+from engine.model import embedded
 
 
 def test_import_writes_a_directory_mlx_lm_opens(embedded_dir):

@@ -1,4 +1,4 @@
-"""engine/lean.py's backward passes train exactly as mlx-lm's layers do, on the embedded model with the
+"""engine/model/lean.py's backward passes train exactly as mlx-lm's layers do, on the embedded model with the
 default LoRA (dropout included), and a training step takes less memory with them; the GPU memory limit
 follows training.memory_limit_gb."""
 
@@ -15,12 +15,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine import lean
-from engine.adapters import apply_lora
+from engine.model import lean
+from engine.model.adapters import apply_lora
 from engine.config import Config
-from engine.lean import LeanLoRALinear, LeanSwiGLUMLP
-from engine.memory import MemoryEstimate, gpu_memory_limit
-from engine.model import load_model
+from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
+from engine.model.memory import MemoryEstimate, gpu_memory_limit
+from engine.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,11 +112,11 @@ import json
 import numpy as np
 import engine
 import mlx.core as mx, mlx.optimizers as optim
-from engine import lean
-from engine.adapters import apply_lora
+from engine.model import lean
+from engine.model.adapters import apply_lora
 from engine.config import Config
 from engine.evaluate import loss_inputs
-from engine.model import load_model
+from engine.model.loading import load_model
 from engine.train import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)

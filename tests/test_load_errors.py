@@ -37,9 +37,9 @@ def make_adapter(model_name: str, folder: Path, rank: int = 4, num_layers: int =
     """A real adapter of `model_name`, with non-zero lora_b as a trained one has."""
     import mlx.core as mx
 
-    from engine.adapters import apply_lora, save_adapters
+    from engine.model.adapters import apply_lora, save_adapters
     from engine.config import LoRAConfig, ModelConfig
-    from engine.model import load_model
+    from engine.model.loading import load_model
     model, _, _ = load_model(ModelConfig(name=model_name))
     acfg = apply_lora(model, LoRAConfig(rank=rank, num_layers=num_layers), lean=False)
     save_adapters(model, acfg, folder)

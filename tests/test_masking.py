@@ -106,7 +106,7 @@ def test_tokenizer_without_template_uses_chatml_fallback(mistral_dir, tmp_path):
     import json
     import shutil
     from engine.config import ModelConfig
-    from engine.model import load_tokenizer
+    from engine.model.loading import load_tokenizer
     plain = tmp_path / "plain"
     shutil.copytree(mistral_dir, plain)
     cfg = json.loads((plain / "tokenizer_config.json").read_text())

@@ -17,11 +17,11 @@ import numpy as np
 import engine
 import mlx.core as mx, mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from engine.adapters import apply_lora, trainable_count
+from engine.model.adapters import apply_lora, trainable_count
 from engine.config import Config
 from engine.evaluate import loss_inputs
-from engine.memory import ModelShape, estimate_step_memory
-from engine.model import load_model
+from engine.model.memory import ModelShape, estimate_step_memory
+from engine.model.loading import load_model
 from engine.train import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)
@@ -61,7 +61,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(embedded_dir):
 
 def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedded_dir, monkeypatch):
     from engine import events as ev
-    from engine import memory
+    from engine.model import memory
     from engine.config import Config
     from engine.train import TrainingRun
     data = tmp_path / "d.jsonl"

@@ -3,7 +3,7 @@
 import pytest
 
 from engine.config import ModelConfig
-from engine.model import ModelLoadError, load_model, resolve_model_path
+from engine.model.loading import ModelLoadError, load_model, resolve_model_path
 
 
 def test_local_mistral_directory_loads_and_formats_inst(mistral_dir):

@@ -1,4 +1,4 @@
-"""engine/philox.py: the CUDA dropout masks are Philox-4x32-10 (checked against Random123's published
+"""engine/model/philox.py: the CUDA dropout masks are Philox-4x32-10 (checked against Random123's published
 answers through a host implementation), and off CUDA the mask is mlx-lm's own draw."""
 
 import mlx.core as mx
@@ -6,7 +6,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from engine.philox import dropout_mask, keep_threshold, on_cuda, philox_mask
+from engine.model.philox import dropout_mask, keep_threshold, on_cuda, philox_mask
 
 FULL = 0xFFFFFFFF
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from engine.adapters import apply_lora
+from engine.model.adapters import apply_lora
 from engine.config import Config
-from engine.model import load_model
-from engine.qlora import DequantizingLinear, dequantize_just_in_time
+from engine.model.loading import load_model
+from engine.model.qlora import DequantizingLinear, dequantize_just_in_time
 
 
 @pytest.mark.parametrize("dense_forward", [True, False], ids=["dense-forward", "quantized-forward"])

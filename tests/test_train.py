@@ -191,7 +191,7 @@ def test_adapter_loads_in_mlx_lm_and_matches(tiny_data, tmp_path, embedded_dir):
     x = mx.array([tok.encode("12+30")])
     assert not mx.allclose(ours(x), base(x), atol=1e-3).item()  # the adapter changes the output
     # the same adapter through our loader gives the same logits
-    from engine.fuse import load_with_adapter
+    from engine.model.adapters import load_with_adapter
     cfg = tiny_config(tiny_data, tmp_path)
     cfg.model.quantized_base = "keep"  # like mlx_lm.load: the quantized base (our scales are float32,
     mine, _, _ = load_with_adapter(cfg, result.run_dir / "adapter")  # mlx-lm's float16: tiny differences)
@@ -312,10 +312,10 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.tuner.trainer import grad_checkpoint
 
-    from engine.adapters import apply_lora
+    from engine.model.adapters import apply_lora
     from engine.evaluate import loss_inputs, masked_loss
-    from engine.model import load_model
-    from engine.philox import dropout_keys
+    from engine.model.loading import load_model
+    from engine.model.philox import dropout_keys
     from engine.train import checkpointed_layers
 
     cfg = Config()

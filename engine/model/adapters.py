@@ -18,7 +18,8 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from engine.config import LoRAConfig
+from engine.config import Config, LoRAConfig
+from engine.model.loading import load_model
 
 ADAPTER_LEAVES = {"lora_a", "lora_b", "m"}
 
@@ -58,12 +59,12 @@ def adapter_config(cfg: LoRAConfig, model: nn.Module) -> dict:
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, lean: bool = True) -> dict:
     """Freeze the base, add adapters on the configured modules; return the adapter config. `lean`: train
-    through engine/lean.py's custom backward passes (same gradients, less memory; inference is unchanged)."""
+    through engine/model/lean.py's custom backward passes (same gradients, less memory; inference is unchanged)."""
     acfg = adapter_config(cfg, model)
     model.freeze()
     linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"], use_dora=cfg.use_dora)
     if lean:
-        from engine.lean import lean_autograd
+        from engine.model.lean import lean_autograd
         lean_autograd(model)
     return acfg
 
@@ -244,3 +245,15 @@ def adapters_disabled(model: nn.Module):
     finally:
         if swapped:
             model.update_modules(tree_unflatten(swapped))
+
+
+def load_with_adapter(cfg: Config, adapter: str | Path, progress=None):
+    """The configured base (same dtype/dequantization as training) with a saved adapter applied: `adapter`
+    is an adapter or checkpoint folder, or a run folder (its final adapter/). A missing, broken or mismatched
+    adapter raises AdapterError."""
+    folder = adapter_folder(adapter)  # the adapter's own files first: a typo or a broken file fails before a
+    saved = read_saved_adapter(folder)  # long model load
+    model, tokenizer, info = load_model(cfg.model, progress)
+    apply_saved_adapter(model, folder, saved, f"the base model {cfg.model.name}")
+    model.eval()
+    return model, tokenizer, info

@@ -11,7 +11,7 @@ backward pass; the SwiGLU keeps gate and up and recomputes the sigmoid. Each bac
 with `mx.depends` to the incoming gradient, so the scheduler cannot run it early and hold its result (the
 trap qlora.py describes). Two more savings in time: where the activations are 16-bit, the low-rank products
 run in that dtype (the adapters and their gradients stay float32), and frozen gate and up projections run as
-one matmul. Dropout masks come from engine/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
+one matmul. Dropout masks come from engine/model/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.model import on_cuda
-from engine.philox import dropout_mask
+from engine.model.loading import on_cuda
+from engine.model.philox import dropout_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import ModelConfig
-from engine.embedded import EmbeddedModelError, import_embedded, is_embedded
+from engine.model.embedded import EmbeddedModelError, import_embedded, is_embedded
 
 
 class ModelLoadError(RuntimeError):
@@ -49,7 +49,7 @@ def resolve_model_path(cfg: ModelConfig, progress: Callable[[str, float], None] 
     """The local directory holding the model: imported, found on disk, or fetched from the hub."""
     name = cfg.name.strip()
     if is_embedded(name):
-        from engine.embedded import cache_root
+        from engine.model.embedded import cache_root
         root = cache_root() if os.environ.get("LORA_TUI_CACHE") else expand_path(cfg.cache_dir, "model.cache_dir")
         try:
             return import_embedded(progress, root=root)
@@ -118,7 +118,7 @@ def damaged_file(path: Path) -> str | None:
 
 
 def _redo_hint(path: Path) -> str:
-    from engine.embedded import DIR_NAME
+    from engine.model.embedded import DIR_NAME
     return f"delete {path} and it is imported again" if path.name == DIR_NAME else "download or copy it again"
 
 

@@ -1,10 +1,11 @@
-"""Peak-memory estimate of a LoRA training step, made before training starts so that a run that cannot fit
-is caught in seconds rather than after the model has loaded and the machine has started to swap.
+"""Memory: the readings taken while a run trains (memory_stats), and the peak-memory estimate of a LoRA
+training step, made before training starts so that a run that cannot fit is caught in seconds rather than
+after the model has loaded and the machine has started to swap.
 
 What a step holds at its peak (float32 on CPU; counted from the tensors autograd keeps, then checked
 against MLX's measured peak on the embedded model, see tests/test_memory.py):
 - the weights as loaded, plus the adapters with their gradients and two AdamW moments;
-- per token and layer, the saved activations (engine/lean.py's backward passes): the block input, the
+- per token and layer, the saved activations (engine/model/lean.py's backward passes): the block input, the
   residual, the adapters' shared input, q and attention output, dropout masks and slack (~6 hidden
   vectors), k and v after RoPE, and the MLP's gate and up (2 intermediate vectors);
 - per layer, the attention probabilities (batch x heads x length^2) where attention is not fused under
@@ -18,6 +19,10 @@ recomputed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import psutil
+
+from engine.events import MemoryStats
 
 ATTENTION_COPIES = 1.1  # probabilities kept for the backward pass, plus transient scores
 LOGIT_COPIES = 4.0  # logits, log-softmax, their gradient and the float32 cast
@@ -82,7 +87,7 @@ QUEUE_HEADROOM = 1.15  # the automatic GPU memory limit, as a multiple of the st
 
 def fused_attention() -> bool:
     """Whether attention under autograd keeps no probabilities: MLX's CUDA backend (cuDNN, both passes)."""
-    from engine.model import on_cuda
+    from engine.model.loading import on_cuda
     return on_cuda()
 
 
@@ -93,7 +98,7 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     at Mistral-7B shapes that was ~7 GB above what the step needs (bench/RESULTS.md). Over its memory limit
     MLX waits for queued work to finish before queuing more, so a limit near the step's real need removes
     that excess; a limit set too low costs speed, never a failed step."""
-    from engine.model import on_gpu
+    from engine.model.loading import on_gpu
     if not on_gpu():
         return None
     if configured_gb > 0:
@@ -114,7 +119,6 @@ def available_bytes() -> int:
     """Memory a training step may still take: the GPU's recommended working set where there is one, else the
     system's available RAM (what the process already holds is counted back in)."""
     import mlx.core as mx
-    import psutil
     if mx.default_device() == mx.gpu:
         try:
             info = mx.device_info()
@@ -124,3 +128,14 @@ def available_bytes() -> int:
         except Exception:
             pass
     return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+_PROCESS = psutil.Process()
+
+
+def memory_stats() -> MemoryStats:
+    import mlx.core as mx
+    vm = psutil.virtual_memory()
+    return MemoryStats(rss_bytes=_PROCESS.memory_info().rss, system_used_bytes=vm.total - vm.available,
+                       system_total_bytes=vm.total, mlx_active_bytes=mx.get_active_memory(),
+                       mlx_peak_bytes=mx.get_peak_memory())

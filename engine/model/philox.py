@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from engine.model import on_cuda
+from engine.model.loading import on_cuda
 
 _HEADER = r"""
 __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
