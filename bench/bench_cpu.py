@@ -97,8 +97,8 @@ if tool == "mlx-lm":
             yield r.text
 else:
     from engine.config import Config
-    from engine.decoding import PromptCache, load_for_chat
-    from engine.generate import GenerationSettings, stream_reply
+    from engine.generate.decoding import PromptCache, load_for_chat
+    from engine.generate.reply import GenerationSettings, stream_reply
     cfg = Config()
     cfg.model.name = model_dir
     model, tokenizer, _ = load_for_chat(cfg)  # what the TUI's chat and `lora-tui chat` load

@@ -163,7 +163,7 @@ def run(argv: list[str] | None = None) -> int:
     from engine.data import DatasetError
     from engine.model.loading import ModelLoadError
 
-    from engine.fuse import FuseCheckError, FuseError, FuseTargetError
+    from engine.export.fuse import FuseCheckError, FuseError, FuseTargetError
     AdapterError = _adapter_error()
     ap = build_parser()
     try:

@@ -109,8 +109,8 @@ def _eval_target(cfg, resume: str):
 def cmd_chat(args, load_cfg) -> int:
     from engine.cli import EXIT_OK, UsageError
     from engine.data.encode import EncodeError
-    from engine.decoding import PromptCache, load_for_chat
-    from engine.generate import GenerationSettings, stream_reply
+    from engine.generate.decoding import PromptCache, load_for_chat
+    from engine.generate.reply import GenerationSettings, stream_reply
     cfg = load_cfg(args)
     if args.system and not _is_text(args.system):
         raise UsageError("--system: not UTF-8 text")
@@ -179,7 +179,7 @@ def _is_text(text: str) -> bool:
 
 def cmd_fuse(args, load_cfg) -> int:
     from engine.cli import EXIT_OK, EXIT_TRAINING
-    from engine.fuse import fuse
+    from engine.export.fuse import fuse
     cfg = load_cfg(args)
     result = fuse(cfg, args.adapter, args.out)
     print(json.dumps(result, indent=2))

@@ -13,21 +13,9 @@ import mlx.nn as nn
 
 from engine.batches import collate
 from engine.data import Example
-from engine.generate import GenerationSettings, reply
+from engine.generate.reply import GenerationSettings, reply
+from engine.model.head import split_head
 from engine.model.loading import on_gpu
-
-
-# Model families whose __call__ is exactly `head(model.model(inputs))` (tied or untied lm_head).
-_PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
-
-
-def split_head(model):
-    """The output projection, if the model is a plain trunk + head we may split; else None."""
-    if type(model).__module__ not in _PLAIN_HEAD_MODULES or not hasattr(model, "model"):
-        return None
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear
-    return model.lm_head
 
 
 # MLX's fused cross-entropy (float32 accumulation): on a GPU it reads the bf16 logits as they are, where

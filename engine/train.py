@@ -784,7 +784,7 @@ class TrainingRun:
         """The configured prompts answered by the base model and by the adapter (one model in memory); a stop
         ends them between prompts or tokens."""
         from engine.model.adapters import adapters_disabled
-        from engine.generate import GenerationSettings
+        from engine.generate.reply import GenerationSettings
         e = self.cfg.evaluation
         settings = GenerationSettings(e.max_tokens, e.temperature, e.top_p)
         out = []
@@ -804,7 +804,7 @@ class TrainingRun:
         """The model's reply, or None when a stop came first."""
         from contextlib import closing
 
-        from engine.generate import stream_reply
+        from engine.generate.reply import stream_reply
         parts = []
         if self.control.stop_requested:
             return None

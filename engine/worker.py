@@ -17,7 +17,7 @@ from typing import Callable
 
 from engine.config import Config
 from engine.control import RunControl
-from engine.generate import GenerationSettings
+from engine.generate.reply import GenerationSettings
 
 
 # ---------------------------------------------------------------- commands
@@ -212,7 +212,7 @@ class EngineWorker:
         chat = self._chat
         if chat is None or chat.base != base or adapter not in (None, chat.adapter):
             chat = self._chat = None  # free the old model before loading the new one
-            from engine.decoding import load_for_chat
+            from engine.generate.decoding import load_for_chat
             model, tok, _ = load_for_chat(cfg, adapter)
             self._chat = chat = _ChatModel(base, adapter, model, tok)
         return chat
@@ -221,8 +221,8 @@ class EngineWorker:
         from contextlib import nullcontext
 
         from engine.model.adapters import AdapterError, adapters_disabled
-        from engine.decoding import PromptCache
-        from engine.generate import stream_reply
+        from engine.generate.decoding import PromptCache
+        from engine.generate.reply import stream_reply
         from engine.model.loading import ModelLoadError
         try:
             chat = self._chat_model(cmd.cfg, cmd.adapter)

@@ -6,8 +6,8 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.config import Config
-from engine.decoding import PromptCache, TransposedLinear, decoding_layout, load_for_chat
-from engine.generate import GenerationSettings, reply, stream_reply
+from engine.generate.decoding import PromptCache, TransposedLinear, decoding_layout, load_for_chat
+from engine.generate.reply import GenerationSettings, reply, stream_reply
 from engine.model.loading import load_model
 
 GREEDY = GenerationSettings(max_tokens=24, temperature=0.0)
@@ -86,14 +86,14 @@ def _nudged_adapter(folder, cfg):
 def test_side_by_side_chat_loads_the_model_once_and_answers_as_base_exactly(embedded_dir, tmp_path, monkeypatch):
     """Base and adapter side by side: one load (the adapter's model answers as the base with its adapter
     layers swapped out), and each answer is what a model loaded for that side alone says."""
-    import engine.decoding
+    import engine.generate.decoding
     from engine.worker import EngineWorker, Generate, GenerationDone
 
     cfg = Config()
     adapter = str(_nudged_adapter(tmp_path / "adapter", cfg))
     loads = []
-    real_load = engine.decoding.load_for_chat
-    monkeypatch.setattr(engine.decoding, "load_for_chat", lambda *a: loads.append(a[1:]) or real_load(*a))
+    real_load = engine.generate.decoding.load_for_chat
+    monkeypatch.setattr(engine.generate.decoding, "load_for_chat", lambda *a: loads.append(a[1:]) or real_load(*a))
     events = []
     worker = EngineWorker(events.append)
     order = [adapter, None, adapter, None]  # what the chat screen sends for two side-by-side turns

@@ -14,7 +14,7 @@ from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 
-from engine.generate import GenerationSettings
+from engine.generate.reply import GenerationSettings
 from engine.worker import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
 
 BASE = "base"

@@ -82,7 +82,7 @@ def fuse(cfg: Config, adapter: str | Path, out: str | Path, check_prompt: str = 
     from mlx_lm.utils import load as mlx_load
     from mlx_lm.utils import save
 
-    from engine.generate import GenerationSettings, reply
+    from engine.generate.reply import GenerationSettings, reply
     from engine.model.adapters import load_with_adapter
     from engine.model.loading import resolve_model_path
 

@@ -1,4 +1,4 @@
-"""How prompts and weights are fed to the model when generating (engine/generate.py streams the reply).
+"""How prompts and weights are fed to the model when generating (engine/generate/reply.py streams the reply).
 
 Two things are ours, both measured against `mlx_lm.generate` in bench/bench_cpu.py:
 - `PromptCache`: a chat keeps the KV cache of its last turn, so the next turn prefills only the new
@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.evaluate import split_head
+from engine.model.head import split_head
 from engine.model.adapters import load_with_adapter
 from engine.model.loading import load_model
 

@@ -1,6 +1,6 @@
 """Text generation for chat, samples and the behaviour metric, on mlx-lm's stream_generate and samplers.
 
-The prompt goes through engine/decoding.py's prefill (reusing a chat's cache from its last turn when one is
+The prompt goes through engine/generate/decoding.py's prefill (reusing a chat's cache from its last turn when one is
 given) before stream_generate takes over.
 This module is imported by the UI at start-up, so MLX is imported only when generating.
 """
@@ -44,7 +44,7 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSet
     from mlx_lm.sample_utils import make_sampler
 
     from engine.data.encode import ChatEncoder
-    from engine.decoding import PromptCache, prefill
+    from engine.generate.decoding import PromptCache, prefill
     prompt = ChatEncoder(tokenizer).prompt_text(messages, tools)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p if settings.temperature > 0 else 0.0)
