@@ -34,7 +34,8 @@ OVERRIDES = {
 
 
 def measure(model, tokenizer, data, heldout, cfg, pad_id, val_n):
-    from engine.evaluate import perplexity, tool_call_score, validation_loss
+    from engine.evaluate.tool_calls import tool_call_score
+    from engine.train.validation import perplexity, validation_loss
     t0 = time.perf_counter()
     loss = validation_loss(model, data.valid[:val_n], cfg.training.batch_size, pad_id, cfg.model.max_seq_length)
     score = tool_call_score(model, tokenizer, heldout, max_tokens=64, keep_examples=4)
@@ -56,9 +57,9 @@ def main() -> None:
     from engine.model.adapters import adapters_disabled
     from engine.blas import active
     from engine.config import load_config, set_value
-    from engine.evaluate import load_heldout
+    from engine.evaluate.tool_calls import load_heldout
     from engine.model.adapters import load_with_adapter
-    from engine.train import TrainingRun
+    from engine.train.run import TrainingRun
 
     cfg, _ = load_config(ROOT / "config.yaml")
     for key, value in OVERRIDES.items():

@@ -115,10 +115,10 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
 
 
 def random_batch():
-    """BATCH x SEQ random tokens, loss on every position, as engine.evaluate.masked_loss takes them."""
+    """BATCH x SEQ random tokens, loss on every position, as engine.train.losses.masked_loss takes them."""
     import numpy as np
 
-    from engine.evaluate import loss_inputs
+    from engine.train.losses import loss_inputs
     tokens = np.random.default_rng(0).integers(0, SHAPE["vocab"], (BATCH, SEQ + 1)).astype(np.int32)
     return loss_inputs(tokens[:, :-1], tokens[:, 1:], np.ones((BATCH, SEQ), dtype=bool))
 
@@ -131,7 +131,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
 
     from engine.model.adapters import trainable_count
     from engine.model.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
-    from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update, \
+    from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).

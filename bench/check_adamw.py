@@ -1,4 +1,4 @@
-"""Our AdamW (engine.train.build_optimizer with the default config, through the compiled update training
+"""Our AdamW (engine.train.schedule.build_optimizer with the default config, through the compiled update training
 uses) against torch.optim.AdamW itself, on the same parameters and gradients, and the size of MLX's
 uncorrected steps against the corrected ones.
 
@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import Config  # noqa: E402
-from engine.train import build_optimizer, build_schedule, build_update  # noqa: E402
+from engine.train.schedule import build_optimizer, build_schedule  # noqa: E402
+from engine.train.step import build_update  # noqa: E402
 
 SHAPES = {"lora_a": (576, 16), "lora_b": (16, 576)}  # one SmolLM2 q_proj adapter, rank 16
 

@@ -168,12 +168,12 @@ def probe_step(variant: str, layers: int) -> dict:
     import mlx.optimizers as optim
     from mlx_lm.models import llama
 
-    from engine import evaluate
+    from engine.train import losses
     from engine.model import lean, philox
-    from engine.evaluate import masked_loss
-    from engine.train import accumulate_gradients, apply_update, build_micro_step, build_update
+    from engine.train.losses import masked_loss
+    from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update
 
-    evaluate.FUSED_CE = variant not in ("unfusedce", "old")
+    losses.FUSED_CE = variant not in ("unfusedce", "old")
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
     lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
     philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")

@@ -6,12 +6,13 @@ import json
 import signal
 import sys
 
-from engine.monitor import describe
+from engine.train.run_log import describe
 
 
 def cmd_train(args, load_cfg) -> int:
     from engine.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_TRAINING
-    from engine.train import RunControl, TrainingRun
+    from engine.train.control import RunControl
+    from engine.train.run import TrainingRun
     cfg = load_cfg(args)
     if args.iterations is not None:
         cfg.training.iterations = args.iterations
@@ -68,7 +69,8 @@ def eval_only(cfg, args) -> int:
     from engine.model.adapters import adapters_disabled
     from engine.cli import EXIT_OK, UsageError
     from engine.data import prepare_dataset
-    from engine.evaluate import load_heldout, perplexity, tool_call_score, validation_loss
+    from engine.train.validation import perplexity, validation_loss
+    from engine.evaluate.tool_calls import load_heldout, tool_call_score
     from engine.model.adapters import load_with_adapter
     if not args.resume:
         raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import Config
-from engine.control import RunControl
+from engine.train.control import RunControl
 from engine.generate.reply import GenerationSettings
 
 
@@ -169,7 +169,7 @@ class EngineWorker:
         elif isinstance(command, StartTraining):
             self.busy = "training"
             self._chat = None  # free its memory for training
-            from engine.train import TrainingRun
+            from engine.train.run import TrainingRun
             control = RunControl()
             self.emit(TrainingStarted(control))
             try:

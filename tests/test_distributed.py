@@ -117,7 +117,7 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_a_good_checkpoint(tmp_pat
 
 
 def test_a_collective_waits_for_slow_starters_then_for_ten_slow_steps(monkeypatch):
-    from engine import distributed
+    from engine.train import distributed
     monkeypatch.setattr(distributed, "FIXED_WAIT", None)
     world = distributed.World(0, 2)
     assert world.patience() == distributed.START_WAIT  # another rank may still be loading its model

@@ -192,7 +192,7 @@ def test_sigterm_during_dataset_preparation_stops_without_a_checkpoint(tmp_path,
     untrained step_000000 that looked like a run to resume. Now it ends the preparation and saves nothing."""
     import time
 
-    from engine.run_folder import run_state
+    from engine.train.run_folder import run_state
     data = tmp_path / "tiny.jsonl"
     with open(data, "w") as fh:  # big enough that tokenizing it takes a while on 2 cores
         for i in range(20000):

@@ -115,9 +115,9 @@ import mlx.core as mx, mlx.optimizers as optim
 from engine.model import lean
 from engine.model.adapters import apply_lora
 from engine.config import Config
-from engine.evaluate import loss_inputs
+from engine.train.losses import loss_inputs
 from engine.model.loading import load_model
-from engine.train import accumulate_gradients, build_micro_step, build_update
+from engine.train.step import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)
 apply_lora(model, cfg.lora, lean={lean})

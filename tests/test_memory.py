@@ -19,10 +19,10 @@ import mlx.core as mx, mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from engine.model.adapters import apply_lora, trainable_count
 from engine.config import Config
-from engine.evaluate import loss_inputs
+from engine.train.losses import loss_inputs
 from engine.model.memory import ModelShape, estimate_step_memory
 from engine.model.loading import load_model
-from engine.train import accumulate_gradients, build_micro_step, build_update
+from engine.train.step import accumulate_gradients, build_micro_step, build_update
 cfg = Config()
 model, _, _ = load_model(cfg.model)
 apply_lora(model, cfg.lora)
@@ -63,7 +63,7 @@ def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedde
     from engine import events as ev
     from engine.model import memory
     from engine.config import Config
-    from engine.train import TrainingRun
+    from engine.train.run import TrainingRun
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n" for i in range(8)))
     cfg = Config()

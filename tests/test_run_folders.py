@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.run_folder import RunFolderError, RunLock, run_state
+from engine.train.run_folder import RunFolderError, RunLock, run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ def hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run folder's lock until its stdin closes."""
     code = textwrap.dedent(f"""
         import sys
-        from engine.run_folder import RunLock
+        from engine.train.run_folder import RunLock
         with RunLock({str(run_dir)!r}):
             print("locked", flush=True)
             sys.stdin.read()

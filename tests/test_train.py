@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from engine import events as ev
-from engine.checkpoints import CheckpointStore
+from engine.train.checkpoints import CheckpointStore
 from engine.config import Config
-from engine.train import RunControl, TrainingRun, run_in_thread
+from engine.train.control import RunControl
+from engine.train.run import TrainingRun, run_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,7 @@ def test_training_refuses_bad_targets(tiny_data, tmp_path, embedded_dir):
 
 def test_schedule_warmup_then_cosine():
     import mlx.core as mx
-    from engine.train import build_schedule
+    from engine.train.schedule import build_schedule
     cfg = Config()
     cfg.training.learning_rate, cfg.training.warmup_steps = 1e-3, 4
     sched = build_schedule(cfg, 20)
@@ -226,7 +227,7 @@ def test_compiled_update_and_clip_equal_the_step_by_step_ones():
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map
 
-    from engine.train import apply_update, build_update, clip_gradients
+    from engine.train.step import apply_update, build_update, clip_gradients
 
     def train(compiled):
         mx.random.seed(0)
@@ -313,10 +314,10 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     from mlx_lm.tuner.trainer import grad_checkpoint
 
     from engine.model.adapters import apply_lora
-    from engine.evaluate import loss_inputs, masked_loss
+    from engine.train.losses import loss_inputs, masked_loss
     from engine.model.loading import load_model
     from engine.model.philox import dropout_keys
-    from engine.train import checkpointed_layers
+    from engine.train.step import checkpointed_layers
 
     cfg = Config()
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 8, 4, 0.2, use_dora
@@ -387,7 +388,8 @@ def test_our_adamw_updates_equal_pytorchs_on_the_same_gradients():
     import mlx.core as mx
     import mlx.nn as nn
 
-    from engine.train import build_optimizer, build_schedule, build_update
+    from engine.train.schedule import build_optimizer, build_schedule
+    from engine.train.step import build_update
     rng = np.random.default_rng(5)
     start = rng.normal(size=(3, 4)).astype(np.float32)
     grads = [rng.normal(size=(3, 4)).astype(np.float32) * s for s in (1.0, 0.1, 3.0)]

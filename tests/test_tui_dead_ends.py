@@ -402,7 +402,7 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
     import json
 
     from engine.config import save_config
-    from engine.run_folder import run_state
+    from engine.train.run_folder import run_state
     from tui.screens.confirm import ConfirmScreen
     from tui_helpers import tiny_config
     monkeypatch.chdir(ROOT)
@@ -438,8 +438,8 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
 
 
 async def test_declining_the_resume_starts_a_new_run_and_keeps_the_old(tmp_path, embedded_dir, monkeypatch):
-    from engine.run_folder import run_state
-    from engine.train import TrainingRun
+    from engine.train.run_folder import run_state
+    from engine.train.run import TrainingRun
     from tui.screens.confirm import ConfirmScreen
     from tui_helpers import tiny_config
     monkeypatch.chdir(ROOT)

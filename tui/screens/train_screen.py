@@ -17,8 +17,8 @@ from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichL
 
 from engine import events as ev
 from engine.config import validate
-from engine.monitor import describe
-from engine.run_folder import run_state
+from engine.train.run_log import describe
+from engine.train.run_folder import run_state
 from engine.worker import StartTraining, TrainingEnded, TrainingStarted
 from tui.screens.base import AppScreen
 from tui.screens.confirm import ConfirmScreen

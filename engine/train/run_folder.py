@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.checkpoints import STATE_FILE, STEP_DIR
+from engine.train.checkpoints import STATE_FILE, STEP_DIR
 
 LOCK_FILE = "run.lock"
 # What a run writes at the top of its folder; with `config.step_NNNNNN.yaml` kept by resumes.

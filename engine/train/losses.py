@@ -1,0 +1,52 @@
+"""Training losses: today the masked SFT loss (cross-entropy on the trained tokens only) and the host-side
+arrays it takes; the place for the next objectives."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.model.head import split_head
+from engine.model.loading import on_gpu
+
+
+# MLX's fused cross-entropy (float32 accumulation): on a GPU it reads the bf16 logits as they are, where
+# the plain loss made a float32 copy and kept its softmax (bench/RESULTS.md). False: the plain loss, for
+# bench/probe_gpu.py's comparison. On the CPU the fused op falls back to reducing in the logits' dtype, so
+# the logits are cast to float32 there first.
+FUSED_CE = True
+
+
+def masked_loss(model, inputs, targets, positions, weights):
+    """(sum of cross-entropies over the trained targets, their count).
+
+    `positions` are the flat indices of trained targets (padded, with weight 0, to a multiple of 64 so the
+    compiled step sees few shapes). Where the model splits into trunk + head, only those rows go through
+    the vocabulary projection and softmax: with prompt masking that skips most of the largest matmul and
+    most of the exps, and the (tokens x vocab) logits never exist for masked positions.
+    """
+    head = split_head(model)
+    flat_targets = targets.reshape(-1)[positions]
+    if head is not None:
+        hidden = model.model(inputs)
+        logits = head(hidden.reshape(-1, hidden.shape[-1])[positions])
+    else:
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
+    if FUSED_CE:
+        ce = mx.fast.cross_entropy(logits if on_gpu() else logits.astype(mx.float32), flat_targets) * weights
+    else:
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets) * weights
+    return ce.sum(), weights.sum()
+
+
+def loss_inputs(inputs, targets, mask):
+    """Host-side arrays for masked_loss from a collated batch."""
+    import numpy as np
+    flat = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
+    size = max(64, -(-len(flat) // 64) * 64)
+    positions = np.zeros(size, dtype=np.int32)
+    positions[:len(flat)] = flat
+    weights = np.zeros(size, dtype=np.float32)
+    weights[:len(flat)] = 1.0
+    return mx.array(inputs), mx.array(targets), mx.array(positions), mx.array(weights)

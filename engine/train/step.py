@@ -1,0 +1,120 @@
+"""One optimizer step, in parts: the compiled micro step (forward + backward), gradient accumulation over
+micro-batches and ranks, clipping, the compiled update, gradient checkpointing and each step's seed."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import lru_cache, partial
+
+
+@contextmanager
+def checkpointed_layers(model, enabled: bool):
+    """Gradient checkpointing of every transformer block for one run: each block keeps only its input and
+    is recomputed in the backward pass.
+
+    As mlx-lm's grad_checkpoint does, this patches the block's class, so it is put back when the run ends
+    (the TUI trains many times in one process). Unlike it, the block's dropout masks come from a key drawn
+    before the block (philox.dropout_keys): with mlx-lm's, the recompute draws new masks, and the gradients
+    are not those of the loss the forward pass computed (tests/test_train.py)."""
+    if not enabled:
+        yield
+        return
+    block_class = type(model.layers[0])
+    original = block_class.__call__
+    block_class.__call__ = _checkpointed(original)
+    try:
+        yield
+    finally:
+        block_class.__call__ = original
+
+
+def _checkpointed(call):
+    import mlx.core as mx
+
+    from engine.model.philox import dropout_keys
+
+    def checkpointed_call(block, *args, **kwargs):
+        key = mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)  # a closure: no gradient for it
+
+        def inner(params, *args, **kwargs):
+            block.update(params)
+            with dropout_keys(key):
+                return call(block, *args, **kwargs)
+        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
+    return checkpointed_call
+
+
+def build_micro_step(model, optimizer):
+    """The compiled forward + backward of one micro-batch: (sum of token losses, token count, grads)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from engine.train.losses import masked_loss
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(inputs, targets, positions, weights):
+        (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
+        return loss_sum, ntoks, grads
+
+    return micro_step
+
+
+def accumulate_gradients(micro_step, micro_batches, world=None):
+    """Sum the gradients of several micro-batches (and, in a distributed run, of every rank), then scale by
+    the trained-token count, so that the step equals one big batch. micro_batches yields loss_inputs()
+    tuples; returns (grads, mean loss)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0.0)
+    for arrays in micro_batches:
+        s, n, g = micro_step(*arrays)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss_sum, ntoks = loss_sum + s, ntoks + n
+        mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
+    if world is not None and not world.alone:
+        grads, loss_sum, ntoks = world.sum((grads, loss_sum, ntoks))  # token-weighted across ranks
+    denom = mx.maximum(ntoks, 1)
+    return tree_map(lambda g: g / denom, grads), loss_sum / denom
+
+
+def clip_gradients(grads, max_grad_norm: float):
+    """(clipped grads, global norm); max_grad_norm <= 0 only measures the norm."""
+    return _compiled_clip(max_grad_norm if max_grad_norm > 0 else math.inf)(grads)
+
+
+@lru_cache(maxsize=None)
+def _compiled_clip(max_norm: float):
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    return mx.compile(lambda grads: optim.clip_grad_norm(grads, max_norm))
+
+
+def apply_update(model, optimizer, grads) -> None:
+    import mlx.core as mx
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+
+
+def build_update(model, optimizer):
+    """apply_update, compiled: each parameter's optimizer arithmetic (~10 element-wise ops for AdamW) runs
+    as one fused kernel, where run op by op it is ~10 launches for each of a LoRA's hundreds of arrays."""
+    import mlx.core as mx
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
+        optimizer.update(model, grads)
+        return optimizer.state["step"]
+
+    def apply(grads) -> None:
+        update(grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+
+    return apply
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
