@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import EXIT_CONFIG, EXIT_DATA, run
+from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA
+from engine.cli.main import run
 from engine.config import SPECS
 
 GOOD_MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -272,7 +273,7 @@ def test_run_name_cannot_leave_the_output_folder(name, tmp_path, capsys, monkeyp
 # adapter does not fit the base), `fuse --out` onto something that exists or cannot be written and out-of-range
 # command-line options in exit 2, a bad held-out file in exit 3: one line each, nothing written or destroyed.
 
-from engine.cli import EXIT_MODEL  # noqa: E402
+from engine.cli.exit_codes import EXIT_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="module")

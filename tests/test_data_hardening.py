@@ -10,7 +10,8 @@ import signal
 
 import pytest
 
-from engine.cli import EXIT_DATA, EXIT_OK, run
+from engine.cli.exit_codes import EXIT_DATA, EXIT_OK
+from engine.cli.main import run
 from engine.data import validate_dataset
 from engine.data import encode
 

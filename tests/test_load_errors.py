@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import EXIT_CONFIG, EXIT_MODEL, EXIT_OK, EXIT_TRAINING, run
+from engine.cli.exit_codes import EXIT_CONFIG, EXIT_MODEL, EXIT_OK, EXIT_TRAINING
+from engine.cli.main import run
 
 
 def cli(capsys, *args, stdin: str = "") -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import run
+from engine.cli.main import run
 from test_faults import write_config
 
 

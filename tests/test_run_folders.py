@@ -114,7 +114,7 @@ def test_two_trainings_on_one_run_name_cannot_both_write(tmp_path, embedded_dir)
 
 def test_a_second_run_without_resume_or_overwrite_is_refused_and_the_first_left_untouched(tmp_path, embedded_dir,
                                                                                           capsys):
-    from engine.cli import run
+    from engine.cli.main import run
     from test_faults import write_config
     cfg = write_config(tmp_path, training="{iterations: 3, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
                                           "learning_rate: 1.0e-3}")
@@ -139,7 +139,7 @@ def test_a_second_run_without_resume_or_overwrite_is_refused_and_the_first_left_
 
 @pytest.mark.parametrize("link", ["checkpoints", "adapter", "metrics.jsonl", "checkpoints/step_000001"])
 def test_run_folder_paths_that_are_symlinks_are_refused(link, tmp_path, embedded_dir, capsys):
-    from engine.cli import run
+    from engine.cli.main import run
     from test_faults import write_config
     cfg = write_config(tmp_path)
     run_dir = tmp_path / "runs" / "ref"

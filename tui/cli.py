@@ -1,4 +1,4 @@
-"""The `lora-tui` console script: no command opens the app; a command runs headless (engine.cli)."""
+"""The `lora-tui` console script: no command opens the app; a command runs headless (engine/cli/)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from engine.cli import build_parser, run
+    from engine.cli.main import build_parser, run
     commands = build_parser().commands
     if any(a in commands for a in argv) or any(a in ("-h", "--help") for a in argv):
         sys.exit(run(argv))
