@@ -96,7 +96,7 @@ if tool == "mlx-lm":
         for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
             yield r.text
 else:
-    from engine.config import Config
+    from engine.config.schema import Config
     from engine.generate.decoding import PromptCache, load_for_chat
     from engine.generate.reply import GenerationSettings, stream_reply
     cfg = Config()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402,F401  (preloads the BLAS before mlx)
-from engine.config import Config  # noqa: E402
+from engine.config.schema import Config  # noqa: E402
 from engine.data import validate_dataset  # noqa: E402
 from engine.model.loading import load_tokenizer  # noqa: E402
 

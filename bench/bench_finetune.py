@@ -56,7 +56,7 @@ def main() -> None:
 
     from engine.model.adapters import adapters_disabled
     from engine.blas import active
-    from engine.config import load_config, set_value
+    from engine.config.loading import load_config, set_value
     from engine.evaluate.tool_calls import load_heldout
     from engine.model.adapters import load_with_adapter
     from engine.train.run import TrainingRun

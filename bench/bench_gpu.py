@@ -93,7 +93,7 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     from mlx_lm.models import llama
 
     from engine.model.adapters import apply_lora
-    from engine.config import LoRAConfig
+    from engine.config.schema import LoRAConfig
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

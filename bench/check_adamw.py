@@ -22,7 +22,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.config import Config  # noqa: E402
+from engine.config.schema import Config  # noqa: E402
 from engine.train.schedule import build_optimizer, build_schedule  # noqa: E402
 from engine.train.step import build_update  # noqa: E402
 

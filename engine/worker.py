@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engine.config import Config
+from engine.config.schema import Config
 from engine.train.control import RunControl
 from engine.generate.reply import GenerationSettings
 

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from engine.config import SPECS, Config, to_yaml  # noqa: E402
+from engine.config.loading import to_yaml  # noqa: E402
+from engine.config.schema import SPECS, Config  # noqa: E402
 
 
 def table() -> str:

@@ -27,14 +27,14 @@ def embedded_dir(model_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_dir):
-    from engine.config import ModelConfig
+    from engine.config.schema import ModelConfig
     from engine.model.loading import load_tokenizer
     return load_tokenizer(ModelConfig(name="embedded"))
 
 
 @pytest.fixture(scope="session")
 def loaded_model(embedded_dir):
-    from engine.config import ModelConfig
+    from engine.config.schema import ModelConfig
     from engine.model.loading import load_model
     return load_model(ModelConfig(name="embedded"))
 
@@ -47,6 +47,6 @@ def mistral_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mistral_tokenizer(mistral_dir):
-    from engine.config import ModelConfig
+    from engine.config.schema import ModelConfig
     from engine.model.loading import load_tokenizer
     return load_tokenizer(ModelConfig(name=str(mistral_dir)))

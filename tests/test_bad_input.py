@@ -14,7 +14,7 @@ import pytest
 
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA
 from engine.cli.main import run
-from engine.config import SPECS
+from engine.config.schema import SPECS
 
 GOOD_MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 WRONG_VALUES = {"null": None, "int": 5, "float": 2.5, "true": True, "string": "x", "list": [1], "object": {"a": 1}}
@@ -282,7 +282,7 @@ def saved_adapter(embedded_dir, tmp_path_factory) -> Path:
     import mlx.core as mx
 
     from engine.model.adapters import apply_lora, save_adapters
-    from engine.config import LoRAConfig, ModelConfig
+    from engine.config.schema import LoRAConfig, ModelConfig
     from engine.model.loading import load_model
     model, _, _ = load_model(ModelConfig(name="embedded"))
     acfg = apply_lora(model, LoRAConfig(rank=4, num_layers=2), lean=False)

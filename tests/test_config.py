@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (Config, ConfigError, SPECS, from_dict, load_config, save_config, set_value,
-                           to_yaml, validate)
+from engine.config.loading import from_dict, load_config, save_config, set_value, to_yaml
+from engine.config.schema import SPECS, Config, ConfigError
+from engine.config.validation import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

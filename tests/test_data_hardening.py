@@ -110,7 +110,7 @@ def test_train_with_a_runaway_template_exits_3(mistral_dir, tmp_path, capsys, mo
 
 def test_after_a_timed_out_render_the_next_ones_work(mistral_dir, mistral_tokenizer, tmp_path, monkeypatch):
     # The interrupt belongs to the render that overran: none is left pending for the thread's next work.
-    from engine.config import ModelConfig
+    from engine.config.schema import ModelConfig
     from engine.model.loading import load_tokenizer
     monkeypatch.setattr(encode, "RENDER_SECONDS", 0.5)
     hostile = encode.ChatEncoder(load_tokenizer(ModelConfig(name=str(model_with_template(mistral_dir, tmp_path,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config
+from engine.config.schema import Config
 from engine.data import DatasetError, prepare_dataset, validate_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.config import Config
+from engine.config.schema import Config
 from engine.generate.decoding import PromptCache, TransposedLinear, decoding_layout, load_for_chat
 from engine.generate.reply import GenerationSettings, reply, stream_reply
 from engine.model.loading import load_model

@@ -8,8 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_engine_does_not_import_textual():
-    code = ("import sys; import engine, engine.config, engine.data, engine.model.loading, engine.model.embedded, "
-            "engine.cli.main; assert 'textual' not in sys.modules, sorted(m for m in sys.modules if 'textual' in m)")
+    code = ("import sys; import engine, engine.config.loading, engine.data, engine.model.loading, "
+            "engine.model.embedded, engine.cli.main; "
+            "assert 'textual' not in sys.modules, sorted(m for m in sys.modules if 'textual' in m)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

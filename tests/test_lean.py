@@ -17,7 +17,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from engine.model import lean
 from engine.model.adapters import apply_lora
-from engine.config import Config
+from engine.config.schema import Config
 from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
 from engine.model.memory import MemoryEstimate, gpu_memory_limit
 from engine.model.loading import load_model
@@ -114,7 +114,7 @@ import engine
 import mlx.core as mx, mlx.optimizers as optim
 from engine.model import lean
 from engine.model.adapters import apply_lora
-from engine.config import Config
+from engine.config.schema import Config
 from engine.train.losses import loss_inputs
 from engine.model.loading import load_model
 from engine.train.step import accumulate_gradients, build_micro_step, build_update

@@ -39,7 +39,7 @@ def make_adapter(model_name: str, folder: Path, rank: int = 4, num_layers: int =
     import mlx.core as mx
 
     from engine.model.adapters import apply_lora, save_adapters
-    from engine.config import LoRAConfig, ModelConfig
+    from engine.config.schema import LoRAConfig, ModelConfig
     from engine.model.loading import load_model
     model, _, _ = load_model(ModelConfig(name=model_name))
     acfg = apply_lora(model, LoRAConfig(rank=rank, num_layers=num_layers), lean=False)

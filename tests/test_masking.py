@@ -105,7 +105,7 @@ def test_text_format_trains_all_and_ends_with_eos(tokenizer):
 def test_tokenizer_without_template_uses_chatml_fallback(mistral_dir, tmp_path):
     import json
     import shutil
-    from engine.config import ModelConfig
+    from engine.config.schema import ModelConfig
     from engine.model.loading import load_tokenizer
     plain = tmp_path / "plain"
     shutil.copytree(mistral_dir, plain)

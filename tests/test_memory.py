@@ -18,7 +18,7 @@ import engine
 import mlx.core as mx, mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from engine.model.adapters import apply_lora, trainable_count
-from engine.config import Config
+from engine.config.schema import Config
 from engine.train.losses import loss_inputs
 from engine.model.memory import ModelShape, estimate_step_memory
 from engine.model.loading import load_model
@@ -62,7 +62,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(embedded_dir):
 def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedded_dir, monkeypatch):
     from engine import events as ev
     from engine.model import memory
-    from engine.config import Config
+    from engine.config.schema import Config
     from engine.train.run import TrainingRun
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n" for i in range(8)))

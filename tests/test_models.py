@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.config import ModelConfig
+from engine.config.schema import ModelConfig
 from engine.model.loading import ModelLoadError, load_model, resolve_model_path
 
 

@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from engine.model.adapters import apply_lora
-from engine.config import Config
+from engine.config.schema import Config
 from engine.model.loading import load_model
 from engine.model.qlora import DequantizingLinear, dequantize_just_in_time
 

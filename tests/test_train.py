@@ -11,7 +11,7 @@ import pytest
 
 from engine import events as ev
 from engine.train.checkpoints import CheckpointStore
-from engine.config import Config
+from engine.config.schema import Config
 from engine.train.control import RunControl
 from engine.train.run import TrainingRun, run_in_thread
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
 
-from engine.config import SPECS
+from engine.config.schema import SPECS
 from tui.app import LoraTuiApp
 from tui.screens.confirm import ConfirmScreen
 from tui_helpers import tiny_config, wait_for
@@ -176,7 +176,7 @@ async def test_follow_a_run_started_headless(tmp_path, embedded_dir, monkeypatch
     from its metrics.jsonl: the way a distributed run started with mlx.launch is followed."""
     import subprocess
     import sys
-    from engine.config import save_config
+    from engine.config.loading import save_config
     monkeypatch.chdir(ROOT)
     cfg = tiny_config(tmp_path, iterations=6)
     cfg.output.run_name = "headless"

@@ -401,7 +401,7 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
     last checkpoint, with every earlier checkpoint as it was (a fresh start used to overwrite and prune them)."""
     import json
 
-    from engine.config import save_config
+    from engine.config.loading import save_config
     from engine.train.run_folder import run_state
     from tui.screens.confirm import ConfirmScreen
     from tui_helpers import tiny_config

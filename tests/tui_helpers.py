@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import Config
+from engine.config.schema import Config
 
 
 async def wait_for(pilot, condition, timeout: float = 120.0, what: str = "condition"):

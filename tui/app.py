@@ -15,7 +15,7 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 
-from engine.config import Config, ConfigError
+from engine.config.schema import Config, ConfigError
 from tui.messages import EngineMessage
 from tui.screens.chat_screen import ChatScreen
 from tui.screens.config_screen import ConfigScreen, load_config_and_file

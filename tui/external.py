@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.config import Config, save_config
+from engine.config.loading import save_config
+from engine.config.schema import Config
 from engine.follow import follow_run
 
 

@@ -33,7 +33,8 @@ class Parser(argparse.ArgumentParser):
 def config_value(path: str):
     """An argparse type for an option that overrides (or mirrors) config field `path`: the same type and
     valid range, so `--iterations -5` is refused as `training.iterations: -5` would be."""
-    from engine.config import SPECS, check_range, coerce
+    from engine.config.schema import SPECS
+    from engine.config.validation import check_range, coerce
     spec = SPECS[path]
 
     def parse(text: str):
@@ -59,7 +60,7 @@ def whole_number(minimum: int):
 
 
 def load_cfg(args):
-    from engine.config import load_config
+    from engine.config.loading import load_config
     path = args.config
     if path is None:
         path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None

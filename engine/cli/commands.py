@@ -46,7 +46,7 @@ def cmd_import_model(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from engine.config import to_yaml
+    from engine.config.loading import to_yaml
     cfg = load_cfg(args)
     print(to_yaml(cfg), end="")
     return EXIT_OK

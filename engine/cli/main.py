@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Run a headless command; map every expected failure to one line and an exit code."""
-    from engine.config import ConfigError
+    from engine.config.schema import ConfigError
     from engine.data import DatasetError
     from engine.model.loading import ModelLoadError
     from engine.export.fuse import FuseCheckError, FuseError, FuseTargetError

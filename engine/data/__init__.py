@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import Config
+from engine.config.schema import Config
 from engine.data.encode import ChatEncoder, Encoded
 from engine.data.records import Conversation, LineIssue, parse_record
 from engine.data.split import stratified_split

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from engine import atomic
-from engine.config import Config
+from engine.config.schema import Config
 
 
 class FuseError(RuntimeError):

@@ -18,7 +18,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from engine.config import Config, LoRAConfig
+from engine.config.schema import Config, LoRAConfig
 from engine.model.loading import load_model
 
 ADAPTER_LEAVES = {"lora_a", "lora_b", "m"}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine.config import ModelConfig
+from engine.config.schema import ModelConfig
 from engine.model.embedded import EmbeddedModelError, import_embedded, is_embedded
 
 

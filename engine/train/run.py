@@ -16,7 +16,8 @@ from pathlib import Path
 
 from engine import atomic
 from engine import events as ev
-from engine.config import Config, to_yaml
+from engine.config.loading import to_yaml
+from engine.config.schema import Config
 from engine.model.memory import memory_stats
 from engine.train import run_folder
 from engine.train.batches import collate, epoch_batches

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.config import Config
+from engine.config.schema import Config
 
 
 def build_schedule(cfg: Config, total_steps: int):

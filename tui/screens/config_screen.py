@@ -15,8 +15,9 @@ from textual.validation import Function
 from textual.widgets import (Button, Header, Input, Label, OptionList, Select, Static, Switch, TabbedContent,
                              TabPane)
 
-from engine.config import ENV_PREFIX, SECTION_HELP, SPECS, Config, ConfigError, FieldSpec, coerce, check_range, \
-    load_config, save_config, set_value, validate
+from engine.config.loading import ENV_PREFIX, load_config, save_config, set_value
+from engine.config.schema import SECTION_HELP, SPECS, Config, ConfigError, FieldSpec
+from engine.config.validation import check_range, coerce, validate
 from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 

@@ -16,7 +16,7 @@ from textual.markup import escape
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichLog, Sparkline, Static
 
 from engine import events as ev
-from engine.config import validate
+from engine.config.validation import validate
 from engine.train.run_log import describe
 from engine.train.run_folder import run_state
 from engine.worker import StartTraining, TrainingEnded, TrainingStarted

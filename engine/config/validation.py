@@ -1,0 +1,177 @@
+"""Config values checked: a YAML/form value coerced to its field's type and range, cross-field checks,
+the run name, and the checks that need the run's step count."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from engine.config.schema import SPECS, Config, ConfigIssue, FieldSpec, show_number, show_value
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        t, "a list of strings")
+
+
+def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
+    """Turn a YAML/form value into the field's type, or say why it cannot be."""
+    t = spec.type
+    if t is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1"), None
+        return None, f"expected true or false, got {show_value(value)}"
+    if t is int:
+        if isinstance(value, bool):
+            return None, f"expected an integer, got {show_value(value)}"
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value), None
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", "")), None
+            except ValueError:
+                pass
+        return None, f"expected an integer, got {show_value(value)}"
+    if t is float:
+        if isinstance(value, bool):
+            return None, f"expected a number, got {show_value(value)}"
+        if isinstance(value, (int, float)):
+            v = float(value)
+        elif isinstance(value, str):
+            try:
+                v = float(value.strip())
+            except ValueError:
+                return None, f"expected a number, got {show_value(value)}"
+        else:
+            return None, f"expected a number, got {show_value(value)}"
+        if not math.isfinite(v):
+            return None, f"must be a finite number, got {show_value(value)}"
+        return v, None
+    if t is str:
+        if value is None:
+            return "", None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return None, f"expected a string, got {show_value(value)}"
+    # list[str]
+    if value is None:
+        return [], None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value), None
+    return None, f"expected a list of strings, got {show_value(value)}"
+
+
+def check_range(spec: FieldSpec, value: Any) -> str | None:
+    if spec.choices is not None and value not in spec.choices:
+        close = difflib.get_close_matches(str(value), spec.choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{show_value(value)} is not {spec.range_text()}{hint}"
+    if spec.type in (int, float):
+        lo_bad = spec.min is not None and (value <= spec.min if spec.min_open else value < spec.min)
+        hi_bad = spec.max is not None and (value >= spec.max if spec.max_open else value > spec.max)
+        if lo_bad or hi_bad:
+            return f"{show_number(value)} is out of range (valid: {spec.range_text()})"
+    return None
+
+
+def validate(cfg: Config) -> list[ConfigIssue]:
+    """Every problem at once: per-field ranges, then cross-field checks and warnings."""
+    issues: list[ConfigIssue] = []
+    for spec in SPECS.values():
+        value = getattr(getattr(cfg, spec.section), spec.name)
+        coerced, err = coerce(spec, value)
+        if err is None:
+            err = check_range(spec, coerced)
+        if err:
+            issues.append(ConfigIssue(spec.path, err))
+    if any(i.severity == "error" for i in issues):
+        return issues
+    return issues + _cross_checks(cfg)
+
+
+def _cross_checks(cfg: Config) -> list[ConfigIssue]:
+    out: list[ConfigIssue] = []
+    err = lambda f, m: out.append(ConfigIssue(f, m, "error"))  # noqa: E731
+    warn = lambda f, m: out.append(ConfigIssue(f, m, "warning"))  # noqa: E731
+    t, lora, ev, ck = cfg.training, cfg.lora, cfg.evaluation, cfg.checkpoints
+    if t.epochs == 0 and t.iterations == 0:
+        err("training.iterations", "set epochs or iterations above 0: with both 0 nothing would train")
+    if not cfg.model.name.strip():
+        err("model.name", "empty: name `embedded`, a local model directory or a hub id")
+    if not cfg.data.path.strip():
+        err("data.path", "empty: name a JSONL file")
+    problem = run_name_problem(cfg.output.run_name)
+    if problem:
+        err("output.run_name", problem)
+    if not lora.target_modules:
+        err("lora.target_modules", "empty: name at least one linear layer, e.g. q_proj, v_proj")
+    if len(set(lora.target_modules)) != len(lora.target_modules):
+        warn("lora.target_modules", "lists a module twice")
+    if lora.num_layers == 0:
+        err("lora.num_layers", "0 blocks would get adapters: use -1 for all or a positive count")
+    if t.iterations > 0:
+        total = t.iterations
+        if t.warmup_steps >= total:
+            err("training.warmup_steps", f"{t.warmup_steps} warmup steps >= {total} total steps: the "
+                "learning rate would never reach its peak")
+        if ev.every_steps > total:
+            warn("evaluation.every_steps", f"every {ev.every_steps} steps but the run has {total}: "
+                 "only the final evaluation will run")
+        if ck.every_steps > total:
+            warn("checkpoints.every_steps", f"every {ck.every_steps} steps but the run has {total}: "
+                 "only the final checkpoint will be saved")
+    if t.learning_rate > 1e-2:
+        warn("training.learning_rate", f"{t.learning_rate:g} is high for LoRA (typical 1e-5 to 5e-4): "
+             "expect divergence")
+    elif t.learning_rate < 1e-6:
+        warn("training.learning_rate", f"{t.learning_rate:g} is so low the adapter will barely move")
+    if lora.alpha / lora.rank > 8:
+        warn("lora.alpha", f"alpha/rank = {lora.alpha / lora.rank:g}: a large scale often destabilises "
+             "training (usual: 1 to 2)")
+    if cfg.data.validation_split == 0 and ev.every_steps > 0:
+        warn("data.validation_split", "0: no validation loss, so no best checkpoint")
+    if t.batch_size * cfg.model.max_seq_length > 262144:
+        warn("training.batch_size", f"batch {t.batch_size} x {cfg.model.max_seq_length} tokens is large: "
+             "memory may not fit; use gradient accumulation instead")
+    if cfg.model.trust_remote_code:
+        warn("model.trust_remote_code", "on: the model directory may run arbitrary Python code")
+    if ck.every_steps and ev.every_steps and ck.keep_best and ck.every_steps % ev.every_steps:
+        warn("checkpoints.every_steps", f"{ck.every_steps} is not a multiple of evaluation.every_steps "
+             f"({ev.every_steps}): the best checkpoint is judged on stale validation losses")
+    return out
+
+
+def run_name_problem(name: str) -> str | None:
+    """The run folder must stay inside output.dir: no path separators, no parent folder; and be a name a
+    user can see and type again: not only spaces, no control characters (a newline, a tab)."""
+    if not name:
+        return None  # a timestamp
+    if name.strip() in (".", "..") or any(c in name for c in "/\\\0") or len(name) > 128:
+        return f"{show_value(name)} is not a plain folder name (no / or \\, not . or .., at most 128 characters)"
+    if not name.strip():
+        return f"{show_value(name)} is only spaces: name the run, or leave it empty for a timestamp"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{show_value(name)} holds control characters (a newline or tab?): use a plain folder name"
+    if name != name.strip():
+        return f"{show_value(name)} starts or ends with a space: write {name.strip()!r}"
+    return None
+
+
+def check_against_total(cfg: Config, total_steps: int) -> list[ConfigIssue]:
+    """Checks that need the real step count (known once the dataset is read)."""
+    out = []
+    t = cfg.training
+    if t.warmup_steps >= total_steps > 0:
+        out.append(ConfigIssue("training.warmup_steps", f"{t.warmup_steps} warmup steps >= {total_steps} "
+                               "total steps: the learning rate would never reach its peak", "warning"))
+    if cfg.evaluation.every_steps > total_steps:
+        out.append(ConfigIssue("evaluation.every_steps", f"every {cfg.evaluation.every_steps} steps but "
+                               f"the run has {total_steps}: only the final evaluation will run", "warning"))
+    return out
