@@ -180,7 +180,7 @@ class EngineWorker:
             self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
         elif isinstance(command, Generate):
             self.busy = "generating"
-            from engine.data.encode import EncodeError
+            from engine.data.template import EncodeError
             try:
                 self._generate(command)
             except EncodeError as exc:  # the chat template refused the conversation

@@ -14,6 +14,7 @@ from engine.cli.exit_codes import EXIT_DATA, EXIT_OK
 from engine.cli.main import run
 from engine.data import validate_dataset
 from engine.data import encode
+from engine.data import template as bounded
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -88,7 +89,7 @@ HOSTILE_TEMPLATES = {
 
 @pytest.mark.parametrize("name", HOSTILE_TEMPLATES, ids=list(HOSTILE_TEMPLATES))
 def test_hostile_template_ends_in_one_line(name, mistral_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(encode, "RENDER_SECONDS", 1.0)  # the real bound is 10 s
+    monkeypatch.setattr(bounded, "RENDER_SECONDS", 1.0)  # the real bound is 10 s
     template, needle = HOSTILE_TEMPLATES[name]
     model = model_with_template(mistral_dir, tmp_path, template)
     data = write_lines(tmp_path / "d.jsonl", [GOOD] * 3)
@@ -100,7 +101,7 @@ def test_hostile_template_ends_in_one_line(name, mistral_dir, tmp_path, capsys, 
 
 
 def test_train_with_a_runaway_template_exits_3(mistral_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(encode, "RENDER_SECONDS", 1.0)
+    monkeypatch.setattr(bounded, "RENDER_SECONDS", 1.0)
     model = model_with_template(mistral_dir, tmp_path, LOOP)
     data = write_lines(tmp_path / "d.jsonl", [GOOD] * 3)
     code, out, err = cli(capsys, "--config", config_for(tmp_path, model, data), "train")
@@ -112,12 +113,12 @@ def test_after_a_timed_out_render_the_next_ones_work(mistral_dir, mistral_tokeni
     # The interrupt belongs to the render that overran: none is left pending for the thread's next work.
     from engine.config.schema import ModelConfig
     from engine.model.loading import load_tokenizer
-    monkeypatch.setattr(encode, "RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(bounded, "RENDER_SECONDS", 0.5)
     hostile = encode.ChatEncoder(load_tokenizer(ModelConfig(name=str(model_with_template(mistral_dir, tmp_path,
                                                                                          LOOP)))))
     conv = encode.Conversation(GOOD["messages"])
     for _ in range(2):
-        with pytest.raises(encode.TemplateLimitError, match="did not finish rendering"):
+        with pytest.raises(bounded.TemplateLimitError, match="did not finish rendering"):
             hostile.encode(conv)
         results = encode.ChatEncoder(mistral_tokenizer).encode_many([conv] * 2000)
         assert all(r.n_trained > 0 for r in results)
@@ -207,23 +208,23 @@ def test_validate_prints_the_report_warnings(mistral_dir, tmp_path, capsys):
 
 def test_large_numbers_in_the_data_are_not_refused_by_the_bounds():
     # Only sizes a template asks for are bounded, not the values it formats (a tool argument of 10^12).
-    template = encode.compile_template(
+    template = bounded.compile_template(
         "{% macro show(v) %}{{ v|tojson }}{% endmacro %}{% for m in messages %}{{ show(m.amount) }} "
         "{{ m.amount|int }} {{ m.amount|string|center(16) }}{% endfor %}")
-    assert encode.render_bounded(template, "m", messages=[{"amount": 10**12}]) == \
+    assert bounded.render_bounded(template, "m", messages=[{"amount": 10**12}]) == \
         "1000000000000 1000000000000  1000000000000  "
 
 
 def test_the_time_bound_holds_in_a_forked_child(monkeypatch):
     # A forked child has no watchdog thread (and maybe a lock held at the fork): it gets its own.
     import os
-    monkeypatch.setattr(encode, "RENDER_SECONDS", 0.5)
-    encode.render_bounded(encode.compile_template("warm"), "m")  # the parent's watchdog is running
+    monkeypatch.setattr(bounded, "RENDER_SECONDS", 0.5)
+    bounded.render_bounded(bounded.compile_template("warm"), "m")  # the parent's watchdog is running
     pid = os.fork()
     if pid == 0:
         try:
-            encode.render_bounded(encode.compile_template(LOOP), "m")
-        except encode.TemplateLimitError:
+            bounded.render_bounded(bounded.compile_template(LOOP), "m")
+        except bounded.TemplateLimitError:
             os._exit(7)
         os._exit(1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7

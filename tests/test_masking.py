@@ -247,7 +247,7 @@ def test_property_inst_trains_exactly_the_assistant_turns(mistral_tokenizer, too
 def test_inst_tools_before_a_repeated_user_turn(mistral_tokenizer):
     # The first and last user turns are equal, so the template puts the tools before both; the prompt for
     # the middle answer has them before neither: no prefix matches, and the line is refused, not mistrained.
-    from engine.data.encode import EncodeError
+    from engine.data.template import EncodeError
     encoder = ChatEncoder(with_template(mistral_tokenizer, inst_with_tools_template()))
     conv, _ = parse_record({"tools": TOOLS, "messages": [
         {"role": "user", "content": "ok"}, {"role": "assistant", "content": "a"},
@@ -305,7 +305,7 @@ def test_inst_system_prompt_moved_into_the_last_user_turn(mistral_tokenizer):
 
 
 def test_template_that_is_not_prefix_stable_is_refused(mistral_tokenizer):
-    from engine.data.encode import EncodeError
+    from engine.data.template import EncodeError
     # Marks the last message, so a turn renders differently once another follows it.
     tok = with_template(mistral_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
                         "{% if loop.last %} (last){% endif %}\n{% endfor %}")

@@ -53,7 +53,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from engine.data.encode import EncodeError
+    from engine.data.template import EncodeError
     from engine.generate.decoding import PromptCache, load_for_chat
     from engine.generate.reply import GenerationSettings, stream_reply
     cfg = load_cfg(args)
@@ -104,7 +104,8 @@ def cmd_chat(args) -> int:
 def _check_template(tokenizer, system: str | None) -> None:
     """A chat template that cannot render a first turn (it does not compile, say) fails every turn: say so
     once, as a model that cannot be used (exit 4), instead of once per line."""
-    from engine.data.encode import ChatEncoder, EncodeError
+    from engine.data.encode import ChatEncoder
+    from engine.data.template import EncodeError
     from engine.model.loading import ModelLoadError
     first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
     try:

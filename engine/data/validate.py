@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from engine.data.encode import ChatEncoder, Encoded, EncodeError, TemplateLimitError, truncate
+from engine.data.encode import ChatEncoder, Encoded, truncate
 from engine.data.records import Conversation, LineIssue, parse_record
+from engine.data.template import EncodeError, TemplateLimitError
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
 MAX_KEPT_ISSUES = 2000
