@@ -7,8 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
 MAX_LINES = 350
-# Highest first: a wing may import the wings after it, never one before it. "engine" is the top-level
-# modules (atomic, blas, events, follow, worker, the package itself); worker is the UI's entry point.
+# Highest first: a wing may import the wings after it, never one before it. "worker" is engine/worker.py (the
+# app's entry point); "engine" is the other top-level modules (atomic, blas, events, follow, the package).
 WINGS = ["cli", "worker", "train", "evaluate", "export", "generate", "model", "data", "config", "engine"]
 
 
