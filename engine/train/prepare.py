@@ -1,5 +1,5 @@
 """A run's preparation: pick and claim the run folder, load the model, apply LoRA, tokenize the data, build
-the optimizer, estimate the step's memory and restore a checkpoint to resume from."""
+the optimizer and estimate the step's memory; a resume restores its checkpoint here too (resume.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from engine import events as ev
-from engine.config.validation import check_against_total
+from engine.config.validation import check_against_total, run_name_problem
 from engine.train import run_folder
 from engine.train.batches import epoch_batches, steps_per_epoch
 from engine.train.checkpoints import STATE_FILE, CheckpointError, CheckpointStore
@@ -22,7 +22,6 @@ class Preparing:
     def _locate(self) -> None:
         """Pick the run folder (a resumed run keeps its own) and claim it."""
         cfg = self.cfg
-        from engine.config.validation import run_name_problem
         problem = run_name_problem(cfg.output.run_name)  # also a name set on the command line, after validation
         if problem:
             raise TrainingError(f"output.run_name: {problem}", "config")
