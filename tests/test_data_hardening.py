@@ -84,6 +84,14 @@ HOSTILE_TEMPLATES = {
     "one-huge-string": ("{{ 'x' * 10000000000 }}", "more than 32 M characters"),
     "huge-filter-width": ("{{ messages[0]['content']|center(10000000000) }}", "asks for a size of 1e+10"),
     "huge-power": ("{{ 7 ** 1000000000 }}", "power with over a million bits"),
+    # A value doubled 40 times: through a namespace (the one way a value outlives a loop iteration), with
+    # ~ or +, or as a macro's argument.
+    "doubled-in-namespace": ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}"
+                             "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}", "more than 32 M characters"),
+    "doubled-with-plus": ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}"
+                          "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}", "more than 32 M characters"),
+    "doubled-macro-argument": ("{% macro f(s, n) %}{% if n > 0 %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}"
+                               "{{ f('xxxxxxxx', 40) }}", "more than 32 M characters"),
 }
 
 
@@ -228,3 +236,14 @@ def test_the_time_bound_holds_in_a_forked_child(monkeypatch):
             os._exit(7)
         os._exit(1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7
+
+
+def test_a_conversation_of_thousands_of_turns_is_one_bad_line(tokenizer, tmp_path, capsys, monkeypatch):
+    # Locating turn k renders a prefix of k turns: a line of thousands costs their square, so the whole
+    # conversation has one deadline (each render alone stays far below its own).
+    monkeypatch.setattr(bounded, "RENDER_SECONDS", 0.2)
+    turns = [{"role": r, "content": f"{r} {i}"} for i in range(1500) for r in ("user", "assistant")]
+    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 30 + [{"messages": turns}])
+    code, out, err = cli(capsys, "--config", config_for(tmp_path, "embedded", data), "validate")
+    assert code == 0, (code, out, err)
+    assert "line 31" in out and "split it into shorter conversations" in out, out

@@ -246,16 +246,15 @@ def test_property_inst_trains_exactly_the_assistant_turns(mistral_tokenizer, too
 
 def test_inst_tools_before_a_repeated_user_turn(mistral_tokenizer):
     # The first and last user turns are equal, so the template puts the tools before both; the prompt for
-    # the middle answer has them before neither: no prefix matches, and the line is refused, not mistrained.
-    from engine.data.template import EncodeError
+    # the middle answer has them before neither: no prefix matches, and the marker render finds the turns.
     encoder = ChatEncoder(with_template(mistral_tokenizer, inst_with_tools_template()))
     conv, _ = parse_record({"tools": TOOLS, "messages": [
         {"role": "user", "content": "ok"}, {"role": "assistant", "content": "a"},
         {"role": "user", "content": "more"}, {"role": "assistant", "content": "b"},
         {"role": "user", "content": "ok"}, {"role": "assistant", "content": "c"}]}, 1)
     assert encoder.render(conv).count("[AVAILABLE_TOOLS]") == 2
-    with pytest.raises(EncodeError, match="renders earlier turns differently"):
-        encoder.encode(conv)
+    segments = trained_segments(encoder.encode(conv), encoder.tok)
+    assert [seg.strip() for seg in segments] == ["a</s>", "b</s>", "c</s>"]
     conv.messages[4]["content"] = "ok then"
     assert trained_segments(encoder.encode(conv), encoder.tok) == [" a</s>", " b</s>", " c</s>"]
 
@@ -304,11 +303,36 @@ def test_inst_system_prompt_moved_into_the_last_user_turn(mistral_tokenizer):
     assert enc.notes == (NOTE_SYSTEM_DROPPED,)
 
 
+# Qwen3's shape: an empty think block only in assistant turns after the last user message, so an earlier
+# turn renders differently while it is the last one (a prefix render cannot find it).
+THINK_LAST = ("{% set ns = namespace(last_user=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+              "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+              "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}<think>\n\n</think>\n\n{% endif %}"
+              "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_that_rewrites_a_turn_once_it_is_no_longer_last_is_still_masked(tokenizer):
+    tok = with_template(tokenizer, THINK_LAST)
+    msgs = [{"role": "system", "content": "Answer: user"}, {"role": "user", "content": "user"},
+            {"role": "assistant", "content": "user"}, {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "user"}]
+    conv, _ = parse_record({"messages": msgs}, 1)
+    encoder = ChatEncoder(tok)
+    enc = encoder.encode(conv)
+    hf = encoder.tok
+    expected, roles = chatml_expected([hf.decode([t]) for t in enc.tokens.tolist()])
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert enc.trained.tolist() == expected
+    assert trained_segments(enc, hf) == ["user<|im_end|>", "<think>\n\n</think>\n\nuser<|im_end|>"]
+
+
 def test_template_that_is_not_prefix_stable_is_refused(mistral_tokenizer):
     from engine.data.template import EncodeError
-    # Marks the last message, so a turn renders differently once another follows it.
-    tok = with_template(mistral_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-                        "{% if loop.last %} (last){% endif %}\n{% endfor %}")
+    # Earlier assistant turns are upper-cased: neither a prefix render nor a marker finds their text.
+    tok = with_template(mistral_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if loop.last "
+                        "or m['role'] != 'assistant' else m['content']|upper }}\n{% endfor %}")
     conv, _ = parse_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, 1)
     with pytest.raises(EncodeError, match="renders earlier turns differently"):

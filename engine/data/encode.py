@@ -14,11 +14,13 @@ tokenizer_config.json, and a runaway loop or a huge output must end in an error,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.data.records import Conversation
+from engine.data import template
 from engine.data.template import EncodeError, TemplateLimitError, compile_template, render_bounded
 
 # Used only when a tokenizer ships no chat template of its own.
@@ -26,6 +28,10 @@ FALLBACK_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Private-use code points: no real message carries them (checked before use).
+TURN_MARKER = "\ue000lora-tui-turn\ue001"
 
 
 @dataclass
@@ -92,7 +98,18 @@ class ChatEncoder:
         return self.render(Conversation(list(messages), tools), add_generation_prompt=True)
 
     def _assistant_spans(self, text: str, conv: Conversation) -> list[tuple[int, int]]:
-        return [self._turn_span(text, conv, k) for k, m in enumerate(conv.messages) if m["role"] == "assistant"]
+        # Each turn costs two renders of a prefix, so a line of thousands of turns costs their square: one
+        # deadline for the whole conversation, where each render alone stays well under its own bound.
+        deadline = time.monotonic() + template.RENDER_SECONDS
+        spans = []
+        for k, m in enumerate(conv.messages):
+            if m["role"] != "assistant":
+                continue
+            if time.monotonic() > deadline:
+                raise EncodeError(f"locating the {len(conv.messages)} turns of this conversation took over "
+                                  f"{template.RENDER_SECONDS:g} s: split it into shorter conversations")
+            spans.append(self._turn_span(text, conv, k))
+        return spans
 
     def _turn_span(self, full: str, conv: Conversation, k: int) -> tuple[int, int]:
         """(start, end) in `full` of assistant turn k: from the end of the generation prompt for the turns
@@ -109,9 +126,26 @@ class ChatEncoder:
                 end = len(upto.rstrip())
                 if end > len(prompt) and upto.startswith(prompt) and full.startswith(upto):
                     return len(prompt), end
-        raise EncodeError("the chat template renders earlier turns differently once later turns follow, so "
-                          "the assistant turns cannot be located for loss masking (set data.mask_prompt: false "
-                          "to train on every token, or use another model)")
+        return self._marked_span(full, conv, k)
+
+    def _marked_span(self, full: str, conv: Conversation, k: int) -> tuple[int, int]:
+        """Assistant turn k of a template that renders a turn differently once it is no longer the last (Qwen3
+        adds an empty think block only to turns after the last user message): render the conversation with
+        this turn's content replaced by a marker no message contains; the rendering must match `full` up to
+        the marker, and `full` must hold the content there. Trains the content and its end-of-turn token."""
+        content = conv.messages[k]["content"].strip()
+        probe = [dict(m) for m in conv.messages]
+        probe[k]["content"] = TURN_MARKER
+        marked = self._render(probe, conv.tools) if TURN_MARKER not in full else ""
+        at = marked.find(TURN_MARKER)
+        if at < 0 or marked.count(TURN_MARKER) != 1 or full[:at] != marked[:at] or not full.startswith(content, at):
+            raise EncodeError("the chat template renders earlier turns differently once later turns follow, so "
+                              "the assistant turns cannot be located for loss masking (set data.mask_prompt: "
+                              "false to train on every token, or use another model)")
+        end = at + len(content)
+        if self.eos_text and full.startswith(self.eos_text, end):
+            end += len(self.eos_text)
+        return at, end
 
     def encode(self, conv: Conversation) -> Encoded:
         result = self.encode_many([conv])[0]
@@ -132,7 +166,7 @@ class ChatEncoder:
             try:
                 texts.append(self.render(conv))
             except EncodeError as exc:
-                if not any(m["role"] == "tool" for m in conv.messages):
+                if isinstance(exc, TemplateLimitError) or not any(m["role"] == "tool" for m in conv.messages):
                     results[i] = exc
                     continue
                 # Templates such as Mistral's reject a plain "tool" role: show the result as a user turn.

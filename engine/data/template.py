@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 RENDER_SECONDS = 10.0  # one conversation; real templates take well under a millisecond
 MAX_RENDER_CHARS = 32 * 2**20  # one conversation's rendering (a line is at most 10 MB)
@@ -29,11 +30,13 @@ class TemplateLimitError(EncodeError):
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """transformers' sandbox, plus size checks where a template can build huge values in one step."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+"})
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             _check_repeat(left, right)
+        elif operator == "+":
+            _check_sized(left, right)
         elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 \
                 and right * abs(left).bit_length() > 1_000_000:
             raise TemplateLimitError("the chat template computes a power with over a million bits")
@@ -42,6 +45,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's naming: no clash with kwargs)
         if isinstance(getattr(__obj, "__self__", None), (str, list, tuple)):  # 'x'.ljust(n), 'x'.zfill(n)
             _check_size_args(args, kwargs)
+        _check_sized(*args, *kwargs.values())  # a macro that recurses on s ~ s doubles its argument
         result = super().call(__context, __obj, *args, **kwargs)
         if isinstance(result, str) and len(result) > MAX_RENDER_CHARS:
             raise TemplateLimitError(_too_big())
@@ -56,6 +60,21 @@ def _check_repeat(left, right) -> None:
     for seq, n in ((left, right), (right, left)):
         if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
             raise TemplateLimitError(_too_big())
+
+
+def _check_sized(*values) -> None:
+    """Strings or lists that together pass the bound (s + s, a doubled macro argument)."""
+    if sum(len(v) for v in values if isinstance(v, (str, list, tuple))) > MAX_RENDER_CHARS:
+        raise TemplateLimitError(_too_big())
+
+
+class _BoundedNamespace(Namespace):
+    """namespace() whose attributes cannot grow past the bound: `{% set ns.s = ns.s ~ ns.s %}` in a loop is
+    the one way a template keeps doubling a value across iterations without calling anything."""
+
+    def __setitem__(self, name, value) -> None:
+        _check_sized(value)
+        super().__setitem__(name, value)
 
 
 def _check_size_args(args, kwargs) -> None:
@@ -87,6 +106,7 @@ def compile_template(source: str):
                               extensions=[type(e) for e in base.extensions.values()])
     env.filters.update({name: _bounded_filter(fn) for name, fn in base.filters.items()})
     env.globals.update({k: v for k, v in base.globals.items() if k != "range"})  # keep the sandbox's range
+    env.globals["namespace"] = _BoundedNamespace
     return env.from_string(source)
 
 
