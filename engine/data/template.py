@@ -110,8 +110,9 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
-class _RenderTimeout(TemplateLimitError):
-    """Raised (with no arguments) in a rendering thread by the watchdog."""
+class _RenderTimeout(BaseException):
+    """Raised (with no arguments) in a rendering thread by the watchdog. A BaseException, so that no
+    `except Exception` in a filter or in Jinja can swallow it and let the render run on."""
 
 
 class _Watchdog:
