@@ -42,12 +42,19 @@ def test_run_state_of_each_kind_of_folder(tmp_path):
     assert run_state(run) == run_state(run).__class__("interrupted", 4)
     (run / "report.json").write_text(json.dumps({"status": "stopped"}))
     assert run_state(run).state == "interrupted" and run_state(run).resumable
-    (run / "report.json").write_text(json.dumps({"status": "finished"}))
+    (run / "report.json").write_text(json.dumps({"status": "finished", "step": 4}))
     assert run_state(run).state == "finished" and run_state(run).last_step == 4
+    # Resumed for more steps and killed at step 6: the old report says finished, the checkpoints say more.
+    later = run / "checkpoints" / "step_000006"
+    later.mkdir()
+    (later / "trainer_state.json").write_text('{"step": 6}')
+    assert run_state(run) == run_state(run).__class__("interrupted", 6)
+    (run / "report.json").write_text(json.dumps({"status": "finished", "step": 6}))
+    assert run_state(run).state == "finished"
     child = hold_lock_in_child(run)
     try:
         state = run_state(run)
-        assert state.state == "running" and state.pid == child.pid and state.last_step == 4
+        assert state.state == "running" and state.pid == child.pid and state.last_step == 6
         with pytest.raises(RunFolderError, match=f"process {child.pid} is training in this run folder"):
             RunLock(run).acquire()
     finally:
@@ -93,7 +100,7 @@ def test_two_trainings_on_one_run_name_cannot_both_write(tmp_path, embedded_dir)
     run_dir = tmp_path / "runs" / "ref"
     second = subprocess.run(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
-    again = subprocess.run(lora_tui_cmd("--config", cfg, "train", "--resume", "latest", "--overwrite"), cwd=ROOT,
+    again = subprocess.run(lora_tui_cmd("--config", cfg, "train", "--overwrite"), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=120)
@@ -155,3 +162,28 @@ def test_run_folder_paths_that_are_symlinks_are_refused(link, tmp_path, embedded
                                 "only inside its own folder: remove the link or use another --run-name"]
     assert list(outside.iterdir()) == []  # nothing went through the link
     assert not (run_dir / "metrics.jsonl").is_file() or (run_dir / "metrics.jsonl").is_symlink()
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch):
+    # Some NFS, CIFS and FUSE mounts answer flock with ENOLCK or EOPNOTSUPP (no such mount here: simulated).
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = RunLock(tmp_path / "r").acquire()
+    assert "cannot lock files (No locks available)" in lock.unlocked
+    lock.release()
+
+
+def test_overwrite_and_resume_together_are_refused(tmp_path, embedded_dir, capsys):
+    from engine.cli.main import run
+    from engine.config.loading import save_config
+    from tui_helpers import tiny_config
+    cfg = tiny_config(tmp_path, iterations=2)
+    save_config(cfg, tmp_path / "c.yaml")
+    code = run(["--config", str(tmp_path / "c.yaml"), "train", "--resume", "latest", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite and --resume contradict each other" in err, err
+    assert not (Path(cfg.output.dir) / cfg.output.run_name).exists()

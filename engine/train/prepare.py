@@ -25,6 +25,9 @@ class Preparing:
         problem = run_name_problem(cfg.output.run_name)  # also a name set on the command line, after validation
         if problem:
             raise TrainingError(f"output.run_name: {problem}", "config")
+        if self.resume_from and self.overwrite:
+            raise TrainingError("--overwrite and --resume contradict each other: resume the run or replace it, "
+                                "not both", "config")
         self.run_dir = self._pick_run_dir().resolve()
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoints.keep_last, cfg.checkpoints.keep_best)
         self._claim_folder()
@@ -59,6 +62,8 @@ class Preparing:
             try:
                 run_folder.check_written_paths(self.run_dir)
                 self.lock = run_folder.RunLock(self.run_dir).acquire()
+                if self.lock.unlocked:
+                    self.warn(self.lock.unlocked)
                 if not self.resume_from:
                     self._start_fresh()
             except run_folder.RunFolderError as exc:

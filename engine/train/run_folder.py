@@ -52,7 +52,9 @@ def run_state(run_dir: str | os.PathLike) -> RunState:
         return RunState("running", last_step, pid)
     if not holds_run(run_dir):
         return RunState("empty")
-    finished = _report_status(run_dir) == "finished"
+    report = _report(run_dir)
+    # A finished run resumed for more steps and then killed has checkpoints past its report.
+    finished = report.get("status") == "finished" and (last_step or 0) <= (report.get("step") or 0)
     return RunState("finished" if finished or not checkpoints else "interrupted", last_step)
 
 
@@ -81,11 +83,12 @@ def _has_entries(folder: Path) -> bool:
         return False
 
 
-def _report_status(run_dir: Path) -> str | None:
+def _report(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "report.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
 
 
 def lock_holder(run_dir: Path) -> int | None:
@@ -120,6 +123,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
         self.fd: int | None = None
+        self.unlocked = ""  # why the folder could not be locked, when it could not
 
     def acquire(self) -> "RunLock":
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +140,11 @@ class RunLock:
             who = f"process {pid}" if pid else "another process"
             raise RunFolderError(f"{self.run_dir}: {who} is training in this run folder; wait for it, stop it, "
                                  "or use another --run-name") from None
+        except OSError as exc:  # a file system without flock (some NFS, CIFS and FUSE mounts): train unlocked
+            os.close(fd)
+            self.unlocked = f"{path}: this file system cannot lock files ({exc.strerror or exc}), so nothing " \
+                            "stops a second training in this run folder"
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
