@@ -406,7 +406,9 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
     from tui.screens.confirm import ConfirmScreen
     from tui_helpers import tiny_config
     monkeypatch.chdir(ROOT)
-    cfg = tiny_config(tmp_path, iterations=12)
+    # Enough steps that the SIGKILL lands mid-run even when the poller is starved on a loaded 2-core machine.
+    STEPS = 30  # noqa: N806
+    cfg = tiny_config(tmp_path, iterations=STEPS)
     cfg.checkpoints.keep_last = 100  # nothing is pruned: every checkpoint must survive
     cfg.evaluation.every_steps = 6
     config = tmp_path / "config.yaml"
@@ -415,7 +417,7 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
     kill_app_after_first_checkpoint(config, run_dir, tmp_path)
     before = checkpoints(run_dir)
     last = max(before)
-    assert run_state(run_dir).state == "interrupted" and last < 12
+    assert run_state(run_dir).state == "interrupted" and last < STEPS
 
     app = LoraTuiApp(str(config))
     async with app.run_test(size=SIZE) as pilot:
@@ -429,12 +431,12 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
         await pilot.press("y")
         await wait_for(pilot, lambda: screen.state == "done", timeout=300, what="the resumed run to end")
         assert screen.started.start_step == last
-        assert "step 12 / 12" in str(screen.query_one("#train-stats", Static).render())
+        assert f"step {STEPS} / {STEPS}" in str(screen.query_one("#train-stats", Static).render())
     after = checkpoints(run_dir)
     assert {step: after.get(step) for step in before} == before  # the earlier checkpoints, untouched
-    assert sorted(after) == list(range(2, 13, 2))
+    assert sorted(after) == list(range(2, STEPS + 1, 2))
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["status"] == "finished" and report["step"] == 12
+    assert report["status"] == "finished" and report["step"] == STEPS
 
 
 async def test_declining_the_resume_starts_a_new_run_and_keeps_the_old(tmp_path, embedded_dir, monkeypatch):
