@@ -55,8 +55,8 @@ def other_data(cfg: Path, rows: int) -> None:
 
 
 @pytest.mark.parametrize("change,needle", [
-    (lambda c: other_data(c, 50), "the dataset differs (32 training / 8 validation rows from"),  # a bigger file
-    (lambda c: other_data(c, 30), "the dataset differs"),  # a smaller one once failed with an IndexError
+    (lambda c: other_data(c, 50), "the dataset or its tokenization differs (32 training / 8 validation rows from"),  # a bigger file
+    (lambda c: other_data(c, 30), "the dataset or its tokenization differs"),  # a smaller one once failed with an IndexError
     (lambda c: edit(c, "learning_rate: 1.0e-3}", "learning_rate: 1.0e-3, seed: 7}"), "training.seed was 42, now 7"),
     (lambda c: edit(c, "batch_size: 2", "batch_size: 4"), "the global batch (training.batch_size x ranks) was 2 x 1 = 2, now 4 x 1 = 4"),
     (lambda c: edit(c, "grad_accumulation: 1", "grad_accumulation: 2"), "training.grad_accumulation was 1, now 2"),

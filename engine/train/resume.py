@@ -44,7 +44,8 @@ class Resuming:
         if old is None:
             if identity.get("data_sha256"):  # warn once, when the data are known
                 self.warn(f"{folder.name} was saved by an older lora-tui that did not record its dataset, seed, "
-                          "batch and LoRA settings: they cannot be checked against this run's")
+                          "batch and LoRA settings: they cannot be checked against this run's; it also used AdamW "
+                          "without bias correction, and the resumed steps use training.adam_bias_correction")
             return
         conflicts = run_folder.resume_conflicts(old, identity)
         if conflicts:

@@ -242,9 +242,11 @@ def resume_conflicts(old: dict, new: dict) -> list[str]:
     """What differs between a checkpoint's run and this one that makes an exact resume impossible."""
     out = []
     if "data_sha256" in new and old.get("data_sha256") != new["data_sha256"]:
-        out.append(f"the dataset differs ({old.get('train_rows')} training / {old.get('valid_rows')} validation "
-                   f"rows from {old.get('data_path')} then, {new['train_rows']} / {new['valid_rows']} from "
-                   f"{new['data_path']} now)")
+        # The fingerprint is of the tokenized split: the file, or how it is read (data.* settings, the template).
+        out.append(f"the dataset or its tokenization differs ({old.get('train_rows')} training / "
+                   f"{old.get('valid_rows')} validation rows from {old.get('data_path')} then, {new['train_rows']} / "
+                   f"{new['valid_rows']} from {new['data_path']} now; the file, data.* settings or the chat "
+                   "template changed)")
     if old.get("global_batch") != new["global_batch"]:
         out.append(f"the global batch (training.batch_size x ranks) was {old.get('batch_size')} x "
                    f"{old.get('ranks')} = {old.get('global_batch')}, now {new['batch_size']} x {new['ranks']} = "
