@@ -234,3 +234,30 @@ def test_sigterm_during_the_end_of_run_samples_ends_them(tmp_path, embedded_dir)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "finished" and report["step"] == 2
     assert len(report["samples"]) < len(prompts) and out.count("sample: ") == len(report["samples"])
+
+
+def test_a_stop_while_tokenizing_ends_the_tokenizing(tmp_path, embedded_dir):
+    """The stop a SIGTERM makes (RunControl.stop), arriving in the middle of tokenizing: the tokenizing ends
+    there (the progress goes no further), nothing is trained or saved."""
+    from engine.config.loading import load_config
+    from engine.train.control import RunControl
+    from engine.events import Phase
+    from engine.train.run import TrainingRun
+    from engine.train.run_folder import run_state
+    data = tmp_path / "tiny.jsonl"
+    with open(data, "w") as fh:
+        for i in range(20000):
+            fh.write(json.dumps({"prompt": f"What is {i} plus one? Answer in words.", "completion": f"{i + 1}"}) + "\n")
+    cfg, _ = load_config(write_config(tmp_path))
+    control = RunControl()
+    tokenizing: list[float] = []
+
+    def listener(event):
+        if isinstance(event, Phase) and event.name == "tokenizing the dataset" and event.fraction > 0.45:
+            tokenizing.append(event.fraction)
+            control.stop()  # mid-way: some lines are tokenized, most are not
+    result = TrainingRun(cfg, [listener], control).run()
+    assert result.status == "stopped" and result.step == 0, result
+    assert tokenizing and max(tokenizing) < 0.6, tokenizing  # 0.9 would mean the whole file was tokenized
+    run_dir = tmp_path / "runs" / "ref"
+    assert not (run_dir / "checkpoints").exists() and run_state(run_dir).state == "empty"

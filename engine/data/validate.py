@@ -58,6 +58,7 @@ class DatasetReport:
     max_seq_length: int = 0
     error_threshold: float = 0.05
     seconds: float = 0.0
+    stopped: bool = False  # the read ended early on a stop request
     warnings: list[str] = field(default_factory=list)
     template_notes: Counter = field(default_factory=Counter)  # note -> conversations affected
 
@@ -234,6 +235,7 @@ def validate_dataset(
                 progress(min(done_bytes, total_bytes), total_bytes)
             if should_stop and should_stop():
                 report.warnings.append(f"stopped early at line {number}")
+                report.stopped = True
                 break
     flush(pending)
     if _fingerprint(p) != before:
@@ -241,7 +243,7 @@ def validate_dataset(
                                "differs): the report may mix old and new lines; validate it again once it "
                                "is written")
     report.seconds = time.perf_counter() - start
-    if progress:
+    if progress and not report.stopped:  # a stopped read is not done: no 100% for it
         progress(total_bytes, total_bytes)
     if report.records == 0:
         report.warnings.append("the file has no records")
