@@ -25,8 +25,11 @@ def imports(path: Path) -> set[str]:
             found.update(a.name for a in node.names if a.name.split(".")[0] == "engine")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
                 node.module.split(".")[0] == "engine":
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from engine.train import run_folder`
+            submodules = {f"{node.module}.{a.name}" for a in node.names
+                          if (ENGINE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").is_file()}
+            found.update(submodules)  # `from engine.train import run_folder` imports engine.train.run_folder
+            if len(submodules) < len(node.names):  # and names defined in the module (a package's __init__) itself
+                found.add(node.module)
     return found
 
 
