@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA
-from engine.cli.main import run
+from cli_runner import cli, one_error_line
 from engine.config.schema import SPECS
 
 GOOD_MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -103,19 +103,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-tui: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("case_id,raw,needle", DATASET_CASES, ids=[c[0] for c in DATASET_CASES])

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from engine.cli.exit_codes import EXIT_DATA, EXIT_OK
-from engine.cli.main import run
+from cli_runner import cli, one_error_line
 from engine.data import validate_dataset
 from engine.data import encode
 from engine.data import template as bounded
@@ -28,19 +28,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-tui: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def model_with_template(mistral_dir, tmp_path, template: str):

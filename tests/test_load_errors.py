@@ -3,7 +3,6 @@ embedded model and the tiny Mistral: fuse never writes or vouches for NaN weight
 are refused, a run folder is taken as its adapter, damaged caches and unwritable places are one line each.
 (The generated variants of each case are in tests/test_bad_input.py.)"""
 
-import io
 import json
 import os
 import shutil
@@ -12,26 +11,12 @@ from pathlib import Path
 import pytest
 
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_MODEL, EXIT_OK, EXIT_TRAINING
-from engine.cli.main import run
+import cli_runner
+from cli_runner import one_error_line
 
 
 def cli(capsys, *args, stdin: str = "") -> tuple[int, str, str]:
-    import sys
-    old = sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        code = run([str(a) for a in args])
-    finally:
-        sys.stdin = old
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-tui: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return cli_runner.cli(capsys, *args, stdin=stdin)  # chat reads an empty stdin unless a test gives one
 
 
 def make_adapter(model_name: str, folder: Path, rank: int = 4, num_layers: int = 2) -> Path:
@@ -77,7 +62,7 @@ def test_fuse_refuses_a_non_finite_scale_before_writing(raw_scale, adapter, tmp_
     folder = with_scale(adapter, tmp_path, raw_scale)
     code, out, err = cli(capsys, "fuse", "--adapter", folder, "--out", tmp_path / "fused")
     assert code == EXIT_MODEL, (code, out, err)
-    assert "lora_parameters.scale" in error_line(err) and "not a finite number" in err
+    assert "lora_parameters.scale" in one_error_line(err) and "not a finite number" in err
     assert out == "" and not (tmp_path / "fused").exists()
 
 
@@ -88,7 +73,7 @@ def test_fuse_refuses_an_extreme_scale_whose_outputs_are_not_finite(adapter, tmp
     config.write_text("model: {dtype: float16}\n")
     code, out, err = cli(capsys, "--config", config, "fuse", "--adapter", folder, "--out", tmp_path / "fused")
     assert code == EXIT_MODEL, (code, out, err)
-    assert "NaN or infinite outputs" in error_line(err) and not (tmp_path / "fused").exists()
+    assert "NaN or infinite outputs" in one_error_line(err) and not (tmp_path / "fused").exists()
 
 
 def test_fuse_checks_the_fused_weights_not_only_the_reply(mistral_dir, mistral_adapter, tmp_path, capsys):
@@ -109,7 +94,7 @@ def test_fuse_checks_the_fused_weights_not_only_the_reply(mistral_dir, mistral_a
     config.write_text(f"model: {{name: {json.dumps(str(base))}}}\n")
     code, out, err = cli(capsys, "--config", config, "fuse", "--adapter", mistral_adapter, "--out", tmp_path / "fused")
     assert code == EXIT_TRAINING, (code, out, err)
-    line = error_line(err)
+    line = one_error_line(err)
     assert "NaN or infinite weights in model.embed_tokens.weight" in line and "nothing was written" in line
     assert not (tmp_path / "fused").exists()
 
@@ -143,7 +128,7 @@ def test_an_adapter_of_another_base_does_not_fit(command, mistral_adapter, tmp_p
             "eval-only": ["train", "--eval-only", "--resume", mistral_adapter]}[command]
     code, out, err = cli(capsys, "--config", config, *argv, stdin="hi\n")
     assert code == EXIT_MODEL, (code, out, err)
-    line = error_line(err)
+    line = one_error_line(err)
     assert f"{mistral_adapter}: does not fit the base model embedded" in line and "no place in this model" in line, line
     assert not (tmp_path / "fused").exists()
 
@@ -158,7 +143,7 @@ def test_eval_only_on_a_cut_checkpoint_adapter_names_the_file(adapter, tmp_path,
     config.write_text('evaluation: {heldout_path: ""}\n')
     code, out, err = cli(capsys, "--config", config, "train", "--eval-only", "--resume", step)
     assert code == EXIT_MODEL, (code, out, err)
-    assert f"{step / 'adapters.safetensors'}: not a readable safetensors file" in error_line(err)
+    assert f"{step / 'adapters.safetensors'}: not a readable safetensors file" in one_error_line(err)
 
 
 @pytest.mark.parametrize("damage", ["tokenizer.json", "model.safetensors"])
@@ -177,7 +162,7 @@ def test_train_on_a_damaged_model_exits_4(damage, embedded_dir, tmp_path, capsys
                       f"training: {{iterations: 2, warmup_steps: 0}}\noutput: {{dir: {json.dumps(str(tmp_path / 'runs'))}}}\n")
     code, out, err = cli(capsys, "--config", config, "train")
     assert code == EXIT_MODEL, (code, out, err)
-    assert f"{base / damage}: " in error_line(err) and "the model folder is damaged" in err
+    assert f"{base / damage}: " in one_error_line(err) and "the model folder is damaged" in err
 
 
 def test_a_damaged_embedded_import_says_to_delete_it(embedded_dir, tmp_path, capsys, monkeypatch):
@@ -188,7 +173,7 @@ def test_a_damaged_embedded_import_says_to_delete_it(embedded_dir, tmp_path, cap
     monkeypatch.setenv("LORA_TUI_CACHE", str(cache))
     code, out, err = cli(capsys, "chat", stdin="hi\n")
     assert code == EXIT_MODEL, (code, out, err)
-    line = error_line(err)
+    line = one_error_line(err)
     assert f"{weights}: not a complete safetensors file" in line and f"delete {weights.parent}" in line
 
 
@@ -200,7 +185,7 @@ def test_unusable_cache_dir_for_the_embedded_model(cache_dir, needle, tmp_path, 
     config.write_text(f"model: {{cache_dir: {json.dumps(cache_dir)}}}\n")
     code, out, err = cli(capsys, "--config", config, "import-model")
     assert code == EXIT_MODEL, (code, out, err)
-    assert needle in error_line(err)
+    assert needle in one_error_line(err)
 
 
 def test_iterations_below_zero_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
@@ -208,7 +193,7 @@ def test_iterations_below_zero_is_refused_not_ignored(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     code, out, err = cli(capsys, "train", "--iterations", "-5")
     assert code == EXIT_CONFIG
-    assert error_line(err) == ("lora-tui: error: train: argument --iterations: -5 is out of range "
+    assert one_error_line(err) == ("lora-tui: error: train: argument --iterations: -5 is out of range "
                                "(valid: 0 <= x <= 10000000) (as training.iterations) (see lora-tui train --help)")
     assert list(tmp_path.iterdir()) == []
 
@@ -227,7 +212,7 @@ def test_chat_skips_a_line_that_is_not_utf8(embedded_dir):
 
 def test_chat_system_prompt_must_be_text(capsys):
     code, out, err = cli(capsys, "chat", "--system", "caf\udce9")
-    assert code == EXIT_CONFIG and error_line(err) == "lora-tui: error: --system: not UTF-8 text"
+    assert code == EXIT_CONFIG and one_error_line(err) == "lora-tui: error: --system: not UTF-8 text"
 
 
 def test_chat_goes_on_after_the_template_refuses_one_turn(embedded_dir, tmp_path, capsys):
@@ -255,7 +240,7 @@ def test_eval_only_latest_is_the_named_runs_adapter(adapter, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f'evaluation: {{heldout_path: ""}}\noutput: {{dir: {json.dumps(str(tmp_path / "runs"))}}}\n')
     code, out, err = cli(capsys, "--config", config, "train", "--eval-only", "--resume", "latest")
-    assert code == EXIT_CONFIG and "needs output.run_name" in error_line(err)
+    assert code == EXIT_CONFIG and "needs output.run_name" in one_error_line(err)
     (tmp_path / "runs" / "r" / "checkpoints").mkdir(parents=True)  # interrupted: no adapter/ yet
     code, out, err = cli(capsys, "--config", config, "train", "--eval-only", "--resume", "latest", "--run-name", "r")
-    assert code == EXIT_MODEL and "name one of its checkpoints" in error_line(err)
+    assert code == EXIT_MODEL and "name one of its checkpoints" in one_error_line(err)
