@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402,F401  (the BLAS preload, before mlx)
 from engine.config.loading import load_config  # noqa: E402
 from engine.generate.reply import GenerationSettings  # noqa: E402
-from engine.worker import EngineError, EngineWorker, Generate, GenerationDone, Shutdown  # noqa: E402
+from engine.protocol import EngineError, Generate, GenerationDone, Shutdown  # noqa: E402
+from engine.worker import EngineWorker  # noqa: E402
 
 
 def main() -> None:

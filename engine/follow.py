@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
-from engine import events as ev
+from engine import protocol as ev
 
 REPORTED_BAD_LINES = 3  # bad lines reported one by one; later ones are skipped quietly
 

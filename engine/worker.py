@@ -16,85 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config.schema import Config
+from engine.protocol import CancelGeneration, DatasetChecked, EngineError, Generate, GenerationChunk, \
+    GenerationDone, ProgressUpdate, Shutdown, StartTraining, TrainingEnded, TrainingStarted, ValidateDataset
 from engine.train.control import RunControl
-from engine.generate.reply import GenerationSettings
-
-
-# ---------------------------------------------------------------- commands
-
-@dataclass(frozen=True)
-class ValidateDataset:
-    cfg: Config
-    path: str
-
-
-@dataclass(frozen=True)
-class StartTraining:
-    cfg: Config
-    resume: str | None = None
-
-
-@dataclass(frozen=True)
-class Generate:
-    """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
-    cfg: Config
-    messages: tuple[dict, ...]
-    settings: GenerationSettings
-    adapter: str | None = None
-    request_id: int = 0
-
-
-@dataclass(frozen=True)
-class CancelGeneration:
-    pass
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-# ---------------------------------------------------------------- results (besides training events)
-
-@dataclass(frozen=True)
-class DatasetChecked:
-    report: object  # engine.data.DatasetReport
-    preview: object | None  # (tokens as text pieces, trained flags) of the first valid conversation
-
-
-@dataclass(frozen=True)
-class TrainingStarted:
-    control: RunControl
-
-
-@dataclass(frozen=True)
-class TrainingEnded:
-    status: str
-    run_dir: str
-    step: int
-    message: str
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    request_id: int
-    text: str
-    tokens: int
-    tokens_per_sec: float
-
-
-@dataclass(frozen=True)
-class GenerationDone:
-    request_id: int
-    text: str
-    cancelled: bool
-
-
-@dataclass(frozen=True)
-class EngineError:
-    """An expected failure, with a message a user can act on."""
-    what: str  # "dataset", "training", "chat", "engine"
-    message: str
 
 
 @dataclass
@@ -241,12 +165,6 @@ class EngineWorker:
                 if stopped():
                     break
         self.emit(GenerationDone(cmd.request_id, "".join(parts), stopped()))
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    what: str
-    fraction: float
 
 
 ENGINE_NICE = 10

@@ -87,7 +87,8 @@ def test_side_by_side_chat_loads_the_model_once_and_answers_as_base_exactly(embe
     """Base and adapter side by side: one load (the adapter's model answers as the base with its adapter
     layers swapped out), and each answer is what a model loaded for that side alone says."""
     import engine.generate.decoding
-    from engine.worker import EngineWorker, Generate, GenerationDone
+    from engine.protocol import Generate, GenerationDone
+    from engine.worker import EngineWorker
 
     cfg = Config()
     adapter = str(_nudged_adapter(tmp_path / "adapter", cfg))

@@ -241,7 +241,7 @@ def test_a_stop_while_tokenizing_ends_the_tokenizing(tmp_path, embedded_dir):
     there (the progress goes no further), nothing is trained or saved."""
     from engine.config.loading import load_config
     from engine.train.control import RunControl
-    from engine.events import Phase
+    from engine.protocol import Phase
     from engine.train.run import TrainingRun
     from engine.train.run_folder import run_state
     data = tmp_path / "tiny.jsonl"

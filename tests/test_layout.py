@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
 MAX_LINES = 350
 # Highest first: a wing may import the wings after it, never one before it. "worker" is engine/worker.py (the
-# app's entry point); "engine" is the other top-level modules (atomic, blas, events, follow, the package).
+# app's entry point); "engine" is the other top-level modules (atomic, blas, protocol, follow, the package).
 WINGS = ["cli", "worker", "train", "evaluate", "export", "generate", "model", "data", "config", "engine"]
 
 
@@ -17,10 +17,19 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (names for annotations, never imported)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imports(path: Path) -> set[str]:
-    """Every engine module `path` imports, at the top or inside a function."""
+    """Every engine module `path` imports at run time, at the top or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "engine")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \

@@ -60,7 +60,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(embedded_dir):
 
 
 def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedded_dir, monkeypatch):
-    from engine import events as ev
+    from engine import protocol as ev
     from engine.model import memory
     from engine.config.schema import Config
     from engine.train.run import TrainingRun

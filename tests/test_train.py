@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from engine import events as ev
+from engine import protocol as ev
 from engine.train.checkpoints import CheckpointStore
 from engine.config.schema import Config
 from engine.train.control import RunControl

@@ -99,7 +99,7 @@ class LoraTuiApp(App[int]):
         # However the app ends, let the engine thread finish (a run in progress is stopped first).
         if self.control is not None:
             self.control.stop()
-        from engine.worker import CancelGeneration, Shutdown
+        from engine.protocol import CancelGeneration, Shutdown
         self.engine.submit(CancelGeneration())
         self.engine.submit(Shutdown())
 
@@ -155,6 +155,6 @@ class LoraTuiApp(App[int]):
         self._stop_engine_and_exit()
 
     def _stop_engine_and_exit(self) -> None:
-        from engine.worker import Shutdown
+        from engine.protocol import Shutdown
         self.engine.submit(Shutdown())
         self.exit(0)

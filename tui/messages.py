@@ -7,7 +7,7 @@ from textual.message import Message
 
 
 class EngineMessage(Message):
-    """Any engine event or result (engine.events.*, engine.worker.*)."""
+    """Any engine event or result (engine.protocol.*, engine.worker.*)."""
 
     def __init__(self, payload) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from engine.events import MemoryStats
+from engine.protocol import MemoryStats
 
 ATTENTION_COPIES = 1.1  # probabilities kept for the backward pass, plus transient scores
 LOGIT_COPIES = 4.0  # logits, log-softmax, their gradient and the float32 cast

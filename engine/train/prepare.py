@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from engine import events as ev
+from engine import protocol as ev
 from engine.config.validation import check_against_total, run_name_problem
 from engine.train import run_folder
 from engine.train.batches import epoch_batches, steps_per_epoch

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import atomic
-from engine import events as ev
+from engine import protocol as ev
 from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.model.memory import memory_stats

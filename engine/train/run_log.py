@@ -8,8 +8,8 @@ import os
 import threading
 from pathlib import Path
 
-from engine.events import CheckpointSaved, Eval, Failed, Finished, Phase, Sample, Started, Step
-from engine.events import Warning as WarningEvent
+from engine.protocol import CheckpointSaved, Eval, Failed, Finished, Phase, Sample, Started, Step
+from engine.protocol import Warning as WarningEvent
 
 def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from engine import atomic
-from engine import events as ev
+from engine import protocol as ev
 from engine.train.errors import TrainingError
 
 

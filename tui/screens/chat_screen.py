@@ -15,7 +15,7 @@ from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 
 from engine.generate.reply import GenerationSettings
-from engine.worker import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
+from engine.protocol import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
 
 BASE = "base"
 

@@ -14,7 +14,7 @@ from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, Sparkline, Static
 
-from engine.worker import DatasetChecked, EngineError, ProgressUpdate, ValidateDataset
+from engine.protocol import DatasetChecked, EngineError, ProgressUpdate, ValidateDataset
 
 
 def _read_line(path: str, number: int, limit: int = 400) -> str:

@@ -15,11 +15,11 @@ from textual.markup import escape
 
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichLog, Sparkline, Static
 
-from engine import events as ev
+from engine import protocol as ev
 from engine.config.validation import validate
 from engine.train.run_log import describe
 from engine.train.run_folder import run_state
-from engine.worker import StartTraining, TrainingEnded, TrainingStarted
+from engine.protocol import StartTraining, TrainingEnded, TrainingStarted
 from tui.screens.base import AppScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.footer import KeyFooter

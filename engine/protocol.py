@@ -1,14 +1,24 @@
-"""The typed events a TrainingRun emits: the only seam between the engine and any UI or log.
+"""The protocol between the engine and any UI or log: every command a UI submits to the engine thread,
+every result it gets back, and the typed events a TrainingRun emits (also written to metrics.jsonl).
 
-Every event is a frozen dataclass; `to_dict()` gives the JSON written to metrics.jsonl.
+Everything is a frozen dataclass. A command carries its own copy of the config (taken when it is built),
+so an edit in the UI never reaches work already submitted. Types named only for annotations are imported
+under TYPE_CHECKING: this module sits below every wing and imports none of them at run time.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
+
+if TYPE_CHECKING:
+    from engine.config.schema import Config
+    from engine.data.validate import DatasetReport
+    from engine.generate.reply import GenerationSettings
+    from engine.train.control import RunControl
 
 
 @dataclass(frozen=True)
@@ -153,3 +163,99 @@ def from_dict(data: dict) -> Event | None:
         return cls(**values)
     except TypeError:  # a field missing: a line from another version
         return None
+
+
+# ---------------------------------------------------------------- commands (UI -> engine thread)
+
+@dataclass(frozen=True)
+class _Command:
+    def __post_init__(self) -> None:
+        if getattr(self, "cfg", None) is not None:  # a copy, never the UI's live config
+            object.__setattr__(self, "cfg", copy.deepcopy(self.cfg))
+
+
+@dataclass(frozen=True)
+class ValidateDataset(_Command):
+    cfg: Config
+    path: str
+
+
+@dataclass(frozen=True)
+class StartTraining(_Command):
+    cfg: Config
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class Generate(_Command):
+    """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
+    cfg: Config
+    messages: tuple[dict, ...]
+    settings: GenerationSettings
+    adapter: str | None = None
+    request_id: int = 0
+
+
+@dataclass(frozen=True)
+class CancelGeneration(_Command):
+    pass
+
+
+@dataclass(frozen=True)
+class Shutdown(_Command):
+    pass
+
+
+# ---------------------------------------------------------------- results (engine thread -> UI), besides events
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    what: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class DatasetChecked:
+    report: DatasetReport
+    # (line number, [(token text, trained)]) of the first valid conversation, to show the loss mask
+    preview: tuple[int, list[tuple[str, bool]]] | None
+
+
+@dataclass(frozen=True)
+class TrainingStarted:
+    control: RunControl
+
+
+@dataclass(frozen=True)
+class TrainingEnded:
+    status: str
+    run_dir: str
+    step: int
+    message: str
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    request_id: int
+    text: str
+    tokens: int
+    tokens_per_sec: float
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    request_id: int
+    text: str
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class EngineError:
+    """An expected failure, with a message a user can act on."""
+    what: str  # "dataset", "training", "chat", "engine"
+    message: str
+
+
+Command = Union[ValidateDataset, StartTraining, Generate, CancelGeneration, Shutdown]
+Result = Union[Event, ProgressUpdate, DatasetChecked, TrainingStarted, TrainingEnded, GenerationChunk,
+               GenerationDone, EngineError]
