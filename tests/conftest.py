@@ -1,14 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import engine  # noqa: E402,F401  (preloads the optimized BLAS before anything imports mlx)
+import engine  # noqa: F401  (preloads the optimized BLAS before anything imports mlx)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA
-from cli_runner import cli, one_error_line
+from helpers import cli, one_error_line
 from engine.config.schema import SPECS
 
 GOOD_MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -427,10 +427,9 @@ def _broken_copy(saved_adapter: Path, tmp_path: Path, edit) -> Path:
     return folder
 
 
-def _adapter_fails(capsys, monkeypatch, command, folder, tmp_path) -> str:
-    import io
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))  # chat would answer this if the adapter loaded
-    code, out, err = cli(capsys, *_adapter_argv(command, folder, tmp_path))
+def _adapter_fails(capsys, command, folder, tmp_path) -> str:
+    # chat would answer "hi" if the adapter loaded
+    code, out, err = cli(capsys, *_adapter_argv(command, folder, tmp_path), stdin="hi\n")
     assert code == EXIT_MODEL, (code, out, err)
     assert "same_greedy_output" not in out and not (tmp_path / "fused").exists()
     return one_error_line(err)
@@ -438,17 +437,17 @@ def _adapter_fails(capsys, monkeypatch, command, folder, tmp_path) -> str:
 
 @pytest.mark.parametrize("command", ADAPTER_COMMANDS)
 @pytest.mark.parametrize("case_id,edit", ADAPTER_WEIGHT_CASES, ids=[c[0] for c in ADAPTER_WEIGHT_CASES])
-def test_broken_adapter_weights(case_id, edit, command, saved_adapter, tmp_path, capsys, monkeypatch):
+def test_broken_adapter_weights(case_id, edit, command, saved_adapter, tmp_path, capsys):
     folder = _broken_copy(saved_adapter, tmp_path, edit)
-    line = _adapter_fails(capsys, monkeypatch, command, folder, tmp_path)
+    line = _adapter_fails(capsys, command, folder, tmp_path)
     assert f"{folder / 'adapters.safetensors'}:" in line and len(line) < 500, line
 
 
 @pytest.mark.parametrize("command", ADAPTER_COMMANDS)
 @pytest.mark.parametrize("case_id,edit", ADAPTER_CONFIG_CASES, ids=[c[0] for c in ADAPTER_CONFIG_CASES])
-def test_broken_adapter_config(case_id, edit, command, saved_adapter, tmp_path, capsys, monkeypatch):
+def test_broken_adapter_config(case_id, edit, command, saved_adapter, tmp_path, capsys):
     folder = _broken_copy(saved_adapter, tmp_path, edit)
-    line = _adapter_fails(capsys, monkeypatch, command, folder, tmp_path)
+    line = _adapter_fails(capsys, command, folder, tmp_path)
     assert f"{folder / 'adapter_config.json'}:" in line, line
 
 
@@ -458,9 +457,9 @@ ADAPTER_FIT_PARAMS = [pytest.param(edit, command, id=f"{case_id}-{command}") for
 
 
 @pytest.mark.parametrize("edit,command", ADAPTER_FIT_PARAMS)
-def test_adapter_for_another_base(edit, command, saved_adapter, tmp_path, capsys, monkeypatch):
+def test_adapter_for_another_base(edit, command, saved_adapter, tmp_path, capsys):
     folder = _broken_copy(saved_adapter, tmp_path, edit)
-    line = _adapter_fails(capsys, monkeypatch, command, folder, tmp_path)
+    line = _adapter_fails(capsys, command, folder, tmp_path)
     assert f"{folder}: does not fit the base model embedded" in line, line
 
 
@@ -499,9 +498,9 @@ ADAPTER_PATH_CASES = [("missing", "no such folder"), ("unknown-user", "cannot ex
 
 @pytest.mark.parametrize("command", ADAPTER_COMMANDS)
 @pytest.mark.parametrize("kind,needle", ADAPTER_PATH_CASES, ids=[c[0] for c in ADAPTER_PATH_CASES])
-def test_unusable_adapter_path(kind, needle, command, saved_adapter, tmp_path, capsys, monkeypatch):
+def test_unusable_adapter_path(kind, needle, command, saved_adapter, tmp_path, capsys):
     path = _adapter_path(kind, tmp_path, saved_adapter)
-    line = _adapter_fails(capsys, monkeypatch, command, path, tmp_path)
+    line = _adapter_fails(capsys, command, path, tmp_path)
     assert needle in line, line
 
 
@@ -563,14 +562,11 @@ def _model_argv(command: str, config: Path, saved_adapter: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("name,content,needle,command", MODEL_FILE_PARAMS)
-def test_damaged_model_folder(name, content, needle, command, embedded_dir, saved_adapter, tmp_path, capsys,
-                              monkeypatch):
-    import io
+def test_damaged_model_folder(name, content, needle, command, embedded_dir, saved_adapter, tmp_path, capsys):
     folder = _damaged_model(embedded_dir, tmp_path, name, content)
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: {json.dumps(str(folder))}}}\n")
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    code, out, err = cli(capsys, *_model_argv(command, config, saved_adapter, tmp_path))
+    code, out, err = cli(capsys, *_model_argv(command, config, saved_adapter, tmp_path), stdin="hi\n")
     assert code == EXIT_MODEL, (code, out, err)
     line = one_error_line(err)
     assert line.startswith("lora-tui: error: model.name: ") and needle in line, line
@@ -585,13 +581,11 @@ MODEL_PATH_CASES = [("~no-such-user-here", "cannot expand ~"), ("~no-such-user-h
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 @pytest.mark.parametrize("name,needle", MODEL_PATH_CASES, ids=[c[0] for c in MODEL_PATH_CASES])
-def test_unusable_model_name(name, needle, command, saved_adapter, tmp_path, capsys, monkeypatch):
-    import io
+def test_unusable_model_name(name, needle, command, saved_adapter, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: {json.dumps(name.replace('{tmp}', str(tmp_path)))}}}\n")
-    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
-    code, out, err = cli(capsys, *_model_argv(command, config, saved_adapter, tmp_path))
+    code, out, err = cli(capsys, *_model_argv(command, config, saved_adapter, tmp_path), stdin="hi\n")
     assert code == EXIT_MODEL, (code, out, err)
     assert one_error_line(err).startswith("lora-tui: error: model.name: ") and needle in err, err
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from engine.cli.exit_codes import EXIT_DATA, EXIT_OK
-from cli_runner import cli, one_error_line
+from helpers import cli, one_error_line, tiny_yaml, write_jsonl
 from engine.data import validate_dataset
 from engine.data import encode
 from engine.data import template as bounded
@@ -41,21 +41,12 @@ def model_with_template(mistral_dir, tmp_path, template: str):
 
 
 def config_for(tmp_path, model, data, **training):
-    path = tmp_path / "c.yaml"
-    train = {"iterations": 2, "batch_size": 1, "grad_accumulation": 1, "warmup_steps": 0} | training
-    path.write_text(json.dumps({
-        "model": {"name": str(model), "max_seq_length": 64},
-        "lora": {"rank": 2, "num_layers": 1, "target_modules": ["q_proj"]},
-        "training": train, "data": {"path": str(data)},
-        "checkpoints": {"every_steps": 0},
-        "evaluation": {"every_steps": 0, "sample_prompts": [], "heldout_path": ""},
-        "output": {"dir": str(tmp_path / "runs"), "run_name": "r"}}))
-    return path
-
-
-def write_lines(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
+    """A 2-step run of `model` on `data`: one adapter on one block, 64 tokens, one conversation a step."""
+    return tiny_yaml(tmp_path, "c.yaml", model={"name": str(model), "max_seq_length": 64},
+                     lora={"rank": 2, "num_layers": 1, "target_modules": ["q_proj"]},
+                     training={"iterations": 2, "batch_size": 1, "warmup_steps": 0} | training,
+                     data={"path": str(data)}, checkpoints={"every_steps": 0}, evaluation={"every_steps": 0},
+                     output={"run_name": "r"})
 
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -87,7 +78,7 @@ def test_hostile_template_ends_in_one_line(name, mistral_dir, tmp_path, capsys, 
     monkeypatch.setattr(bounded, "RENDER_SECONDS", 1.0)  # the real bound is 10 s
     template, needle = HOSTILE_TEMPLATES[name]
     model = model_with_template(mistral_dir, tmp_path, template)
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     code, out, err = cli(capsys, "--config", config_for(tmp_path, model, data), "validate")
     assert code == EXIT_DATA, (code, out, err)
     line = one_error_line(err)
@@ -98,7 +89,7 @@ def test_hostile_template_ends_in_one_line(name, mistral_dir, tmp_path, capsys, 
 def test_train_with_a_runaway_template_exits_3(mistral_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bounded, "RENDER_SECONDS", 1.0)
     model = model_with_template(mistral_dir, tmp_path, LOOP)
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     code, out, err = cli(capsys, "--config", config_for(tmp_path, model, data), "train")
     assert code == EXIT_DATA, (code, out, err)
     assert "did not finish rendering one conversation in 1 s" in one_error_line(err)
@@ -132,7 +123,7 @@ BAD_LINES = {
 @pytest.mark.parametrize("name", BAD_LINES, ids=list(BAD_LINES))
 def test_unreadable_line_is_one_bad_line(name, tokenizer, tmp_path, capsys):
     # 40 good lines and one bad one (2.4% < the 5% threshold): the file passes, the line is named.
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 20 + [BAD_LINES[name]] + [GOOD] * 20)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 20 + [BAD_LINES[name]] + [GOOD] * 20)
     code, out, err = cli(capsys, "validate", "--dataset", data)
     assert code == EXIT_OK, (code, out, err)
     bad = [line for line in out.splitlines() if ":line " in line]
@@ -142,7 +133,7 @@ def test_unreadable_line_is_one_bad_line(name, tokenizer, tmp_path, capsys):
 
 def test_training_skips_unreadable_lines(mistral_dir, tmp_path, capsys):
     # 4 bad lines of 84 (4.8% < 5%): they are left out and training runs.
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 40 + list(BAD_LINES.values()) + [GOOD] * 40)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 40 + list(BAD_LINES.values()) + [GOOD] * 40)
     code, out, err = cli(capsys, "--config", config_for(tmp_path, mistral_dir, data, iterations=1), "train")
     assert code == EXIT_OK, (code, out, err)
     assert "finished at step 1" in out + err
@@ -150,7 +141,7 @@ def test_training_skips_unreadable_lines(mistral_dir, tmp_path, capsys):
 
 def test_accepted_though_wrong_lines_are_bad_lines(tokenizer, tmp_path):
     msgs = GOOD["messages"]
-    data = write_lines(tmp_path / "d.jsonl", [
+    data = write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [msgs[0], {"role": "assistant", "content": "\u200b"}]},
         {"messages": [msgs[0], {"role": "assistant", "content": "ok", "tool_calls": "str"}]},
         {"messages": msgs, "tools": [1, None]},
@@ -167,7 +158,7 @@ def test_openai_and_hf_tool_call_shapes_are_accepted(tokenizer, tmp_path):
         {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
         {"type": "function", "function": {"name": "get_time", "arguments": {"tz": "UTC"}}},
         {"name": "get_date", "arguments": {}}]}
-    data = write_lines(tmp_path / "d.jsonl", [{
+    data = write_jsonl(tmp_path / "d.jsonl", [{
         "messages": [{"role": "user", "content": "weather?"}, call, {"role": "tool", "content": "21"},
                      {"role": "assistant", "content": "21 degrees"}],
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}])
@@ -176,7 +167,7 @@ def test_openai_and_hf_tool_call_shapes_are_accepted(tokenizer, tmp_path):
 
 
 def test_file_changed_while_validated_is_noted(tmp_path):
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 600)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 600)
     appended = []
 
     def progress(done, total):  # another program appends while the validator reads
@@ -195,7 +186,7 @@ def test_validate_prints_the_report_warnings(mistral_dir, tmp_path, capsys):
     # Mistral's template has no tool role: tool results become user turns, which the report says.
     msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "calling"},
             {"role": "tool", "content": "21"}, {"role": "assistant", "content": "21 degrees"}]
-    data = write_lines(tmp_path / "d.jsonl", [{"messages": msgs}])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
     code, out, err = cli(capsys, "--config", config_for(tmp_path, mistral_dir, data), "validate")
     assert code == EXIT_OK, (code, out, err)
     assert f"{data}: warning: 1 conversations: tool turns rendered as user turns" in out, out
@@ -230,7 +221,7 @@ def test_a_conversation_of_thousands_of_turns_is_one_bad_line(tokenizer, tmp_pat
     # conversation has one deadline (each render alone stays far below its own).
     monkeypatch.setattr(bounded, "RENDER_SECONDS", 0.2)
     turns = [{"role": r, "content": f"{r} {i}"} for i in range(1500) for r in ("user", "assistant")]
-    data = write_lines(tmp_path / "d.jsonl", [GOOD] * 30 + [{"messages": turns}])
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 30 + [{"messages": turns}])
     code, out, err = cli(capsys, "--config", config_for(tmp_path, "embedded", data), "validate")
     assert code == 0, (code, out, err)
     assert "line 31" in out and "split it into shorter conversations" in out, out

@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_MODEL, EXIT_OK, EXIT_TRAINING
-import cli_runner
-from cli_runner import one_error_line
-
-
-def cli(capsys, *args, stdin: str = "") -> tuple[int, str, str]:
-    return cli_runner.cli(capsys, *args, stdin=stdin)  # chat reads an empty stdin unless a test gives one
+from helpers import cli, increments, one_error_line, tiny_yaml, write_jsonl
 
 
 def make_adapter(model_name: str, folder: Path, rank: int = 4, num_layers: int = 2) -> Path:
@@ -155,11 +150,9 @@ def test_train_on_a_damaged_model_exits_4(damage, embedded_dir, tmp_path, capsys
             os.symlink(f, base / f.name)
     raw = (embedded_dir / damage).read_bytes()
     (base / damage).write_bytes(raw[:len(raw) // 2])
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{name: {json.dumps(str(base))}}}\ndata: {{path: {json.dumps(str(data))}}}\n"
-                      f"training: {{iterations: 2, warmup_steps: 0}}\noutput: {{dir: {json.dumps(str(tmp_path / 'runs'))}}}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", increments(8))
+    config = tiny_yaml(tmp_path, "c.yaml", model={"name": str(base)}, data={"path": str(data)},
+                       training={"iterations": 2, "warmup_steps": 0})
     code, out, err = cli(capsys, "--config", config, "train")
     assert code == EXIT_MODEL, (code, out, err)
     assert f"{base / damage}: " in one_error_line(err) and "the model folder is damaged" in err
