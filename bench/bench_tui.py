@@ -114,13 +114,13 @@ import asyncio, sys, tempfile
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from pathlib import Path
 from tui.app import LoraTuiApp
-from tui_helpers import tiny_config, wait_for
+from tui_helpers import tiny_config, train_state, wait_for
 async def main():
     app = LoraTuiApp(None)
     app.cfg = tiny_config(Path(tempfile.mkdtemp()), iterations=2)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("f3"); await pilot.pause(); await pilot.click("#start")
-        await wait_for(pilot, lambda: app.screen.state == "done", timeout=300)
+        await wait_for(pilot, lambda: train_state(app.screen) == "done", timeout=300)
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: not app.is_running, timeout=60)
     sys.exit(app.return_code or 0)

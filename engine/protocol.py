@@ -190,7 +190,7 @@ class StartTraining(_Command):
 class Generate(_Command):
     """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
     cfg: Config
-    messages: tuple[dict, ...]
+    messages: tuple[dict[str, str], ...]  # {"role": ..., "content": ...} each
     settings: GenerationSettings
     adapter: str | None = None
     request_id: int = 0
@@ -215,10 +215,16 @@ class ProgressUpdate:
 
 
 @dataclass(frozen=True)
+class ConversationPreview:
+    """The first valid conversation of a dataset as the chat template renders it, to show the loss mask."""
+    line: int  # its line number in the file
+    pieces: tuple[tuple[str, bool], ...]  # (token text, trained) per token
+
+
+@dataclass(frozen=True)
 class DatasetChecked:
     report: DatasetReport
-    # (line number, [(token text, trained)]) of the first valid conversation, to show the loss mask
-    preview: tuple[int, list[tuple[str, bool]]] | None
+    preview: ConversationPreview | None
 
 
 @dataclass(frozen=True)

@@ -13,39 +13,45 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engine.config.schema import Config
-from engine.protocol import CancelGeneration, DatasetChecked, EngineError, Generate, GenerationChunk, \
-    GenerationDone, ProgressUpdate, Shutdown, StartTraining, TrainingEnded, TrainingStarted, ValidateDataset
+from engine.protocol import CancelGeneration, Command, ConversationPreview, DatasetChecked, EngineError, Generate, \
+    GenerationChunk, GenerationDone, ProgressUpdate, Result, Shutdown, StartTraining, TrainingEnded, \
+    TrainingStarted, ValidateDataset
 from engine.train.control import RunControl
+
+if TYPE_CHECKING:  # annotations only: MLX is imported on the engine thread, when first needed
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from engine.generate.decoding import PromptCache
 
 
 @dataclass
 class _ChatModel:
-    base: tuple  # (model name, dtype, quantized base)
+    base: tuple[str, str, str]  # (model.name, model.dtype, model.quantized_base)
     adapter: str | None
-    model: object
-    tokenizer: object
-    # decoding.PromptCache per answering model (adapter path, or None for the base): the next turn of each
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    # A PromptCache per answering model (adapter path, or None for the base): the next turn of each
     # conversation prefills only what is new
-    prompt_caches: dict = field(default_factory=dict)
+    prompt_caches: dict[str | None, PromptCache] = field(default_factory=dict)
 
 
 @dataclass
 class EngineWorker:
-    emit: Callable[[object], None]
-    _queue: "queue.Queue[object]" = field(default_factory=queue.Queue)
+    emit: Callable[[Result], None]
+    _queue: "queue.Queue[Command]" = field(default_factory=queue.Queue)
     _cancel_generation: threading.Event = field(default_factory=threading.Event)
     # Set by Shutdown as soon as it is submitted: long work (validation, a chat's prefill) checks it, so
     # quitting never waits for that work to end.
     _shutting_down: threading.Event = field(default_factory=threading.Event)
     _chat: _ChatModel | None = None
-    busy: str = ""  # what the engine is doing now ("", "validating", "training", "generating")
     finished: threading.Event = field(default_factory=threading.Event)  # serve() has returned
     _should_exit: Callable[[], bool] = lambda: False  # the host's own stop (the app's worker cancelled)
 
-    def submit(self, command) -> None:
+    def submit(self, command: Command) -> None:
         if isinstance(command, Generate):  # here, not when it starts: a Stop pressed before then still counts
             self._cancel_generation.clear()
         elif isinstance(command, CancelGeneration):
@@ -83,15 +89,11 @@ class EngineWorker:
                 what = {ValidateDataset: "dataset", StartTraining: "training"}.get(type(command), "engine")
                 self.emit(EngineError(what, f"{type(exc).__name__}: {exc}"))
                 traceback.print_exc()
-            finally:
-                self.busy = ""
 
-    def _handle(self, command) -> None:
+    def _handle(self, command: Command) -> None:
         if isinstance(command, ValidateDataset):
-            self.busy = "validating"
             self._validate(command)
         elif isinstance(command, StartTraining):
-            self.busy = "training"
             self._chat = None  # free its memory for training
             from engine.train.run import TrainingRun
             control = RunControl()
@@ -103,7 +105,6 @@ class EngineWorker:
                 raise
             self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
         elif isinstance(command, Generate):
-            self.busy = "generating"
             from engine.data.template import EncodeError
             try:
                 self._generate(command)
@@ -183,7 +184,8 @@ def yield_cpu_to_ui() -> None:
             pass
 
 
-def _preview(path: str, tokenizer, cfg: Config, stopped: Callable[[], bool] = lambda: False):
+def _preview(path: str, tokenizer, cfg: Config,
+             stopped: Callable[[], bool] = lambda: False) -> ConversationPreview | None:
     """The first valid conversation as (piece, trained) pairs, to show masking. Lines are read as
     validation reads them: a line over its size limit is skipped, never loaded (a 200 MB first line
     once took this preview past 10 GB)."""
@@ -206,7 +208,7 @@ def _preview(path: str, tokenizer, cfg: Config, stopped: Callable[[], bool] = la
                 continue
             enc = encoder.encode(conv)
             pieces = [encoder.tok.decode([int(t)]) for t in enc.tokens[:cfg.model.max_seq_length]]
-            return number, list(zip(pieces, enc.trained.tolist()))
+            return ConversationPreview(number, tuple(zip(pieces, enc.trained.tolist())))
     except Exception:
         return None
     return None

@@ -9,7 +9,7 @@ from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
 from engine.config.schema import SPECS
 from tui.app import LoraTuiApp
 from tui.screens.confirm import ConfirmScreen
-from tui_helpers import tiny_config, wait_for
+from tui_helpers import answering, tiny_config, train_state, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
@@ -116,7 +116,7 @@ async def test_train_then_chat_with_the_adapter(tmp_path, embedded_dir, monkeypa
         await pilot.pause()
         await pilot.click("#start")
         screen = app.screen
-        await wait_for(pilot, lambda: screen.state == "done", timeout=180, what="training to finish")
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=180, what="training to finish")
         assert len(screen.query_one("#loss-chart", Sparkline).data) == 4
         rows = [screen.query_one("#checkpoints", DataTable).get_row_at(i)
                 for i in range(screen.query_one("#checkpoints", DataTable).row_count)]
@@ -132,9 +132,33 @@ async def test_train_then_chat_with_the_adapter(tmp_path, embedded_dir, monkeypa
         chat.query_one("#chat-max", Input).value = "6"
         chat.query_one("#chat-input", Input).value = "2+2"
         await pilot.press("enter")
-        await wait_for(pilot, lambda: chat.busy is False and chat.query("Bubble.assistant"), what="answers")
+        await wait_for(pilot, lambda: chat.query("Bubble.assistant") and not answering(chat), what="answers")
         answers = [b.text for b in chat.query("Bubble.assistant")]
         assert len(answers) == 2 and all(a.strip() for a in answers)
+
+
+async def test_ctrl_s_saves_a_checkpoint_now(tmp_path, embedded_dir, monkeypatch):
+    """ctrl+s on the Train screen: a checkpoint at the next step, listed with reason "manual"."""
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    app.cfg = tiny_config(tmp_path, iterations=500)
+    app.cfg.checkpoints.every_steps = app.cfg.evaluation.every_steps = 0  # no checkpoint but the one asked for
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.click("#start")
+        screen = app.screen
+        await wait_for(pilot, lambda: train_state(screen) == "running" and screen.query_one("#loss-chart").data,
+                       what="steps")
+        assert any("Save checkpoint" in str(key.render()) for key in screen.query("FooterKey"))  # the key is shown
+        await pilot.press("ctrl+s")
+        table = screen.query_one("#checkpoints", DataTable)
+        await wait_for(pilot, lambda: any(table.get_row_at(i)[1] == "manual" for i in range(table.row_count)),
+                       what="the manual checkpoint")
+        step = int(next(table.get_row_at(i)[0] for i in range(table.row_count) if table.get_row_at(i)[1] == "manual"))
+        assert (tmp_path / "runs" / "tui" / "checkpoints" / f"step_{step:06d}" / "adapters.safetensors").is_file()
+        await pilot.click("#stop")
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=120, what="the stop")
 
 
 async def test_quit_during_training_saves_and_exits_0(tmp_path, embedded_dir, monkeypatch):
@@ -146,7 +170,8 @@ async def test_quit_during_training_saves_and_exits_0(tmp_path, embedded_dir, mo
         await pilot.press("f3")
         await pilot.pause()
         await pilot.click("#start")
-        await wait_for(pilot, lambda: app.screen.state == "running" and app.screen.losses, what="steps")
+        await wait_for(pilot, lambda: train_state(app.screen) == "running" and app.screen.query_one("#loss-chart").data,
+                       what="steps")
         await pilot.press("ctrl+q")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen)
@@ -192,8 +217,8 @@ async def test_follow_a_run_started_headless(tmp_path, embedded_dir, monkeypatch
             screen = app.screen
             screen.query_one("#external", Input).value = str(run_dir)
             await pilot.press("ctrl+o")
-            await wait_for(pilot, lambda: screen.state == "following", timeout=10, what="following")
-            await wait_for(pilot, lambda: screen.state == "done", timeout=180, what="the followed run to end")
+            await wait_for(pilot, lambda: train_state(screen) == "following", timeout=10, what="following")
+            await wait_for(pilot, lambda: train_state(screen) == "done", timeout=180, what="the followed run to end")
             assert "step 6 / 6" in str(screen.query_one("#train-stats", Static).render())
             assert len(screen.query_one("#loss-chart", Sparkline).data) == 6
             assert screen.query_one("#checkpoints", DataTable).row_count >= 1
@@ -218,8 +243,8 @@ async def test_launch_a_distributed_run_from_a_hosts_file(tmp_path, embedded_dir
         screen = app.screen
         screen.query_one("#external", Input).value = str(hosts)
         await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: screen.state == "following", timeout=10, what="the launch")
-        await wait_for(pilot, lambda: screen.state == "done", timeout=240, what="the distributed run to end")
+        await wait_for(pilot, lambda: train_state(screen) == "following", timeout=10, what="the launch")
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=240, what="the distributed run to end")
         stats = str(screen.query_one("#train-stats", Static).render())
         assert "step 4 / 4" in stats and "x 2 ranks" in stats, stats
         assert screen.external.process.wait(timeout=60) == 0

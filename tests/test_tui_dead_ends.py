@@ -11,7 +11,7 @@ import pytest
 from textual.widgets import Input, Static
 
 from tui.app import LoraTuiApp
-from tui_helpers import wait_for
+from tui_helpers import answering, train_state, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
@@ -220,6 +220,19 @@ def answers(chat) -> list[str]:
     return [b.text for b in chat.query("Bubble.assistant")]
 
 
+def answered(chat, n: int) -> bool:
+    """The n-th answer's bubble is on screen and it has ended (Send is back on)."""
+    return len(answers(chat)) == n and not answering(chat)
+
+
+async def reading_the_prompt(pilot, chat, n: int) -> None:
+    """The n-th answer's bubble is up, still empty: the engine, idle until now, took the request at once and
+    reads the long prompt (minutes here); a moment more so the reading is under way."""
+    await wait_for(pilot, lambda: len(answers(chat)) == n and answering(chat) and not answers(chat)[-1],
+                   timeout=30, what="the long prompt")
+    await pilot.pause(0.5)
+
+
 async def test_an_engine_error_ends_the_answer_and_the_next_message_works(tmp_path, embedded_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
@@ -229,12 +242,12 @@ async def test_an_engine_error_ends_the_answer_and_the_next_message_works(tmp_pa
         await pilot.pause()
         chat = app.screen
         await send(pilot, "tell me a secret")
-        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the failed answer to end")
+        await wait_for(pilot, lambda: answered(chat, 1), timeout=120, what="the failed answer to end")
         assert answers(chat) == ["(no answer: see the error)"]
         assert any("does not tell secrets" in m for m in notes(app)), notes(app)
         await send(pilot, "2+2")
-        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the next answer")
-        assert len(answers(chat)) == 2 and answers(chat)[1].strip(), answers(chat)
+        await wait_for(pilot, lambda: answered(chat, 2), timeout=120, what="the next answer")
+        assert answers(chat)[1].strip(), answers(chat)
         assert not any("Still answering" in m for m in notes(app))
         assert [m["role"] for m in chat.history["base"]] == ["user", "assistant"]  # the refused turn is gone
 
@@ -250,17 +263,17 @@ async def test_a_100_kb_message_can_be_stopped_and_quit_ends_the_engine(tmp_path
         await pilot.pause()
         chat = app.screen
         await send(pilot, "hi", max_tokens=2)  # loads the model
-        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the first answer")
+        await wait_for(pilot, lambda: answered(chat, 1), timeout=120, what="the first answer")
         await send(pilot, long_message)
-        await wait_for(pilot, lambda: app.engine.busy == "generating", timeout=30, what="the long prompt")
+        await reading_the_prompt(pilot, chat, 2)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the stop")
+        await wait_for(pilot, lambda: not answering(chat), timeout=120, what="the stop")
         assert answers(chat)[-1] == " [stopped]"
         await send(pilot, "2+2")
-        await wait_for(pilot, lambda: not chat.busy, timeout=120, what="the next answer")
+        await wait_for(pilot, lambda: answered(chat, 3), timeout=120, what="the next answer")
         assert answers(chat)[-1].strip() and "[stopped]" not in answers(chat)[-1]
         await send(pilot, long_message)
-        await wait_for(pilot, lambda: app.engine.busy == "generating", timeout=30, what="the long prompt")
+        await reading_the_prompt(pilot, chat, 4)
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: not app.is_running, timeout=30, what="the app to exit")
     assert app.engine.finished.wait(120), "the engine thread still runs after ctrl+q"
@@ -278,8 +291,9 @@ async def quit_during_a_long_prompt(pilot):
     app.screen.query_one("#chat-input").value = "Summarise: " + "The quick brown fox jumps over the lazy dog. " * 2300
     app.screen.query_one("#chat-input").focus()
     await pilot.press("enter")
-    while app.engine.busy != "generating":
+    while not app.screen.query("Bubble.assistant"):  # the answer's bubble is up: the idle engine reads the prompt
         await pilot.pause(0.05)
+    await pilot.pause(0.5)
     print("reading the prompt", flush=True)
     await pilot.press("ctrl+q")
 
@@ -336,9 +350,9 @@ async def test_following_a_run_with_bad_metric_lines_skips_them(tmp_path, embedd
         screen = app.screen
         screen.query_one("#external", Input).value = str(run)
         await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: screen.state == "done", timeout=30, what="the followed run to end")
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=30, what="the followed run to end")
         assert app.is_running
-        assert screen.losses == [1.0, 1.0 / 3]
+        assert screen.query_one("#loss-chart").data == [1.0, 1.0 / 3]
         log = "".join(line.text for line in screen.query_one("#train-log").lines)  # its lines wrap
         assert "metrics.jsonl:2: skipped, Step.loss is \"high\"" in log, log
         assert "metrics.jsonl:3: skipped, not JSON" in log
@@ -362,6 +376,11 @@ async def start_training(pilot):
 
 LoraTuiApp(sys.argv[1]).run(headless=True, size=(120, 40), auto_pilot=start_training)
 """
+
+
+def log_text(screen) -> str:
+    """The Train screen's log as one line of words (it wraps its lines at the screen's width)."""
+    return " ".join(word for line in screen.query_one("#train-log").lines for word in line.text.split())
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -429,8 +448,8 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
         assert f"Resume from step {last}" in str(app.screen.query_one("#yes").label)
         await pilot.press("y")
-        await wait_for(pilot, lambda: screen.state == "done", timeout=300, what="the resumed run to end")
-        assert screen.started.start_step == last
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=300, what="the resumed run to end")
+        assert f"started: {STEPS} steps from step {last}," in log_text(screen)
         assert f"step {STEPS} / {STEPS}" in str(screen.query_one("#train-stats", Static).render())
     after = checkpoints(run_dir)
     assert {step: after.get(step) for step in before} == before  # the earlier checkpoints, untouched
@@ -461,11 +480,11 @@ async def test_declining_the_resume_starts_a_new_run_and_keeps_the_old(tmp_path,
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
         await pilot.press("escape")  # cancel: nothing starts
         await pilot.pause()
-        assert screen.state == "idle" and not (Path(cfg.output.dir) / "tui-2").exists()
+        assert train_state(screen) == "idle" and not (Path(cfg.output.dir) / "tui-2").exists()
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10, what="the resume offer")
         await pilot.press("n")
-        await wait_for(pilot, lambda: screen.state == "done", timeout=300, what="the new run to end")
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=300, what="the new run to end")
         assert "step 4 / 4" in str(screen.query_one("#train-stats", Static).render())
     assert run_state(Path(cfg.output.dir) / "tui-2").state == "finished"
     assert checkpoints(run_dir) == before

@@ -20,6 +20,21 @@ async def wait_for(pilot, condition, timeout: float = 120.0, what: str = "condit
         await pilot.pause(0.05)
 
 
+def shown(screen, selector: str) -> str:
+    """The text a widget shows now (what a person reads there)."""
+    return str(screen.query_one(selector).render())
+
+
+def train_state(screen) -> str:
+    """The Train screen's state label: idle, starting, running, paused, following, done, ..."""
+    return shown(screen, "#train-state")
+
+
+def answering(chat) -> bool:
+    """An answer is on its way: the chat's Send button is off until it ends."""
+    return chat.query_one("#chat-send").disabled
+
+
 def tiny_dataset(path: Path, n: int = 40) -> Path:
     rng = np.random.default_rng(1)
     with open(path, "w") as fh:

@@ -1,9 +1,9 @@
 """lora-tui's Textual app: four screens (config, dataset, train, chat) over one engine thread.
 
 The engine (engine.worker.EngineWorker) runs in a Textual thread worker for the app's whole life and owns
-every MLX call. Screens submit typed commands; engine events come back as EngineMessage and are routed
-to the screen that shows them. Quitting during training asks, stops the run (which saves a checkpoint)
-and exits with code 0.
+every MLX call. Screens submit typed commands; engine results come back as tui.messages (one class per
+kind) through the app's queue, and the app posts each on to the screen that owns its kind. Quitting
+during training asks, stops the run (which saves a checkpoint) and exits with code 0.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from textual import work
+from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 
 from engine.config.schema import Config, ConfigError
-from tui.messages import EngineMessage
+from engine.protocol import CancelGeneration, Command, Result, Shutdown
+from tui import messages as msg
 from tui.screens.chat_screen import ChatScreen
 from tui.screens.config_screen import ConfigScreen, load_config_and_file
 from tui.screens.confirm import ConfirmScreen
@@ -31,7 +32,10 @@ class LoraTuiApp(App[int]):
     # visit on 2 cores during training.
     CSS_PATH = ["app.tcss", "screens/config_screen.tcss", "screens/dataset_screen.tcss",
                 "screens/train_screen.tcss", "screens/chat_screen.tcss"]
-    MODES = {"config": ConfigScreen, "dataset": DatasetScreen, "train": TrainScreen, "chat": ChatScreen}
+    # Each mode shows one installed screen, of the same name: installed screens are never destroyed, and the
+    # app finds them by name (get_screen) to post them what they show.
+    SCREENS = {"config": ConfigScreen, "dataset": DatasetScreen, "train": TrainScreen, "chat": ChatScreen}
+    MODES = {name: name for name in SCREENS}
     DEFAULT_MODE = "config"
     BINDINGS = [
         Binding("f1", "switch_mode('config')", "Config", id="config"),
@@ -58,8 +62,9 @@ class LoraTuiApp(App[int]):
         self.control = None  # RunControl of the run in progress
         self.last_run_dir: str | None = None
         self._quitting = False
+        self.prebuilt: set[str] = set()  # modes whose screens are built and styled (build_next_screen)
         from engine.worker import EngineWorker
-        self.engine = EngineWorker(lambda payload: self.post_message(EngineMessage(payload)))
+        self.engine = EngineWorker(self.post_engine_result)
 
     def on_mount(self) -> None:
         self.sub_title = self.config_path or "built-in defaults"
@@ -67,23 +72,26 @@ class LoraTuiApp(App[int]):
         for issue in self.config_errors:
             self.notify(f"{issue.field}: {issue.message}" if issue.field else issue.message,
                         title="Config error", severity="error", timeout=8)
-        self.call_after_refresh(self.set_timer, 0.3, self._build_next_screen)
+        self.call_after_refresh(self.set_timer, 0.3, self.build_next_screen)
 
-    def _build_next_screen(self) -> None:
-        """Build the screens not yet shown, one per tick once the first frame is up, so that the first F2,
-        F3 or F4 only has to show a screen (composing one costs 0.1-0.3 s on 2 cores). Textual has no
-        public call to build a mode's screen without showing it: this uses `App._init_mode` (Textual 8
-        and later) and, where that is missing, screens are simply built on first visit."""
-        init_mode = getattr(self, "_init_mode", None)
-        pending = [m for m in self.MODES if m not in self._screen_stacks]
-        if init_mode is None or not pending or not self.is_running:
+    def build_next_screen(self) -> None:
+        """Build the screens not yet shown, one per tick once the first frame is up, so that the first F2, F3
+        or F4 only has to show a screen (composing one costs 0.1-0.3 s on 2 cores). Textual builds a mode's
+        screen when it is first switched to, so this switches to it and straight back within one call:
+        nothing is painted and no key reaches it. A second such visit once it is mounted gives it the styles
+        pass that its first real visit would otherwise make (0.2 s during training): Textual marks a screen
+        as styled only when it is mounted."""
+        if not self.is_running:
             return
-        init_mode(pending[0])
-        # Its widgets take their styles from the current stylesheet as they mount; without this mark the
-        # first switch to it would re-parse and re-apply all the app's CSS once more (0.2 s).
-        self._screen_stacks[pending[0]][0]._css_update_count = self._css_update_count
-        if len(pending) > 1:
-            self.set_timer(0.2, self._build_next_screen)
+        unstyled = [mode for mode in self.MODES if mode not in self.prebuilt and self.get_screen(mode).is_mounted]
+        unbuilt = [mode for mode in self.MODES if not self.get_screen(mode).is_running]
+        current = self.current_mode
+        for mode in unstyled + unbuilt[:1]:
+            self.switch_mode(mode)
+            self.switch_mode(current)
+        self.prebuilt.update(unstyled)
+        if len(self.prebuilt) < len(self.MODES):
+            self.set_timer(0.2, self.build_next_screen)
         else:
             # Start-up objects (imports, screens, widgets) live as long as the app: keep them out of the
             # garbage collector's full passes, which otherwise stall a frame now and then.
@@ -99,39 +107,45 @@ class LoraTuiApp(App[int]):
         # However the app ends, let the engine thread finish (a run in progress is stopped first).
         if self.control is not None:
             self.control.stop()
-        from engine.protocol import CancelGeneration, Shutdown
         self.engine.submit(CancelGeneration())
         self.engine.submit(Shutdown())
 
-    def submit(self, command) -> None:
+    def submit(self, command: Command) -> None:
         self.engine.submit(command)
 
     # ------------------------------------------------------------ routing engine traffic
 
-    def on_engine_message(self, message: EngineMessage) -> None:
-        payload = message.payload
-        kind = type(payload).__name__
-        if kind == "TrainingStarted":
-            self.training, self.control = True, payload.control
-        elif kind == "TrainingEnded":
-            self.training, self.control = False, None
-            self.last_run_dir = payload.run_dir or self.last_run_dir
-            if self._quitting:
-                self._stop_engine_and_exit()
-                return
-        elif kind == "EngineError":
-            self.notify(payload.message, title=payload.what.capitalize(), severity="error", timeout=10)
-        for mode in ("dataset", "train", "chat"):
-            screen = self._screen_for(mode)
-            if screen is not None:
-                screen.handle_engine(payload)
+    def post_engine_result(self, result: Result) -> None:
+        """The engine's emit (any thread): everything comes through the app's queue, so each screen gets
+        its messages in the order the engine sent them."""
+        self.post_message(msg.engine_message(result))
 
-    def _screen_for(self, mode: str):
-        try:
-            stack = self._screen_stacks.get(mode)
-        except AttributeError:
-            return None
-        return stack[0] if stack else None
+    @on(msg.TrainingBegan)
+    def training_began(self, message: msg.TrainingBegan) -> None:
+        self.training, self.control = True, message.result.control
+
+    @on(msg.TrainingOver)
+    def training_over(self, message: msg.TrainingOver) -> None:
+        self.training, self.control = False, None
+        self.last_run_dir = message.result.run_dir or self.last_run_dir
+        if self._quitting:
+            self._stop_engine_and_exit()
+
+    @on(msg.EngineFailed)
+    def engine_failed(self, message: msg.EngineFailed) -> None:
+        error = message.result
+        self.notify(error.message, title=error.what.capitalize(), severity="error", timeout=10)
+
+    @on(msg.EngineMessage)
+    def deliver(self, message: msg.EngineMessage) -> None:
+        """On to the screen that shows it, once that screen is built (a message for a screen never shown
+        concerns nothing on it)."""
+        owner = owner_of(message)
+        if owner is None:
+            return
+        screen = self.get_screen(owner)
+        if screen.is_mounted:
+            screen.post_message(message)
 
     # ------------------------------------------------------------ quitting
 
@@ -155,6 +169,20 @@ class LoraTuiApp(App[int]):
         self._stop_engine_and_exit()
 
     def _stop_engine_and_exit(self) -> None:
-        from engine.protocol import Shutdown
         self.engine.submit(Shutdown())
         self.exit(0)
+
+
+OWNERS: dict[type[msg.EngineMessage], str] = {
+    msg.ValidationProgress: "dataset", msg.DatasetValidated: "dataset",
+    **{kind: "train" for kind in msg.RUN_EVENTS}, msg.TrainingBegan: "train", msg.TrainingOver: "train",
+    msg.AnswerChunk: "chat", msg.AnswerDone: "chat",
+}
+ERROR_OWNERS = {"dataset": "dataset", "chat": "chat"}  # EngineError.what -> the screen that shows it
+
+
+def owner_of(message: msg.EngineMessage) -> str | None:
+    """The installed screen (its mode's name) that shows `message`; None where only the app cares."""
+    if isinstance(message, msg.EngineFailed):
+        return ERROR_OWNERS.get(message.result.what)
+    return OWNERS.get(type(message))

@@ -12,10 +12,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from engine.config.loading import save_config
 from engine.config.schema import Config
 from engine.follow import follow_run
+from engine.protocol import Event
 
 
 class ExternalRun:
@@ -63,7 +65,7 @@ class ExternalRun:
             return f"launched on {self.hosts} hosts with mlx.launch (ring); following {self.run_dir}"
         return f"following {self.run_dir}"
 
-    def run(self, emit, cancelled) -> object:
+    def run(self, emit: Callable[[Event], None], cancelled: Callable[[], bool]) -> Event | None:
         """Feed the run's events to `emit` until it ends; a launched run that dies early ends it too."""
         died = lambda: self.process is not None and self.process.poll() is not None  # noqa: E731
         return follow_run(self.run_dir, emit, lambda: cancelled() or died(), wait_for_file=120)

@@ -15,7 +15,8 @@ from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 
 from engine.generate.reply import GenerationSettings
-from engine.protocol import CancelGeneration, EngineError, Generate, GenerationChunk, GenerationDone
+from engine.protocol import CancelGeneration, Generate
+from tui import messages as msg
 
 BASE = "base"
 
@@ -77,7 +78,7 @@ class ChatScreen(AppScreen):
         self.bubbles: dict[int, Bubble] = {}
         self.pending: list[Generate] = []
         self.next_id = 1
-        self.busy = False
+        self.answering = False
         self.last_answer = ""
         self.action_refresh_models()
 
@@ -127,7 +128,7 @@ class ChatScreen(AppScreen):
         if self.app.training:
             self.notify("The engine is training: chat after the run, or stop it", severity="warning")
             return
-        if self.busy:
+        if self.answering:
             self.notify("Still answering (Esc stops it)", severity="warning")
             return
         settings = self.settings()
@@ -153,38 +154,52 @@ class ChatScreen(AppScreen):
         # The adapter answers first: its model then answers as the base too, with no second load.
         self.pending.sort(key=lambda r: r.adapter is None)
         log.scroll_end(animate=False)
-        self.busy = True
+        self._set_answering(True)
         self._next()
+
+    def _set_answering(self, answering: bool) -> None:
+        """While an answer is on its way, Send is off (Enter says so) and Esc stops it."""
+        self.answering = answering
+        self.query_one("#chat-send", Button).disabled = answering
 
     def _next(self) -> None:
         if self.pending:
             self.app.submit(self.pending.pop(0))
         else:
-            self.busy = False
+            self._set_answering(False)
 
-    def handle_engine(self, payload) -> None:
-        if isinstance(payload, GenerationChunk) and payload.request_id in self.bubbles:
-            self.bubbles[payload.request_id].append(payload.text)
+    @on(msg.AnswerChunk)
+    def show_chunk(self, message: msg.AnswerChunk) -> None:
+        chunk = message.result
+        if chunk.request_id in self.bubbles:
+            self.bubbles[chunk.request_id].append(chunk.text)
             self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
-        elif isinstance(payload, GenerationDone) and payload.request_id in self.bubbles:
-            bubble = self.bubbles.pop(payload.request_id)
-            answer = payload.text.strip()
-            if payload.cancelled and not answer:  # stopped while reading the prompt: never answered
-                self._unanswered(bubble, " [stopped]")
-            else:
-                self.history[bubble.target].append({"role": "assistant", "content": answer})
-                self.last_answer = answer
-                if payload.cancelled:
-                    bubble.append(" [stopped]")
-            self._next()
-        elif isinstance(payload, EngineError) and payload.what == "chat":
-            # The answer in progress and those queued after it end here; the error itself is notified
-            # by the app. The next message starts afresh.
-            self.pending.clear()
-            for bubble in self.bubbles.values():
-                self._unanswered(bubble, "(no answer: see the error)")
-            self.bubbles.clear()
-            self.busy = False
+
+    @on(msg.AnswerDone)
+    def end_answer(self, message: msg.AnswerDone) -> None:
+        done = message.result
+        if done.request_id not in self.bubbles:
+            return
+        bubble = self.bubbles.pop(done.request_id)
+        answer = done.text.strip()
+        if done.cancelled and not answer:  # stopped while reading the prompt: never answered
+            self._unanswered(bubble, " [stopped]")
+        else:
+            self.history[bubble.target].append({"role": "assistant", "content": answer})
+            self.last_answer = answer
+            if done.cancelled:
+                bubble.append(" [stopped]")
+        self._next()
+
+    @on(msg.EngineFailed)
+    def end_all_answers(self) -> None:
+        """The answer in progress and those queued after it end here; the error itself is notified by the
+        app. The next message starts afresh."""
+        self.pending.clear()
+        for bubble in self.bubbles.values():
+            self._unanswered(bubble, "(no answer: see the error)")
+        self.bubbles.clear()
+        self._set_answering(False)
 
     def _unanswered(self, bubble: Bubble, note: str) -> None:
         """An answer that never came: say so, and take its question out of that model's history (a
@@ -195,7 +210,7 @@ class ChatScreen(AppScreen):
             history.pop()
 
     def action_cancel(self) -> None:
-        if self.busy:
+        if self.answering:
             for request in self.pending:  # queued answers (side by side) are never asked for
                 self._unanswered(self.bubbles.pop(request.request_id), " [stopped]")
             self.pending.clear()

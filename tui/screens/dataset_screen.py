@@ -4,6 +4,8 @@ rendered through the chat template with trained and masked tokens told apart."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,7 +16,11 @@ from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, Sparkline, Static
 
-from engine.protocol import DatasetChecked, EngineError, ProgressUpdate, ValidateDataset
+from engine.protocol import ConversationPreview, ValidateDataset
+from tui import messages as msg
+
+if TYPE_CHECKING:
+    from engine.data.validate import DatasetReport
 
 
 def _read_line(path: str, number: int, limit: int = 400) -> str:
@@ -71,15 +77,19 @@ class DatasetScreen(AppScreen):
         self.query_one("#dataset-progress", ProgressBar).update(progress=0)
         self.app.submit(ValidateDataset(self.app.cfg, path))
 
-    def handle_engine(self, payload) -> None:
-        if isinstance(payload, ProgressUpdate):
-            self.query_one("#dataset-progress", ProgressBar).update(progress=payload.fraction)
-        elif isinstance(payload, DatasetChecked):
-            self.show_report(payload.report, payload.preview)
-        elif isinstance(payload, EngineError) and payload.what == "dataset":
-            self.query_one("#dataset-summary", Static).update(f"[$error]{escape(payload.message)}[/]")
+    @on(msg.ValidationProgress)
+    def show_progress(self, message: msg.ValidationProgress) -> None:
+        self.query_one("#dataset-progress", ProgressBar).update(progress=message.result.fraction)
 
-    def show_report(self, report, preview) -> None:
+    @on(msg.DatasetValidated)
+    def show_result(self, message: msg.DatasetValidated) -> None:
+        self.show_report(message.result.report, message.result.preview)
+
+    @on(msg.EngineFailed)
+    def show_error(self, message: msg.EngineFailed) -> None:
+        self.query_one("#dataset-summary", Static).update(f"[$error]{escape(message.result.message)}[/]")
+
+    def show_report(self, report: DatasetReport, preview: ConversationPreview | None) -> None:
         self.report = report
         self.query_one("#dataset-progress", ProgressBar).update(progress=1.0)
         verdict = "[$error]rejected[/]" if report.failed else "[$success]ok[/]"
@@ -109,14 +119,13 @@ class DatasetScreen(AppScreen):
         self.query_one("#line-preview", Static).update("")
         self.show_rendered(preview)
 
-    def show_rendered(self, preview) -> None:
+    def show_rendered(self, preview: ConversationPreview | None) -> None:
         widget = self.query_one("#rendered", Static)
         if not preview:
             widget.update("")
             return
-        line, pieces = preview
-        out = [f"[b]line {line} through the chat template[/b] — [reverse $success]trained[/] / [dim]masked[/dim]\n"]
-        for piece, trained in pieces:
+        out = [f"[b]line {preview.line} through the chat template[/b] — [reverse $success]trained[/] / [dim]masked[/dim]\n"]
+        for piece, trained in preview.pieces:
             text = escape(piece)
             out.append(f"[reverse $success]{text}[/]" if trained else f"[dim]{text}[/dim]")
         widget.update("".join(out))

@@ -1,40 +1,28 @@
-"""Train screen: start, pause, resume, stop; progress with ETA; loss sparkline with validation points;
-learning rate and throughput; memory gauges; checkpoints (best marked); a scrolling log."""
+"""Train screen: start, pause, resume, stop, save a checkpoint now; progress with ETA. The run's figures are
+panels (tui/widgets/train/): loss chart with validation points, run stats, memory gauges, checkpoints, log;
+this screen keeps the controls and forwards each run event to the panels that paint it."""
 
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
+from textual.message import Message
 
-from textual.widgets import Button, DataTable, Header, Input, ProgressBar, RichLog, Sparkline, Static
+from textual.widgets import Button, Header, Input, ProgressBar, Static
 
-from engine import protocol as ev
 from engine.config.validation import validate
-from engine.train.run_log import describe
 from engine.train.run_folder import run_state
-from engine.protocol import StartTraining, TrainingEnded, TrainingStarted
+from engine.protocol import Event, StartTraining
+from tui import messages as msg
 from tui.screens.base import AppScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.footer import KeyFooter
-from tui.widgets.gauge import Gauge
-
-LOSS_POINTS = 200  # newest points shown in the sparkline
-
-
-def fmt_eta(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "–"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+from tui.widgets.train import CheckpointTable, EventLog, LossChart, MemoryGauges, RunStats
 
 
 def fresh_run_name(output_dir: Path, name: str) -> str:
@@ -45,18 +33,13 @@ def fresh_run_name(output_dir: Path, name: str) -> str:
     return f"{name}-{k}"
 
 
-def checkpoint_step(path: str) -> int | None:
-    """The step in a checkpoint folder's name (step_000042), None for any other name."""
-    tail = path.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else None
-
-
 class TrainScreen(AppScreen):
     AUTO_FOCUS = "#start"
     BINDINGS = [
         Binding("ctrl+t", "start", "Start"),
         Binding("ctrl+p", "pause_resume", "Pause/Resume"),
         Binding("ctrl+x", "stop", "Stop"),
+        Binding("ctrl+s", "save_now", "Save checkpoint"),
         Binding("ctrl+o", "follow", "Follow/launch"),
     ]
 
@@ -73,25 +56,17 @@ class TrainScreen(AppScreen):
         yield ProgressBar(total=100, show_eta=False, id="train-progress")
         with Horizontal(id="train-body"):
             with Vertical(id="train-left"):
-                yield Static("", id="train-stats")
-                yield Static("training loss", classes="muted")
-                yield Sparkline([], id="loss-chart")
-                yield Static("", id="val-points", classes="muted")
-                yield Gauge("system RAM", id="g-ram")
-                yield Gauge("process", id="g-rss")
-                yield Gauge("MLX active", id="g-active")
-                yield Gauge("MLX peak", id="g-peak")
+                yield RunStats(id="train-stats")
+                yield LossChart()
+                yield MemoryGauges()
             with Vertical(id="train-right"):
                 yield Static("checkpoints", classes="muted")
-                yield DataTable(id="checkpoints", cursor_type="row")
-        yield RichLog(id="train-log", max_lines=2000, wrap=True, markup=False)
+                yield CheckpointTable(id="checkpoints")
+        yield EventLog(id="train-log")
         yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.losses: list[float] = []
-        self.vals: list[tuple[int, float]] = []
-        self.best_step: int | None = None
-        self.query_one("#checkpoints", DataTable).add_columns("step", "reason", "val loss", "")
+        self.external = None  # a run in other processes that this screen follows (tui/external.py)
         self._set_buttons("idle")
 
     # ------------------------------------------------------------ controls
@@ -102,7 +77,7 @@ class TrainScreen(AppScreen):
         self.query_one("#pause", Button).disabled = state != "running"
         self.query_one("#resume", Button).disabled = state != "paused"
         self.query_one("#stop", Button).disabled = state not in ("running", "paused", "starting") and not (
-            state == "following" and getattr(self, "external", None) and self.external.launched)
+            state == "following" and self.external is not None and self.external.launched)
         self.query_one("#train-state", Static).update(state)
 
     @on(Button.Pressed, "#start")
@@ -153,11 +128,15 @@ class TrainScreen(AppScreen):
         else:
             self._start(cfg)
 
+    def _clear_run(self) -> None:
+        """A new run on this screen: none of the last run's figures stay."""
+        self.query_one(LossChart).clear()
+        self.query_one(RunStats).clear()
+        self.query_one(CheckpointTable).clear_run()
+        self.query_one(EventLog).clear()
+
     def _start(self, cfg, resume: str | None = None) -> None:
-        self.losses, self.vals, self.best_step = [], [], None
-        self.query_one("#checkpoints", DataTable).clear()
-        self.query_one("#loss-chart", Sparkline).data = []
-        self.query_one("#train-log", RichLog).clear()
+        self._clear_run()
         self._set_buttons("starting")
         self.app.submit(StartTraining(cfg, resume=resume))
 
@@ -198,28 +177,35 @@ class TrainScreen(AppScreen):
         except ValueError as exc:
             self.notify(str(exc), title="Cannot follow", severity="error", timeout=10)
             return
-        self.losses, self.vals, self.best_step = [], [], None
-        self.query_one("#checkpoints", DataTable).clear()
-        self.query_one("#train-log", RichLog).clear()
-        self.query_one("#train-log", RichLog).write(self.external.describe())
+        self._clear_run()
+        self.query_one(EventLog).write(self.external.describe())
         self._set_buttons("following")
         self.run_worker(self._follow, thread=True, exclusive=True, group="follow", exit_on_error=False)
 
-    def _follow(self) -> None:
-        from textual.worker import get_current_worker
-        from tui.messages import EngineMessage
-        worker = get_current_worker()
-        end = self.external.run(lambda e: self.app.post_message(EngineMessage(e)), lambda: worker.is_cancelled)
-        self.app.call_from_thread(self._followed, end)
+    class FollowEnded(Message):
+        """The followed run ended (`end`: its Finished or Failed), or the following stopped (None)."""
 
-    def _followed(self, end) -> None:
+        def __init__(self, end: Event | None) -> None:
+            super().__init__()
+            self.end = end
+
+    def _follow(self) -> None:
+        """The follow worker's thread: the run's events and then its end, all through this screen's queue,
+        so that the end is shown after the last event."""
+        from textual.worker import get_current_worker
+        worker = get_current_worker()
+        end = self.external.run(lambda e: self.post_message(msg.engine_message(e)), lambda: worker.is_cancelled)
+        self.post_message(self.FollowEnded(end))
+
+    @on(FollowEnded)
+    def followed(self, message: FollowEnded) -> None:
         self._set_buttons("done")
-        if end is None and self.external.problem():
+        if message.end is None and self.external.problem():
             self.notify(self.external.problem(), title="Distributed run", severity="error", timeout=15)
 
     @on(Button.Pressed, "#stop")
     def action_stop(self) -> None:
-        if self.state == "following" and getattr(self, "external", None):
+        if self.state == "following" and self.external is not None:
             self.external.stop()  # the launched ranks save a checkpoint, then stop together
             self.notify("Stopping: the run saves a checkpoint first…")
             return
@@ -228,71 +214,84 @@ class TrainScreen(AppScreen):
             self._set_buttons("stopping")
             self.notify("Stopping: saving a checkpoint first…")
 
-    # ------------------------------------------------------------ engine events
+    def action_save_now(self) -> None:
+        """A checkpoint at the next step (reason "manual"); one while paused is saved once the run resumes."""
+        if self.app.control and self.state in ("running", "paused"):
+            self.app.control.save_now()
+            self.notify("A checkpoint is saved at the next step")
 
-    def handle_engine(self, e) -> None:
-        log = self.query_one("#train-log", RichLog)
-        line = describe(e) if isinstance(e, (ev.Started, ev.Eval, ev.CheckpointSaved, ev.Sample, ev.Warning,
-                                              ev.Finished, ev.Failed, ev.Paused, ev.Resumed)) else None
-        if line:
-            log.write(time.strftime("%H:%M:%S ") + line)
-        if isinstance(e, TrainingStarted):
-            self._set_buttons("starting")
-        elif isinstance(e, ev.Phase):
-            self.query_one("#train-state", Static).update(f"preparing: {e.name}")
-            self.query_one("#train-progress", ProgressBar).update(total=1.0, progress=e.fraction)
-        elif isinstance(e, ev.Started):
-            self.total = e.total_steps
-            self.query_one("#train-progress", ProgressBar).update(total=e.total_steps, progress=e.start_step)
-            if self.state != "following":
-                self._set_buttons("running")
-            self.started = e
-        elif isinstance(e, ev.Step):
-            self.on_step(e)
-        elif isinstance(e, ev.Eval):
-            self.vals.append((e.step, e.val_loss))
-            if e.is_best:
-                self.best_step = e.step
-            self.query_one("#val-points", Static).update(
-                "validation: " + "  ".join(f"{s}: {v:.3f}" for s, v in self.vals[-8:]))
-        elif isinstance(e, ev.CheckpointSaved):
-            table = self.query_one("#checkpoints", DataTable)
-            table.clear()
-            vals = dict(self.vals)
-            for path in e.kept:
-                step = checkpoint_step(path)
-                val = vals.get(step)
-                table.add_row(str(step), e.reason if step == e.step else "",
-                              f"{val:.4f}" if val is not None else "", "★ best" if step == self.best_step else "")
-        elif isinstance(e, ev.Paused) and self.state != "following":
-            self._set_buttons("paused")
-        elif isinstance(e, ev.Resumed) and self.state != "following":
+    # ------------------------------------------------------------ engine events, forwarded to the panels
+
+    @on(msg.RunStarted)
+    @on(msg.RunEval)
+    @on(msg.RunCheckpointSaved)
+    @on(msg.RunSample)
+    @on(msg.RunWarning)
+    @on(msg.RunPaused)
+    @on(msg.RunResumed)
+    @on(msg.RunFinished)
+    @on(msg.RunFailed)
+    def log_event(self, message: msg.EngineMessage) -> None:
+        self.query_one(EventLog).add(message.result)
+
+    @on(msg.TrainingBegan)
+    def training_began(self) -> None:
+        self._set_buttons("starting")
+
+    @on(msg.RunPhase)
+    def show_phase(self, message: msg.RunPhase) -> None:
+        self.query_one("#train-state", Static).update(f"preparing: {message.result.name}")
+        self.query_one("#train-progress", ProgressBar).update(total=1.0, progress=message.result.fraction)
+
+    @on(msg.RunStarted)
+    def run_started(self, message: msg.RunStarted) -> None:
+        started = message.result
+        self.query_one("#train-progress", ProgressBar).update(total=started.total_steps, progress=started.start_step)
+        self.query_one(RunStats).show_started(started)
+        if self.state != "following":
             self._set_buttons("running")
-        elif isinstance(e, ev.Failed):
-            self.notify(e.message, title="Training failed", severity="error", timeout=15)
-        elif isinstance(e, ev.Finished) and not e.adapter_path:  # stopped while preparing
+
+    @on(msg.RunStep)
+    def show_step(self, message: msg.RunStep) -> None:
+        step = message.result
+        self.query_one("#train-progress", ProgressBar).update(total=step.total_steps, progress=step.step)
+        self.query_one(LossChart).add_step(step)
+        self.query_one(RunStats).show_step(step)
+        self.query_one(MemoryGauges).show(step.memory)
+
+    @on(msg.RunEval)
+    def show_eval(self, message: msg.RunEval) -> None:
+        self.query_one(LossChart).add_eval(message.result)
+        self.query_one(RunStats).add_eval(message.result)
+        self.query_one(CheckpointTable).add_eval(message.result)
+
+    @on(msg.RunCheckpointSaved)
+    def show_checkpoints(self, message: msg.RunCheckpointSaved) -> None:
+        self.query_one(CheckpointTable).show_saved(message.result)
+
+    @on(msg.RunPaused)
+    def paused(self) -> None:
+        if self.state != "following":
+            self._set_buttons("paused")
+
+    @on(msg.RunResumed)
+    def resumed(self) -> None:
+        if self.state != "following":
+            self._set_buttons("running")
+
+    @on(msg.RunFailed)
+    def failed(self, message: msg.RunFailed) -> None:
+        self.notify(message.result.message, title="Training failed", severity="error", timeout=15)
+
+    @on(msg.RunFinished)
+    def finished(self, message: msg.RunFinished) -> None:
+        e = message.result
+        if not e.adapter_path:  # stopped while preparing
             self.notify("Stopped before training began: nothing was trained or saved", title="Stopped", timeout=10)
-        elif isinstance(e, ev.Finished):
+        else:
             self.notify(f"Finished at step {e.step}; adapter in {e.adapter_path}",
                         title="Stopped" if e.stopped_early else "Training finished", timeout=10)
-        elif isinstance(e, TrainingEnded):
-            self._set_buttons("done")
 
-    def on_step(self, e: ev.Step) -> None:
-        self.losses.append(e.loss)
-        # Sparkline.data is reactive: assign a new list, never mutate the old one
-        self.query_one("#loss-chart", Sparkline).data = list(self.losses[-LOSS_POINTS:])
-        self.query_one("#train-progress", ProgressBar).update(total=e.total_steps, progress=e.step)
-        best = min((v for _, v in self.vals), default=None)
-        self.query_one("#train-stats", Static).update(
-            f"step [b]{e.step}[/b] / {e.total_steps}   epoch {e.epoch:.2f}   ETA {fmt_eta(e.eta_seconds)}\n"
-            f"loss [b]{e.loss:.4f}[/b]   lr {e.learning_rate:.3g}   grad norm {e.grad_norm:.3f}\n"
-            f"{e.tokens_per_sec:,.0f} tokens/s   {e.steps_per_sec:.3f} steps/s"
-            + (f"   best val {best:.4f}" if best is not None else "")
-            + (f"\n{escape(self.started.device)}  BLAS {self.started.blas}  {self.started.dtype}"
-               if getattr(self, "started", None) else ""))
-        m = e.memory
-        self.query_one("#g-ram", Gauge).set(m.system_used_bytes, m.system_total_bytes)
-        self.query_one("#g-rss", Gauge).set(m.rss_bytes, m.system_total_bytes)
-        self.query_one("#g-active", Gauge).set(m.mlx_active_bytes, m.system_total_bytes)
-        self.query_one("#g-peak", Gauge).set(m.mlx_peak_bytes, m.system_total_bytes)
+    @on(msg.TrainingOver)
+    def training_over(self) -> None:
+        self._set_buttons("done")
