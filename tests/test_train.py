@@ -13,7 +13,7 @@ from engine import protocol as ev
 from engine.train.checkpoints import CheckpointStore
 from engine.config.schema import Config
 from engine.train.control import RunControl
-from engine.train.run import TrainingRun, run_in_thread
+from engine.train.run import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,22 @@ def tiny_config(tiny_data, tmp_path, **training) -> Config:
     cfg.checkpoints.every_steps, cfg.checkpoints.keep_last = 3, 2
     cfg.output.dir, cfg.output.run_name = str(tmp_path / "runs"), "run"
     return cfg
+
+
+def run_in_thread(cfg: Config, listeners) -> tuple[threading.Thread, RunControl, list]:
+    """A run on its own thread, as the TUI's worker runs it: (thread, control, [result once done])."""
+    from engine import release_mlx_streams
+    control, box = RunControl(), []
+
+    def target():
+        try:
+            box.append(TrainingRun(cfg, listeners, control).run())
+        finally:
+            release_mlx_streams()
+
+    thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
+    thread.start()
+    return thread, control, box
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path, embedded_dir):
@@ -126,7 +142,7 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_pat
 
     def poison(e):  # a real fault inside the real loop: the weights blow up after step 3
         if isinstance(e, ev.Step) and e.step == 3:
-            layer = run.model.model.layers[-1].self_attn.q_proj
+            layer = run.setup.model.model.layers[-1].self_attn.q_proj
             layer.lora_b = mx.full(layer.lora_b.shape, mx.inf)
 
     run.listeners.append(poison)

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step_000120/` holding the adapter in mlx-lm's format (so any checkpoint can be
 chatted with or served), the optimizer state, and `trainer_state.json` (step, data order and position,
-RNG, best validation loss). It is built in a hidden temp folder, every file fsynced, then renamed into
-place: a reader sees the old set of checkpoints or the new one, never a partial folder.
+RNG, best validation loss: TrainerState, in trainer_state.py). It is built in a hidden temp folder, every
+file fsynced, then renamed into place: a reader sees the old set of checkpoints or the new one, never a
+partial folder.
 """
 
 from __future__ import annotations
@@ -102,59 +103,6 @@ class CheckpointStore:
         if not items:
             raise CheckpointError(f"no checkpoint to resume in {self.folder}")
         return items
-
-
-def read_state(path: Path) -> dict:
-    """trainer_state.json, checked field by field: a wrong type names its field."""
-    file = path / STATE_FILE
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({exc})") from None
-    problem = state_problem(state)
-    if problem:
-        raise CheckpointError(f"{file}: {problem}")
-    return state
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-# What resume reads from trainer_state.json: field -> (check, what it must be, required)
-STATE_FIELDS = {
-    "step": (_is_int, "a non-negative integer", True),
-    "epoch": (_is_int, "a non-negative integer", True),
-    "pos": (_is_int, "a non-negative integer", True),
-    "order": (lambda x: isinstance(x, list) and all(isinstance(b, list) and b and all(_is_int(i) for i in b)
-                                                    for b in x), "a list of batches (lists of row numbers)", True),
-    "total_steps": (_is_int, "a non-negative integer", False),
-    "tokens_seen": (_is_int, "a non-negative integer", False),
-    "elapsed": (_is_number, "a number of seconds", False),
-    "best_val_loss": (lambda x: x is None or _is_number(x), "a number or null", False),
-    "run": (lambda x: isinstance(x, dict), "an object", False),
-    "resumes": (lambda x: isinstance(x, list), "a list", False),
-}
-
-
-def state_problem(state) -> str | None:
-    """What is wrong with a trainer state, naming the field; None when resume can use it."""
-    if not isinstance(state, dict):
-        return f"must be a JSON object, got {type(state).__name__}"
-    for name, (check, what, required) in STATE_FIELDS.items():
-        if name not in state:
-            if required:
-                return f"field {name!r} is missing"
-            continue
-        if not check(state[name]):
-            return f"field {name!r} must be {what}, got {json.dumps(state[name])[:40]}"
-    if state["order"] and state["pos"] > len(state["order"]):
-        return f"field 'pos' ({state['pos']}) is past the end of 'order' ({len(state['order'])} batches)"
-    return None
 
 
 def safetensors_problem(file: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""Thread-safe controls for a training run in progress (the UI thread calls these)."""
+"""Thread-safe controls for a training run in progress: the UI thread asks (stop, pause, resume, save now),
+the training loop answers between steps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 
 
 class RunControl:
-    """Thread-safe controls for a run in progress (the UI thread calls these)."""
+    """Thread-safe controls for a run in progress (the UI thread calls these; the loop reads them)."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -25,6 +26,7 @@ class RunControl:
         self._running.set()
 
     def save_now(self) -> None:
+        """Ask for a checkpoint at the end of the step in progress."""
         self._save.set()
 
     @property
@@ -34,3 +36,15 @@ class RunControl:
     @property
     def paused(self) -> bool:
         return not self._running.is_set()
+
+    def wait_until_resumed(self) -> None:
+        """Block the loop while paused, until a resume or a stop."""
+        while self.paused and not self.stop_requested:
+            self._running.wait(0.2)
+
+    def take_save_request(self) -> bool:
+        """Whether a save was asked for since the last call: True once for each save_now()."""
+        if not self._save.is_set():
+            return False
+        self._save.clear()
+        return True

@@ -1,22 +1,21 @@
 """The training run: LoRA fine-tuning you can watch, pause, stop and resume exactly.
 
-Read top to bottom: `TrainingRun.run()` prepares (model, adapters, data, optimizer, maybe a checkpoint),
-then `_loop()` runs optimizer steps, each one `mx.eval`, reporting through typed events. All MLX work
-happens on the thread that calls `run()` (MLX streams are per thread).
+Read top to bottom: `TrainingRun.run()` picks and claims the run folder, `prepare()` returns what the run
+trains (model, adapters, data, optimizer: a `Prepared`) and where it starts (a `TrainerState`, maybe a
+checkpoint's), then `_train()` runs optimizer steps, each one `mx.eval`, reporting through typed events,
+and `_finish()` saves the adapter and the report. All MLX work happens on the thread that calls `run()`
+(MLX streams are per thread).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import atomic
 from engine import protocol as ev
-from engine.config.loading import to_yaml
 from engine.config.schema import Config
 from engine.model.memory import memory_stats
 from engine.train import run_folder
@@ -25,13 +24,13 @@ from engine.train.checkpoints import CheckpointError
 from engine.train.control import RunControl
 from engine.train.distributed import DistributedError, World
 from engine.train.errors import StoppedEarly, TrainingError
-from engine.train.prepare import Preparing
-from engine.train.report import Reporting
-from engine.train.resume import Resuming
+from engine.train.prepare import Prepared, check_stop, claim_run_folder, pick_run_dir, prepare
+from engine.train.report import write_report
 from engine.train.run_log import RunLog
-from engine.train.saving import Saving
+from engine.train.saving import save_checkpoint, write_final_adapter, write_run_config
 from engine.train.step import accumulate_gradients, build_micro_step, build_update, checkpointed_layers, \
     clip_gradients, step_seed
+from engine.train.trainer_state import TrainerState
 
 
 @dataclass
@@ -45,28 +44,24 @@ class RunResult:
     error_kind: str = ""  # for failures: "config", "data", "model", "checkpoint", "training", "disk"
 
 
-class TrainingRun(Preparing, Resuming, Saving, Reporting):
-    """One run: `run()` below, the loop in `_loop()`; preparation, resuming, saving and the report are in
-    prepare.py, resume.py, saving.py and report.py beside this file."""
+class TrainingRun:
+    """One run: `run()` below, the loop in `_train()`, its end in `_finish()`."""
 
     def __init__(self, cfg: Config, listeners=(), control: RunControl | None = None,
-                 resume: str | None = None, run_dir: str | Path | None = None, stop_after: int | None = None,
-                 overwrite: bool = False):
+                 resume: str | None = None, stop_after: int | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.listeners = list(listeners)
-        self.world = World(0, 1)  # set by run(): mlx.launch may have made this process one rank of several
         self.control = control or RunControl()
         self.resume_from = resume
-        self._run_dir = Path(run_dir) if run_dir else None
-        self.stop_after = stop_after  # for tests and benchmarks: behave as if stopped after this step
+        # The CLI's hidden --stop-after (tests, benchmarks): once a step reaches it, the run ends as a stop
+        # does (a "stop" checkpoint, status "stopped"). Checked after each step: one step at least is trained.
+        self.stop_after = stop_after
         self.overwrite = overwrite  # a fresh start may replace an earlier run in the same folder
-        self.lock: run_folder.RunLock | None = None
-        self.resumes: list[dict] = []  # each resume of this run: step, checkpoint, settings changed
-        self.config_kept_as: str | None = None  # where a resume with changed settings keeps the old config.yaml
-        self.identity: dict = {}
-        self.step = 0
-        self.last_checkpoint: str | None = None
-        self.losses: list[float] = []
+        self.world = World(0, 1)  # set by run(): mlx.launch may have made this process one rank of several
+        self.run_dir: Path | None = None  # known once run() has picked it
+        self.lock: run_folder.RunLock | None = None  # held by rank 0 while it writes the run folder
+        self.setup: Prepared | None = None  # what the run trains, once prepared
+        self.state = TrainerState()  # the run's progress: the loop updates it, checkpoints save it
 
     # ------------------------------------------------------------ events
 
@@ -90,13 +85,18 @@ class TrainingRun(Preparing, Resuming, Saving, Reporting):
         try:
             self.world = World.current()
             self.world.on_lost = self._group_lost
-            self._locate()
+            self.run_dir = pick_run_dir(self.cfg, self.resume_from, self.overwrite, self.world)
+            self.lock = run_folder.RunLock(self.run_dir)
+            claim_run_folder(self.lock, not self.resume_from, self.overwrite, self.world, self.warn)
             if self.world.is_main:  # only rank 0 writes the run folder
                 log = RunLog(self.run_dir)  # first, so that even preparation warnings reach metrics.jsonl
                 self.listeners.append(log)
-            self._prepare(*self._find_resume())
-            with checkpointed_layers(self.model, self.cfg.training.grad_checkpoint):
-                return self._loop()
+            self.setup, self.state = prepare(self.cfg, self.world, self.run_dir, self.resume_from, self.emit,
+                                             self.control)
+            check_stop(self.control)
+            self.emit(ev.Phase("ready", 1.0))
+            with checkpointed_layers(self.setup.model, self.cfg.training.grad_checkpoint):
+                return self._train()
         except StoppedEarly:
             return self._stopped_before_training()
         except TrainingError as exc:
@@ -121,20 +121,19 @@ class TrainingRun(Preparing, Resuming, Saving, Reporting):
 
     def _group_lost(self, message: str) -> None:
         """Called by the distributed watchdog (another thread) just before the process exits."""
-        self.emit(ev.Failed(self.step, self._group_message(message), self.last_checkpoint))
+        self.emit(ev.Failed(self.state.step, self._group_message(message), self.state.last_checkpoint))
 
     def _group_message(self, why: str) -> str:
-        return (f"distributed run stopped: {why}; last checkpoint: {self.last_checkpoint or 'none yet'}; "
-                f"resume with: lora-tui train --resume {getattr(self, 'run_dir', '<run folder>')}")
+        return (f"distributed run stopped: {why}; last checkpoint: {self.state.last_checkpoint or 'none yet'}; "
+                f"resume with: lora-tui train --resume {self.run_dir or '<run folder>'}")
 
     def _keep_traceback(self) -> str:
-        run_dir = getattr(self, "run_dir", None)
-        if run_dir is None or not Path(run_dir).is_dir():
+        if self.run_dir is None or not self.run_dir.is_dir():
             return ""
         try:
-            with open(Path(run_dir) / "crash.log", "a", encoding="utf-8") as fh:
+            with open(self.run_dir / "crash.log", "a", encoding="utf-8") as fh:
                 fh.write(traceback.format_exc() + "\n")
-            return f" (traceback in {Path(run_dir) / 'crash.log'})"
+            return f" (traceback in {self.run_dir / 'crash.log'})"
         except OSError:
             return ""
 
@@ -142,76 +141,62 @@ class TrainingRun(Preparing, Resuming, Saving, Reporting):
         """A stop during preparation: no checkpoint of an untrained step (it would look like a run to resume)."""
         message = ("stopped before training began: nothing was trained or saved" if not self.resume_from else
                    "stopped before training resumed: the run folder is as it was")
-        self.emit(ev.Finished(self.step, True, None, None, "", ""))
-        run_dir = getattr(self, "run_dir", Path(self.cfg.output.dir))
-        return RunResult("stopped", run_dir, self.step, self.losses, message=message)
-
-    def _check_stop(self) -> None:
-        if self.control.stop_requested:
-            raise StoppedEarly()
+        self.emit(ev.Finished(self.state.step, True, None, None, "", ""))
+        return RunResult("stopped", self.run_dir or Path(self.cfg.output.dir), self.state.step, self.state.losses,
+                         message=message)
 
     def _fail(self, message: str, kind: str) -> RunResult:
-        self.emit(ev.Failed(self.step, message, self.last_checkpoint))
-        run_dir = getattr(self, "run_dir", Path(self.cfg.output.dir))
-        return RunResult("failed", run_dir, self.step, self.losses, message=message, error_kind=kind)
+        self.emit(ev.Failed(self.state.step, message, self.state.last_checkpoint))
+        return RunResult("failed", self.run_dir or Path(self.cfg.output.dir), self.state.step, self.state.losses,
+                         message=message, error_kind=kind)
 
     # ------------------------------------------------------------ the loop
 
     def _next_batch(self):
-        t = self.cfg.training
-        if self.pos >= len(self.order):
-            self.epoch += 1
-            self.pos = 0
-            self.order = epoch_batches(self.lengths, self.global_batch, t.seed, self.epoch, self.cfg.data.shuffle)
-        mine = self.world.share(self.order[self.pos])
-        self.pos += 1
+        cfg, setup, state = self.cfg, self.setup, self.state
+        if state.pos >= len(state.order):
+            state.epoch += 1
+            state.pos = 0
+            state.order = epoch_batches(setup.lengths, setup.global_batch, cfg.training.seed, state.epoch,
+                                        cfg.data.shuffle)
+        mine = self.world.share(state.order[state.pos])
+        state.pos += 1
         if not mine:  # a short last batch with fewer rows than ranks: this rank adds nothing
-            inputs, targets, mask, _ = collate([self.data.train[self.order[self.pos - 1][0]]], self.pad_id,
-                                               self.cfg.model.max_seq_length)
+            inputs, targets, mask, _ = collate([setup.data.train[state.order[state.pos - 1][0]]], setup.pad_id,
+                                               cfg.model.max_seq_length)
             return inputs, targets, mask & False, 0
-        return collate([self.data.train[i] for i in mine], self.pad_id, self.cfg.model.max_seq_length)
+        return collate([setup.data.train[i] for i in mine], setup.pad_id, cfg.model.max_seq_length)
 
-    def _loop(self) -> RunResult:
+    def _train(self) -> RunResult:
         import mlx.core as mx
 
         from engine.train.losses import loss_inputs
-        from engine.train.validation import perplexity, validation_loss
 
-        cfg, t = self.cfg, self.cfg.training
+        cfg, t, setup, state = self.cfg, self.cfg.training, self.setup, self.state
         if self.world.is_main:
-            current = self.run_dir / "config.yaml"
-            if self.config_kept_as and current.is_file():
-                atomic.write_text(self.run_dir / self.config_kept_as, current.read_text())
-            atomic.write_text(current, to_yaml(cfg))
-        device = str(mx.default_device()) + ("" if self.world.alone else f" x {self.world.size} ranks")
-        if self.world.blas_threads:
-            device += f" ({self.world.blas_threads} BLAS thread{'s' if self.world.blas_threads > 1 else ''} each)"
-        self.emit(ev.Started(str(self.run_dir), self.total_steps, self.step,
-                             self.total_steps / max(self.steps_per_epoch, 1),
-                             len(self.data.train), len(self.data.valid), self.trainable, self.total_params,
-                             self.global_batch * t.grad_accumulation, device, self.blas.name, self.info.dtype))
-        micro_step = build_micro_step(self.model, self.optimizer)
-        update = build_update(self.model, self.optimizer)
+            write_run_config(setup.run_dir, cfg, setup.config_kept_as)
+        self.emit(self._started())
+        micro_step = build_micro_step(setup.model, setup.optimizer)
+        update = build_update(setup.model, setup.optimizer)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None
         status, last_loss = "finished", None
 
-        while self.step < self.total_steps:
+        while state.step < setup.total_steps:
             if self.control.paused:
-                self.emit(ev.Paused(self.step))
-                while self.control.paused and not self.control.stop_requested:
-                    self.control._running.wait(0.2)
-                self.emit(ev.Resumed(self.step))
+                self.emit(ev.Paused(state.step))
+                self.control.wait_until_resumed()
+                self.emit(ev.Resumed(state.step))
                 window_t = time.perf_counter()
             if self.world.any(self.control.stop_requested):  # every rank stops at the same step
                 status = "stopped"
                 break
             step_start = time.perf_counter()
-            lr = float(self.schedule(mx.array(self.step)))  # the rate this step's update will use
+            lr = float(setup.schedule(mx.array(state.step)))  # the rate this step's update will use
             # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
             # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
-            mx.random.seed(step_seed(t.seed, self.step))
+            mx.random.seed(step_seed(t.seed, state.step))
             real = 0
 
             def micro_batches():
@@ -229,86 +214,103 @@ class TrainingRun(Preparing, Resuming, Saving, Reporting):
                 return self._diverged(loss_value, norm_value)  # before the update: these weights stay good
             update(grads)
             self.world.step_took(time.perf_counter() - step_start)
-            self.step += 1
-            self.tokens_seen += real
-            self.session_tokens += real
-            self.losses.append(loss_value)
+            state.step += 1
+            state.tokens_seen += real
+            state.session_tokens += real
+            state.losses.append(loss_value)
             last_loss = loss_value
             window_tokens += real
             window_steps += 1
 
-            if self.step % cfg.output.log_every_steps == 0 or self.step == self.total_steps:
+            if state.step % cfg.output.log_every_steps == 0 or state.step == setup.total_steps:
                 now = time.perf_counter()
                 dt = max(now - window_t, 1e-9)
                 sps = window_steps / dt
                 rate = sps if rate is None else 0.7 * rate + 0.3 * sps
-                self.emit(ev.Step(self.step, self.total_steps, self.epoch + self.pos / max(len(self.order), 1),
+                self.emit(ev.Step(state.step, setup.total_steps, state.epoch + state.pos / max(len(state.order), 1),
                                   loss_value, lr, norm_value, window_tokens / dt, sps,
-                                  (self.total_steps - self.step) / max(rate, 1e-9), self.tokens_seen,
+                                  (setup.total_steps - state.step) / max(rate, 1e-9), state.tokens_seen,
                                   memory_stats()))
                 window_t, window_tokens, window_steps = now, 0, 0
 
-            evaluated = cfg.evaluation.every_steps and self.step % cfg.evaluation.every_steps == 0
-            val = self._evaluate(validation_loss, perplexity) if evaluated and self.data.valid else None
-            improved = val is not None and val < self.best_val
+            evaluated = cfg.evaluation.every_steps and state.step % cfg.evaluation.every_steps == 0
+            val = self._evaluate() if evaluated and setup.data.valid else None
+            improved = val is not None and val < state.best_val
             if improved:
-                self.best_val = val
-            interval = cfg.checkpoints.every_steps and self.step % cfg.checkpoints.every_steps == 0
-            if interval or improved or self.control._save.is_set():
-                reason = "manual" if self.control._save.is_set() else "interval" if interval else "best"
-                self.control._save.clear()
+                state.best_val = val
+            interval = cfg.checkpoints.every_steps and state.step % cfg.checkpoints.every_steps == 0
+            manual = self.control.take_save_request()
+            if interval or improved or manual:
+                reason = "manual" if manual else "interval" if interval else "best"
                 self._checkpoint(reason, val, improved, time.perf_counter() - start)
-            if self.stop_after is not None and self.step >= self.stop_after:
+            if self.stop_after is not None and state.step >= self.stop_after:
                 status = "stopped"
                 break
 
-        elapsed = time.perf_counter() - start
-        final_val = None
-        if status == "finished" and self.data.valid and not (cfg.evaluation.every_steps and
-                                                              self.step % cfg.evaluation.every_steps == 0):
-            final_val = self._evaluate(validation_loss, perplexity)
-            if final_val < self.best_val:
-                self.best_val = final_val
-                self._checkpoint("best", final_val, True, elapsed)
-        if not self.last_checkpoint or not self.last_checkpoint.endswith(f"step_{self.step:06d}"):
-            self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
-        if not self.world.is_main:
-            return RunResult(status, self.run_dir, self.step, self.losses, None)
-        adapter_dir = self._write_final_adapter()
-        report = self._report(status, elapsed, last_loss, adapter_dir)
-        self.emit(ev.Finished(self.step, status == "stopped", last_loss,
-                              None if math.isinf(self.best_val) else self.best_val,
-                              str(adapter_dir), str(self.run_dir / "report.json")))
-        return RunResult(status, self.run_dir, self.step, self.losses, report)
+        return self._finish(status, time.perf_counter() - start, last_loss)
 
-    def _evaluate(self, validation_loss, perplexity) -> float:
+    def _started(self) -> ev.Started:
+        import mlx.core as mx
+        setup, world = self.setup, self.world
+        device = str(mx.default_device()) + ("" if world.alone else f" x {world.size} ranks")
+        if world.blas_threads:
+            device += f" ({world.blas_threads} BLAS thread{'s' if world.blas_threads > 1 else ''} each)"
+        return ev.Started(str(setup.run_dir), setup.total_steps, self.state.step,
+                          setup.total_steps / max(setup.steps_per_epoch, 1), len(setup.data.train),
+                          len(setup.data.valid), setup.trainable, setup.total_params,
+                          setup.global_batch * self.cfg.training.grad_accumulation, device, setup.blas.name,
+                          setup.info.dtype)
+
+    def _evaluate(self) -> float:
+        from engine.train.validation import perplexity, validation_loss
+        cfg, setup, state = self.cfg, self.setup, self.state
         t0 = time.perf_counter()
-        val = validation_loss(self.model, self.data.valid, self.cfg.training.batch_size, self.pad_id,
-                              self.cfg.model.max_seq_length, self.cfg.evaluation.val_batches, self.world)
-        self.emit(ev.Eval(self.step, val, perplexity(val), val < self.best_val, time.perf_counter() - t0))
-        self.last_val = val
+        val = validation_loss(setup.model, setup.data.valid, cfg.training.batch_size, setup.pad_id,
+                              cfg.model.max_seq_length, cfg.evaluation.val_batches, self.world)
+        self.emit(ev.Eval(state.step, val, perplexity(val), val < state.best_val, time.perf_counter() - t0))
+        state.last_val = val
         return val
+
+    def _checkpoint(self, reason: str, val: float | None, is_best: bool, session_seconds: float) -> None:
+        setup, state = self.setup, self.state
+        if not self.world.is_main:  # rank 0 writes for the group; the path is the same on every rank
+            state.last_checkpoint = str(setup.store.folder / f"step_{state.step:06d}")
+            return
+        path = save_checkpoint(setup.store, setup.model, setup.adapter_config, setup.optimizer, state, reason, val,
+                               is_best, session_seconds)
+        state.last_checkpoint = str(path)
+        self.emit(ev.CheckpointSaved(state.step, str(path), reason, is_best,
+                                     tuple(str(c.path) for c in setup.store.list())))
 
     def _diverged(self, loss: float, norm: float) -> RunResult:
         what = "loss" if not math.isfinite(loss) else "gradient norm"
-        msg = (f"training diverged at step {self.step + 1}: {what} is {loss if what == 'loss' else norm} "
+        msg = (f"training diverged at step {self.state.step + 1}: {what} is {loss if what == 'loss' else norm} "
                f"(learning rate {self.cfg.training.learning_rate:g}). Lower training.learning_rate or check the "
                "data; the weights of this step were not applied and no checkpoint was written from them")
-        self.emit(ev.Failed(self.step, msg, self.last_checkpoint))
-        return RunResult("failed", self.run_dir, self.step, self.losses, message=msg, error_kind="training")
+        self.emit(ev.Failed(self.state.step, msg, self.state.last_checkpoint))
+        return RunResult("failed", self.run_dir, self.state.step, self.state.losses, message=msg,
+                         error_kind="training")
 
-def run_in_thread(cfg: Config, listeners=(), **kwargs) -> tuple[threading.Thread, RunControl, list]:
-    """Start a run on a new thread; returns (thread, control, [result once done])."""
-    control = kwargs.pop("control", None) or RunControl()
-    box: list = []
+    # ------------------------------------------------------------ the end
 
-    def target():
-        from engine import release_mlx_streams
-        try:
-            box.append(TrainingRun(cfg, listeners, control, **kwargs).run())
-        finally:
-            release_mlx_streams()
-
-    thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
-    thread.start()
-    return thread, control, box
+    def _finish(self, status: str, elapsed: float, last_loss: float | None) -> RunResult:
+        """After the last step: a last validation (unless that step had one), the last checkpoint, then (rank
+        0) the adapter, the report and the samples."""
+        cfg, setup, state = self.cfg, self.setup, self.state
+        final_val = None
+        if status == "finished" and setup.data.valid and not (cfg.evaluation.every_steps and
+                                                               state.step % cfg.evaluation.every_steps == 0):
+            final_val = self._evaluate()
+            if final_val < state.best_val:
+                state.best_val = final_val
+                self._checkpoint("best", final_val, True, elapsed)
+        if not state.last_checkpoint or not state.last_checkpoint.endswith(f"step_{state.step:06d}"):
+            self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
+        if not self.world.is_main:
+            return RunResult(status, setup.run_dir, state.step, state.losses, None)
+        adapter_dir = write_final_adapter(setup.run_dir, setup.model, setup.adapter_config, state.last_checkpoint)
+        report = write_report(cfg, setup, state, status, elapsed, last_loss, adapter_dir, self.control, self.emit)
+        self.emit(ev.Finished(state.step, status == "stopped", last_loss,
+                              None if math.isinf(state.best_val) else state.best_val,
+                              str(adapter_dir), str(setup.run_dir / "report.json")))
+        return RunResult(status, setup.run_dir, state.step, state.losses, report)
