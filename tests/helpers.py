@@ -17,6 +17,7 @@ from engine.config.loading import save_config
 from engine.config.schema import Config
 
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 # ---------------------------------------------------------------------------------------------- tiny datasets

@@ -1,20 +1,10 @@
 """The headless CLI: one-line errors and documented exit codes, never a traceback."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def lora_tui(*args, cwd=ROOT, env=None):
-    import os
-    return subprocess.run([sys.executable, "-m", "tui", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+from helpers import FIXTURES, lora_tui
 
 
 def test_validate_sample_dataset_ok(embedded_dir):

@@ -1,14 +1,11 @@
 """Configuration: defaults, round-trips, env overrides, and validation that names field and range."""
 
-from pathlib import Path
-
 import pytest
 
 from engine.config.loading import from_dict, load_config, save_config, set_value, to_yaml
 from engine.config.schema import SPECS, Config, ConfigError
 from engine.config.validation import validate
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def errors_of(data) -> dict[str, str]:

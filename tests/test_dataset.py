@@ -1,15 +1,12 @@
 """The dataset validator: exact errors for a corpus of malformed lines, formats, labels, statistics."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from engine.config.schema import Config
 from engine.data import DatasetError, prepare_dataset, validate_dataset
-
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import FIXTURES, ROOT
 
 
 def test_malformed_corpus_reports_exact_errors(tokenizer):

@@ -1,7 +1,6 @@
 """The embedded default model: GGUF -> MLX import, idempotence, atomicity, and a correct answer."""
 
 import json
-import os
 
 import pytest
 

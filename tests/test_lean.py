@@ -6,7 +6,6 @@ import gc
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,8 +20,7 @@ from engine.config.schema import Config
 from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
 from engine.model.memory import MemoryEstimate, gpu_memory_limit
 from engine.model.loading import load_model
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def _adapted_model(lean: bool, train: bool, dtype=None):

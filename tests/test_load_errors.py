@@ -114,6 +114,7 @@ def test_chat_takes_a_run_folder(adapter, tmp_path, capsys):
     assert out.strip()
 
 
+@pytest.mark.engine  # loads the embedded model to fit the tiny Mistral's adapter to it
 @pytest.mark.parametrize("command", ["chat", "fuse", "eval-only"])
 def test_an_adapter_of_another_base_does_not_fit(command, mistral_adapter, tmp_path, capsys):
     config = tmp_path / "c.yaml"
