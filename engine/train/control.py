@@ -26,7 +26,7 @@ class RunControl:
         self._running.set()
 
     def save_now(self) -> None:
-        """Ask for a checkpoint at the end of the step in progress."""
+        """Ask for a checkpoint: at the end of the step in progress, or at once while paused."""
         self._save.set()
 
     @property
@@ -37,10 +37,14 @@ class RunControl:
     def paused(self) -> bool:
         return not self._running.is_set()
 
-    def wait_until_resumed(self) -> None:
-        """Block the loop while paused, until a resume or a stop."""
+    def wait_until_resumed(self) -> bool:
+        """Block the loop while paused, until a resume or a stop (False) or a save_now() (True: the loop saves
+        and waits again)."""
         while self.paused and not self.stop_requested:
+            if self.take_save_request():
+                return True
             self._running.wait(0.2)
+        return False
 
     def take_save_request(self) -> bool:
         """Whether a save was asked for since the last call: True once for each save_now()."""

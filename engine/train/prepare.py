@@ -23,6 +23,10 @@ from engine.train.schedule import build_optimizer, build_schedule
 from engine.train.trainer_state import TrainerState, find_resume
 
 if TYPE_CHECKING:
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
     from engine.blas import BlasInfo
     from engine.data import PreparedData
     from engine.model.loading import LoadedModelInfo
@@ -34,8 +38,8 @@ class Prepared:
     """What a run trains, on what and with what, fixed once prepared (its progress is a TrainerState)."""
     run_dir: Path
     store: CheckpointStore
-    model: object  # an mlx-lm model with LoRA layers
-    tokenizer: object
+    model: nn.Module  # an mlx-lm model with LoRA layers
+    tokenizer: TokenizerWrapper
     info: LoadedModelInfo
     adapter_config: dict  # adapter_config.json of every adapter the run saves
     data: PreparedData
@@ -45,7 +49,7 @@ class Prepared:
     steps_per_epoch: int
     total_steps: int
     schedule: Callable
-    optimizer: object
+    optimizer: optim.Optimizer
     trainable: int
     total_params: int
     blas: BlasInfo

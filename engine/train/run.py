@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from engine import protocol as ev
 from engine.config.schema import Config
@@ -47,7 +48,7 @@ class RunResult:
 class TrainingRun:
     """One run: `run()` below, the loop in `_train()`, its end in `_finish()`."""
 
-    def __init__(self, cfg: Config, listeners=(), control: RunControl | None = None,
+    def __init__(self, cfg: Config, listeners: Sequence[ev.Listener] = (), control: RunControl | None = None,
                  resume: str | None = None, stop_after: int | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.listeners = list(listeners)
@@ -65,7 +66,7 @@ class TrainingRun:
 
     # ------------------------------------------------------------ events
 
-    def emit(self, event) -> None:
+    def emit(self, event: ev.Event) -> None:
         if not self.world.is_main and not isinstance(event, (ev.Failed, ev.Warning)):
             return  # rank 0 reports for the whole group
         for listener in self.listeners:
@@ -186,7 +187,8 @@ class TrainingRun:
         while state.step < setup.total_steps:
             if self.control.paused:
                 self.emit(ev.Paused(state.step))
-                self.control.wait_until_resumed()
+                while self.control.wait_until_resumed():  # a save asked for while paused: now, not after
+                    self._save_while_paused(time.perf_counter() - start)
                 self.emit(ev.Resumed(state.step))
                 window_t = time.perf_counter()
             if self.world.any(self.control.stop_requested):  # every rank stops at the same step
@@ -282,6 +284,14 @@ class TrainingRun:
         self.emit(ev.CheckpointSaved(state.step, str(path), reason, is_best,
                                      tuple(str(c.path) for c in setup.store.list())))
 
+    def _save_while_paused(self, session_seconds: float) -> None:
+        state = self.state
+        if state.last_checkpoint and state.last_checkpoint.endswith(f"step_{state.step:06d}"):
+            # Re-saving would replace that checkpoint's record (its validation loss) with a bare one.
+            self.warn(f"step {state.step} is saved already: {state.last_checkpoint}")
+            return
+        self._checkpoint("manual", None, False, session_seconds)
+
     def _diverged(self, loss: float, norm: float) -> RunResult:
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         msg = (f"training diverged at step {self.state.step + 1}: {what} is {loss if what == 'loss' else norm} "
@@ -307,7 +317,7 @@ class TrainingRun:
         if not state.last_checkpoint or not state.last_checkpoint.endswith(f"step_{state.step:06d}"):
             self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
         if not self.world.is_main:
-            return RunResult(status, setup.run_dir, state.step, state.losses, None)
+            return RunResult(status, setup.run_dir, state.step, state.losses)
         adapter_dir = write_final_adapter(setup.run_dir, setup.model, setup.adapter_config, state.last_checkpoint)
         report = write_report(cfg, setup, state, status, elapsed, last_loss, adapter_dir, self.control, self.emit)
         self.emit(ev.Finished(state.step, status == "stopped", last_loss,
