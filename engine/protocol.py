@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, Literal, Union
 
 if TYPE_CHECKING:
     from engine.config.schema import Config
@@ -168,28 +168,27 @@ def from_dict(data: dict) -> Event | None:
 # ---------------------------------------------------------------- commands (UI -> engine thread)
 
 @dataclass(frozen=True)
-class _Command:
+class _WithConfig:
+    """A command that works from a config: it carries its own copy, never the UI's live config."""
+    cfg: Config
+
     def __post_init__(self) -> None:
-        if getattr(self, "cfg", None) is not None:  # a copy, never the UI's live config
-            object.__setattr__(self, "cfg", copy.deepcopy(self.cfg))
+        object.__setattr__(self, "cfg", copy.deepcopy(self.cfg))
 
 
 @dataclass(frozen=True)
-class ValidateDataset(_Command):
-    cfg: Config
+class ValidateDataset(_WithConfig):
     path: str
 
 
 @dataclass(frozen=True)
-class StartTraining(_Command):
-    cfg: Config
+class StartTraining(_WithConfig):
     resume: str | None = None
 
 
 @dataclass(frozen=True)
-class Generate(_Command):
+class Generate(_WithConfig):
     """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
-    cfg: Config
     messages: tuple[dict[str, str], ...]  # {"role": ..., "content": ...} each
     settings: GenerationSettings
     adapter: str | None = None
@@ -197,12 +196,12 @@ class Generate(_Command):
 
 
 @dataclass(frozen=True)
-class CancelGeneration(_Command):
+class CancelGeneration:
     pass
 
 
 @dataclass(frozen=True)
-class Shutdown(_Command):
+class Shutdown:
     pass
 
 
@@ -258,7 +257,7 @@ class GenerationDone:
 @dataclass(frozen=True)
 class EngineError:
     """An expected failure, with a message a user can act on."""
-    what: str  # "dataset", "training", "chat", "engine"
+    what: Literal["dataset", "training", "chat", "engine"]  # what failed; the UI shows it where that is
     message: str
 
 

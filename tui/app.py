@@ -75,27 +75,37 @@ class LoraTuiApp(App[int]):
         self.call_after_refresh(self.set_timer, 0.3, self.build_next_screen)
 
     def build_next_screen(self) -> None:
-        """Build the screens not yet shown, one per tick once the first frame is up, so that the first F2, F3
-        or F4 only has to show a screen (composing one costs 0.1-0.3 s on 2 cores). Textual builds a mode's
-        screen when it is first switched to, so this switches to it and straight back within one call:
-        nothing is painted and no key reaches it. A second such visit once it is mounted gives it the styles
-        pass that its first real visit would otherwise make (0.2 s during training): Textual marks a screen
-        as styled only when it is mounted."""
+        """Build and style the screens not yet shown, one round trip per tick once the first frame is up, so
+        that the first F2, F3 or F4 only has to show a screen (composing one costs 0.1-0.3 s on 2 cores).
+        Textual builds a mode's screen when it is first switched to, so this switches to it and straight
+        back within one call: nothing is painted and no key reaches it. A second such visit once it is
+        mounted gives it the styles pass that its first real visit would otherwise make (0.2 s during
+        training): Textual marks a screen as styled only when it is mounted. Each round trip suspends and
+        resumes the start screen, so none is made while the user is elsewhere or a dialog is open."""
         if not self.is_running:
             return
-        unstyled = [mode for mode in self.MODES if mode not in self.prebuilt and self.get_screen(mode).is_mounted]
-        unbuilt = [mode for mode in self.MODES if not self.get_screen(mode).is_running]
-        current = self.current_mode
-        for mode in unstyled + unbuilt[:1]:
-            self.switch_mode(mode)
-            self.switch_mode(current)
-        self.prebuilt.update(unstyled)
+        start = self.get_screen(self.DEFAULT_MODE)
+        if start.is_mounted:
+            self.prebuilt.add(self.DEFAULT_MODE)  # shown, so built and styled
+        if self.screen is start:
+            self.visit_next_unready()
         if len(self.prebuilt) < len(self.MODES):
             self.set_timer(0.2, self.build_next_screen)
         else:
             # Start-up objects (imports, screens, widgets) live as long as the app: keep them out of the
             # garbage collector's full passes, which otherwise stall a frame now and then.
             gc.freeze()
+
+    def visit_next_unready(self) -> None:
+        """One round trip to the first screen not yet styled: a built one is styled by it, an unbuilt one
+        built (and styled by the next)."""
+        unready = [mode for mode in self.MODES if mode not in self.prebuilt]
+        built = [mode for mode in unready if self.get_screen(mode).is_mounted]
+        mode = (built or unready)[0]
+        self.switch_mode(mode)
+        self.switch_mode(self.DEFAULT_MODE)
+        if built:
+            self.prebuilt.add(mode)
 
     @work(thread=True, exclusive=True, group="engine", exit_on_error=False, name="engine")
     def run_engine(self) -> None:
@@ -118,7 +128,9 @@ class LoraTuiApp(App[int]):
     def post_engine_result(self, result: Result) -> None:
         """The engine's emit (any thread): everything comes through the app's queue, so each screen gets
         its messages in the order the engine sent them."""
-        self.post_message(msg.engine_message(result))
+        message = msg.engine_message(result)
+        if message is not None:  # a result no message carries concerns nothing on screen
+            self.post_message(message)
 
     @on(msg.TrainingBegan)
     def training_began(self, message: msg.TrainingBegan) -> None:
@@ -140,10 +152,9 @@ class LoraTuiApp(App[int]):
     def deliver(self, message: msg.EngineMessage) -> None:
         """On to the screen that shows it, once that screen is built (a message for a screen never shown
         concerns nothing on it)."""
-        owner = owner_of(message)
-        if owner is None:
+        if message.owner is None:
             return
-        screen = self.get_screen(owner)
+        screen = self.get_screen(message.owner)
         if screen.is_mounted:
             screen.post_message(message)
 
@@ -172,17 +183,3 @@ class LoraTuiApp(App[int]):
         self.engine.submit(Shutdown())
         self.exit(0)
 
-
-OWNERS: dict[type[msg.EngineMessage], str] = {
-    msg.ValidationProgress: "dataset", msg.DatasetValidated: "dataset",
-    **{kind: "train" for kind in msg.RUN_EVENTS}, msg.TrainingBegan: "train", msg.TrainingOver: "train",
-    msg.AnswerChunk: "chat", msg.AnswerDone: "chat",
-}
-ERROR_OWNERS = {"dataset": "dataset", "chat": "chat"}  # EngineError.what -> the screen that shows it
-
-
-def owner_of(message: msg.EngineMessage) -> str | None:
-    """The installed screen (its mode's name) that shows `message`; None where only the app cares."""
-    if isinstance(message, msg.EngineFailed):
-        return ERROR_OWNERS.get(message.result.what)
-    return OWNERS.get(type(message))

@@ -1,14 +1,16 @@
-"""Textual messages for the engine's typed results (engine.protocol), one class per kind the UI handles.
+"""Textual messages for the engine's typed results (engine.protocol), one class per kind of result.
 
-The engine thread (and a followed run's reader) posts `engine_message(result)`: post_message is
-thread-safe. Screens and widgets handle the kinds they own with `@on(RunStep)` and the like; the app
-posts each message to the screen that owns its kind (tui/app.py). Progress-like messages replace a
-queued one of their kind, so a burst never floods the UI's queue.
+Each class names the result type it carries (`carries=`) and, through its base, the screen that shows it:
+DatasetMessage, TrainMessage (RunLogged for the run events the Train screen's log lists) and ChatMessage;
+EngineFailed goes where its error's `what` says. The engine thread (and a followed run's reader) posts
+`engine_message(result)`: post_message is thread-safe. The app posts each message on to its owner's
+screen, where it is handled with `@on(RunStep)` and the like. Progress-like messages replace a queued one
+of their kind, so a burst never floods the UI's queue.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from textual.message import Message
 
@@ -16,117 +18,135 @@ from engine import protocol as p
 
 R = TypeVar("R")
 
+MESSAGE_FOR: dict[type, type[EngineMessage]] = {}  # result type -> the message class that carries it
+
 
 class EngineMessage(Message, Generic[R]):
     """One engine result or event, as the engine sent it (`result`). It goes to the app, which posts it on to
-    the screen that owns it; it never bubbles (from that screen back to the app)."""
+    the screen that owns it (`owner`: a mode's name, None where only the app cares); it never bubbles (from
+    that screen back to the app)."""
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    OWNER: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, carries: type | None = None, **kwargs) -> None:
         super().__init_subclass__(bubble=False, **kwargs)
+        if carries is not None:
+            MESSAGE_FOR[carries] = cls
 
     def __init__(self, result: R) -> None:
         super().__init__()
         self.result: R = result
 
+    @property
+    def owner(self) -> str | None:
+        return self.OWNER
 
-class _Coalesced(EngineMessage[R]):
+
+class Coalesced(Message):
     """Only the newest matters: a newer one replaces one still queued."""
 
     def can_replace(self, message: Message) -> bool:
         return type(message) is type(self)
 
 
+class DatasetMessage(EngineMessage[R]):
+    OWNER = "dataset"
+
+
+class TrainMessage(EngineMessage[R]):
+    OWNER = "train"
+
+
+class RunLogged(TrainMessage[R]):
+    """A run event that the Train screen's log lists."""
+
+
+class ChatMessage(EngineMessage[R]):
+    OWNER = "chat"
+
+
 # ---------------------------------------------------------------- the Dataset screen's
-class ValidationProgress(_Coalesced[p.ProgressUpdate]):
+class ValidationProgress(Coalesced, DatasetMessage[p.ProgressUpdate], carries=p.ProgressUpdate):
     pass
 
 
-class DatasetValidated(EngineMessage[p.DatasetChecked]):
+class DatasetValidated(DatasetMessage[p.DatasetChecked], carries=p.DatasetChecked):
     pass
 
 
 # ---------------------------------------------------------------- the Train screen's: a run's events
-class RunPhase(_Coalesced[p.Phase]):
+class RunPhase(Coalesced, TrainMessage[p.Phase], carries=p.Phase):
     pass
 
 
-class RunStarted(EngineMessage[p.Started]):
+class RunStep(TrainMessage[p.Step], carries=p.Step):
     pass
 
 
-class RunStep(EngineMessage[p.Step]):
+class RunStarted(RunLogged[p.Started], carries=p.Started):
     pass
 
 
-class RunEval(EngineMessage[p.Eval]):
+class RunEval(RunLogged[p.Eval], carries=p.Eval):
     pass
 
 
-class RunCheckpointSaved(EngineMessage[p.CheckpointSaved]):
+class RunCheckpointSaved(RunLogged[p.CheckpointSaved], carries=p.CheckpointSaved):
     pass
 
 
-class RunSample(EngineMessage[p.Sample]):
+class RunSample(RunLogged[p.Sample], carries=p.Sample):
     pass
 
 
-class RunWarning(EngineMessage[p.Warning]):
+class RunWarning(RunLogged[p.Warning], carries=p.Warning):
     pass
 
 
-class RunPaused(EngineMessage[p.Paused]):
+class RunPaused(RunLogged[p.Paused], carries=p.Paused):
     pass
 
 
-class RunResumed(EngineMessage[p.Resumed]):
+class RunResumed(RunLogged[p.Resumed], carries=p.Resumed):
     pass
 
 
-class RunFinished(EngineMessage[p.Finished]):
+class RunFinished(RunLogged[p.Finished], carries=p.Finished):
     pass
 
 
-class RunFailed(EngineMessage[p.Failed]):
+class RunFailed(RunLogged[p.Failed], carries=p.Failed):
     pass
 
 
 # ---------------------------------------------------------------- the app's and the Train screen's: the engine's run
-class TrainingBegan(EngineMessage[p.TrainingStarted]):
+class TrainingBegan(TrainMessage[p.TrainingStarted], carries=p.TrainingStarted):
     pass
 
 
-class TrainingOver(EngineMessage[p.TrainingEnded]):
+class TrainingOver(TrainMessage[p.TrainingEnded], carries=p.TrainingEnded):
     pass
 
 
 # ---------------------------------------------------------------- the Chat screen's
-class AnswerChunk(EngineMessage[p.GenerationChunk]):
+class AnswerChunk(ChatMessage[p.GenerationChunk], carries=p.GenerationChunk):
     pass
 
 
-class AnswerDone(EngineMessage[p.GenerationDone]):
+class AnswerDone(ChatMessage[p.GenerationDone], carries=p.GenerationDone):
     pass
 
 
 # ---------------------------------------------------------------- the app's, then the screen it concerns
-class EngineFailed(EngineMessage[p.EngineError]):
-    pass
+class EngineFailed(EngineMessage[p.EngineError], carries=p.EngineError):
+    SCREEN_FOR: ClassVar[dict[str, str]] = {"dataset": "dataset", "chat": "chat"}  # what failed -> its screen
+
+    @property
+    def owner(self) -> str | None:
+        return self.SCREEN_FOR.get(self.result.what)
 
 
-MESSAGE_FOR: dict[type, type[EngineMessage]] = {
-    p.ProgressUpdate: ValidationProgress, p.DatasetChecked: DatasetValidated,
-    p.Phase: RunPhase, p.Started: RunStarted, p.Step: RunStep, p.Eval: RunEval,
-    p.CheckpointSaved: RunCheckpointSaved, p.Sample: RunSample, p.Warning: RunWarning, p.Paused: RunPaused,
-    p.Resumed: RunResumed, p.Finished: RunFinished, p.Failed: RunFailed,
-    p.TrainingStarted: TrainingBegan, p.TrainingEnded: TrainingOver,
-    p.GenerationChunk: AnswerChunk, p.GenerationDone: AnswerDone,
-    p.EngineError: EngineFailed,
-}
-
-RUN_EVENTS = (RunPhase, RunStarted, RunStep, RunEval, RunCheckpointSaved, RunSample, RunWarning, RunPaused,
-              RunResumed, RunFinished, RunFailed)
-
-
-def engine_message(result: p.Result) -> EngineMessage:
-    """The message that carries `result` to its owner."""
-    return MESSAGE_FOR[type(result)](result)
+def engine_message(result: p.Result) -> EngineMessage | None:
+    """The message that carries `result` to its owner; None for a result no message carries."""
+    cls = MESSAGE_FOR.get(type(result))
+    return None if cls is None else cls(result)

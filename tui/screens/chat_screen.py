@@ -55,6 +55,16 @@ class ChatScreen(AppScreen):
         Binding("ctrl+r", "refresh_models", "Rescan adapters"),
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[dict]] = {}  # the conversation so far, per model
+        self.bubbles: dict[int, Bubble] = {}  # answer bubbles by request id, while they are answered
+        self.pending: list[Generate] = []  # requests not yet submitted (side by side)
+        self.next_id = 1
+        self.answering = False
+        self.last_answer = ""
+        self.seen_run: str | None = None  # the last run whose adapter was offered first
+
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="chat-settings"):
@@ -74,15 +84,11 @@ class ChatScreen(AppScreen):
         yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.history: dict[str, list[dict]] = {}
-        self.bubbles: dict[int, Bubble] = {}
-        self.pending: list[Generate] = []
-        self.next_id = 1
-        self.answering = False
-        self.last_answer = ""
         self.action_refresh_models()
 
     def on_screen_resume(self) -> None:
+        if not self.is_current:  # a pre-build's round trip (tui/app.py), not a visit
+            return
         self.action_refresh_models()
 
     def action_refresh_models(self) -> None:
@@ -95,8 +101,8 @@ class ChatScreen(AppScreen):
                 options.insert(1, str(candidate))
         select.set_options([(o if o == BASE else self._short(o), o) for o in options])
         newest_run = self.app.last_run_dir
-        if newest_run and newest_run != getattr(self, "_seen_run", None) and len(options) > 1:
-            self._seen_run = newest_run  # a run just finished: offer its adapter first
+        if newest_run and newest_run != self.seen_run and len(options) > 1:
+            self.seen_run = newest_run  # a run just finished: offer its adapter first
             current = str(Path(newest_run) / "adapter")
         select.value = current if current in options else BASE
 
@@ -160,7 +166,10 @@ class ChatScreen(AppScreen):
     def _set_answering(self, answering: bool) -> None:
         """While an answer is on its way, Send is off (Enter says so) and Esc stops it."""
         self.answering = answering
-        self.query_one("#chat-send", Button).disabled = answering
+        send = self.query_one("#chat-send", Button)
+        if answering and send.has_focus:  # a disabled Send loses focus: keep it where typing goes on
+            self.query_one("#chat-input", Input).focus()
+        send.disabled = answering
 
     def _next(self) -> None:
         if self.pending:

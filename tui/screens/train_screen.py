@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -23,6 +25,9 @@ from tui.screens.base import AppScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.footer import KeyFooter
 from tui.widgets.train import CheckpointTable, EventLog, LossChart, MemoryGauges, RunStats
+
+if TYPE_CHECKING:
+    from tui.external import ExternalRun
 
 
 def fresh_run_name(output_dir: Path, name: str) -> str:
@@ -42,6 +47,11 @@ class TrainScreen(AppScreen):
         Binding("ctrl+s", "save_now", "Save checkpoint"),
         Binding("ctrl+o", "follow", "Follow/launch"),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = "idle"
+        self.external: ExternalRun | None = None  # a run in other processes that this screen follows
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -66,7 +76,14 @@ class TrainScreen(AppScreen):
         yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.external = None  # a run in other processes that this screen follows (tui/external.py)
+        # The panels, looked up once: each step reaches four of them.
+        self.progress = self.query_one("#train-progress", ProgressBar)
+        self.state_label = self.query_one("#train-state", Static)
+        self.loss_chart = self.query_one(LossChart)
+        self.stats = self.query_one(RunStats)
+        self.gauges = self.query_one(MemoryGauges)
+        self.checkpoints = self.query_one(CheckpointTable)
+        self.log_panel = self.query_one(EventLog)
         self._set_buttons("idle")
 
     # ------------------------------------------------------------ controls
@@ -78,7 +95,13 @@ class TrainScreen(AppScreen):
         self.query_one("#resume", Button).disabled = state != "paused"
         self.query_one("#stop", Button).disabled = state not in ("running", "paused", "starting") and not (
             state == "following" and self.external is not None and self.external.launched)
-        self.query_one("#train-state", Static).update(state)
+        self.state_label.update(state)
+        self.refresh_bindings()  # ctrl+s is on only while a run is running or paused
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "save_now":
+            return True if self.app.control and self.state in ("running", "paused") else None  # None: dimmed
+        return True
 
     @on(Button.Pressed, "#start")
     def action_start(self) -> None:
@@ -130,10 +153,10 @@ class TrainScreen(AppScreen):
 
     def _clear_run(self) -> None:
         """A new run on this screen: none of the last run's figures stay."""
-        self.query_one(LossChart).clear()
-        self.query_one(RunStats).clear()
-        self.query_one(CheckpointTable).clear_run()
-        self.query_one(EventLog).clear()
+        self.loss_chart.clear()
+        self.stats.forget_best()
+        self.checkpoints.clear_run()
+        self.log_panel.clear()
 
     def _start(self, cfg, resume: str | None = None) -> None:
         self._clear_run()
@@ -161,8 +184,6 @@ class TrainScreen(AppScreen):
     def action_follow(self) -> None:
         """Follow a run another process writes (its folder), or start a distributed run on the hosts of an
         `mlx.launch` hosts file and follow it: the same live screen, fed from metrics.jsonl."""
-        from pathlib import Path
-
         from tui.external import ExternalRun
         text = self.query_one("#external", Input).value.strip()
         if not text:
@@ -178,29 +199,42 @@ class TrainScreen(AppScreen):
             self.notify(str(exc), title="Cannot follow", severity="error", timeout=10)
             return
         self._clear_run()
-        self.query_one(EventLog).write(self.external.describe())
+        self.log_panel.write(self.external.describe())
         self._set_buttons("following")
         self.run_worker(self._follow, thread=True, exclusive=True, group="follow", exit_on_error=False)
 
     class FollowEnded(Message):
-        """The followed run ended (`end`: its Finished or Failed), or the following stopped (None)."""
+        """The followed run ended (`end`: its Finished or Failed), or the following stopped (None), by itself or
+        because reading the run failed (`error`)."""
 
-        def __init__(self, end: Event | None) -> None:
+        def __init__(self, end: Event | None, error: str | None = None) -> None:
             super().__init__()
-            self.end = end
+            self.end, self.error = end, error
 
     def _follow(self) -> None:
         """The follow worker's thread: the run's events and then its end, all through this screen's queue,
         so that the end is shown after the last event."""
         from textual.worker import get_current_worker
         worker = get_current_worker()
-        end = self.external.run(lambda e: self.post_message(msg.engine_message(e)), lambda: worker.is_cancelled)
-        self.post_message(self.FollowEnded(end))
+        end, error = None, None
+        try:
+            end = self.external.run(self._post_event, lambda: worker.is_cancelled)
+        except Exception as exc:  # metrics.jsonl became unreadable, ...: the screen must not stay "following"
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.post_message(self.FollowEnded(end, error))
+
+    def _post_event(self, event: Event) -> None:
+        message = msg.engine_message(event)
+        if message is not None:
+            self.post_message(message)
 
     @on(FollowEnded)
     def followed(self, message: FollowEnded) -> None:
         self._set_buttons("done")
-        if message.end is None and self.external.problem():
+        if message.error:
+            self.notify(f"Following stopped: {message.error}", title="Cannot follow", severity="error", timeout=10)
+        elif message.end is None and self.external.problem():
             self.notify(self.external.problem(), title="Distributed run", severity="error", timeout=15)
 
     @on(Button.Pressed, "#stop")
@@ -215,24 +249,16 @@ class TrainScreen(AppScreen):
             self.notify("Stopping: saving a checkpoint first…")
 
     def action_save_now(self) -> None:
-        """A checkpoint at the next step (reason "manual"); one while paused is saved once the run resumes."""
+        """A checkpoint of the current step (reason "manual"), at once while paused; the run goes on as it was."""
         if self.app.control and self.state in ("running", "paused"):
             self.app.control.save_now()
-            self.notify("A checkpoint is saved at the next step")
+            self.notify("Saving a checkpoint…")
 
     # ------------------------------------------------------------ engine events, forwarded to the panels
 
-    @on(msg.RunStarted)
-    @on(msg.RunEval)
-    @on(msg.RunCheckpointSaved)
-    @on(msg.RunSample)
-    @on(msg.RunWarning)
-    @on(msg.RunPaused)
-    @on(msg.RunResumed)
-    @on(msg.RunFinished)
-    @on(msg.RunFailed)
-    def log_event(self, message: msg.EngineMessage) -> None:
-        self.query_one(EventLog).add(message.result)
+    @on(msg.RunLogged)
+    def log_event(self, message: msg.RunLogged) -> None:
+        self.log_panel.add(message.result)
 
     @on(msg.TrainingBegan)
     def training_began(self) -> None:
@@ -240,34 +266,34 @@ class TrainScreen(AppScreen):
 
     @on(msg.RunPhase)
     def show_phase(self, message: msg.RunPhase) -> None:
-        self.query_one("#train-state", Static).update(f"preparing: {message.result.name}")
-        self.query_one("#train-progress", ProgressBar).update(total=1.0, progress=message.result.fraction)
+        self.state_label.update(f"preparing: {message.result.name}")
+        self.progress.update(total=1.0, progress=message.result.fraction)
 
     @on(msg.RunStarted)
     def run_started(self, message: msg.RunStarted) -> None:
         started = message.result
-        self.query_one("#train-progress", ProgressBar).update(total=started.total_steps, progress=started.start_step)
-        self.query_one(RunStats).show_started(started)
+        self.progress.update(total=started.total_steps, progress=started.start_step)
+        self.stats.show_started(started)
         if self.state != "following":
             self._set_buttons("running")
 
     @on(msg.RunStep)
     def show_step(self, message: msg.RunStep) -> None:
         step = message.result
-        self.query_one("#train-progress", ProgressBar).update(total=step.total_steps, progress=step.step)
-        self.query_one(LossChart).add_step(step)
-        self.query_one(RunStats).show_step(step)
-        self.query_one(MemoryGauges).show(step.memory)
+        self.progress.update(total=step.total_steps, progress=step.step)
+        self.loss_chart.add_step(step)
+        self.stats.show_step(step)
+        self.gauges.show(step.memory)
 
     @on(msg.RunEval)
     def show_eval(self, message: msg.RunEval) -> None:
-        self.query_one(LossChart).add_eval(message.result)
-        self.query_one(RunStats).add_eval(message.result)
-        self.query_one(CheckpointTable).add_eval(message.result)
+        self.loss_chart.add_eval(message.result)
+        self.stats.add_eval(message.result)
+        self.checkpoints.add_eval(message.result)
 
     @on(msg.RunCheckpointSaved)
     def show_checkpoints(self, message: msg.RunCheckpointSaved) -> None:
-        self.query_one(CheckpointTable).show_saved(message.result)
+        self.checkpoints.show_saved(message.result)
 
     @on(msg.RunPaused)
     def paused(self) -> None:

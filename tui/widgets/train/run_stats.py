@@ -24,8 +24,8 @@ class RunStats(Static):
         self.started: Started | None = None
         self.best_val: float | None = None
 
-    def clear(self) -> None:
-        """A new run: its own best (the text stays until its first step)."""
+    def forget_best(self) -> None:
+        """A new run has its own best validation loss; the last run's figures stay until its first step."""
         self.best_val = None
 
     def show_started(self, started: Started) -> None:
