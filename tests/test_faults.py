@@ -10,42 +10,37 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, increments, lora_tui, lora_tui_cmd, tiny_yaml, write_jsonl
+
 ITERATIONS = 8
+# The run these faults interrupt: a checkpoint after every step, no validation until the end.
+REF = {
+    "lora": {"dropout": 0.1},
+    "training": {"iterations": ITERATIONS, "warmup_steps": 2},
+    "checkpoints": {"every_steps": 1, "keep_last": 2},
+    "evaluation": {"every_steps": 0, "max_tokens": 128},
+    "output": {"run_name": "ref"},
+}
 
 
-def write_config(tmp_path: Path, **extra: str) -> Path:
-    data = tmp_path / "tiny.jsonl"
-    if not data.exists():
-        with open(data, "w") as fh:
-            for i in range(40):
-                fh.write(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n")
-    sections = {
-        "lora": "{rank: 4, num_layers: 2, target_modules: [q_proj, v_proj], dropout: 0.1}",
-        "training": f"{{iterations: {ITERATIONS}, batch_size: 2, grad_accumulation: 1, warmup_steps: 2, "
-                    "learning_rate: 1.0e-3}",
-        "data": f"{{path: {data}}}",
-        "checkpoints": "{every_steps: 1, keep_last: 2}",
-        "evaluation": "{every_steps: 0, val_batches: 1, sample_prompts: [], heldout_path: ''}",
-        "output": f"{{dir: {tmp_path / 'runs'}, run_name: ref}}",
-    } | extra
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("".join(f"{k}: {v}\n" for k, v in sections.items()))
-    return cfg
+def write_config(tmp_path: Path, **sections: dict) -> Path:
+    """REF as `tmp_path/tiny.yaml`, each keyword a section whose keys override REF's; it trains on
+    `increments()` in `tmp_path/tiny.jsonl` unless `data={"path": ...}` names other rows."""
+    if "data" not in sections:
+        sections["data"] = {"path": str(write_jsonl(tmp_path / "tiny.jsonl", increments()))}
+    return tiny_yaml(tmp_path, **{name: REF.get(name, {}) | sections.get(name, {})
+                                  for name in REF.keys() | sections.keys()})
 
 
-def lora_tui_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "tui", *map(str, args)]
-
-
-def run(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(lora_tui_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+def big_dataset(tmp_path: Path) -> Path:
+    """Rows enough that tokenizing them takes a while on 2 cores."""
+    return write_jsonl(tmp_path / "big.jsonl", ({"prompt": f"What is {i} plus one? Answer in words.",
+                                                 "completion": f"{i + 1}"} for i in range(20000)))
 
 
 def adapter(run_dir: Path) -> dict[str, np.ndarray]:
@@ -55,7 +50,7 @@ def adapter(run_dir: Path) -> dict[str, np.ndarray]:
 
 def test_kill_9_at_random_steps_then_resume_matches_the_uninterrupted_run(tmp_path, embedded_dir):
     cfg = write_config(tmp_path)
-    ref = run("--config", cfg, "train")
+    ref = lora_tui("--config", cfg, "train")
     assert ref.returncode == 0, ref.stderr
     expected = adapter(tmp_path / "runs" / "ref")
     rng = random.Random(20261125)
@@ -78,7 +73,7 @@ def test_kill_9_at_random_steps_then_resume_matches_the_uninterrupted_run(tmp_pa
         assert proc.returncode == -signal.SIGKILL, f"trial {trial}: the run ended before it was killed"
         run_dir = tmp_path / "runs" / name
         mid_write += any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
-        resumed = run("--config", cfg, "train", "--resume", run_dir)
+        resumed = lora_tui("--config", cfg, "train", "--resume", run_dir)
         assert resumed.returncode == 0, f"trial {trial} (killed after step {kill_after}): {resumed.stderr}"
         assert f"finished at step {ITERATIONS}" in resumed.stdout
         got = adapter(run_dir)
@@ -110,9 +105,8 @@ def test_disk_full_during_a_save_stops_cleanly_and_keeps_the_last_good_checkpoin
         pytest.skip("this machine allows no private tmpfs mount (unshare), so no disk can be filled")
     disk, saved = tmp_path / "disk", tmp_path / "after"
     disk.mkdir(), saved.mkdir()
-    cfg = write_config(tmp_path, output=f"{{dir: {disk / 'runs'}, run_name: full}}",
-                       checkpoints="{every_steps: 1, keep_last: 100}",
-                       training="{iterations: 60, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}")
+    cfg = write_config(tmp_path, output={"dir": str(disk / "runs"), "run_name": "full"},
+                       checkpoints={"keep_last": 100}, training={"iterations": 60, "warmup_steps": 1})
     # Each checkpoint of this tiny adapter is ~230 kB with its optimizer state: 1 MB holds a few.
     script = (f"mount -t tmpfs -o size=1m none {shlex.quote(str(disk))} || exit 99; "
               f"{shlex.join(lora_tui_cmd('--config', cfg, 'train'))}; code=$?; "
@@ -128,14 +122,13 @@ def test_disk_full_during_a_save_stops_cleanly_and_keeps_the_last_good_checkpoin
     # The newest complete checkpoint is intact: resuming it on a roomy disk finishes the run.
     last = int(good[-1].name.split("_")[1])
     cfg.write_text(cfg.read_text().replace("iterations: 60", f"iterations: {last + 2}"))
-    resumed = run("--config", cfg, "train", "--resume", run_dir)
+    resumed = lora_tui("--config", cfg, "train", "--resume", run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {last}" in resumed.stdout and f"finished at step {last + 2}" in resumed.stdout
 
 
 def test_sigterm_saves_then_exits_cleanly(tmp_path, embedded_dir):
-    cfg = write_config(tmp_path, checkpoints="{every_steps: 0, keep_last: 2}",
-                       training="{iterations: 400, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}")
+    cfg = write_config(tmp_path, checkpoints={"every_steps": 0}, training={"iterations": 400, "warmup_steps": 1})
     proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -153,10 +146,9 @@ def test_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, embedded_dir):
     """SIGKILL the moment a checkpoint's temp folder appears (a bigger adapter makes the write last long
     enough to be caught): the half-written folder is ignored and cleaned up, resume takes the one before."""
     import time
-    cfg = write_config(tmp_path, lora="{rank: 64, num_layers: -1, target_modules: [q_proj, k_proj, v_proj, o_proj]}",
-                       training="{iterations: 12, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
-                                "learning_rate: 1.0e-3}",
-                       checkpoints="{every_steps: 2, keep_last: 3}")
+    cfg = write_config(tmp_path, lora={"rank": 64, "num_layers": -1,
+                                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                       training={"iterations": 12, "warmup_steps": 1}, checkpoints={"every_steps": 2, "keep_last": 3})
     caught = None
     for attempt in range(5):
         name = f"write{attempt}"
@@ -179,7 +171,7 @@ def test_kill_9_inside_a_checkpoint_write_then_resume(tmp_path, embedded_dir):
             break
     assert caught is not None, "no kill landed inside a checkpoint write in 5 attempts"
     before = sorted(p.name for p in (caught / "checkpoints").glob("step_*"))
-    resumed = run("--config", cfg, "train", "--resume", caught)
+    resumed = lora_tui("--config", cfg, "train", "--resume", caught)
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {int(before[-1].split('_')[1])}" in resumed.stdout
     assert "finished at step 12" in resumed.stdout
@@ -193,11 +185,7 @@ def test_sigterm_during_dataset_preparation_stops_without_a_checkpoint(tmp_path,
     import time
 
     from engine.train.run_folder import run_state
-    data = tmp_path / "tiny.jsonl"
-    with open(data, "w") as fh:  # big enough that tokenizing it takes a while on 2 cores
-        for i in range(20000):
-            fh.write(json.dumps({"prompt": f"What is {i} plus one? Answer in words.", "completion": f"{i + 1}"}) + "\n")
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, data={"path": str(big_dataset(tmp_path))})
     run_dir = tmp_path / "runs" / "ref"
     proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -217,10 +205,8 @@ def test_sigterm_during_the_end_of_run_samples_ends_them(tmp_path, embedded_dir)
     a SIGTERM there used to be ignored until every prompt was answered."""
     import time
     prompts = [f"Count from {i} to 500, separated by commas." for i in range(6)]
-    cfg = write_config(tmp_path, training="{iterations: 2, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
-                                          "learning_rate: 1.0e-3}",
-                       evaluation=f"{{every_steps: 0, val_batches: 1, sample_prompts: {json.dumps(prompts)}, "
-                                  "max_tokens: 64, heldout_path: ''}")
+    cfg = write_config(tmp_path, training={"iterations": 2, "warmup_steps": 1},
+                       evaluation={"sample_prompts": prompts, "max_tokens": 64})
     run_dir = tmp_path / "runs" / "ref"
     proc = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -244,11 +230,7 @@ def test_a_stop_while_tokenizing_ends_the_tokenizing(tmp_path, embedded_dir):
     from engine.protocol import Phase
     from engine.train.run import TrainingRun
     from engine.train.run_folder import run_state
-    data = tmp_path / "tiny.jsonl"
-    with open(data, "w") as fh:
-        for i in range(20000):
-            fh.write(json.dumps({"prompt": f"What is {i} plus one? Answer in words.", "completion": f"{i + 1}"}) + "\n")
-    cfg, _ = load_config(write_config(tmp_path))
+    cfg, _ = load_config(write_config(tmp_path, data={"path": str(big_dataset(tmp_path))}))
     control = RunControl()
     tokenizing: list[float] = []
 

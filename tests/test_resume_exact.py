@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli.main import run
+from helpers import increments, write_jsonl
 from test_faults import write_config
 
 
@@ -49,15 +50,14 @@ def edit(cfg: Path, old: str, new: str) -> None:
 
 
 def other_data(cfg: Path, rows: int) -> None:
-    data = cfg.parent / f"other{rows}.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n" for i in range(rows)))
+    data = write_jsonl(cfg.parent / f"other{rows}.jsonl", increments(rows))
     edit(cfg, str(cfg.parent / "tiny.jsonl"), str(data))
 
 
 @pytest.mark.parametrize("change,needle", [
     (lambda c: other_data(c, 50), "the dataset or its tokenization differs (32 training / 8 validation rows from"),  # a bigger file
     (lambda c: other_data(c, 30), "the dataset or its tokenization differs"),  # a smaller one once failed with an IndexError
-    (lambda c: edit(c, "learning_rate: 1.0e-3}", "learning_rate: 1.0e-3, seed: 7}"), "training.seed was 42, now 7"),
+    (lambda c: edit(c, "seed: 42", "seed: 7"), "training.seed was 42, now 7"),
     (lambda c: edit(c, "batch_size: 2", "batch_size: 4"), "the global batch (training.batch_size x ranks) was 2 x 1 = 2, now 4 x 1 = 4"),
     (lambda c: edit(c, "grad_accumulation: 1", "grad_accumulation: 2"), "training.grad_accumulation was 1, now 2"),
     (lambda c: edit(c, "rank: 4", "rank: 8"), "lora.rank was 4, now 8"),
@@ -80,7 +80,7 @@ def test_a_resume_that_cannot_be_exact_is_refused_and_the_run_left_as_it_was(cop
 def test_safe_changes_are_said_recorded_and_applied(copy, capsys):
     cfg, run_dir = copy
     old_config = (run_dir / "config.yaml").read_text()
-    edit(cfg, "learning_rate: 1.0e-3", "learning_rate: 5.0e-4")
+    edit(cfg, "learning_rate: 0.001", "learning_rate: 0.0005")
     edit(cfg, "iterations: 8", "iterations: 6")
     assert run(["--config", str(cfg), "train", "--resume", "latest"]) == 0
     out = capsys.readouterr().out

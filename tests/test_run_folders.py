@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine.train.run_folder import RunFolderError, RunLock, run_state
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, lora_tui, lora_tui_cmd, tiny_yaml
+from test_faults import write_config
 
 
 def hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
@@ -76,10 +76,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 # ---------------------------------------------------------------- through `lora-tui train`
 
-def lora_tui_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "tui", *map(str, args)]
-
-
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -89,19 +85,15 @@ def error_lines(err: str) -> list[str]:
 
 
 def test_two_trainings_on_one_run_name_cannot_both_write(tmp_path, embedded_dir):
-    from test_faults import write_config
-    cfg = write_config(tmp_path, training="{iterations: 400, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
-                                          "learning_rate: 1.0e-3}", checkpoints="{every_steps: 2, keep_last: 2}")
+    cfg = write_config(tmp_path, training={"iterations": 400, "warmup_steps": 1}, checkpoints={"every_steps": 2})
     first = subprocess.Popen(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     for line in first.stdout:
         if line.startswith("step 2/400"):
             break
     run_dir = tmp_path / "runs" / "ref"
-    second = subprocess.run(lora_tui_cmd("--config", cfg, "train"), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    again = subprocess.run(lora_tui_cmd("--config", cfg, "train", "--overwrite"), cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+    second = lora_tui("--config", cfg, "train")
+    again = lora_tui("--config", cfg, "train", "--overwrite")
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=120)
     for other in (second, again):
@@ -122,9 +114,7 @@ def test_two_trainings_on_one_run_name_cannot_both_write(tmp_path, embedded_dir)
 def test_a_second_run_without_resume_or_overwrite_is_refused_and_the_first_left_untouched(tmp_path, embedded_dir,
                                                                                           capsys):
     from engine.cli.main import run
-    from test_faults import write_config
-    cfg = write_config(tmp_path, training="{iterations: 3, batch_size: 2, grad_accumulation: 1, warmup_steps: 1, "
-                                          "learning_rate: 1.0e-3}")
+    cfg = write_config(tmp_path, training={"iterations": 3, "warmup_steps": 1})
     assert run(["--config", str(cfg), "train"]) == 0
     run_dir = tmp_path / "runs" / "ref"
     before = files(run_dir)
@@ -147,7 +137,6 @@ def test_a_second_run_without_resume_or_overwrite_is_refused_and_the_first_left_
 @pytest.mark.parametrize("link", ["checkpoints", "adapter", "metrics.jsonl", "checkpoints/step_000001"])
 def test_run_folder_paths_that_are_symlinks_are_refused(link, tmp_path, embedded_dir, capsys):
     from engine.cli.main import run
-    from test_faults import write_config
     cfg = write_config(tmp_path)
     run_dir = tmp_path / "runs" / "ref"
     (run_dir / link).parent.mkdir(parents=True)
@@ -179,11 +168,8 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
 
 def test_overwrite_and_resume_together_are_refused(tmp_path, embedded_dir, capsys):
     from engine.cli.main import run
-    from engine.config.loading import save_config
-    from tui_helpers import tiny_config
-    cfg = tiny_config(tmp_path, iterations=2)
-    save_config(cfg, tmp_path / "c.yaml")
-    code = run(["--config", str(tmp_path / "c.yaml"), "train", "--resume", "latest", "--overwrite"])
+    cfg = tiny_yaml(tmp_path, "c.yaml", training={"iterations": 2})
+    code = run(["--config", str(cfg), "train", "--resume", "latest", "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "--overwrite and --resume contradict each other" in err, err
-    assert not (Path(cfg.output.dir) / cfg.output.run_name).exists()
+    assert not (tmp_path / "runs" / "run").exists()
