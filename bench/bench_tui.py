@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The TUI's responsiveness and exit behaviour, on this machine.
 
-  scripts/run python bench/bench_tui.py [--presses 60] [--exits 20]
+  scripts/run python bench/bench_tui.py [--presses 60] [--exits 20] [--only startup-keys --tree PATH]
 
 1. Cold start to first frame: `lora-tui` (and `scripts/run lora-tui`) in tmux (120x40), from process start until the config form is
    on screen (read with capture-pane every 10 ms). Target <= 1.5 s.
@@ -9,7 +9,10 @@
    dataset (real engine thread, real MLX); we send screen-switch keys with tmux and poll capture-pane
    until the new screen is painted (the poll itself costs a few ms, so this is an upper bound).
    Target p95 <= 100 ms.
-3. Clean exits: N processes each train 2 steps on the engine thread from the app, then quit; every exit
+3. Keys pressed during the first 2 s (while the other screens are built in the background): a fresh
+   `lora-tui` per key; at 0.3, 0.6, ... 1.8 s after its first frame we type a character into the config
+   search box, or press F3, and poll until it is painted. `--tree PATH` measures another checkout's tui.
+4. Clean exits: N processes each train 2 steps on the engine thread from the app, then quit; every exit
    code must be 0 (MLX used to abort at exit with 134 after work on a thread).
 """
 
@@ -109,15 +112,68 @@ def latency_during_training(presses: int) -> tuple[list[float], str]:
         subprocess.run([tmux, "kill-session", "-t", name])
 
 
+STARTUP_KEYS = (("char", "%"), ("F3", "MLX peak"))  # a character typed into the search box, a screen key
+STARTUP_OFFSETS = (0.3, 0.6, 0.9, 1.2, 1.5, 1.8)  # seconds after the first frame
+
+
+def startup_key(tree: Path, kind: str, offset: float) -> float:
+    """Key-to-paint (ms) of one key sent `offset` s after a fresh app's first frame."""
+    tmux = shutil.which("tmux")
+    name = f"bench-startkey-{os.getpid()}"
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40"], check=True)
+    time.sleep(0.5)  # a shell first: a program started by new-session itself may see 80x24
+    subprocess.run([tmux, "send-keys", "-t", name, "-l", f"cd {tree} && {sys.executable} -m tui"], check=True)
+    subprocess.run([tmux, "send-keys", "-t", name, "Enter"], check=True)
+
+    def screen() -> str:
+        return subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+    try:
+        t0 = time.perf_counter()
+        while "Base model" not in screen():
+            if time.perf_counter() - t0 > 30:
+                raise SystemExit("the app never drew its first frame")
+            time.sleep(0.005)
+        first_frame = time.perf_counter()
+        key = dict(STARTUP_KEYS)[kind]
+        if kind == "char":  # painted once one more "%" is on screen (the search box echoes it)
+            before = screen().count(key)
+            painted = lambda out: out.count(key) > before  # noqa: E731
+            send = [tmux, "send-keys", "-t", name, "-l", key]
+        else:
+            painted = lambda out: key in out  # noqa: E731
+            send = [tmux, "send-keys", "-t", name, kind]
+        time.sleep(max(0.0, first_frame + offset - time.perf_counter()))
+        t0 = time.perf_counter()
+        subprocess.run(send, check=True)
+        while not painted(screen()):
+            if time.perf_counter() - t0 > 10:
+                raise SystemExit(f"{kind} at {offset} s never painted:\n{screen()}")
+            time.sleep(0.005)
+        return (time.perf_counter() - t0) * 1000
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name])
+        time.sleep(0.3)
+
+
+def startup_keys(tree: Path, rounds: int) -> None:
+    for kind, _ in STARTUP_KEYS:
+        for offset in STARTUP_OFFSETS:
+            runs = sorted(startup_key(tree, kind, offset) for _ in range(rounds))
+            print(f"  {kind} at {offset:.1f} s after the first frame: median {statistics.median(runs):.0f} ms, "
+                  f"max {runs[-1]:.0f} ms (runs: {', '.join(f'{t:.0f}' for t in runs)})", flush=True)
+
+
 EXIT_SCRIPT = """
 import asyncio, sys, tempfile
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from pathlib import Path
 from tui.app import LoraTuiApp
-from tui_helpers import tiny_config, train_state, wait_for
+from helpers import tiny_config
+from tui_helpers import train_state, wait_for
 async def main():
     app = LoraTuiApp(None)
-    app.cfg = tiny_config(Path(tempfile.mkdtemp()), iterations=2)
+    app.cfg = tiny_config(Path(tempfile.mkdtemp()), training={{"iterations": 2}}, output={{"run_name": "tui"}})
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("f3"); await pilot.pause(); await pilot.click("#start")
         await wait_for(pilot, lambda: train_state(app.screen) == "done", timeout=300)
@@ -140,7 +196,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presses", type=int, default=60)
     ap.add_argument("--exits", type=int, default=20)
-    ap.add_argument("--only", choices=["start", "latency", "exits"], help="run one of the three parts")
+    ap.add_argument("--only", choices=["start", "latency", "startup-keys", "exits"], help="run one part")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose tui startup-keys runs")
+    ap.add_argument("--rounds", type=int, default=3, help="startup-keys: fresh apps per key and offset")
     args = ap.parse_args()
     parts = {args.only} if args.only else {"start", "latency", "exits"}
     # The installed entry point (what `lora-tui` is once set up), then the README's command, which adds
@@ -159,6 +217,9 @@ def main() -> None:
         print(f"key-to-paint during training ({len(lat)} screen switches; training at: {progress}): "
               f"p50 {lat[len(lat) // 2]:.0f} ms, p95 {p95:.0f} ms, max {lat[-1]:.0f} ms; target p95 <= 100 ms: "
               f"{'PASS' if p95 <= 100 else 'FAIL'}")
+    if "startup-keys" in parts:
+        print(f"key-to-paint right after start ({args.tree}):")
+        startup_keys(args.tree.resolve(), args.rounds)
     if "exits" in parts:
         codes = exits(args.exits)
         print(f"exits after training on the engine thread: {codes.count(0)}/{len(codes)} with code 0 "
