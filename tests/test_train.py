@@ -14,37 +14,23 @@ from engine.train.checkpoints import CheckpointStore
 from engine.config.schema import Config
 from engine.train.control import RunControl
 from engine.train.run import TrainingRun
+from helpers import addition_chats, tiny_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """Short labelled conversations so that a step takes well under a second on 2 cores."""
+    """Short labelled conversations, one in four undesirable, so that a step takes well under a second."""
     path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
-    rng = np.random.default_rng(0)
-    with open(path, "w") as fh:
-        for i in range(48):
-            a, b = (int(x) for x in rng.integers(1, 50, 2))
-            fh.write(json.dumps({"messages": [{"role": "system", "content": "Add."},
-                                              {"role": "user", "content": f"{a}+{b}"},
-                                              {"role": "assistant", "content": f"{a + b}"}],
-                                 "label": "desirable" if i % 4 else "undesirable"}) + "\n")
-    return path
+    return write_jsonl(path, addition_chats(48, seed=0, system="Add.", undesirable_every=4))
 
 
-def tiny_config(tiny_data, tmp_path, **training) -> Config:
-    cfg = Config()
-    cfg.data.path = str(tiny_data)
-    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.target_modules = 4, 2, ["q_proj", "v_proj"]
-    cfg.lora.dropout = 0.1  # exercise the RNG state across resume
-    t = cfg.training
-    t.iterations, t.batch_size, t.grad_accumulation, t.warmup_steps, t.learning_rate = 6, 2, 2, 2, 1e-3
-    for k, v in training.items():
-        setattr(t, k, v)
-    cfg.evaluation.every_steps, cfg.evaluation.val_batches = 3, 2
-    cfg.evaluation.sample_prompts, cfg.evaluation.max_tokens = ["1+2"], 4
-    cfg.checkpoints.every_steps, cfg.checkpoints.keep_last = 3, 2
-    cfg.output.dir, cfg.output.run_name = str(tmp_path / "runs"), "run"
-    return cfg
+def run_config(tiny_data, tmp_path, **training) -> Config:
+    """6 steps of 2 accumulated micro-batches, validating and checkpointing every 3; `training` overrides."""
+    return tiny_config(tmp_path, data={"path": str(tiny_data)},
+                       lora={"dropout": 0.1},  # exercise the RNG state across resume
+                       training={"iterations": 6, "grad_accumulation": 2, "warmup_steps": 2, **training},
+                       evaluation={"every_steps": 3, "val_batches": 2, "sample_prompts": ["1+2"]},
+                       checkpoints={"every_steps": 3, "keep_last": 2})
 
 
 def run_in_thread(cfg: Config, listeners) -> tuple[threading.Thread, RunControl, list]:
@@ -64,9 +50,9 @@ def run_in_thread(cfg: Config, listeners) -> tuple[threading.Thread, RunControl,
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path, embedded_dir):
-    full = TrainingRun(tiny_config(tiny_data, tmp_path / "a")).run()
+    full = TrainingRun(run_config(tiny_data, tmp_path / "a")).run()
     assert full.status == "finished" and len(full.losses) == 6
-    cfg = tiny_config(tiny_data, tmp_path / "b")
+    cfg = run_config(tiny_data, tmp_path / "b")
     first = TrainingRun(cfg, stop_after=3).run()
     assert first.status == "stopped" and first.step == 3
     resumed = TrainingRun(cfg, resume="latest").run()
@@ -81,7 +67,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path, embedde
 
 def test_event_order_and_metrics_file(tiny_data, tmp_path, embedded_dir):
     seen = []
-    result = TrainingRun(tiny_config(tiny_data, tmp_path), [seen.append]).run()
+    result = TrainingRun(run_config(tiny_data, tmp_path), [seen.append]).run()
     kinds = [e.kind for e in seen if e.kind != "Phase"]
     assert kinds[0] == "Started" and kinds[-1] == "Finished"
     steps = [e.step for e in seen if isinstance(e, ev.Step)]
@@ -105,7 +91,7 @@ def test_event_order_and_metrics_file(tiny_data, tmp_path, embedded_dir):
 
 
 def test_pause_resume_stop_from_another_thread(tiny_data, tmp_path, embedded_dir):
-    cfg = tiny_config(tiny_data, tmp_path, iterations=50)
+    cfg = run_config(tiny_data, tmp_path, iterations=50)
     cfg.checkpoints.every_steps = cfg.evaluation.every_steps = 0  # so the only checkpoint is the stop's
     events, stepped = [], threading.Event()
 
@@ -136,7 +122,7 @@ def test_pause_resume_stop_from_another_thread(tiny_data, tmp_path, embedded_dir
 
 def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, embedded_dir):
     import mlx.core as mx
-    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg = run_config(tiny_data, tmp_path, iterations=6)
     cfg.checkpoints.every_steps = 2
     run = TrainingRun(cfg)
 
@@ -158,7 +144,7 @@ def test_nan_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_data, tmp_pat
 def test_crash_between_write_and_rename_leaves_previous_checkpoint(tiny_data, tmp_path, embedded_dir,
                                                                  monkeypatch):
     import engine.atomic as atomic
-    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg = run_config(tiny_data, tmp_path, iterations=6)
     cfg.evaluation.every_steps = 0
     real_rename, calls = os.rename, {"n": 0}
 
@@ -184,7 +170,7 @@ def test_crash_between_write_and_rename_leaves_previous_checkpoint(tiny_data, tm
 
 
 def test_corrupt_latest_checkpoint_falls_back(tiny_data, tmp_path, embedded_dir):
-    cfg = tiny_config(tiny_data, tmp_path, iterations=6)
+    cfg = run_config(tiny_data, tmp_path, iterations=6)
     cfg.checkpoints.every_steps, cfg.evaluation.every_steps, cfg.checkpoints.keep_last = 2, 0, 5
     first = TrainingRun(cfg, stop_after=4).run()
     latest = first.run_dir / "checkpoints" / "step_000004"
@@ -200,7 +186,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_data, tmp_path, embedded_dir)
 def test_adapter_loads_in_mlx_lm_and_matches(tiny_data, tmp_path, embedded_dir):
     import mlx.core as mx
     from mlx_lm import load
-    result = TrainingRun(tiny_config(tiny_data, tmp_path)).run()
+    result = TrainingRun(run_config(tiny_data, tmp_path)).run()
     config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["scale"] == 32.0 / 4
     ours, tok = load(str(embedded_dir), adapter_path=str(result.run_dir / "adapter"))
@@ -209,7 +195,7 @@ def test_adapter_loads_in_mlx_lm_and_matches(tiny_data, tmp_path, embedded_dir):
     assert not mx.allclose(ours(x), base(x), atol=1e-3).item()  # the adapter changes the output
     # the same adapter through our loader gives the same logits
     from engine.model.adapters import load_with_adapter
-    cfg = tiny_config(tiny_data, tmp_path)
+    cfg = run_config(tiny_data, tmp_path)
     cfg.model.quantized_base = "keep"  # like mlx_lm.load: the quantized base (our scales are float32,
     mine, _, _ = load_with_adapter(cfg, result.run_dir / "adapter")  # mlx-lm's float16: tiny differences)
     assert mx.allclose(mine(x), ours(x), rtol=1e-3, atol=1e-2).item()
@@ -217,7 +203,7 @@ def test_adapter_loads_in_mlx_lm_and_matches(tiny_data, tmp_path, embedded_dir):
 
 
 def test_training_refuses_bad_targets(tiny_data, tmp_path, embedded_dir):
-    cfg = tiny_config(tiny_data, tmp_path)
+    cfg = run_config(tiny_data, tmp_path)
     cfg.lora.target_modules = ["q_proj", "query"]
     result = TrainingRun(cfg).run()
     assert result.status == "failed" and result.error_kind == "config"
@@ -271,9 +257,9 @@ def test_compiled_update_and_clip_equal_the_step_by_step_ones():
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
-def test_every_schedule_trains_without_warmup(schedule, tiny_data, tmp_path):
+def test_every_schedule_trains_without_warmup(schedule, tiny_data, tmp_path, embedded_dir):
     # A constant schedule without warmup once crashed in the optimizer's first update.
-    cfg = tiny_config(tiny_data, tmp_path, iterations=2, warmup_steps=0, lr_schedule=schedule)
+    cfg = run_config(tiny_data, tmp_path, iterations=2, warmup_steps=0, lr_schedule=schedule)
     cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
     cfg.evaluation.sample_prompts = []
     events = []
@@ -285,7 +271,7 @@ def test_every_schedule_trains_without_warmup(schedule, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("variant", ["dora", "qlora"])
 def test_dora_and_qlora_train_and_save_mlx_lm_adapters(variant, tiny_data, tmp_path, embedded_dir):
-    cfg = tiny_config(tiny_data, tmp_path, iterations=2)
+    cfg = run_config(tiny_data, tmp_path, iterations=2)
     cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
     cfg.evaluation.sample_prompts = []
     if variant == "dora":
@@ -306,8 +292,8 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     next run in the same process (the TUI's case) must not inherit it."""
     from mlx_lm.models.llama import TransformerBlock
     plain_call = TransformerBlock.__call__
-    cfg_plain = tiny_config(tiny_data, tmp_path / "a", iterations=3)
-    cfg_ckpt = tiny_config(tiny_data, tmp_path / "b", iterations=3, grad_checkpoint=True)
+    cfg_plain = run_config(tiny_data, tmp_path / "a", iterations=3)
+    cfg_ckpt = run_config(tiny_data, tmp_path / "b", iterations=3, grad_checkpoint=True)
     # Without dropout: with it the two runs draw different masks (checkpointed blocks draw theirs from a key).
     cfg_plain.lora.dropout = cfg_ckpt.lora.dropout = 0.0
     plain = TrainingRun(cfg_plain).run()
