@@ -9,9 +9,8 @@ from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
 from engine.config.schema import SPECS
 from tui.app import LoraTuiApp
 from tui.screens.confirm import ConfirmScreen
-from tui_helpers import answering, tiny_config, train_state, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, lora_tui_cmd, tiny_config, tiny_yaml
+from tui_helpers import answering, train_state, wait_for
 SIZE = (120, 40)
 
 
@@ -110,7 +109,7 @@ async def test_dataset_screen_lists_bad_lines_and_renders_masking(app_in, embedd
 async def test_train_then_chat_with_the_adapter(tmp_path, embedded_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
-    app.cfg = tiny_config(tmp_path)
+    app.cfg = tiny_config(tmp_path, output={"run_name": "tui"})
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
         await pilot.pause()
@@ -141,7 +140,7 @@ async def test_ctrl_s_saves_a_checkpoint_now(tmp_path, embedded_dir, monkeypatch
     """ctrl+s on the Train screen: a checkpoint at the next step, listed with reason "manual"."""
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
-    app.cfg = tiny_config(tmp_path, iterations=500)
+    app.cfg = tiny_config(tmp_path, training={"iterations": 500}, output={"run_name": "tui"})
     app.cfg.checkpoints.every_steps = app.cfg.evaluation.every_steps = 0  # no checkpoint but the one asked for
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
@@ -164,7 +163,7 @@ async def test_ctrl_s_saves_a_checkpoint_now(tmp_path, embedded_dir, monkeypatch
 async def test_quit_during_training_saves_and_exits_0(tmp_path, embedded_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
-    app.cfg = tiny_config(tmp_path, iterations=500)
+    app.cfg = tiny_config(tmp_path, training={"iterations": 500}, output={"run_name": "tui"})
     app.cfg.checkpoints.every_steps = app.cfg.evaluation.every_steps = 0  # only the stop saves
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
@@ -200,14 +199,10 @@ async def test_follow_a_run_started_headless(tmp_path, embedded_dir, monkeypatch
     """A run started elsewhere (here `lora-tui train` in another process) shown live on the Train screen
     from its metrics.jsonl: the way a distributed run started with mlx.launch is followed."""
     import subprocess
-    import sys
-    from engine.config.loading import save_config
     monkeypatch.chdir(ROOT)
-    cfg = tiny_config(tmp_path, iterations=6)
-    cfg.output.run_name = "headless"
-    save_config(cfg, tmp_path / "c.yaml")
-    run_dir = Path(cfg.output.dir) / "headless"
-    proc = subprocess.Popen([sys.executable, "-m", "tui", "--config", str(tmp_path / "c.yaml"), "train"], cwd=ROOT,
+    config = tiny_yaml(tmp_path, "c.yaml", training={"iterations": 6}, output={"run_name": "headless"})
+    run_dir = tmp_path / "runs" / "headless"
+    proc = subprocess.Popen(lora_tui_cmd("--config", config, "train"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         app = LoraTuiApp(None)
@@ -236,8 +231,7 @@ async def test_launch_a_distributed_run_from_a_hosts_file(tmp_path, embedded_dir
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
     app = LoraTuiApp(None)
-    app.cfg = tiny_config(tmp_path, iterations=4)
-    app.cfg.output.run_name = "two-ranks"
+    app.cfg = tiny_config(tmp_path, output={"run_name": "two-ranks"})
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
         screen = app.screen
