@@ -100,3 +100,29 @@ async def test_send_clicked_leaves_focus_in_the_input(monkeypatch):
         await pilot.pause()
         assert app.screen.query_one("#chat-send").disabled
         assert app.screen.focused is app.screen.query_one("#chat-input")
+
+
+class UnreadableRun:
+    """A followed run whose metrics.jsonl cannot be read."""
+    launched = False
+
+    def run(self, on_event, should_stop):
+        raise OSError("metrics.jsonl: permission denied")
+
+    def problem(self):
+        return None
+
+
+async def test_a_follow_whose_reader_fails_ends_and_says_why(monkeypatch):
+    from tui_helpers import train_state
+    monkeypatch.chdir(ROOT)
+    app = LoraTuiApp(None)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen.query("#start"), timeout=10, what="the train screen")
+        screen = app.screen
+        screen.external = UnreadableRun()
+        screen._set_buttons("following")
+        screen.run_worker(screen._follow, thread=True, exit_on_error=False)
+        await wait_for(pilot, lambda: train_state(screen) == "done", timeout=10, what="the follow's end")
+        assert any("permission denied" in str(n.message) for n in app._notifications)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from textual import on
