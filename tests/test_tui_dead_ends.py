@@ -11,9 +11,8 @@ import pytest
 from textual.widgets import Input, Static
 
 from tui.app import LoraTuiApp
+from helpers import ROOT, tiny_config, tiny_yaml
 from tui_helpers import answering, train_state, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
 
 
@@ -420,19 +419,15 @@ async def test_resume_a_killed_run_from_the_train_screen(tmp_path, embedded_dir,
     last checkpoint, with every earlier checkpoint as it was (a fresh start used to overwrite and prune them)."""
     import json
 
-    from engine.config.loading import save_config
     from engine.train.run_folder import run_state
     from tui.screens.confirm import ConfirmScreen
-    from tui_helpers import tiny_config
     monkeypatch.chdir(ROOT)
     # Enough steps that the SIGKILL lands mid-run even when the poller is starved on a loaded 2-core machine.
     STEPS = 30  # noqa: N806
-    cfg = tiny_config(tmp_path, iterations=STEPS)
-    cfg.checkpoints.keep_last = 100  # nothing is pruned: every checkpoint must survive
-    cfg.evaluation.every_steps = 6
-    config = tmp_path / "config.yaml"
-    save_config(cfg, config)
-    run_dir = Path(cfg.output.dir) / "tui"
+    config = tiny_yaml(tmp_path, "config.yaml", training={"iterations": STEPS}, evaluation={"every_steps": 6},
+                       checkpoints={"keep_last": 100},  # nothing is pruned: every checkpoint must survive
+                       output={"run_name": "tui"})
+    run_dir = tmp_path / "runs" / "tui"
     kill_app_after_first_checkpoint(config, run_dir, tmp_path)
     before = checkpoints(run_dir)
     last = max(before)
@@ -462,9 +457,8 @@ async def test_declining_the_resume_starts_a_new_run_and_keeps_the_old(tmp_path,
     from engine.train.run_folder import run_state
     from engine.train.run import TrainingRun
     from tui.screens.confirm import ConfirmScreen
-    from tui_helpers import tiny_config
     monkeypatch.chdir(ROOT)
-    cfg = tiny_config(tmp_path, iterations=4)
+    cfg = tiny_config(tmp_path, training={"iterations": 4}, output={"run_name": "tui"})
     result = TrainingRun(cfg, stop_after=2).run()  # stopped before the end: a run to resume
     run_dir = Path(cfg.output.dir) / "tui"
     assert result.step == 2 and run_state(run_dir).state == "interrupted"
