@@ -4,11 +4,8 @@ the warning a user gets when a run will not fit."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, increments, tiny_config, write_jsonl
 
 # In a process of its own, so that no other test's arrays count towards the peak.
 MEASURE = """
@@ -62,15 +59,9 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(embedded_dir):
 def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedded_dir, monkeypatch):
     from engine import protocol as ev
     from engine.model import memory
-    from engine.config.schema import Config
     from engine.train.run import TrainingRun
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+1", "completion": str(i + 1)}) + "\n" for i in range(8)))
-    cfg = Config()
-    cfg.data.path = str(data)
-    cfg.training.iterations, cfg.training.batch_size = 1, 2
-    cfg.evaluation.every_steps, cfg.evaluation.sample_prompts, cfg.evaluation.heldout_path = 0, [], ""
-    cfg.output.dir = str(tmp_path / "runs")
+    cfg = tiny_config(tmp_path, data={"path": str(write_jsonl(tmp_path / "d.jsonl", increments(8)))},
+                      training={"iterations": 1}, evaluation={"every_steps": 0})
     # A machine with 300 MB to spare: less than the embedded model's own weights in float32.
     monkeypatch.setattr(memory, "available_bytes", lambda: 300_000_000)
     events = []

@@ -1,13 +1,11 @@
 """SVG snapshots of each screen at 120x40 (pytest-textual-snapshot). Update with --snapshot-update."""
 
-from pathlib import Path
-
 import pytest
 
+from helpers import ROOT
 from tui.app import LoraTuiApp
 from tui_helpers import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = (120, 40)
 
 
