@@ -7,32 +7,25 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, tiny_yaml, write_jsonl
+
 BIN = Path(sys.executable).parent
 
 
 def config(tmp_path: Path, name: str, batch: int, iterations: int, every: int = 0) -> Path:
     data = tmp_path / "tiny.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps({"prompt": f"{i} plus {i % 7}", "completion": str(i + i % 7)}) + "\n"
-                                for i in range(64)))
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(f"""
-lora: {{rank: 4, num_layers: 2, target_modules: [q_proj, v_proj], dropout: 0.0}}
-training: {{iterations: {iterations}, batch_size: {batch}, grad_accumulation: 1, warmup_steps: 1, learning_rate: 1.0e-3}}
-data: {{path: {data}, validation_split: 0.1}}
-checkpoints: {{every_steps: {every}, keep_last: 3}}
-evaluation: {{every_steps: 0, val_batches: 1, sample_prompts: [], heldout_path: ''}}
-output: {{dir: {tmp_path / 'runs'}, run_name: {name}, log_every_steps: 1}}
-""")
-    return cfg
+        write_jsonl(data, ({"prompt": f"{i} plus {i % 7}", "completion": str(i + i % 7)} for i in range(64)))
+    return tiny_yaml(tmp_path, f"{name}.yaml", data={"path": str(data), "validation_split": 0.1},
+                     lora={"dropout": 0.0}, training={"iterations": iterations, "batch_size": batch},
+                     checkpoints={"every_steps": every, "keep_last": 3}, evaluation={"every_steps": 0},
+                     output={"run_name": name})
 
 
 def launch(cfg: Path, *extra: str) -> list[str]:
