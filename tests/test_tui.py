@@ -188,10 +188,11 @@ async def test_bad_config_file_shows_errors_not_a_crash(tmp_path, embedded_dir, 
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rank: 0\ntraining:\n  lerning_rate: 1\n")
     app = LoraTuiApp(str(bad))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await pilot.pause()
         assert "1 <= x <= 1024" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
-        notes = [n.message for n in app._notifications]
+        from tui_helpers import notifications_shown
+        notes = notifications_shown(app)
         assert any("did you mean 'training.learning_rate'" in m for m in notes)
 
 

@@ -25,7 +25,8 @@ def app_in(tmp_path, monkeypatch):
 
 
 def notes(app) -> list[str]:
-    return [n.message for n in app._notifications]
+    from tui_helpers import notifications_shown
+    return notifications_shown(app)
 
 
 async def type_into(pilot, field: str, text: str) -> None:
@@ -48,7 +49,7 @@ async def test_save_refuses_a_field_whose_text_is_no_valid_value(app_in, tmp_pat
     """Each keystroke of 99999 was valid up to 999 and 1e3 up to 1: the form used to save those."""
     app = app_in()
     before = (tmp_path / "config.yaml").read_text()
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await type_into(pilot, "rank", typed)
         assert app.screen.query_one("#f-lora--rank", Input).value == typed
         await type_into(pilot, "alpha", "64")  # a valid edit elsewhere must not hide the rank problem
@@ -92,7 +93,7 @@ async def test_a_file_value_that_cannot_be_read_is_not_saved_as_the_default(tmp_
     config = tmp_path / "config.yaml"
     config.write_text("lora:\n  rank: abc\n  alpha: 8\n")
     app = LoraTuiApp(str(config))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await pilot.pause()
         assert "✗" in str(app.screen.query_one("#f-lora--rank-msg", Static).render())
         await pilot.press("ctrl+s")
@@ -236,7 +237,7 @@ async def test_an_engine_error_ends_the_answer_and_the_next_message_works(tmp_pa
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
     app.cfg.model.name = str(model_with_refusing_template(embedded_dir, tmp_path / "model"))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await pilot.press("f4")
         await pilot.pause()
         chat = app.screen

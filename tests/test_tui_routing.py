@@ -117,7 +117,7 @@ async def test_a_follow_whose_reader_fails_ends_and_says_why(monkeypatch):
     from tui_helpers import train_state
     monkeypatch.chdir(ROOT)
     app = LoraTuiApp(None)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
         await pilot.press("f3")
         await wait_for(pilot, lambda: app.screen.query("#start"), timeout=10, what="the train screen")
         screen = app.screen
@@ -125,4 +125,6 @@ async def test_a_follow_whose_reader_fails_ends_and_says_why(monkeypatch):
         screen._set_buttons("following")
         screen.run_worker(screen._follow, thread=True, exit_on_error=False)
         await wait_for(pilot, lambda: train_state(screen) == "done", timeout=10, what="the follow's end")
-        assert any("permission denied" in str(n.message) for n in app._notifications)
+        from tui_helpers import notifications_shown
+        await wait_for(pilot, lambda: any("permission denied" in m for m in notifications_shown(app)), timeout=10,
+                       what="the notice")

@@ -27,3 +27,9 @@ def train_state(screen) -> str:
 def answering(chat) -> bool:
     """An answer is on its way: the chat's Send button is off until it ends."""
     return chat.query_one("#chat-send").disabled
+
+
+def notifications_shown(app) -> list[str]:
+    """The text of every notification toast on the screen in front (title and message), as the user reads it
+    (an app run with `run_test(notifications=True)`: Textual leaves toasts out of tests otherwise)."""
+    return [str(toast.render()) for toast in app.screen.query("Toast")]
