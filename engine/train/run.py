@@ -284,9 +284,13 @@ class TrainingRun:
         self.emit(ev.CheckpointSaved(state.step, str(path), reason, is_best,
                                      tuple(str(c.path) for c in setup.store.list())))
 
+    def _saved_this_step(self) -> bool:
+        last = self.state.last_checkpoint
+        return bool(last) and last.endswith(f"step_{self.state.step:06d}")
+
     def _save_while_paused(self, session_seconds: float) -> None:
         state = self.state
-        if state.last_checkpoint and state.last_checkpoint.endswith(f"step_{state.step:06d}"):
+        if self._saved_this_step():
             # Re-saving would replace that checkpoint's record (its validation loss) with a bare one.
             self.warn(f"step {state.step} is saved already: {state.last_checkpoint}")
             return
@@ -314,7 +318,7 @@ class TrainingRun:
             if final_val < state.best_val:
                 state.best_val = final_val
                 self._checkpoint("best", final_val, True, elapsed)
-        if not state.last_checkpoint or not state.last_checkpoint.endswith(f"step_{state.step:06d}"):
+        if not self._saved_this_step():
             self._checkpoint("stop" if status == "stopped" else "final", final_val, False, elapsed)
         if not self.world.is_main:
             return RunResult(status, setup.run_dir, state.step, state.losses)
