@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,25 @@ def tiny_yaml(tmp_path: Path, name: str = "tiny.yaml", **sections: dict) -> Path
     path = tmp_path / name
     save_config(tiny_config(tmp_path, **sections), path)
     return path
+
+
+def run_in_thread(cfg: Config, listeners) -> tuple[threading.Thread, "RunControl", list]:
+    """A run on its own thread, as the TUI's worker runs it: (thread, control, [result once done]). The
+    thread releases its MLX streams before it ends, as every thread that used MLX must."""
+    from engine import release_mlx_streams
+    from engine.train.control import RunControl
+    from engine.train.run import TrainingRun
+    control, box = RunControl(), []
+
+    def target():
+        try:
+            box.append(TrainingRun(cfg, listeners, control).run())
+        finally:
+            release_mlx_streams()
+
+    thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
+    thread.start()
+    return thread, control, box
 
 
 # ---------------------------------------------------------------------------------------- the command line

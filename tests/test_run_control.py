@@ -3,14 +3,11 @@ step it paused on, and the run stays paused; asking twice for the same step keep
 
 import json
 import queue
-import threading
 from pathlib import Path
 
-from helpers import tiny_config
+from helpers import run_in_thread, tiny_config
 
 from engine import protocol as ev
-from engine.train.control import RunControl
-from engine.train.run import TrainingRun
 
 
 def next_event(events: queue.Queue, kind, timeout: float = 120):
@@ -27,10 +24,7 @@ def test_save_now_while_paused_saves_at_once_and_stays_paused(tmp_path, embedded
     cfg = tiny_config(tmp_path, training={"iterations": 200}, checkpoints={"every_steps": 0},
                       evaluation={"every_steps": 0})
     events: queue.Queue = queue.Queue()
-    control = RunControl()
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(TrainingRun(cfg, [events.put], control).run()))
-    thread.start()
+    thread, control, result = run_in_thread(cfg, [events.put])
     try:
         next_event(events, ev.Step)
         control.pause()

@@ -12,9 +12,8 @@ import pytest
 from engine import protocol as ev
 from engine.train.checkpoints import CheckpointStore
 from engine.config.schema import Config
-from engine.train.control import RunControl
 from engine.train.run import TrainingRun
-from helpers import addition_chats, tiny_config, write_jsonl
+from helpers import addition_chats, run_in_thread, tiny_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +30,6 @@ def run_config(tiny_data, tmp_path, **training) -> Config:
                        training={"iterations": 6, "grad_accumulation": 2, "warmup_steps": 2, **training},
                        evaluation={"every_steps": 3, "val_batches": 2, "sample_prompts": ["1+2"]},
                        checkpoints={"every_steps": 3, "keep_last": 2})
-
-
-def run_in_thread(cfg: Config, listeners) -> tuple[threading.Thread, RunControl, list]:
-    """A run on its own thread, as the TUI's worker runs it: (thread, control, [result once done])."""
-    from engine import release_mlx_streams
-    control, box = RunControl(), []
-
-    def target():
-        try:
-            box.append(TrainingRun(cfg, listeners, control).run())
-        finally:
-            release_mlx_streams()
-
-    thread = threading.Thread(target=target, name="lora-tui-train", daemon=False)
-    thread.start()
-    return thread, control, box
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tiny_data, tmp_path, embedded_dir):
