@@ -10,7 +10,7 @@ from helpers import FIXTURES, lora_tui
 def test_validate_sample_dataset_ok(embedded_dir):
     r = lora_tui("validate")
     assert r.returncode == 0, r.stderr
-    assert "1200 of 1200 conversations valid" in r.stdout
+    assert "1440 of 1440 conversations valid" in r.stdout
 
 
 def test_validate_bad_dataset_lists_lines_and_exits_3(embedded_dir):
@@ -24,7 +24,7 @@ def test_validate_bad_dataset_lists_lines_and_exits_3(embedded_dir):
 def test_validate_json_report(embedded_dir):
     r = lora_tui("validate", "--json", "--no-tokenize")
     report = json.loads(r.stdout)
-    assert report["valid"] == 1200 and report["failed"] is False
+    assert report["valid"] == 1440 and report["failed"] is False
 
 
 @pytest.mark.parametrize("args,code,needle", [

@@ -79,8 +79,8 @@ def test_new_user_session(tmp_path, embedded_dir):
         term.keys("F2")
         term.wait_for("Validate")
         term.keys("C-v")
-        screen = term.wait_for("1200 valid of 1200 conversations", 60)
-        assert "will train on 880" in screen and "trained" in screen
+        screen = term.wait_for("1440 valid of 1440 conversations", 60)
+        assert "will train on 1072" in screen and "trained" in screen
         # 3. train 5 steps
         term.keys("F3")
         term.wait_for("Start")

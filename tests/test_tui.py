@@ -102,8 +102,8 @@ async def test_dataset_screen_lists_bad_lines_and_renders_masking(app_in, embedd
         # the sample dataset: clean, with a length histogram
         app.screen.query_one("#dataset-path", Input).value = "data/tool_calls.jsonl"
         await pilot.click("#validate")
-        await wait_for(pilot, lambda: "1200 valid" in str(app.screen.query_one("#dataset-summary", Static).render()))
-        assert sum(app.screen.query_one("#histogram", Sparkline).data) == 1200
+        await wait_for(pilot, lambda: "1440 valid" in str(app.screen.query_one("#dataset-summary", Static).render()))
+        assert sum(app.screen.query_one("#histogram", Sparkline).data) == 1440
 
 
 async def test_train_then_chat_with_the_adapter(tmp_path, embedded_dir, monkeypatch):

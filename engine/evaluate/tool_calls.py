@@ -1,5 +1,6 @@
 """The tool-call behaviour metric on held-out prompts: does the model call the expected tool with the
-expected arguments (`lora-tui train --eval-only`, bench/bench_finetune.py)."""
+expected arguments (`lora-tui train --eval-only`, bench/bench_finetune.py), and, on prompts whose
+"expected" is null, does it answer without calling a tool at all."""
 
 from __future__ import annotations
 
@@ -20,14 +21,20 @@ class ToolCallScore:
     well_formed: int = 0  # a <tool_call> with JSON holding name and arguments
     right_tool: int = 0
     exact: int = 0  # right tool and exactly the expected arguments
+    # The four counts above cover the tool prompts only, so figures from before no-tool prompts existed
+    # stay comparable; the no-tool prompts are counted apart.
+    no_tool_prompts: int = 0
+    no_tool_correct: int = 0  # the reply holds no <tool_call>
     examples: list[dict] = field(default_factory=list)
 
     def rate(self, what: str) -> float:
         return getattr(self, what) / self.prompts if self.prompts else 0.0
 
     def to_dict(self) -> dict:
+        no_tool = self.no_tool_correct / self.no_tool_prompts if self.no_tool_prompts else None
         return {"prompts": self.prompts, "well_formed": self.rate("well_formed"),
-                "right_tool": self.rate("right_tool"), "exact": self.rate("exact")}
+                "right_tool": self.rate("right_tool"), "exact": self.rate("exact"),
+                "no_tool_prompts": self.no_tool_prompts, "no_tool": no_tool}
 
 
 def _norm(value):
@@ -55,7 +62,8 @@ def score_call(text: str, expected: dict) -> tuple[bool, bool, bool]:
 
 
 def load_heldout(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Held-out prompts, one JSON object a line: {"messages": [...], "expected": {"name", "arguments"}}."""
+    """Held-out prompts, one JSON object a line: {"messages": [...], "expected": {"name", "arguments"}}, or
+    "expected": null for a prompt that no tool fits."""
     from engine.data import DatasetError
     items = []
     try:
@@ -78,12 +86,14 @@ def _heldout_item(line: str, where: str) -> dict:
         item = json.loads(line)
     except ValueError as exc:
         raise DatasetError(f"{where}: invalid JSON ({exc})") from None
-    expected = item.get("expected") if isinstance(item, dict) else None
+    expected = item.get("expected", ...) if isinstance(item, dict) else ...
+    # null means "no tool should be called"; a missing key is still an error (most likely a typo).
     if not (isinstance(item, dict) and isinstance(item.get("messages"), list) and item["messages"]
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in item["messages"])
-            and isinstance(expected, dict) and "name" in expected and isinstance(expected.get("arguments"), dict)):
+            and (expected is None or isinstance(expected, dict) and "name" in expected
+                 and isinstance(expected.get("arguments"), dict))):
         raise DatasetError(f"{where}: a held-out prompt needs messages (a list of role/content objects) and "
-                           "expected {name, arguments}")
+                           "expected {name, arguments}, or expected null when no tool should be called")
     return item
 
 
@@ -92,6 +102,10 @@ def tool_call_score(model, tokenizer, items: list[dict], max_tokens: int = 96, k
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
     for item in items:
         text = reply(model, tokenizer, item["messages"], settings)
+        if item["expected"] is None:
+            score.no_tool_prompts += 1
+            score.no_tool_correct += "<tool_call>" not in text
+            continue
         formed, right, exact = score_call(text, item["expected"])
         score.prompts += 1
         score.well_formed += formed
