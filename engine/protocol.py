@@ -31,6 +31,32 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
+class PreferenceStats:
+    """What a KTO/DPO/ORPO step or validation shows beside its loss (None where the method has no such value):
+    mean rewards of desirable/chosen and undesirable/rejected answers, their margin, the share of rows on the
+    right side (DPO/ORPO: chosen above rejected; KTO: log ratio above z0 if desirable, below if not), KTO's
+    reference point z0 (its KL estimate) and ORPO's NLL term."""
+    method: str
+    chosen_reward: float | None
+    rejected_reward: float | None
+    margin: float | None
+    accuracy: float
+    kl: float | None
+    nll: float | None
+
+    def describe(self) -> str:
+        show = lambda x: "-" if x is None else f"{x:+.3f}"  # noqa: E731
+        names = ("desirable", "undesirable") if self.method == "kto" else ("chosen", "rejected")
+        text = (f"rewards {names[0]} {show(self.chosen_reward)} / {names[1]} {show(self.rejected_reward)}, "
+                f"margin {show(self.margin)}, accuracy {self.accuracy:.0%}")
+        if self.kl is not None:
+            text += f", KL {self.kl:.4f}"
+        if self.nll is not None:
+            text += f", NLL {self.nll:.4f}"
+        return text
+
+
+@dataclass(frozen=True)
 class _Event:
     time: float = field(default_factory=time.time, kw_only=True)
 
@@ -78,6 +104,7 @@ class Step(_Event):
     eta_seconds: float
     tokens_seen: int
     memory: MemoryStats
+    preference: PreferenceStats | None = None  # kto, dpo and orpo runs
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,7 @@ class Eval(_Event):
     perplexity: float
     is_best: bool
     seconds: float
+    preference: PreferenceStats | None = None  # kto, dpo and orpo runs (perplexity is then NaN)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,18 @@ class TrainingConfig:
                                  "buffers before queuing more (slower, never fails); 0 = the step's memory "
                                  "estimate + 15%", min=0, max=1e6)
     seed: int = opt(42, "Seed for the split, data order, dropout and adapter init", min=0, max=2**31 - 1)
+    method: str = opt("sft", "What the run learns from: sft = the desirable (data.train_labels) rows' "
+                      "answers; kto = desirable and undesirable rows (unpaired labels); dpo / orpo = pair rows "
+                      "(chosen / rejected)", choices=["sft", "kto", "dpo", "orpo"])
+    init_adapter: str = opt("", "Start from this adapter (an adapter, checkpoint or run folder), e.g. SFT first, "
+                            "then KTO on top; for kto/dpo it is also the reference policy; empty = fresh adapters")
+    beta: float = opt(0.1, "KTO/DPO: how far the policy may move from the reference (higher = stays closer); "
+                      "ORPO: the weight of its odds-ratio term (TRL's beta)", min=0, max=100, min_open=True)
+    desirable_weight: float = opt(1.0, "KTO: weight of the desirable rows' loss (the paper's lambda_D)",
+                                  min=0, max=100, min_open=True)
+    undesirable_weight: float = opt(0.0, "KTO: weight of the undesirable rows' loss (lambda_U); 0 = auto, "
+                                    "balancing the classes: desirable_weight x desirable rows / undesirable rows",
+                                    min=0, max=100)
 
 
 @dataclass

@@ -140,6 +140,11 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
     if t.batch_size * cfg.model.max_seq_length > 262144:
         warn("training.batch_size", f"batch {t.batch_size} x {cfg.model.max_seq_length} tokens is large: "
              "memory may not fit; use gradient accumulation instead")
+    if t.method != "sft" and lora.dropout > 0:
+        warn("lora.dropout", f"off for {t.method} (as TRL's disable_dropout): its rewards compare the policy with "
+             "the reference, and dropout noise would show as reward")
+    if t.method != "kto" and t.undesirable_weight > 0:
+        warn("training.undesirable_weight", f"only kto uses it (training.method is {t.method})")
     if cfg.model.trust_remote_code:
         warn("model.trust_remote_code", "on: the model directory may run arbitrary Python code")
     if ck.every_steps and ev.every_steps and ck.keep_best and ck.every_steps % ev.every_steps:

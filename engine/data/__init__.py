@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from engine.config.schema import Config
 from engine.data.encode import ChatEncoder, Encoded
-from engine.data.records import Conversation, LineIssue, parse_record
+from engine.data.methods import for_method, method_use
+from engine.data.pairs import parse_record
+from engine.data.records import Conversation, LineIssue
 from engine.data.split import stratified_split
 from engine.data.validate import DatasetError, DatasetReport, Example, validate_dataset
 
 __all__ = ["ChatEncoder", "Conversation", "DatasetError", "DatasetReport", "Encoded", "Example",
-           "LineIssue", "PreparedData", "parse_record", "prepare_dataset", "stratified_split",
+           "LineIssue", "PreparedData", "method_use", "parse_record", "prepare_dataset", "stratified_split",
            "validate_dataset", "validate_with_config"]
 
 
@@ -23,10 +25,12 @@ class PreparedData:
 
 
 def validate_with_config(cfg: Config, tokenizer, path: str | None = None, **kwargs):
-    """validate_dataset with the config's length limit, threshold, labels and masking."""
+    """validate_dataset with the config's length limit, threshold, labels (SFT's; the preference methods
+    keep every row, engine.data.methods picks theirs) and masking."""
     d = cfg.data
+    labels = d.train_labels if cfg.training.method == "sft" else []
     return validate_dataset(path or d.path, tokenizer, max_seq_length=cfg.model.max_seq_length,
-                            error_threshold=d.error_threshold, train_labels=d.train_labels,
+                            error_threshold=d.error_threshold, train_labels=labels,
                             mask_prompt=d.mask_prompt, **kwargs)
 
 
@@ -50,6 +54,7 @@ def prepare_dataset(cfg: Config, tokenizer, path: str | None = None, progress=No
                            f"{d.train_labels} (labels found: {dict(report.labels)})")
     train, valid = stratified_split(examples, [e.label for e in examples], d.validation_split,
                                     cfg.training.seed, d.stratify)
+    train, valid = for_method(cfg.training.method, train, valid, report, report.warnings.append)
     batch = cfg.training.batch_size
     if valid and len(valid) < batch:
         report.warnings.append(f"the validation split has {len(valid)} conversations, fewer than "

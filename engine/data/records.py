@@ -5,6 +5,7 @@ Accepted shapes (one JSON object per line):
   mlx-lm chat: {"messages": [{"role", "content"}], "tools": [...]}
   completions: {"prompt": "...", "completion": "..."}
   plain text:  {"text": "..."}
+  pairs:       {"prompt" | "messages", "chosen", "rejected"} (DPO/ORPO; engine/data/pairs.py)
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)  # [{"role", "content"}], roles normalized
     tools: list | None = None
     label: str | None = None
-    format: str = "chat"  # "seed", "chat", "completion" or "text"
+    format: str = "chat"  # "seed", "chat", "completion", "text" or "pair"
     text: str | None = None  # only for the plain-text format
+    rejected: list[dict] | None = None  # a pair row (engine/data/pairs.py): prompt + the rejected answer
+    prompt_turns: int = 0  # a pair row: messages shared by both answers (context, not compared)
+
+    def rejected_conversation(self) -> "Conversation":
+        return Conversation(list(self.rejected or []), self.tools, self.label, self.format)
 
 
 def _label(record: dict, line: int, issues: list[LineIssue]) -> str | None:
@@ -190,8 +196,9 @@ def _check_order(messages: list[dict], key: str, line: int, issues: list[LineIss
         issues.append(LineIssue(line, key, "no assistant turn: nothing to train on"))
 
 
-def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue]]:
+def parse_conversation(record, line: int) -> tuple[Conversation | None, list[LineIssue]]:
     issues: list[LineIssue] = []
+    """One conversation row (not a pair row: engine.data.pairs.parse_record sends those elsewhere)."""
     if not isinstance(record, dict):
         return None, [LineIssue(line, "", f"a line must be a JSON object, got {type(record).__name__}")]
     label = _label(record, line, issues)
@@ -232,5 +239,7 @@ def parse_record(record, line: int) -> tuple[Conversation | None, list[LineIssue
     else:
         keys = ", ".join(sorted(map(str, record))[:5]) or "none"
         return None, issues + [LineIssue(line, "", f"missing conversation: expected a conversations, "
-                                         f"messages, prompt/completion or text field (found: {keys})")]
+                                         f"messages, prompt/completion, chosen/rejected or text field "
+                                         f"(found: {keys})")]
     return (None if issues else conv), issues
+

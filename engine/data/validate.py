@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from engine.data.encode import ChatEncoder, Encoded, truncate
-from engine.data.records import Conversation, LineIssue, parse_record
+from engine.data.pairs import encode_rows, parse_record, rejected_fit
+from engine.data.records import Conversation, LineIssue
 from engine.data.template import EncodeError, TemplateLimitError
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
@@ -36,7 +37,8 @@ class DatasetError(ValueError):
 class Example:
     line: int
     label: str | None
-    encoded: Encoded  # already truncated to max_seq_length
+    encoded: Encoded  # already truncated to max_seq_length (a pair row: prompt + chosen)
+    rejected: Encoded | None = None  # a pair row: prompt + rejected
 
 
 @dataclass
@@ -50,6 +52,7 @@ class DatasetReport:
     issue_count: int = 0
     formats: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
+    pairs: int = 0  # valid pair rows (chosen / rejected), for DPO and ORPO
     trainable: int = 0  # valid rows whose label is among train_labels
     set_aside: Counter = field(default_factory=Counter)  # valid rows left out by label
     lengths: list[int] = field(default_factory=list)  # tokens per valid conversation (if tokenized)
@@ -198,7 +201,10 @@ def validate_dataset(
         report.valid += 1
         report.formats[conv.format] += 1
         label = conv.label or "unlabelled"
-        report.labels[label] += 1
+        if conv.rejected is not None:
+            report.pairs += 1
+        if conv.rejected is None or conv.label is not None:
+            report.labels[label] += 1
         if not wanted or conv.label is None or conv.label in wanted:
             report.trainable += 1
         else:
@@ -207,10 +213,11 @@ def validate_dataset(
     def flush(pending: list[tuple[int, Conversation | None, list[LineIssue]]]) -> None:
         if encoder is not None:
             ok = [(n, c) for n, c, iss in pending if c is not None]
-            encoded = dict(zip((n for n, _ in ok), encoder.encode_many([c for _, c in ok])))
+            encoded = encode_rows(encoder, ok)
             for number, enc in encoded.items():
-                if isinstance(enc, TemplateLimitError):  # the template's fault: every line would hit it
-                    raise DatasetError(f"{p}: line {number}: {enc}")
+                for one in enc if isinstance(enc, tuple) else (enc,):
+                    if isinstance(one, TemplateLimitError):  # the template's fault: every line would hit it
+                        raise DatasetError(f"{p}: line {number}: {one}")
         for number, conv, issues in pending:
             if conv is not None and encoder is not None:
                 keep = keep_examples and (not wanted or conv.label is None or conv.label in wanted)
@@ -304,8 +311,21 @@ def _lone_surrogate(value, where: str = "") -> str | None:
     return None
 
 
-def _encode_issues(enc: Encoded | EncodeError, conv: Conversation, number: int, max_len: int,
-                   report: DatasetReport, examples: list[Example], keep: bool) -> list[LineIssue]:
+def _encode_issues(enc, conv: Conversation, number: int, max_len: int, report: DatasetReport,
+                   examples: list[Example], keep: bool) -> list[LineIssue]:
+    if isinstance(enc, tuple):  # a pair row: both answers must encode; lengths count the chosen one
+        chosen, rejected = enc
+        for key, one in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(one, EncodeError):
+                return [LineIssue(number, key, str(one))]
+        rejected_issues = rejected_fit(rejected, number, max_len)
+        if rejected_issues and rejected_issues[0].severity == "error":
+            return rejected_issues
+        kept: list[Example] = []
+        issues = _encode_issues(chosen, conv, number, max_len, report, kept, keep)
+        if kept:
+            examples.append(Example(number, conv.label, kept[0].encoded, truncate(rejected, max_len)))
+        return issues + rejected_issues
     if isinstance(enc, EncodeError):
         return [LineIssue(number, "conversations" if conv.format == "seed" else "messages", str(enc))]
     issues = []
@@ -327,3 +347,4 @@ def _encode_issues(enc: Encoded | EncodeError, conv: Conversation, number: int, 
     if keep:
         examples.append(Example(number, conv.label, enc))
     return issues
+

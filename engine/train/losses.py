@@ -1,5 +1,5 @@
-"""Training losses: today the masked SFT loss (cross-entropy on the trained tokens only) and the host-side
-arrays it takes; the place for the next objectives."""
+"""Training losses: the masked SFT loss (cross-entropy on the trained tokens only) and the host-side arrays
+it takes, and the sequence log-probs the preference losses (preference.py) are computed from."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def masked_loss(model, inputs, targets, positions, weights):
     the vocabulary projection and softmax: with prompt masking that skips most of the largest matmul and
     most of the exps, and the (tokens x vocab) logits never exist for masked positions.
     """
+    ce = token_losses(model, inputs, targets, positions) * weights
+    return ce.sum(), weights.sum()
+
+
+def token_losses(model, inputs, targets, positions):
+    """The cross-entropy (-log p) of each target at the flat `positions`, in float32."""
     head = split_head(model)
     flat_targets = targets.reshape(-1)[positions]
     if head is not None:
@@ -34,10 +40,16 @@ def masked_loss(model, inputs, targets, positions, weights):
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[positions]
     if FUSED_CE:
-        ce = mx.fast.cross_entropy(logits if on_gpu() else logits.astype(mx.float32), flat_targets) * weights
-    else:
-        ce = nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets) * weights
-    return ce.sum(), weights.sum()
+        return mx.fast.cross_entropy(logits if on_gpu() else logits.astype(mx.float32), flat_targets)
+    return nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets)
+
+
+def sequence_logps(model, inputs, targets, positions, weights, rows):
+    """(sum of log p over each sequence's trained targets, their count), per row of `inputs`: the
+    sequence log-probs the preference losses compare. `rows` says which sequence each position is in."""
+    logp = -token_losses(model, inputs, targets, positions) * weights
+    onehot = (rows[None, :] == mx.arange(inputs.shape[0])[:, None]).astype(mx.float32)
+    return onehot @ logp, onehot @ weights
 
 
 def loss_inputs(inputs, targets, mask):

@@ -4,6 +4,7 @@ tokenizes the data, builds the optimizer and estimates the step's memory, and re
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from engine.data import PreparedData
     from engine.model.loading import LoadedModelInfo
     from engine.model.memory import MemoryEstimate
+    from engine.train.objective import PreferenceObjective
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Prepared:
     blas: BlasInfo
     memory_estimate: MemoryEstimate | None
     config_kept_as: str | None  # where a resume with changed settings keeps the old config.yaml
+    objective: PreferenceObjective | None = None  # kto, dpo, orpo: their loss and reference log-probs
 
 
 def pick_run_dir(cfg: Config, resume_from: str | None, overwrite: bool, world: World) -> Path:
@@ -138,7 +141,10 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
     for w in data.report.warnings:
         warn(w)
 
-    lengths = [len(e.encoded) for e in data.train]
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    objective = _objective(cfg, model, pad_id, data) if t.method != "sft" else None
+    lengths = [objective.splits["train"].length(i) for i in range(len(data.train))] if objective else \
+        [len(e.encoded) for e in data.train]
     global_batch = t.batch_size * world.size
     per_epoch = steps_per_epoch(len(data.train), global_batch, t.grad_accumulation)
     total_steps = t.iterations if t.iterations > 0 else t.epochs * per_epoch
@@ -160,12 +166,15 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
         folder, saved = resume
         load_checkpoint_weights(folder, model, optimizer)
         state, kept_as = continued_state(folder, saved, cfg, identity, total_steps, len(data.train), warn)
-    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    if objective is not None and t.method != "orpo":  # ORPO has no reference
+        _score_reference(cfg, objective, resume[0] if resume else None, state, lengths, global_batch, world.size,
+                         emit, control)
     setup = Prepared(run_dir=run_dir, store=store, model=model, tokenizer=tokenizer, info=info,
                      adapter_config=adapter_config, data=data, pad_id=pad_id, lengths=lengths,
                      global_batch=global_batch, steps_per_epoch=per_epoch, total_steps=total_steps,
                      schedule=schedule, optimizer=optimizer, trainable=trainable, total_params=total_count(model),
-                     blas=blas.active(), memory_estimate=estimate, config_kept_as=kept_as)
+                     blas=blas.active(), memory_estimate=estimate, config_kept_as=kept_as,
+                     objective=objective)
     return setup, state
 
 
@@ -186,8 +195,12 @@ def _load_model(cfg: Config, emit: ev.Listener, control: RunControl):
         raise TrainingError(str(exc), "model") from None
     check_stop(control)
     mx.random.seed(cfg.training.seed)
+    # The preference methods train without dropout, as TRL does: its noise would show up as reward.
+    lora = cfg.lora if cfg.training.method == "sft" else dataclasses.replace(cfg.lora, dropout=0.0)
     try:
-        adapter_config = apply_lora(model, cfg.lora)
+        adapter_config = apply_lora(model, lora)
+        if cfg.training.init_adapter:
+            _start_from(model, cfg.training.init_adapter)
     except AdapterError as exc:
         raise TrainingError(str(exc), "config") from None
     if info.quantized and mx.default_device() == mx.gpu:  # QLoRA: bf16 speed, 4-bit memory (see qlora.py)
@@ -228,11 +241,57 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     trained = max(float(e.encoded.trained[:length].mean()) for e in data.train)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     act_bytes = 4 if info.dtype == "float32" else 2
-    estimate = estimate_step_memory(shape, weights, trainable, t.batch_size, length, trained,
+    # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
+    rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
+    estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained,
                                     t.grad_checkpoint, act_bytes, fused_attention())
     available = available_bytes()
     if estimate.total > available:
-        warn(f"memory: a step on the longest batch ({t.batch_size} x {length} tokens) is estimated to "
+        warn(f"memory: a step on the longest batch ({rows} x {length} tokens) is estimated to "
              f"need {estimate.describe()}, but {available / 1e9:.1f} GB is available: lower "
              "training.batch_size or model.max_seq_length, or turn on training.grad_checkpoint")
     return estimate
+
+
+def _start_from(model, init_adapter: str) -> None:
+    """training.init_adapter's weights into the fresh adapters (their lora settings must match)."""
+    from engine.model.adapters import AdapterError, adapter_folder, load_adapter_weights, read_saved_adapter
+    folder = adapter_folder(init_adapter)
+    read_saved_adapter(folder)  # a whole file of finite numbers
+    try:
+        load_adapter_weights(model, folder)
+    except AdapterError as exc:
+        raise AdapterError(f"training.init_adapter: {exc}: set the lora.* settings to the adapter's "
+                           f"(its adapter_config.json)") from None
+
+
+def _objective(cfg: Config, model, pad_id: int, data: PreparedData) -> PreferenceObjective:
+    from engine.train.objective import PreferenceObjective
+    from engine.train.preference_batches import PreferenceRows
+    rows = [PreferenceRows(cfg.training.method, part, cfg.model.max_seq_length, cfg.training.seed)
+            for part in (data.train, data.valid)]
+    return PreferenceObjective(cfg, model, pad_id, *rows)
+
+
+def _score_reference(cfg: Config, objective: PreferenceObjective, checkpoint: Path | None, state: TrainerState,
+                     lengths: list[int], global_batch: int, ranks: int, emit: ev.Listener,
+                     control: RunControl) -> None:
+    """The reference log-probs of every row the run will reach (90-100% of the preparation): a resumed
+    run's from its checkpoint, any it never scored (a longer run) with the reference restored."""
+    from engine.train.preference_batches import rows_ahead
+    from engine.train.reference import load_reference, score_rows
+    from engine.train.validation import validation_batches
+    t = cfg.training
+    if checkpoint is not None:
+        load_reference(objective, checkpoint)
+    train = rows_ahead(lengths, global_batch, t.seed, cfg.data.shuffle, state.epoch, state.pos, state.order,
+                       (state.total_steps - state.step) * t.grad_accumulation)
+    valid_lengths = [objective.splits["valid"].length(i) for i in range(len(objective.splits["valid"]))]
+    valid = sorted({i for b in validation_batches(valid_lengths, t.batch_size * ranks,
+                                                  cfg.evaluation.val_batches) for i in b})
+    name = "reference log-probs"
+    for split, rows, lo in (("train", train, 0.9), ("valid", valid, 0.98)):
+        span = 0.08 if split == "train" else 0.02
+        score_rows(objective, split, rows, t.init_adapter, 2 * t.batch_size,
+                   lambda f, lo=lo, span=span: emit(ev.Phase(name, lo + span * f)),
+                   lambda: control.stop_requested)

@@ -153,15 +153,20 @@ class TrainingRun:
 
     # ------------------------------------------------------------ the loop
 
-    def _next_batch(self):
+    def _next_rows(self) -> list[int]:
+        """This rank's rows of the next global batch (a new epoch's order when this one is done)."""
         cfg, setup, state = self.cfg, self.setup, self.state
         if state.pos >= len(state.order):
             state.epoch += 1
             state.pos = 0
             state.order = epoch_batches(setup.lengths, setup.global_batch, cfg.training.seed, state.epoch,
                                         cfg.data.shuffle)
-        mine = self.world.share(state.order[state.pos])
         state.pos += 1
+        return self.world.share(state.order[state.pos - 1])
+
+    def _next_batch(self):
+        cfg, setup, state = self.cfg, self.setup, self.state
+        mine = self._next_rows()
         if not mine:  # a short last batch with fewer rows than ranks: this rank adds nothing
             inputs, targets, mask, _ = collate([setup.data.train[state.order[state.pos - 1][0]]], setup.pad_id,
                                                cfg.model.max_seq_length)
@@ -177,7 +182,9 @@ class TrainingRun:
         if self.world.is_main:
             write_run_config(setup.run_dir, cfg, setup.config_kept_as)
         self.emit(self._started())
-        micro_step = build_micro_step(setup.model, setup.optimizer)
+        objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
+        micro_step = build_micro_step(setup.model, setup.optimizer) if objective is None else \
+            objective.build(setup.optimizer)
         update = build_update(setup.model, setup.optimizer)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
@@ -207,13 +214,18 @@ class TrainingRun:
                     inputs, targets, mask, n_real = self._next_batch()
                     real += n_real
                     yield loss_inputs(inputs, targets, mask)
-            grads, loss = accumulate_gradients(micro_step, micro_batches(), self.world)
+            if objective is None:
+                grads, loss = accumulate_gradients(micro_step, micro_batches(), self.world)
+            else:
+                grads, loss, sums, real = objective.step([self._next_rows() for _ in range(t.grad_accumulation)],
+                                                         self.world)
             real = int(self.world.sum_number(real))
             grads, norm = clip_gradients(grads, t.max_grad_norm)
             mx.eval(loss, norm)
             loss_value, norm_value = loss.item(), norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 return self._diverged(loss_value, norm_value)  # before the update: these weights stay good
+            preference = objective.stats(loss_value, sums)[1] if objective is not None else None
             update(grads)
             self.world.step_took(time.perf_counter() - step_start)
             state.step += 1
@@ -232,7 +244,7 @@ class TrainingRun:
                 self.emit(ev.Step(state.step, setup.total_steps, state.epoch + state.pos / max(len(state.order), 1),
                                   loss_value, lr, norm_value, window_tokens / dt, sps,
                                   (setup.total_steps - state.step) / max(rate, 1e-9), state.tokens_seen,
-                                  memory_stats()))
+                                  memory_stats(), preference))
                 window_t, window_tokens, window_steps = now, 0, 0
 
             evaluated = cfg.evaluation.every_steps and state.step % cfg.evaluation.every_steps == 0
@@ -264,12 +276,19 @@ class TrainingRun:
                           setup.info.dtype)
 
     def _evaluate(self) -> float:
-        from engine.train.validation import perplexity, validation_loss
+        from engine.train.validation import perplexity, validation_batches, validation_loss
         cfg, setup, state = self.cfg, self.setup, self.state
         t0 = time.perf_counter()
-        val = validation_loss(setup.model, setup.data.valid, cfg.training.batch_size, setup.pad_id,
-                              cfg.model.max_seq_length, cfg.evaluation.val_batches, self.world)
-        self.emit(ev.Eval(state.step, val, perplexity(val), val < state.best_val, time.perf_counter() - t0))
+        if setup.objective is None:
+            val = validation_loss(setup.model, setup.data.valid, cfg.training.batch_size, setup.pad_id,
+                                  cfg.model.max_seq_length, cfg.evaluation.val_batches, self.world)
+            preference, ppl = None, perplexity(val)
+        else:  # the preference loss: lower is better too, but no perplexity
+            valid = setup.objective.splits["valid"]
+            batches = validation_batches([valid.length(i) for i in range(len(valid))],
+                                         cfg.training.batch_size * self.world.size, cfg.evaluation.val_batches)
+            (val, preference), ppl = setup.objective.validate(batches, self.world), math.nan
+        self.emit(ev.Eval(state.step, val, ppl, val < state.best_val, time.perf_counter() - t0, preference))
         state.last_val = val
         return val
 
@@ -279,7 +298,7 @@ class TrainingRun:
             state.last_checkpoint = str(setup.store.folder / f"step_{state.step:06d}")
             return
         path = save_checkpoint(setup.store, setup.model, setup.adapter_config, setup.optimizer, state, reason, val,
-                               is_best, session_seconds)
+                               is_best, session_seconds, setup.objective)
         state.last_checkpoint = str(path)
         self.emit(ev.CheckpointSaved(state.step, str(path), reason, is_best,
                                      tuple(str(c.path) for c in setup.store.list())))

@@ -35,7 +35,11 @@ def describe(event) -> str | None:
     if isinstance(event, Step):
         return (f"step {event.step}/{event.total_steps}: loss {event.loss:.4f}, lr {event.learning_rate:.3g}, "
                 f"grad norm {event.grad_norm:.3f}, {event.tokens_per_sec:.0f} tok/s, "
-                f"peak {_gb(event.memory.mlx_peak_bytes)}, rss {_gb(event.memory.rss_bytes)}")
+                f"peak {_gb(event.memory.mlx_peak_bytes)}, rss {_gb(event.memory.rss_bytes)}"
+                + (f"; {event.preference.describe()}" if event.preference else ""))
+    if isinstance(event, Eval) and event.preference:
+        return (f"step {event.step}: validation loss {event.val_loss:.4f}, {event.preference.describe()}"
+                + (" (best)" if event.is_best else ""))
     if isinstance(event, Eval):
         return (f"step {event.step}: validation loss {event.val_loss:.4f}, perplexity {event.perplexity:.2f}"
                 + (" (best)" if event.is_best else ""))

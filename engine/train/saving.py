@@ -31,8 +31,10 @@ def write_problem(exc: BaseException, folder: Path) -> str:
 
 
 def save_checkpoint(store: CheckpointStore, model, adapter_config: dict, optimizer, state: TrainerState,
-                    reason: str, val: float | None, is_best: bool, session_seconds: float) -> Path:
-    """A checkpoint of the step `state` is at: the adapter, the optimizer state and trainer_state.json."""
+                    reason: str, val: float | None, is_best: bool, session_seconds: float,
+                    objective=None) -> Path:
+    """A checkpoint of the step `state` is at: the adapter, the optimizer state and trainer_state.json (and a
+    KTO/DPO run's reference log-probs, so that a resume scores against exactly the same numbers)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -42,6 +44,9 @@ def save_checkpoint(store: CheckpointStore, model, adapter_config: dict, optimiz
         save_adapters(model, adapter_config, folder)
         flat = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(folder / "optimizer.safetensors"), flat)
+        if objective is not None and objective.method != "orpo":
+            from engine.train.reference import save_reference
+            save_reference(objective, folder)
 
     try:
         return store.save(state.step, write, state.to_json(reason, val, session_seconds), is_best)

@@ -20,12 +20,8 @@ def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int
     if not examples:
         return float("nan")
     ranks, rank = (world.size, world.rank) if world is not None else (1, 0)
-    rows = batch_size * ranks
-    ordered = sorted(examples, key=lambda e: len(e.encoded))
-    batches = [ordered[i:i + rows] for i in range(0, len(ordered), rows)]
-    if max_batches > 0 and len(batches) > max_batches:
-        step = len(batches) / max_batches  # spread over all lengths, not just the shortest
-        batches = [batches[int(i * step)] for i in range(max_batches)]
+    picked = validation_batches([len(e.encoded) for e in examples], batch_size * ranks, max_batches)
+    batches = [[examples[i] for i in batch] for batch in picked]
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
@@ -41,6 +37,17 @@ def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int
     if ranks > 1:
         total, count = world.sum((total, count))
     return (total / mx.maximum(count, 1)).item()
+
+
+def validation_batches(lengths: list[int], rows: int, max_batches: int = -1) -> list[list[int]]:
+    """The validation batches, as row numbers: length-sorted, `rows` each, at most `max_batches` of them
+    spread over all lengths (not just the shortest)."""
+    ordered = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [ordered[i:i + rows] for i in range(0, len(ordered), rows)]
+    if max_batches > 0 and len(batches) > max_batches:
+        step = len(batches) / max_batches
+        batches = [batches[int(i * step)] for i in range(max_batches)]
+    return batches
 
 
 def perplexity(loss: float) -> float:
