@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -16,10 +16,12 @@ from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, Sparkline, Static
 
+from engine.data import method_use
 from engine.protocol import ConversationPreview, ValidateDataset
 from tui import messages as msg
 
 if TYPE_CHECKING:
+    from engine.config.schema import Config
     from engine.data.validate import DatasetReport
 
 
@@ -38,9 +40,22 @@ def _read_line(path: str, number: int, limit: int = 400) -> str:
     return text[:limit] + ("…" if cut else "")
 
 
+def method_lines(report: DatasetReport, cfg: Config) -> str:
+    """What each training method would train on, the configured method's line first and marked, the others
+    dimmer (DPO and ORPO share a line)."""
+    uses = method_use(report, cfg.data.train_labels)
+    first = uses.get(cfg.training.method)
+    lines = [f"[b]▶ {escape(first)}[/b] [dim]← training.method[/dim]"] if first else []
+    for line in dict.fromkeys(uses.values()):
+        if line != first:
+            lines.append(f"[dim]  {escape(line)}[/dim]")
+    return "\n".join(lines)
+
+
 class DatasetScreen(AppScreen):
     AUTO_FOCUS = "#validate"
     BINDINGS = [Binding("ctrl+v", "validate", "Validate")]
+    methods_for: DatasetReport | None = None  # the report the method lines describe, None while validating
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -51,6 +66,7 @@ class DatasetScreen(AppScreen):
         with Horizontal(id="dataset-body"):
             with Vertical(id="dataset-left"):
                 yield Static("Choose a JSONL file and press Validate (ctrl+v).", id="dataset-summary")
+                yield Static("", id="dataset-methods")
                 yield Static("", id="histogram-label", classes="muted")
                 yield Sparkline([], id="histogram")
                 errors = DataTable(id="dataset-errors", zebra_stripes=True, cursor_type="row")
@@ -74,6 +90,7 @@ class DatasetScreen(AppScreen):
             self.notify("The engine is training; validate after the run (or stop it)", severity="warning")
             return
         self.query_one("#dataset-summary", Static).update(f"Validating {escape(path)}…")
+        self.show_methods(None)
         self.query_one("#dataset-progress", ProgressBar).update(progress=0)
         self.app.submit(ValidateDataset(self.app.cfg, path))
 
@@ -88,6 +105,7 @@ class DatasetScreen(AppScreen):
     @on(msg.EngineFailed)
     def show_error(self, message: msg.EngineFailed) -> None:
         self.query_one("#dataset-summary", Static).update(f"[$error]{escape(message.result.message)}[/]")
+        self.show_methods(None)
 
     def show_report(self, report: DatasetReport, preview: ConversationPreview | None) -> None:
         self.report = report
@@ -107,6 +125,7 @@ class DatasetScreen(AppScreen):
         for w in report.warnings:
             lines.append(f"[$warning]! {escape(w)}[/]")
         self.query_one("#dataset-summary", Static).update("\n".join(lines))
+        self.show_methods(report)
         counts, edges = report.histogram(30)
         self.query_one("#histogram", Sparkline).data = counts
         self.query_one("#histogram-label", Static).update(
@@ -118,6 +137,16 @@ class DatasetScreen(AppScreen):
                           issue.reason + ("" if issue.severity == "error" else " (warning)"), key=str(len(table.rows)))
         self.query_one("#line-preview", Static).update("")
         self.show_rendered(preview)
+
+    def show_methods(self, report: DatasetReport | None) -> None:
+        self.methods_for = report
+        self.query_one("#dataset-methods", Static).update(method_lines(report, self.app.cfg) if report else "")
+
+    @on(events.ScreenResume)
+    def methods_after_config_edits(self) -> None:
+        """training.method or data.train_labels may have been changed on the Config screen since."""
+        if self.methods_for is not None:
+            self.show_methods(self.methods_for)
 
     def show_rendered(self, preview: ConversationPreview | None) -> None:
         widget = self.query_one("#rendered", Static)

@@ -1,5 +1,6 @@
 """Train screen: start, pause, resume, stop, save a checkpoint now; progress with ETA. The run's figures are
-panels (tui/widgets/train/): loss chart with validation points, run stats, memory gauges, checkpoints, log;
+panels (tui/widgets/train/): loss chart with validation points, run stats, rewards (KTO/DPO/ORPO runs only),
+memory gauges, checkpoints, log;
 this screen keeps the controls and forwards each run event to the panels that paint it."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tui import messages as msg
 from tui.screens.base import AppScreen
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.footer import KeyFooter
-from tui.widgets.train import CheckpointTable, EventLog, LossChart, MemoryGauges, RunStats
+from tui.widgets.train import CheckpointTable, EventLog, LossChart, MemoryGauges, RewardsPanel, RunStats
 
 if TYPE_CHECKING:
     from tui.external import ExternalRun
@@ -67,6 +68,7 @@ class TrainScreen(AppScreen):
             with Vertical(id="train-left"):
                 yield RunStats(id="train-stats")
                 yield LossChart()
+                yield RewardsPanel(id="rewards")
                 yield MemoryGauges()
             with Vertical(id="train-right"):
                 yield Static("checkpoints", classes="muted")
@@ -79,6 +81,7 @@ class TrainScreen(AppScreen):
         self.progress = self.query_one("#train-progress", ProgressBar)
         self.state_label = self.query_one("#train-state", Static)
         self.loss_chart = self.query_one(LossChart)
+        self.rewards = self.query_one(RewardsPanel)
         self.stats = self.query_one(RunStats)
         self.gauges = self.query_one(MemoryGauges)
         self.checkpoints = self.query_one(CheckpointTable)
@@ -153,6 +156,7 @@ class TrainScreen(AppScreen):
     def _clear_run(self) -> None:
         """A new run on this screen: none of the last run's figures stay."""
         self.loss_chart.clear()
+        self.rewards.clear()
         self.stats.forget_best()
         self.checkpoints.clear_run()
         self.log_panel.clear()
@@ -281,12 +285,14 @@ class TrainScreen(AppScreen):
         step = message.result
         self.progress.update(total=step.total_steps, progress=step.step)
         self.loss_chart.add_step(step)
+        self.rewards.add_step(step)
         self.stats.show_step(step)
         self.gauges.show(step.memory)
 
     @on(msg.RunEval)
     def show_eval(self, message: msg.RunEval) -> None:
         self.loss_chart.add_eval(message.result)
+        self.rewards.add_eval(message.result)
         self.stats.add_eval(message.result)
         self.checkpoints.add_eval(message.result)
 
