@@ -173,18 +173,22 @@ EVENT_TYPES = {cls.__name__: cls for cls in (Phase, Started, Step, Eval, Checkpo
                                              Resumed, Finished, Failed)}
 
 
+def _numbers(values: dict) -> dict:
+    """NaN and infinities back from the words metrics.jsonl writes them as (see run_log._jsonable)."""
+    return {k: float(v) if isinstance(v, str) and v in ("nan", "inf", "-inf") else v for k, v in values.items()}
+
+
 def from_dict(data: dict) -> Event | None:
     """The event a metrics.jsonl line describes (None for a line of an unknown kind, e.g. a newer version's)."""
     cls = EVENT_TYPES.get(data.get("event"))
     if cls is None:
         return None
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in data.items() if k in names}
-    for key, value in values.items():
-        if isinstance(value, str) and value in ("nan", "inf", "-inf"):  # written readable, see monitor._jsonable
-            values[key] = float(value)
+    values = _numbers({k: v for k, v in data.items() if k in names})
     if cls is Step:
         values["memory"] = MemoryStats(**values["memory"])
+    if isinstance(values.get("preference"), dict):
+        values["preference"] = PreferenceStats(**_numbers(values["preference"]))
     if cls is CheckpointSaved:
         values["kept"] = tuple(values["kept"])
     try:

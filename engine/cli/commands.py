@@ -10,7 +10,7 @@ from engine.cli.exit_codes import EXIT_DATA, EXIT_OK, EXIT_TRAINING
 
 
 def cmd_validate(args) -> int:
-    from engine.data import validate_with_config
+    from engine.data import method_use, validate_with_config
     from engine.model.loading import load_tokenizer
     cfg = load_cfg(args)
     tokenizer = None if args.no_tokenize else load_tokenizer(cfg.model, progress_printer("model"))
@@ -26,6 +26,10 @@ def cmd_validate(args) -> int:
         if report.issue_count > len(shown):
             print(f"... and {report.issue_count - len(shown)} more")
         print(report.summary())
+        if tokenizer is not None and not report.failed:  # what each training method would use
+            uses = method_use(report, cfg.data.train_labels)
+            print("training.method " + cfg.training.method + ": " + uses[cfg.training.method] + "; others: "
+                  + "; ".join(line for m, line in uses.items() if m != cfg.training.method and m != "orpo"))
         for warning in report.warnings:  # e.g. the file changed while it was read
             print(f"{report.path}: warning: {warning}")
     if report.failed:

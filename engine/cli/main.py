@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-only", action="store_true", help="evaluate --resume's adapter against the base")
     t.add_argument("--iterations", type=config_value("training.iterations"), help="override training.iterations")
     t.add_argument("--run-name", help="override output.run_name")
+    t.add_argument("--method", type=config_value("training.method"), help="override training.method: sft, kto, "
+                   "dpo or orpo")
+    t.add_argument("--init-adapter", help="start from this adapter, checkpoint or run folder (training.init_adapter;"
+                   " e.g. SFT first, then --method kto on top)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the run folder (its checkpoints, adapter and report)")
     t.add_argument("--stop-after", type=whole_number(1), help=argparse_suppress())

@@ -19,6 +19,10 @@ def cmd_train(args) -> int:
         cfg.training.iterations = args.iterations
     if args.run_name:
         cfg.output.run_name = args.run_name
+    if args.method:
+        cfg.training.method = args.method
+    if args.init_adapter:
+        cfg.training.init_adapter = args.init_adapter
     if args.eval_only:
         return eval_only(cfg, args)
     control = RunControl()

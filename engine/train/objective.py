@@ -41,6 +41,8 @@ class PreferenceObjective:
         self.reference = {"train": np.full((len(train), 2), np.nan, np.float32),
                           "valid": np.full((len(valid), 2), np.nan, np.float32)}
         self._micro_step = None
+        self.last_train: PreferenceStats | None = None
+        self.last_valid: PreferenceStats | None = None
 
     # ------------------------------------------------------------ one micro-batch
 
@@ -158,11 +160,21 @@ class PreferenceObjective:
             self.model.train(was_training)
         if ranks > 1:
             loss, sums = world.sum((loss, sums))
-        return self.stats(loss.item(), (sums, kl))
+        loss, self.last_valid = preference_stats(self.method, loss.item(), np.array(sums), kl)
+        return loss, self.last_valid
 
     def stats(self, loss: float, sums_kl) -> tuple[float, PreferenceStats]:
         sums, kl = sums_kl
-        return preference_stats(self.method, loss, np.array(sums), kl)
+        loss, self.last_train = preference_stats(self.method, loss, np.array(sums), kl)
+        return loss, self.last_train
+
+    def summary(self) -> dict:
+        """The report's view: settings, where the reference came from, the last step's and validation's stats."""
+        import dataclasses
+        return {"method": self.method, "beta": self.beta, "weights": list(self.weights) if self.method == "kto" else None,
+                "reference": None if self.method == "orpo" else "log-probs scored before step 1",
+                "last_step": dataclasses.asdict(self.last_train) if self.last_train else None,
+                "last_validation": dataclasses.asdict(self.last_valid) if self.last_valid else None}
 
 
 def auto_weight(t, train: PreferenceRows) -> float:

@@ -198,8 +198,8 @@ def clear(run_dir: Path) -> None:
 
 # Settings a resume must keep to continue exactly: the data order, the dropout masks, the adapter's shape
 # and meaning depend on them. (The global batch, training.batch_size x ranks, is checked on its own.)
-FIXED_SETTINGS = ("training.seed", "training.grad_accumulation", "data.validation_split", "data.shuffle",
-                  "model.name", "model.max_seq_length", "lora.rank", "lora.alpha", "lora.dropout",
+FIXED_SETTINGS = ("training.seed", "training.grad_accumulation", "training.method", "training.init_adapter",
+                  "data.validation_split", "data.shuffle", "model.name", "model.max_seq_length", "lora.rank", "lora.alpha", "lora.dropout",
                   "lora.target_modules", "lora.num_layers", "lora.use_dora")
 # Settings that name where things are, not what is trained: a change is not worth a warning.
 PLACES = ("output.dir", "output.run_name", "data.path")
