@@ -19,6 +19,8 @@ Every variant runs in its own process (clean peak memory), one after another:
                 layers dequantize each weight just before its bf16 matmul, forward and backward
   mlx-4bit-qfwd the same with MLX's quantized_matmul in the forward pass
   mlx-4bit+ckpt the same with gradient checkpointing
+  mlx-kto, mlx-dpo, mlx-orpo, mlx-4bit-kto, mlx-4bit-dpo
+                the preference steps (engine/train/objective.py) on the same sequences, against mlx / mlx-4bit
   torch         transformers MistralForCausalLM (sdpa attention) + PEFT, eager, AdamW
   torch+ckpt    the same with gradient checkpointing (non-reentrant)
 Model: Mistral-7B-v0.3 shapes (32 layers, d 4096, MLP 14336, 32 heads / 8 KV heads, vocab 32768), random
@@ -172,6 +174,65 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 memory_limit_gb=mx.get_memory_limit() / 1e9)
 
 
+def mlx_preference_step(method: str, bits: int | None = None) -> dict:
+    """A KTO / DPO / ORPO optimizer step through engine/train/objective.py (the step TrainingRun takes), on
+    BATCH sequences of SEQ random tokens, each a 64-token prompt and its answer: KTO scores BATCH rows and runs
+    its z0 forward over BATCH mismatched pairs; DPO/ORPO take BATCH // 2 pairs, so every variant puts BATCH
+    sequences through the gradient pass, as `mlx` does. Reference log-probs are given (scored before step 1)."""
+    model = build_model(SHAPE["layers"], bits, dropout=0.0)
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+
+    from engine.config.schema import Config
+    from engine.data import Encoded, Example
+    from engine.model.adapters import trainable_count
+    from engine.model.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
+    from engine.train.objective import PreferenceObjective
+    from engine.train.preference_batches import PreferenceRows
+    from engine.train.step import build_update, clip_gradients
+
+    rows = BATCH if method == "kto" else BATCH // 2
+    estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
+                                    SEQ, 1.0, False, 2, fused_attention())
+    limit_gpu_queue(estimate, 0.0)
+    rng = np.random.default_rng(0)
+    trained = np.arange(SEQ + 1) >= 64
+
+    def seq():
+        return Encoded(rng.integers(0, SHAPE["vocab"], SEQ + 1).astype(np.int32), trained.copy())
+    examples = [Example(i, "desirable" if i % 2 == 0 else "undesirable", seq(),
+                        None if method == "kto" else seq()) for i in range(rows)]
+    cfg = Config()
+    cfg.training.method, cfg.model.max_seq_length = method, SEQ + 1
+    objective = PreferenceObjective(cfg, model, 0, PreferenceRows(method, examples, SEQ + 1, 0),
+                                    PreferenceRows(method, [], SEQ + 1, 0))
+    objective.reference["train"][:] = -5.0 * SEQ  # given, as if scored before step 1
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    optimizer.init(model.trainable_parameters())
+    weights_bytes = mx.get_active_memory()
+    objective.build(optimizer)
+    update = build_update(model, optimizer)
+
+    def step():
+        grads, loss, _, _ = objective.step([list(range(rows))])
+        grads, _ = clip_gradients(grads, 1.0)
+        update(grads)
+        return loss.item()
+
+    for _ in range(WARMUP):
+        step()
+    mx.reset_peak_memory()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(TIMED):
+        loss = step()
+    mx.synchronize()
+    dt = time.perf_counter() - t0
+    return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
+                weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9)
+
+
 def torch_step(ckpt: bool) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -228,6 +289,11 @@ VARIANTS = {
     "mlx-4bit": lambda: mlx_step(False, 4),
     "mlx-4bit-qfwd": lambda: mlx_step(False, 4, dense_forward=False),
     "mlx-4bit+ckpt": lambda: mlx_step(True, 4),
+    "mlx-kto": lambda: mlx_preference_step("kto"),
+    "mlx-dpo": lambda: mlx_preference_step("dpo"),
+    "mlx-orpo": lambda: mlx_preference_step("orpo"),
+    "mlx-4bit-kto": lambda: mlx_preference_step("kto", 4),
+    "mlx-4bit-dpo": lambda: mlx_preference_step("dpo", 4),
     "torch": lambda: torch_step(False),
     "torch+ckpt": lambda: torch_step(True),
 }
@@ -289,6 +355,11 @@ def main() -> None:
         mfu = r["tokens_per_s"] * fpt / (peak * 1e12) if peak else float("nan")
         print(f"{name:<15}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.3f}{r['peak_gb']:>9.1f}{speed:>15.2f}x"
               f"{mem:>13.2f}x{mfu:>7.0%}")
+    for name, r in results.items():  # the preference steps against the SFT step on the same base, same call
+        sft = results.get("mlx-4bit" if "4bit" in name else "mlx", {})
+        if any(m in name for m in ("kto", "dpo", "orpo")) and "step_s" in r and "step_s" in sft:
+            print(f"{name:<15} step {r['step_s'] / sft['step_s']:.2f}x, peak {r['peak_gb'] / sft['peak_gb']:.2f}x "
+                  "the SFT step's")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_gpu.json").write_text(json.dumps(
