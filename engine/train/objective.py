@@ -87,6 +87,8 @@ class PreferenceObjective:
         else:
             seqs = [data.sequence(r, 0) for r in rows] + [data.sequence(r, 1) for r in rows]
             refs = np.concatenate([ref[idx, 0], ref[idx, 1]])
+        if self.method != "orpo" and np.isnan(refs).any():  # prepare scores every row the run reaches
+            raise RuntimeError(f"no reference log-prob for {split} rows {[r for r in rows if np.isnan(ref[r]).any()]}")
         return sequence_arrays(seqs, self.pad_id, self.max_len), np.nan_to_num(refs), data.desirable(rows)
 
     # ------------------------------------------------------------ one optimizer step
