@@ -187,11 +187,11 @@ def from_dict(data: dict) -> Event | None:
     values = _numbers({k: v for k, v in data.items() if k in names})
     if cls is Step:
         values["memory"] = MemoryStats(**values["memory"])
-    if isinstance(values.get("preference"), dict):
-        values["preference"] = PreferenceStats(**_numbers(values["preference"]))
     if cls is CheckpointSaved:
         values["kept"] = tuple(values["kept"])
     try:
+        if isinstance(values.get("preference"), dict):
+            values["preference"] = PreferenceStats(**_numbers(values["preference"]))
         return cls(**values)
     except TypeError:  # a field missing: a line from another version
         return None

@@ -82,3 +82,13 @@ def test_each_method_says_and_takes_its_rows(tmp_path, tokenizer):
     cfg.training.method = "orpo"
     with pytest.raises(DatasetError, match="needs pair rows .* use training.method: kto"):
         prepare_dataset(cfg, tokenizer)
+
+
+def test_kto_and_orpo_refuse_unmasked_prompts():
+    from engine.config.validation import validate
+    cfg = Config()
+    cfg.data.mask_prompt = False
+    for method, refused in (("kto", True), ("orpo", True), ("dpo", False), ("sft", False)):
+        cfg.training.method = method
+        errors = [i for i in validate(cfg) if i.severity == "error" and i.field == "data.mask_prompt"]
+        assert bool(errors) is refused, method

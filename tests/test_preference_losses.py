@@ -172,3 +172,26 @@ def test_gradient_matches_finite_differences(method, tokenizer, embedded_dir):
     assert abs(analytic) > 1e-4, "the check needs a gradient that is not ~0"
     assert math.isclose(analytic, numeric, rel_tol=2e-2), (loss.item(), analytic, numeric)
     assert tree_map(lambda g: None, grads) is not None
+
+
+def test_orpo_stays_finite_for_a_near_certain_answer():
+    # TRL's log1p(-exp(x)) is -inf once a mean log-prob rounds to 0: the run would stop as diverged.
+    losses, *_ , log_odds = orpo_loss(f32([-1e-9, 0.0, -2e-8]), f32([-0.5, -0.5, -1e-3]), 0.1)
+    assert np.isfinite(np.array(losses)).all() and np.isfinite(np.array(log_odds)).all()
+    import mlx.core as mx
+    grad = mx.grad(lambda c: orpo_loss(c, f32([-0.5, -0.5, -1e-3]), 0.1)[0].sum())(f32([-1e-9, 0.0, -2e-8]))
+    assert np.isfinite(np.array(grad)).all()
+
+
+def test_preference_stats_read_back_from_metrics_lines():
+    import json
+
+    from engine.protocol import Eval, PreferenceStats, from_dict
+    from engine.train.run_log import _jsonable
+    stats = PreferenceStats("kto", 0.12, None, None, 0.5, 0.01, None)
+    event = Eval(3, 0.7, float("nan"), True, 1.0, stats)
+    back = from_dict(json.loads(json.dumps(_jsonable(event.to_dict()))))
+    assert back.preference == stats and math.isnan(back.perplexity)
+    line = json.loads(json.dumps(_jsonable(event.to_dict())))
+    line["preference"]["from_a_newer_version"] = 1
+    assert from_dict(line) is None  # another version's line is skipped, not a crash

@@ -71,7 +71,7 @@ def test_orpo_trains_without_a_reference_and_reports_its_nll(tmp_path, capsys, e
     assert steps[-1]["loss"] < steps[0]["loss"]  # the NLL term learns the sums within 4 steps at lr 1e-3
 
 
-def test_kto_on_top_of_sft_uses_the_sft_adapter_as_reference(tmp_path, capsys, embedded_dir):
+def test_kto_on_top_of_sft_uses_the_sft_adapter_as_reference(tmp_path, capsys, embedded_dir, monkeypatch):
     sft = tiny_yaml(tmp_path, "sft.yaml", data={"path": str(write_jsonl(tmp_path / "d.jsonl",
                                                                            addition_chats(40, undesirable_every=3)))},
                     output={"run_name": "sft"})
@@ -84,6 +84,11 @@ def test_kto_on_top_of_sft_uses_the_sft_adapter_as_reference(tmp_path, capsys, e
     assert abs(first["chosen_reward"]) < 1e-3 and (first["rejected_reward"] is None or
                                                    abs(first["rejected_reward"]) < 1e-3)
     assert json.loads((tmp_path / "runs" / "kto" / "report.json").read_text())["init_adapter"]
+    # An adapter trained with other LoRA settings would load under another scale: refused, one line.
+    monkeypatch.setenv("LORA_TUI__LORA__ALPHA", "16")
+    code, _, err = cli(capsys, "--config", sft, "train", "--method", "kto", "--run-name", "kto-2",
+                       "--init-adapter", tmp_path / "runs" / "sft", "--iterations", "2")
+    assert code == 2 and "lora.alpha" in one_error_line(err)
 
 
 def test_refusals_are_one_line(tmp_path, capsys, embedded_dir):

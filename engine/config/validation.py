@@ -140,6 +140,9 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
     if t.batch_size * cfg.model.max_seq_length > 262144:
         warn("training.batch_size", f"batch {t.batch_size} x {cfg.model.max_seq_length} tokens is large: "
              "memory may not fit; use gradient accumulation instead")
+    if t.method in ("kto", "orpo") and not cfg.data.mask_prompt:
+        err("data.mask_prompt", f"{t.method} scores the answers only: a KTO pair needs a prompt to put another "
+            "row's answer after, ORPO's odds are the answer's; set it to true (or use sft or dpo)")
     if t.method != "sft" and lora.dropout > 0:
         warn("lora.dropout", f"off for {t.method} (as TRL's disable_dropout): its rewards compare the policy with "
              "the reference, and dropout noise would show as reward")

@@ -37,6 +37,10 @@ def for_method(method: str, train: list[Example], valid: list[Example], report: 
         unlabelled = sum(1 for e in train + valid if e.label is None and e.rejected is None)
         if unlabelled:
             warn(f"{unlabelled} rows have no label (desirable/undesirable): KTO leaves them out")
+        no_prompt = sum(1 for e in train + valid if e.label is not None and e.encoded.trained[0])
+        if no_prompt:
+            warn(f"{no_prompt} labelled rows are plain text (no prompt to pair another answer with for KTO's "
+                 "reference point): KTO leaves them out")
         return _kto_rows(train), _kto_rows(valid)
     pairs = [e for e in train + valid if e.rejected is not None]
     if not pairs:
@@ -55,6 +59,6 @@ def _kto_rows(examples: list[Example]) -> list[Example]:
     for e in examples:
         if e.rejected is not None:
             out += [Example(e.line, "desirable", e.encoded), Example(e.line, "undesirable", e.rejected)]
-        elif e.label is not None:
+        elif e.label is not None and not e.encoded.trained[0]:  # a text row trains from its first token
             out.append(e)
     return out

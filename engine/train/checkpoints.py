@@ -136,7 +136,9 @@ def safetensors_problem(file: Path) -> str | None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from (its tensors are not whole), or None."""
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
+    for name in ("adapters.safetensors", "optimizer.safetensors", "reference_logps.safetensors"):
+        if name.startswith("reference") and not (path / name).exists():
+            continue  # only KTO and DPO runs save reference log-probs
         problem = safetensors_problem(path / name)
         if problem:
             return problem

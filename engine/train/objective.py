@@ -184,7 +184,7 @@ def auto_weight(t, train: PreferenceRows) -> float:
     the paper's advice (lambda_D n_D / lambda_U n_U in [1, 4/3]) whatever the label mix."""
     desirable = sum(e.label == "desirable" for e in train.examples)
     undesirable = len(train.examples) - desirable
-    return t.desirable_weight * desirable / undesirable if undesirable else 1.0
+    return t.desirable_weight * desirable / undesirable if undesirable and desirable else 1.0
 
 
 def _stack(values) -> mx.array:

@@ -17,6 +17,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012); TRL's log1p(-exp(x)) is -inf once a
+    mean log-prob rounds to 0 (a near-certain answer late in training), which would stop the run as diverged.
+    x is kept below -1e-7 for the same reason."""
+    x = mx.minimum(x, -1e-7)
+    return mx.where(x > -0.6931472, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
     """(loss per pair, chosen rewards, rejected rewards)."""
     chosen_rewards = beta * (policy_chosen - ref_chosen)
@@ -41,7 +49,6 @@ def kto_kl(policy_mismatched, ref_mismatched):
 def orpo_loss(chosen_mean_logp, rejected_mean_logp, beta: float):
     """(odds-ratio loss per pair, i.e. -beta * log sigmoid(log odds ratio), chosen rewards, rejected rewards,
     log odds ratio). The NLL of the chosen answers is added by the caller, token-weighted like SFT."""
-    # log(p / (1 - p)) with p = exp(mean log p) < 1; log1p(-exp(x)) is exact for the small p seen here
-    log_odds = (chosen_mean_logp - rejected_mean_logp) - (
-        mx.log1p(-mx.exp(chosen_mean_logp)) - mx.log1p(-mx.exp(rejected_mean_logp)))
+    # log(p / (1 - p)) with p = exp(mean log p)
+    log_odds = (chosen_mean_logp - rejected_mean_logp) - (log1mexp(chosen_mean_logp) - log1mexp(rejected_mean_logp))
     return -beta * nn.log_sigmoid(log_odds), beta * chosen_mean_logp, beta * rejected_mean_logp, log_odds

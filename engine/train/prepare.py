@@ -200,7 +200,7 @@ def _load_model(cfg: Config, emit: ev.Listener, control: RunControl):
     try:
         adapter_config = apply_lora(model, lora)
         if cfg.training.init_adapter:
-            _start_from(model, cfg.training.init_adapter)
+            _start_from(model, cfg.training.init_adapter, adapter_config)
     except AdapterError as exc:
         raise TrainingError(str(exc), "config") from None
     if info.quantized and mx.default_device() == mx.gpu:  # QLoRA: bf16 speed, 4-bit memory (see qlora.py)
@@ -253,11 +253,20 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     return estimate
 
 
-def _start_from(model, init_adapter: str) -> None:
+def _start_from(model, init_adapter: str, adapter_config: dict) -> None:
     """training.init_adapter's weights into the fresh adapters (their lora settings must match)."""
     from engine.model.adapters import AdapterError, adapter_folder, load_adapter_weights, read_saved_adapter
     folder = adapter_folder(init_adapter)
-    read_saved_adapter(folder)  # a whole file of finite numbers
+    saved, _ = read_saved_adapter(folder)  # its config's values and a whole file of finite numbers
+    ours = adapter_config
+    for key in ("fine_tune_type", "num_layers"):
+        if saved.get(key, "lora" if key == "fine_tune_type" else None) != ours.get(key):
+            raise AdapterError(f"training.init_adapter: {folder} has {key} {saved.get(key)!r}, this run "
+                               f"{ours.get(key)!r}: set the lora.* settings to the adapter's (its adapter_config.json)")
+    for key in ("rank", "scale"):
+        if saved["lora_parameters"][key] != ours["lora_parameters"][key]:
+            raise AdapterError(f"training.init_adapter: {folder} has {key} {saved['lora_parameters'][key]!r}, this "
+                               f"run {ours['lora_parameters'][key]!r}: set lora.rank and lora.alpha to the adapter's")
     try:
         load_adapter_weights(model, folder)
     except AdapterError as exc:
