@@ -160,18 +160,24 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 apply_update(model, optimizer, grads)
             return loss.item()
 
-        for _ in range(WARMUP):
-            step()
-        mx.reset_peak_memory()
-        mx.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(TIMED):
-            loss = step()
-        mx.synchronize()
-        dt = time.perf_counter() - t0
+        loss, dt = timed_steps(step)
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
                 memory_limit_gb=mx.get_memory_limit() / 1e9)
+
+
+def timed_steps(step) -> tuple[float, float]:
+    """(last loss, seconds) of TIMED steps after WARMUP, with MLX's peak memory reset between."""
+    import mlx.core as mx
+    for _ in range(WARMUP):
+        step()
+    mx.reset_peak_memory()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(TIMED):
+        loss = step()
+    mx.synchronize()
+    return loss, time.perf_counter() - t0
 
 
 def mlx_preference_step(method: str, bits: int | None = None) -> dict:
@@ -220,15 +226,7 @@ def mlx_preference_step(method: str, bits: int | None = None) -> dict:
         update(grads)
         return loss.item()
 
-    for _ in range(WARMUP):
-        step()
-    mx.reset_peak_memory()
-    mx.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(TIMED):
-        loss = step()
-    mx.synchronize()
-    dt = time.perf_counter() - t0
+    loss, dt = timed_steps(step)
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9)
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.evaluate.tool_calls import read_items
 from engine.generate.reply import GenerationSettings, reply
 
 PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -66,19 +67,8 @@ def score_answer(text: str, item: dict) -> tuple[bool, bool]:
 
 def load_answer_items(path: str | Path, limit: int | None = None) -> list[dict]:
     """Held-out final-answer items, one JSON object a line: {"id", "messages": [...], "facts": [str], "tool"}."""
-    from engine.data import DatasetError
-    items = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    items.append(_answer_item(line, f"{path}:line {number}"))
-                    if limit and len(items) >= limit:
-                        break
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise DatasetError(f"{path}: {why}; name a held-out answers file (data/heldout_answers.jsonl)") from None
-    return items
+    return read_items(path, limit, _answer_item, f"{path}: {{why}}; name a held-out answers file "
+                      "(data/heldout_answers.jsonl)")
 
 
 def _answer_item(line: str, where: str) -> dict:

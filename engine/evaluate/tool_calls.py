@@ -64,19 +64,25 @@ def score_call(text: str, expected: dict) -> tuple[bool, bool, bool]:
 def load_heldout(path: str | Path, limit: int | None = None) -> list[dict]:
     """Held-out prompts, one JSON object a line: {"messages": [...], "expected": {"name", "arguments"}}, or
     "expected": null for a prompt that no tool fits."""
+    return read_items(path, limit, _heldout_item, f"evaluation.heldout_path: {path}: {{why}}; name a held-out "
+                      "file or set it to \"\" for none")
+
+
+def read_items(path: str | Path, limit: int | None, parse, unreadable: str) -> list[dict]:
+    """Each non-blank line of a held-out file through `parse(line, "path:line N")`; an unreadable file raises
+    DatasetError with `unreadable` (its {why} filled in)."""
     from engine.data import DatasetError
     items = []
     try:
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, 1):
                 if line.strip():
-                    items.append(_heldout_item(line, f"{path}:line {number}"))
+                    items.append(parse(line, f"{path}:line {number}"))
                     if limit and len(items) >= limit:
                         break
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise DatasetError(f"evaluation.heldout_path: {path}: {why}; name a held-out file or set it to \"\" "
-                           "for none") from None
+        raise DatasetError(unreadable.replace("{why}", why)) from None
     return items
 
 

@@ -53,8 +53,8 @@ def sequence_logps(model, inputs, targets, positions, weights, rows):
     return mx.where(mine, logp[None, :], 0.0).sum(axis=1), mx.where(mine, weights[None, :], 0.0).sum(axis=1)
 
 
-def loss_inputs(inputs, targets, mask):
-    """Host-side arrays for masked_loss from a collated batch."""
+def trained_positions(mask):
+    """(flat indices of the trained targets, weights): numpy, padded with weight 0 to a multiple of 64."""
     import numpy as np
     flat = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
     size = max(64, -(-len(flat) // 64) * 64)
@@ -62,4 +62,10 @@ def loss_inputs(inputs, targets, mask):
     positions[:len(flat)] = flat
     weights = np.zeros(size, dtype=np.float32)
     weights[:len(flat)] = 1.0
+    return positions, weights
+
+
+def loss_inputs(inputs, targets, mask):
+    """Host-side arrays for masked_loss from a collated batch."""
+    positions, weights = trained_positions(mask)
     return mx.array(inputs), mx.array(targets), mx.array(positions), mx.array(weights)

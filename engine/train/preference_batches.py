@@ -1,4 +1,4 @@
-"""Host-side rows of a preference run (numpy only): which sequences a micro-batch holds, KTO's mismatched
+"""Host-side rows of a preference run: which sequences a micro-batch holds, KTO's mismatched
 prompt/answer pairs for its KL reference point, and which rows the run will reach (for the reference pass).
 
 Per row of a split there are two sequences, each scored by its sum of log p over trained tokens:
@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.data import Encoded, Example
 from engine.train.batches import collate, epoch_batches
+from engine.train.losses import trained_positions
 
 
 def first_trained(enc: Encoded) -> int:
@@ -77,12 +78,7 @@ def sequence_arrays(seqs: list[Encoded], pad_id: int, max_len: int):
     """(inputs, targets, positions, weights, row of each position, real tokens) for a list of sequences:
     the trained target positions padded to a multiple of 64, as engine.train.losses.loss_inputs pads them."""
     inputs, targets, mask, real = collate([Example(0, None, s) for s in seqs], pad_id, max_len)
-    flat = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
-    size = max(64, -(-len(flat) // 64) * 64)
-    positions = np.zeros(size, dtype=np.int32)
-    positions[:len(flat)] = flat
-    weights = np.zeros(size, dtype=np.float32)
-    weights[:len(flat)] = 1.0
+    positions, weights = trained_positions(mask)
     rows = (positions // inputs.shape[1]).astype(np.int32)
     return inputs, targets, positions, weights, rows, real
 
