@@ -34,9 +34,13 @@ import engine  # noqa: E402,F401
 from bench_finetune import OVERRIDES  # noqa: E402
 
 
-def train(cfg, name: str, method: str, init_adapter: str = "") -> dict:
+def train(cfg, name: str, method: str, init_adapter: str = "", lr: float | None = None) -> dict:
+    import copy
+
     from engine.train.run import TrainingRun
+    cfg = copy.deepcopy(cfg)
     cfg.output.run_name, cfg.training.method, cfg.training.init_adapter = name, method, init_adapter
+    cfg.training.learning_rate = lr or cfg.training.learning_rate
     steps = []
 
     def listen(e):
@@ -115,6 +119,8 @@ def main() -> None:
     ap.add_argument("--no-tool", type=int, default=20)
     ap.add_argument("--answers", type=int, default=20)
     ap.add_argument("--reward-rows", type=int, default=24)
+    ap.add_argument("--kto-lrs", type=float, nargs="*", default=[],
+                    help="KTO's peak learning rates (default: SFT's); each gives a KTO and an SFT+KTO run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "preference.json"))
     args = ap.parse_args()
 
@@ -141,8 +147,10 @@ def main() -> None:
     print("overrides:", json.dumps(OVERRIDES | {"training.iterations": args.iterations}), flush=True)
 
     runs = {"sft": train(cfg, "sft", "sft")}
-    runs["kto"] = train(cfg, "kto", "kto")
-    runs["sft+kto"] = train(cfg, "sft-kto", "kto", runs["sft"]["adapter"])
+    for lr in args.kto_lrs or [cfg.training.learning_rate]:
+        tag = "" if not args.kto_lrs else f"@{lr:g}"
+        runs["kto" + tag] = train(cfg, "kto" + tag, "kto", lr=lr) | {"learning_rate": lr}
+        runs["sft+kto" + tag] = train(cfg, "sft-kto" + tag, "kto", runs["sft"]["adapter"], lr) | {"learning_rate": lr}
     for name, r in runs.items():
         print(f"{name}: {r['seconds']} s, median step {r['median_step_s']} s, final loss {r['final_loss']}", flush=True)
 
@@ -150,7 +158,7 @@ def main() -> None:
     rows = reward_rows(cfg, tokenizer, args.reward_rows)
     results = {}
     results["base"], base_logps = evaluate(cfg, None, items, rows, (0.0, 0.0), cfg.training.beta)
-    for name in ("base", "sft", "kto", "sft+kto"):
+    for name in ["base", *runs]:
         if name != "base":
             results[name], _ = evaluate(cfg, runs[name]["adapter"], items, rows, base_logps, cfg.training.beta)
         r = results[name]
@@ -160,7 +168,7 @@ def main() -> None:
     results["base"].update(reward_desirable=0.0, reward_undesirable=0.0, reward_margin=0.0)
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.system()} {platform.machine()}, "
            f"{os.cpu_count()} cpus", "python": platform.python_version(), "mlx": mx.__version__,
-           "mlx_lm": mlx_lm.__version__, "blas": active().name, "overrides": OVERRIDES,
+           "mlx_lm": mlx_lm.__version__, "blas": active().name, "device": str(mx.default_device()), "overrides": OVERRIDES,
            "iterations": args.iterations, "beta": cfg.training.beta,
            "sizes": {k: len(v) for k, v in items.items()} | {"reward_rows": args.reward_rows},
            "runs": runs, "results": results}
