@@ -60,6 +60,18 @@ def train(cfg, name: str, method: str, init_adapter: str = "", lr: float | None 
             "peak_gb": round(result.report["peak_memory"]["mlx_peak_bytes"] / 1e9, 2)}
 
 
+def _finished(folder: Path) -> dict:
+    """A run trained earlier (e.g. by an interrupted call of this script): its adapter and its report's figures."""
+    report = json.loads((folder / "report.json").read_text())
+    steps = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    times = [e["time"] for e in steps if e["event"] == "Step"]
+    step_s = sorted(b - a for a, b in zip(times, times[1:]))
+    return {"adapter": str(folder / "adapter"), "seconds": report["seconds"], "final_loss": report["final_train_loss"],
+            "median_step_s": round(step_s[len(step_s) // 2], 2) if step_s else None,
+            "peak_gb": round(report["peak_memory"]["mlx_peak_bytes"] / 1e9, 2),
+            "learning_rate": report["config"]["training"]["learning_rate"]}
+
+
 def reward_rows(cfg, tokenizer, n: int):
     """n desirable and n undesirable rows of the validation split KTO uses (the same seed and split)."""
     import copy
@@ -121,6 +133,8 @@ def main() -> None:
     ap.add_argument("--reward-rows", type=int, default=24)
     ap.add_argument("--kto-lrs", type=float, nargs="*", default=[],
                     help="KTO's peak learning rates (default: SFT's); each gives a KTO and an SFT+KTO run")
+    ap.add_argument("--adapters", nargs="*", default=[], metavar="NAME=RUN_FOLDER",
+                    help="evaluate these runs' adapters (a finished run's folder) instead of training")
     ap.add_argument("--out", default=str(ROOT / "bench" / "preference.json"))
     args = ap.parse_args()
 
@@ -146,8 +160,9 @@ def main() -> None:
              "answers": load_answer_items(ROOT / "data" / "heldout_answers.jsonl", args.answers)}
     print("overrides:", json.dumps(OVERRIDES | {"training.iterations": args.iterations}), flush=True)
 
-    runs = {"sft": train(cfg, "sft", "sft")}
-    for lr in args.kto_lrs or [cfg.training.learning_rate]:
+    runs = {name: _finished(Path(folder)) for name, folder in (a.split("=", 1) for a in args.adapters)}
+    for lr in [] if runs else args.kto_lrs or [cfg.training.learning_rate]:
+        runs.setdefault("sft", train(cfg, "sft", "sft"))
         tag = "" if not args.kto_lrs else f"@{lr:g}"
         runs["kto" + tag] = train(cfg, "kto" + tag, "kto", lr=lr) | {"learning_rate": lr}
         runs["sft+kto" + tag] = train(cfg, "sft-kto" + tag, "kto", runs["sft"]["adapter"], lr) | {"learning_rate": lr}
