@@ -138,10 +138,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "preference.json"))
     args = ap.parse_args()
 
-    import mlx.core as mx
-    import mlx_lm
-
-    from engine.blas import active
     from engine.config.loading import load_config, set_value
     from engine.evaluate.answers import load_answer_items
     from engine.evaluate.tool_calls import load_heldout
@@ -180,7 +176,17 @@ def main() -> None:
         print(f"{name:8s} tool exact {r['tool_exact']:.2f}  no-tool right {r['no_tool_right']:.2f}  "
               f"faithful {r['answers_faithful']:.2f}  made up {r['answers_made_up']:.2f}  reward margin "
               f"{r['reward_margin'] if name != 'base' else 0:+.3f}  ({r['seconds']} s)", flush=True)
-    results["base"].update(reward_desirable=0.0, reward_undesirable=0.0, reward_margin=0.0)
+        if name == "base":
+            results["base"].update(reward_desirable=0.0, reward_undesirable=0.0, reward_margin=0.0)
+        write(args, cfg, items, runs, results)
+
+
+def write(args, cfg, items, runs, results) -> None:
+    """The results so far (after each model: a call cut short still leaves what it measured)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from engine.blas import active
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.system()} {platform.machine()}, "
            f"{os.cpu_count()} cpus", "python": platform.python_version(), "mlx": mx.__version__,
            "mlx_lm": mlx_lm.__version__, "blas": active().name, "device": str(mx.default_device()), "overrides": OVERRIDES,
@@ -188,6 +194,7 @@ def main() -> None:
            "sizes": {k: len(v) for k, v in items.items()} | {"reward_rows": args.reward_rows},
            "runs": runs, "results": results}
     Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
