@@ -51,9 +51,10 @@ def _dataset_cases():
             for name, value in WRONG_VALUES.items():
                 if name == "string":
                     continue
-                needle = "missing content" if value is None else "content must be a string"
+                needle = ("missing content" if value is None else "[0]: a content part must be" if name == "list"
+                          else "content must be a string")  # a list is OpenAI's content parts: each part checked
                 line(f"{key}-{content_key}-{name}", {key: [{role_key: "user", content_key: value}] + GOOD_MESSAGES[1:]},
-                     f"{key}[0].{content_key}: {needle}")
+                     f"{key}[0].{content_key}" + ("" if name == "list" else ": ") + needle)
             line(f"{key}-{content_key}-blank", {key: [{role_key: "user", content_key: "  "}] + GOOD_MESSAGES[1:]},
                  f"{key}[0].{content_key}: empty content")
         line(f"{key}-no-assistant", {key: GOOD_MESSAGES[:1]}, f"line 1")

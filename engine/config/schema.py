@@ -17,8 +17,8 @@ def opt(default, help: str, *, min=None, max=None, min_open=False, max_open=Fals
     """A config field with its help text and valid range."""
     meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open,
             "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -86,7 +86,11 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("data/tool_calls.jsonl", "Training data: a JSONL file of conversations")
+    path: str | list = opt("data/tool_calls.jsonl", "Training data: a file (JSONL, JSON, CSV/TSV, Parquet, Arrow), "
+                           "a `datasets` folder or a hub id (owner/name); several mixed by weight as a list of "
+                           "{path, weight} (in the form: a.jsonl*0.7, b.parquet*0.3)")
+    columns: dict[str, str] = opt({}, "Your field names for ours, e.g. {prompt: question, completion: answer, "
+                                  "label: rating} (in the form: prompt=question, completion=answer)")
     validation_split: float = opt(0.2, "Share of conversations held out for validation", min=0, max=1,
                                   max_open=True)
     shuffle: bool = opt(True, "Shuffle the training order every epoch")
@@ -144,6 +148,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The fields data.columns may map a file's own column names to (engine/data/shapes.py reads them).
+COLUMN_FIELDS = ("messages", "conversations", "prompt", "completion", "text", "chosen", "rejected", "label",
+                 "tools", "instruction", "input", "output", "system", "history")
+SOURCES_TYPE = str | list  # data.path: one source, or a list of {path, weight}
+
 SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else get_type_hints(Config)[f.name]
                              for f in dataclasses.fields(Config)}
 SECTION_HELP = {
@@ -157,7 +166,7 @@ SECTION_HELP = {
 class FieldSpec:
     section: str
     name: str
-    type: Any  # int, float, bool, str or list[str]
+    type: Any  # int, float, bool, str, list[str], dict[str, str] or SOURCES_TYPE
     default: Any
     help: str
     min: float | None

@@ -7,12 +7,13 @@ import difflib
 import math
 from typing import Any
 
-from engine.config.schema import SPECS, Config, ConfigIssue, FieldSpec, show_number, show_value
+from engine.config.schema import COLUMN_FIELDS, SOURCES_TYPE, SPECS, Config, ConfigIssue, FieldSpec, show_number, \
+    show_value
 
 
 def _type_name(t) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        t, "a list of strings")
+        t, "a list of strings")  # (data.path and data.columns say what they expect themselves)
 
 
 def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
@@ -58,6 +59,10 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value), None
         return None, f"expected a string, got {show_value(value)}"
+    if t == dict[str, str]:
+        return coerce_columns(value)
+    if t == SOURCES_TYPE:
+        return coerce_sources(value)
     # list[str]
     if value is None:
         return [], None
@@ -66,6 +71,65 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value), None
     return None, f"expected a list of strings, got {show_value(value)}"
+
+
+def coerce_columns(value: Any) -> tuple[dict | None, str | None]:
+    """data.columns: {our field: your column}, from YAML or the form's "prompt=question, label=rating"."""
+    if value is None or value == "":
+        return {}, None
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            return None, f"write field=column pairs, e.g. prompt=question, completion=answer; got {show_value(value)}"
+        value = {k.strip(): c.strip() for k, c in pairs}
+    if not isinstance(value, dict):
+        return None, f"expected a map of our field to your column, e.g. {{prompt: question}}; got {show_value(value)}"
+    for ours, theirs in value.items():
+        if ours not in COLUMN_FIELDS:
+            close = difflib.get_close_matches(str(ours), COLUMN_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return None, f"{show_value(ours)} is not a field we read{hint}: one of {', '.join(COLUMN_FIELDS)}"
+        if not isinstance(theirs, str) or not theirs.strip():
+            return None, f"{ours}: name your column (a string), got {show_value(theirs)}"
+    return {str(k): v.strip() for k, v in value.items()}, None
+
+
+def coerce_sources(value: Any) -> tuple[str | list | None, str | None]:
+    """data.path: one path (a string), or several with weights: [{path, weight}], or the form's
+    "a.jsonl*0.7, b.parquet*0.3" (a path without *weight weighs 1)."""
+    if value is None:
+        return "", None
+    if isinstance(value, str):
+        if "," not in value and "*" not in value:
+            return value.strip(), None
+        value = [_weighted(part.strip()) for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        return None, f"expected a path or a list of {{path, weight}}, got {show_value(value)}"
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"path": item, "weight": 1.0}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
+            return None, f"entry {i + 1}: expected {{path: FILE, weight: NUMBER}}, got {show_value(item)}"
+        if set(item) - {"path", "weight"}:
+            return None, f"entry {i + 1}: unknown key {show_value(sorted(set(item) - {'path', 'weight'})[0])}: " \
+                         "an entry has path and weight"
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, str):
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight <= 0:
+            return None, f"entry {i + 1} ({item['path']}): weight must be a positive number, got {show_value(weight)}"
+        out.append({"path": item["path"].strip(), "weight": float(weight)})
+    return out, None
+
+
+def _weighted(part: str) -> dict | str:
+    path, star, weight = part.rpartition("*")
+    return {"path": path.strip(), "weight": weight.strip()} if star else part
 
 
 def check_range(spec: FieldSpec, value: Any) -> str | None:
@@ -105,8 +169,8 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
         err("training.iterations", "set epochs or iterations above 0: with both 0 nothing would train")
     if not cfg.model.name.strip():
         err("model.name", "empty: name `embedded`, a local model directory or a hub id")
-    if not cfg.data.path.strip():
-        err("data.path", "empty: name a JSONL file")
+    if not (cfg.data.path.strip() if isinstance(cfg.data.path, str) else cfg.data.path):
+        err("data.path", "empty: name a dataset file, a `datasets` folder or a hub id")
     problem = run_name_problem(cfg.output.run_name)
     if problem:
         err("output.run_name", problem)

@@ -21,6 +21,7 @@ ROLE_ALIASES = {
     "ipython": "tool",
 }
 LABELS = {"desirable": "desirable", "undesirable": "undesirable", True: "desirable", False: "undesirable"}
+TEXT_LABELS = {"true": True, "false": False, "1": True, "0": False}  # how CSV cells and pandas write booleans
 # Characters that show nothing: whitespace, format characters (zero-width space, joiners, BOM, soft
 # hyphen, direction marks), controls and separators, plus the letters and symbols that render blank.
 INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
@@ -41,14 +42,16 @@ def _blank_reason(text: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class LineIssue:
-    line: int
+    line: int  # the line, or the row's index (see unit)
     field: str  # where in the record: "conversations[2].role", "label", "" for the whole line
     reason: str
     severity: str = "error"  # "error" or "warning"
+    unit: str = "line"  # "line" (text files: from 1) or "row" (tables and JSON arrays: the index from 0)
+    source: str = ""  # the file, when several are mixed
 
     def __str__(self) -> str:
         where = f" {self.field}:" if self.field else ""
-        return f"line {self.line}:{where} {self.reason}"
+        return f"{self.source + ': ' if self.source else ''}{self.unit} {self.line}:{where} {self.reason}"
 
 
 @dataclass
@@ -70,10 +73,13 @@ def _label(record: dict, line: int, issues: list[LineIssue]) -> str | None:
         return None
     raw = record["label"]
     key = raw.strip().lower() if isinstance(raw, str) else raw
+    key = TEXT_LABELS.get(key, key) if isinstance(key, str) else key
+    if isinstance(key, int) and not isinstance(key, bool) and key in (0, 1):  # a 0/1 column (pandas, CSV)
+        key = bool(key)
     if isinstance(key, (str, bool)) and key in LABELS:
         return LABELS[key]
     issues.append(LineIssue(line, "label", f"bad label {reprlib.repr(raw)}: use \"desirable\" or \"undesirable\" "
-                            "(or true/false)"))
+                            "(or true/false, 1/0)"))
     return None
 
 
@@ -116,6 +122,10 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
         if content is None and not has_tool_calls:
             issues.append(LineIssue(line, f"{where}.{content_key}", "missing content"))
             continue
+        if isinstance(content, list):  # OpenAI content parts: the text parts, joined
+            content = _joined_parts(content, f"{where}.{content_key}", line, issues)
+            if content is None:
+                continue
         if content is not None and not isinstance(content, str):
             issues.append(LineIssue(line, f"{where}.{content_key}", f"content must be a string, got "
                                     f"{type(content).__name__}"))
@@ -125,10 +135,29 @@ def _messages(raw, key: str, line: int, issues: list[LineIssue]) -> list[dict]:
             continue
         norm = {"role": norm_role, "content": content or ""}
         for extra in ("tool_calls", "tool_call_id", "name"):
-            if extra in msg:
+            if msg.get(extra) is not None:  # a table column fills absent keys with null
                 norm[extra] = msg[extra]
         out.append(norm)
     return out
+
+
+def _joined_parts(parts: list, where: str, line: int, issues: list[LineIssue]) -> str | None:
+    """OpenAI's content parts ([{"type": "text", "text": ...}]) as one string; any other part is an error:
+    these models read text only."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(kind, str) and kind != "text":
+            issues.append(LineIssue(line, f"{where}[{j}]", f"a {reprlib.repr(kind)} part: lora-tui trains "
+                                    "text-only models; remove non-text parts (or describe them in text)"))
+            return None
+        else:
+            issues.append(LineIssue(line, f"{where}[{j}]", 'a content part must be {"type": "text", "text": '
+                                    f'"..."}}, got {reprlib.repr(part)}'))
+            return None
+    return "\n".join(texts)
 
 
 def _type_name(value) -> str:

@@ -1,36 +1,33 @@
-"""Streaming JSONL validation: every bad line with its number, field and reason, plus statistics.
+"""Streaming validation of any container engine.data.sources reads: every bad row with its line (text
+files) or index (tables), field and reason, plus statistics.
 
-Reads line by line in bounded memory (a line over MAX_LINE_BYTES is skipped, not loaded), so a 100k-line
-file validates and tokenizes without holding it. `keep_examples=True` also returns the encoded
+Rows arrive one at a time in bounded memory (a JSONL line over MAX_LINE_BYTES is skipped, not loaded), so a
+100k-row file validates and tokenizes without holding it. `keep_examples=True` also returns the encoded
 conversations, for training.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
 from engine.data.encode import ChatEncoder, Encoded, truncate
 from engine.data.pairs import encode_rows, parse_record, rejected_fit
 from engine.data.records import Conversation, LineIssue
+from engine.data.shapes import from_alpaca, is_alpaca, rename_columns
+from engine.data.sources import RowSource, open_source
+from engine.data.sources.state import BLANK, DatasetError
+from engine.data.sources.text import MAX_LINE_BYTES, iter_lines  # noqa: F401 - their old home, still imported
 from engine.data.template import EncodeError, TemplateLimitError
 
-MAX_LINE_BYTES = 10 * 1024 * 1024
-MAX_KEPT_ISSUES = 2000
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: paired (an emoji) or lone
-CHUNK = 256  # lines tokenized together  # the report keeps the first N issues; counts stay exact
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be used at all (missing file, not JSONL, over the error threshold)."""
+MAX_KEPT_ISSUES = 2000  # the report keeps the first N issues; counts stay exact
+CHUNK = 256  # rows tokenized together
+COLUMN_SAMPLE = 100  # rows whose field names are kept, to tell a data.columns entry that matches nothing
 
 
 @dataclass
@@ -39,12 +36,17 @@ class Example:
     label: str | None
     encoded: Encoded  # already truncated to max_seq_length (a pair row: prompt + chosen)
     rejected: Encoded | None = None  # a pair row: prompt + rejected
+    source: int = 0  # which of data.path's sources it came from
 
 
 @dataclass
 class DatasetReport:
     path: str
-    lines: int = 0
+    shape: str = "JSONL"  # the container read: JSONL, JSON array, CSV, TSV, Parquet, Arrow, ...
+    unit: str = "line"  # what issues are numbered by: line (text files) or row (tables, from 0)
+    columns: dict = field(default_factory=dict)  # the data.columns map applied ({our field: their column})
+    rows: int = 0  # rows read, blank lines included
+    lines: int = 0  # the last line read (text files)
     blank_lines: int = 0
     valid: int = 0
     error_lines: int = 0
@@ -62,12 +64,15 @@ class DatasetReport:
     error_threshold: float = 0.05
     seconds: float = 0.0
     stopped: bool = False  # the read ended early on a stop request
+    unread: str = ""  # the reader could not go past a broken record: why (the rest is unread)
+    parts: list = field(default_factory=list)  # a mix of sources (engine.data.mixture): each one's report
+    mix: list[str] = field(default_factory=list)  # a mix: each source's share, one line each
     warnings: list[str] = field(default_factory=list)
     template_notes: Counter = field(default_factory=Counter)  # note -> conversations affected
 
     @property
     def records(self) -> int:
-        return self.lines - self.blank_lines
+        return self.rows - self.blank_lines
 
     @property
     def error_rate(self) -> float:
@@ -75,7 +80,8 @@ class DatasetReport:
 
     @property
     def failed(self) -> bool:
-        return self.records == 0 or self.valid == 0 or self.error_rate > self.error_threshold
+        return (self.records == 0 or self.valid == 0 or self.error_rate > self.error_threshold or bool(self.unread)
+                or any(p.failed for p in self.parts))
 
     def length_percentiles(self) -> dict[str, int]:
         if not self.lengths:
@@ -109,7 +115,9 @@ class DatasetReport:
 
     def to_dict(self) -> dict:
         return {
-            "path": self.path, "lines": self.lines, "records": self.records, "valid": self.valid,
+            "path": self.path, "shape": self.shape, "unit": self.unit, "columns": dict(self.columns),
+            "lines": self.lines, "unread": self.unread, "mix": list(self.mix),
+            "sources": [p.to_dict() for p in self.parts], "records": self.records, "valid": self.valid,
             "error_lines": self.error_lines, "error_rate": round(self.error_rate, 6),
             "issues": self.issue_count, "formats": dict(self.formats), "labels": dict(self.labels),
             "trainable": self.trainable, "set_aside": dict(self.set_aside),
@@ -119,51 +127,11 @@ class DatasetReport:
         }
 
 
-def check_path(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    try:
-        if not p.exists():
-            if p.is_symlink():
-                raise DatasetError(f"{p}: a symbolic link that leads nowhere (broken, or a loop)")
-            raise DatasetError(f"{p}: no such file")
-        if p.is_dir():
-            raise DatasetError(f"{p}: is a directory, not a JSONL file")
-        if not p.is_file():
-            raise DatasetError(f"{p}: not a regular file")
-    except OSError as exc:  # a symlink loop, a permission problem
-        raise DatasetError(f"{p}: {exc.strerror or exc}") from None
-    return p
-
-
-def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text, error) per line; text is None when the line is unusable as text."""
-    with open(path, "rb") as fh:
-        number = 0
-        while True:
-            raw = fh.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):  # skip the rest without holding it
-                    raw = fh.readline(1 << 20)
-                yield number, None, f"line is longer than {MAX_LINE_BYTES // (1024 * 1024)} MB"
-                continue
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark
-            if b"\x00" in raw:
-                yield number, None, "contains NUL bytes: binary data, not JSON text"
-                continue
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n"), None
-            except UnicodeDecodeError as exc:
-                yield number, None, f"invalid UTF-8 at byte {exc.start + 1} of the line"
-
-
 def validate_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike | RowSource,
     tokenizer=None,
     *,
+    columns: dict[str, str] | None = None,
     max_seq_length: int = 1024,
     error_threshold: float = 0.05,
     train_labels: list[str] | None = None,
@@ -172,24 +140,28 @@ def validate_dataset(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[DatasetReport, list[Example]]:
-    """Validate (and, with a tokenizer, tokenize) a JSONL file. Never raises for bad lines."""
-    p = check_path(path)
-    report = DatasetReport(str(p), max_seq_length=max_seq_length, error_threshold=error_threshold)
+    """Validate (and, with a tokenizer, tokenize) a dataset in any container engine.data.sources reads.
+    Never raises for bad rows; raises DatasetError when the source cannot be read at all."""
+    source = path if isinstance(path, RowSource) else open_source(path)
+    columns = dict(columns or {})
+    p = str(source.file) if source.file else source.path
+    report = DatasetReport(p, source.shape, source.unit, columns, max_seq_length=max_seq_length,
+                           error_threshold=error_threshold)
     try:
         encoder = ChatEncoder(tokenizer, mask_prompt) if tokenizer is not None else None
     except EncodeError as exc:  # the template does not compile: no line can be rendered
         raise DatasetError(f"{p}: {exc}") from None
-    before = _fingerprint(p)
+    before = source.fingerprint()
     wanted = set(train_labels or [])
     examples: list[Example] = []
-    total_bytes = max(p.stat().st_size, 1)
-    done_bytes = 0
+    seen_fields: set[str] = set()
+    table = source.unit == "row"
     start = time.perf_counter()
 
     def add_issue(issue: LineIssue) -> None:
         report.issue_count += 1
         if len(report.issues) < MAX_KEPT_ISSUES:
-            report.issues.append(issue)
+            report.issues.append(issue if issue.unit == source.unit else replace(issue, unit=source.unit))
 
     def finish(number: int, conv: Conversation | None, issues: list[LineIssue]) -> None:
         if any(i.severity == "error" for i in issues):
@@ -217,7 +189,7 @@ def validate_dataset(
             for number, enc in encoded.items():
                 for one in enc if isinstance(enc, tuple) else (enc,):
                     if isinstance(one, TemplateLimitError):  # the template's fault: every line would hit it
-                        raise DatasetError(f"{p}: line {number}: {one}")
+                        raise DatasetError(f"{p}: {source.unit} {number}: {one}")
         for number, conv, issues in pending:
             if conv is not None and encoder is not None:
                 keep = keep_examples and (not wanted or conv.label is None or conv.label in wanted)
@@ -227,31 +199,42 @@ def validate_dataset(
         pending.clear()
 
     pending: list[tuple[int, Conversation | None, list[LineIssue]]] = []
-    for number, text, error in iter_lines(p):
+    rows = source.rows()
+    state = source.state
+    for number, record, error in rows:
+        report.rows += 1
         report.lines = number
-        done_bytes += len(text.encode("utf-8", "replace")) + 1 if text is not None else MAX_LINE_BYTES
         if error:
-            pending.append((number, None, [LineIssue(number, "", error)]))
-        elif not text.strip():
+            pending.append((number, None, [LineIssue(number, *error)]))
+        elif record is BLANK:
             report.blank_lines += 1
         else:
-            pending.append((number, *_parse_line(text, number)))
+            if report.rows <= COLUMN_SAMPLE and isinstance(record, dict):
+                seen_fields.update(map(str, record))
+            pending.append((number, *_parse(record, number, columns, table)))
         if len(pending) >= CHUNK:
             flush(pending)
-            if progress:
-                progress(min(done_bytes, total_bytes), total_bytes)
+            if progress and state.total:
+                progress(min(state.done, state.total), state.total)
             if should_stop and should_stop():
-                report.warnings.append(f"stopped early at line {number}")
+                report.warnings.append(f"stopped early at {source.unit} {number}")
                 report.stopped = True
                 break
     flush(pending)
-    if _fingerprint(p) != before:
+    if state.ended:
+        report.unread = f"{source.unit} {report.lines}: {state.ended}"
+        report.warnings.append(f"the read stopped at {report.unread}; the rest is unread: fix the file there")
+    if before is not None and source.fingerprint() != before:
         report.warnings.append("the file changed while it was being validated (its size or modification time "
                                "differs): the report may mix old and new lines; validate it again once it "
                                "is written")
+    for ours, theirs in columns.items():
+        if seen_fields and theirs not in seen_fields and ours not in seen_fields:
+            report.warnings.append(f"data.columns maps {ours} to {theirs!r}, but no row has a {theirs!r} field "
+                                   f"(fields found: {', '.join(sorted(seen_fields)[:8])})")
     report.seconds = time.perf_counter() - start
     if progress and not report.stopped:  # a stopped read is not done: no 100% for it
-        progress(total_bytes, total_bytes)
+        progress(1, 1)
     if report.records == 0:
         report.warnings.append("the file has no records")
     for note, count in report.template_notes.items():
@@ -259,56 +242,31 @@ def validate_dataset(
     return report, examples
 
 
-def _fingerprint(p: Path) -> tuple[int, int] | None:
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+def _parse(record, number: int, columns: dict[str, str], table: bool) -> tuple[Conversation | None, list[LineIssue]]:
+    """A decoded row through the column map and the Alpaca shape into the record parser; issues name the
+    user's own columns."""
+    if table and isinstance(record, dict):  # a table fills a row's absent fields with null
+        record = {k: v for k, v in record.items() if v is not None}
+    record = rename_columns(record, columns)
+    if is_alpaca(record):
+        converted, issues = from_alpaca(record, number)
+        conv, more = parse_record(converted, number) if converted is not None else (None, [])
+        if conv is not None and conv.rejected is None:
+            conv.format = "alpaca"
+        issues += more
+    else:
+        conv, issues = parse_record(record, number)
+    if columns and issues:
+        theirs = {ours: col for ours, col in columns.items()}
+        issues = [replace(i, field=_renamed(i.field, theirs)) for i in issues]
+    return conv, issues
 
 
-def _parse_line(text: str, number: int) -> tuple[Conversation | None, list[LineIssue]]:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, [LineIssue(number, "", f"invalid JSON: {exc.msg} at column {exc.colno}")]
-    except RecursionError:
-        return None, [LineIssue(number, "", "invalid JSON: nested too deeply")]
-    except ValueError as exc:  # an integer over Python's digit limit (4300)
-        return None, [LineIssue(number, "", f"unreadable number ({str(exc).split(';')[0]}): write it as a "
-                                "string")]
-    if SURROGATE_ESCAPE.search(text) and (where := _surrogate_field(record)) is not None:
-        return None, [LineIssue(number, where, "contains a lone surrogate escape (\\ud800-\\udfff without "
-                                "its pair): not a character, cannot be encoded as UTF-8; fix or remove the escape")]
-    return parse_record(record, number)
-
-
-def _surrogate_field(record) -> str | None:
-    try:
-        return _lone_surrogate(record)
-    except RecursionError:  # nested as deep as JSON allows: the tokenizer reports it, if need be
-        return None
-
-
-def _lone_surrogate(value, where: str = "") -> str | None:
-    """Where in the record a string (or key) holds an unpaired UTF-16 surrogate that JSON let through."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if isinstance(key, str):
-            if _lone_surrogate(key) is not None:
-                return where or "(a key)"
-            inner = f"{where}.{key}" if where else key
-        else:
-            inner = f"{where}[{key}]"
-        if (found := _lone_surrogate(item, inner)) is not None:
-            return found
-    return None
+def _renamed(where: str, theirs: dict[str, str]) -> str:
+    head, sep, rest = where.partition(".")
+    bracket = head.find("[")
+    key, tail = (head, "") if bracket < 0 else (head[:bracket], head[bracket:])
+    return f"{theirs[key]}{tail}{sep}{rest}" if key in theirs else where
 
 
 def _encode_issues(enc, conv: Conversation, number: int, max_len: int, report: DatasetReport,

@@ -47,6 +47,10 @@ def path_of(widget_id: str) -> str:
 
 
 def as_text(spec: FieldSpec, value) -> str:
+    if isinstance(value, dict):  # data.columns
+        return ", ".join(f"{ours}={theirs}" for ours, theirs in value.items())
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # data.path: weighted sources
+        return ", ".join(f"{item['path']}*{item['weight']:g}" for item in value)
     if spec.type not in (int, float, bool, str):
         return ", ".join(value)
     if spec.type is float:  # short, but never a rounded value the user did not choose
