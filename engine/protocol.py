@@ -248,8 +248,9 @@ class ProgressUpdate:
 @dataclass(frozen=True)
 class ConversationPreview:
     """The first valid conversation of a dataset as the chat template renders it, to show the loss mask."""
-    line: int  # its line number in the file
+    line: int  # its line number in the file (or its row index in a table)
     pieces: tuple[tuple[str, bool], ...]  # (token text, trained) per token
+    unit: str = "line"  # "line" or "row"
 
 
 @dataclass(frozen=True)

@@ -186,29 +186,19 @@ def yield_cpu_to_ui() -> None:
 
 def _preview(path: str, tokenizer, cfg: Config,
              stopped: Callable[[], bool] = lambda: False) -> ConversationPreview | None:
-    """The first valid conversation as (piece, trained) pairs, to show masking. Lines are read as
-    validation reads them: a line over its size limit is skipped, never loaded (a 200 MB first line
-    once took this preview past 10 GB)."""
-    import json
-
-    from engine.data import ChatEncoder, parse_record
-    from engine.data.validate import iter_lines
+    """The first valid conversation (of the first source, for a mix) as (piece, trained) pairs, to show
+    masking. Rows are read as validation reads them: a JSONL line over its size limit is skipped, never
+    loaded (a 200 MB first line once took this preview past 10 GB)."""
+    from engine.data import ChatEncoder
+    from engine.data.mixture import source_specs
+    from engine.data.validate import first_conversations
     encoder = ChatEncoder(tokenizer, cfg.data.mask_prompt)
     try:
-        for number, line, error in iter_lines(Path(path)):
-            if number > 200 or stopped():
-                break
-            if error or not line.strip():
-                continue
-            try:
-                conv, issues = parse_record(json.loads(line), number)
-            except ValueError:
-                continue
-            if conv is None:
-                continue
+        for number, unit, conv in first_conversations(source_specs(path)[0].path, cfg.data.columns,
+                                                      stopped=stopped):
             enc = encoder.encode(conv)
             pieces = [encoder.tok.decode([int(t)]) for t in enc.tokens[:cfg.model.max_seq_length]]
-            return ConversationPreview(number, tuple(zip(pieces, enc.trained.tolist())))
+            return ConversationPreview(number, tuple(zip(pieces, enc.trained.tolist())), unit)
     except Exception:
         return None
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from engine.cli.args import UsageError, load_cfg, print_err, progress_printer
 from engine.cli.exit_codes import EXIT_DATA, EXIT_OK, EXIT_TRAINING
@@ -15,16 +16,18 @@ def cmd_validate(args) -> int:
     cfg = load_cfg(args)
     tokenizer = None if args.no_tokenize else load_tokenizer(cfg.model, progress_printer("model"))
     show = progress_printer("validating")
-    report, _ = validate_with_config(cfg, tokenizer,
-                                     progress=lambda d, t: show(f"{d / 1e6:.1f}/{t / 1e6:.1f} MB", d / t))
+    report, _ = validate_with_config(cfg, tokenizer, progress=lambda d, t: show(f"{d / t:.0%}", d / t))
     if args.json:
         print(json.dumps(report.to_dict() | {"issue_list": [i.__dict__ for i in report.issues]}, indent=2))
     else:
         shown = report.issues[: args.max_issues]
         for issue in shown:
-            print(f"{report.path}:{issue}" + ("" if issue.severity == "error" else " (warning)"))
+            print(f"{issue.source or report.path}:{replace(issue, source='')}"
+                  + ("" if issue.severity == "error" else " (warning)"))
         if report.issue_count > len(shown):
             print(f"... and {report.issue_count - len(shown)} more")
+        for line in report.shape_lines():
+            print(line)
         print(report.summary())
         if tokenizer is not None and not report.failed:  # what each training method would use
             uses = method_use(report, cfg.data.train_labels)
@@ -33,11 +36,21 @@ def cmd_validate(args) -> int:
         for warning in report.warnings:  # e.g. the file changed while it was read
             print(f"{report.path}: warning: {warning}")
     if report.failed:
-        print_err(f"{report.path}: dataset rejected: {report.error_lines} of {report.records} lines are bad "
-                  f"({report.error_rate:.1%}; data.error_threshold is {report.error_threshold:.0%})"
-                  if report.records else f"{report.path}: no conversations in the file")
+        for part in report.parts or [report]:
+            if part.failed or not report.parts:
+                print_err(rejection(part))
         return EXIT_DATA
     return EXIT_OK
+
+
+def rejection(report) -> str:
+    """Why a dataset is refused, in one line."""
+    if report.unread:
+        return f"{report.path}: dataset rejected: the read stopped at {report.unread}"
+    if not report.records:
+        return f"{report.path}: no conversations in the file"
+    return (f"{report.path}: dataset rejected: {report.error_lines} of {report.records} {report.unit}s are bad "
+            f"({report.error_rate:.1%}; data.error_threshold is {report.error_threshold:.0%})")
 
 
 def cmd_import_model(args) -> int:

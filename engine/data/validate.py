@@ -113,6 +113,14 @@ class DatasetReport:
                          f"{self.max_seq_length} will be truncated")
         return "; ".join(parts)
 
+    def shape_lines(self) -> list[str]:
+        """What was read and how: each source's container and row shapes, the column map, the mix."""
+        lines = [f"{p.path}: {p.shape}; rows: " + (", ".join(f"{k} {v}" for k, v in sorted(p.formats.items()))
+                                                 or "none") for p in self.parts or [self]]
+        if self.columns:
+            lines.append("data.columns: " + ", ".join(f"{ours} <- {theirs!r}" for ours, theirs in self.columns.items()))
+        return lines + [f"mix: {line}" for line in self.mix]
+
     def to_dict(self) -> dict:
         return {
             "path": self.path, "shape": self.shape, "unit": self.unit, "columns": dict(self.columns),
@@ -240,6 +248,20 @@ def validate_dataset(
     for note, count in report.template_notes.items():
         report.warnings.append(f"{count} conversations: {note}")
     return report, examples
+
+
+def first_conversations(path, columns: dict[str, str] | None = None, limit: int = 200,
+                        stopped: Callable[[], bool] = lambda: False):
+    """(number, unit, Conversation) of the valid rows among the first `limit`, read as validation reads
+    them (a JSONL line over its size limit is skipped, never loaded): the dataset screen's preview."""
+    source = path if isinstance(path, RowSource) else open_source(path)
+    for number, record, error in source.rows():
+        if number >= limit or stopped():
+            return
+        if error is None and record is not BLANK:
+            conv, issues = _parse(record, number, dict(columns or {}), source.unit == "row")
+            if conv is not None:
+                yield number, source.unit, conv
 
 
 def _parse(record, number: int, columns: dict[str, str], table: bool) -> tuple[Conversation | None, list[LineIssue]]:

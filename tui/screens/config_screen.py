@@ -47,6 +47,8 @@ def path_of(widget_id: str) -> str:
 
 
 def as_text(spec: FieldSpec, value) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, dict):  # data.columns
         return ", ".join(f"{ours}={theirs}" for ours, theirs in value.items())
     if isinstance(value, list) and value and isinstance(value[0], dict):  # data.path: weighted sources

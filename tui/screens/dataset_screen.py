@@ -1,6 +1,7 @@
-"""Dataset screen: validate a JSONL file on the engine thread, then show what a user needs to know:
-counts, labels, token lengths and truncation, every bad line (with a preview), and one conversation
-rendered through the chat template with trained and masked tokens told apart."""
+"""Dataset screen: validate a dataset (any container engine.data.sources reads, or a weighted mix) on the
+engine thread, then show what a user needs to know: the container, row shapes and column map read, counts,
+labels, token lengths and truncation, every bad row (with a preview), and one conversation rendered through
+the chat template with trained and masked tokens told apart."""
 
 from __future__ import annotations
 
@@ -16,28 +17,16 @@ from tui.screens.base import AppScreen
 from tui.widgets.footer import KeyFooter
 from textual.widgets import Button, DataTable, Header, Input, ProgressBar, Sparkline, Static
 
+from engine.config.schema import SPECS
 from engine.data import method_use
+from engine.data.sources import record_text
 from engine.protocol import ConversationPreview, ValidateDataset
 from tui import messages as msg
+from tui.screens.config_screen import as_text
 
 if TYPE_CHECKING:
     from engine.config.schema import Config
     from engine.data.validate import DatasetReport
-
-
-def _read_line(path: str, number: int, limit: int = 400) -> str:
-    """The start of line `number`, read in bounded pieces: a line can be hundreds of MB."""
-    try:
-        with open(path, "rb") as fh:
-            for _ in range(number - 1):
-                while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
-                    pass
-            raw = fh.readline(limit * 4)
-    except OSError as exc:
-        return f"(cannot read: {exc.strerror})"
-    text = raw.decode("utf-8", "replace").rstrip("\r\n")
-    cut = len(text) > limit or not raw.endswith(b"\n") and len(raw) == limit * 4
-    return text[:limit] + ("…" if cut else "")
 
 
 def method_lines(report: DatasetReport, cfg: Config) -> str:
@@ -56,23 +45,25 @@ class DatasetScreen(AppScreen):
     AUTO_FOCUS = "#validate"
     BINDINGS = [Binding("ctrl+v", "validate", "Validate")]
     methods_for: DatasetReport | None = None  # the report the method lines describe, None while validating
+    shown_issues: list = []  # the issues in the table, in its row order
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(classes="toolbar"):
-            yield Input(self.app.cfg.data.path, placeholder="path to a JSONL file", id="dataset-path")
+            yield Input(as_text(SPECS["data.path"], self.app.cfg.data.path), id="dataset-path",
+                        placeholder="a file (JSONL, JSON, CSV, Parquet, Arrow), a folder or a hub id; a mix: a.jsonl*0.7, b.csv*0.3")
             yield Button("Validate", id="validate", variant="primary")
         yield ProgressBar(total=1.0, show_eta=False, id="dataset-progress")
         with Horizontal(id="dataset-body"):
             with Vertical(id="dataset-left"):
-                yield Static("Choose a JSONL file and press Validate (ctrl+v).", id="dataset-summary")
+                yield Static("Choose a dataset and press Validate (ctrl+v).", id="dataset-summary")
                 yield Static("", id="dataset-methods")
                 yield Static("", id="histogram-label", classes="muted")
                 yield Sparkline([], id="histogram")
                 errors = DataTable(id="dataset-errors", zebra_stripes=True, cursor_type="row")
                 # Columns here, not in on_mount: a screen prebuilt in the background (tui/app.py) could get
                 # its Mount before this table was composed, and the lookup failed (a rare CI flake).
-                errors.add_columns("line", "field", "problem")
+                errors.add_columns("where", "field", "problem")
                 yield errors
                 yield Static("", id="line-preview", classes="muted")
             with VerticalScroll(id="dataset-right"):
@@ -112,9 +103,9 @@ class DatasetScreen(AppScreen):
         self.query_one("#dataset-progress", ProgressBar).update(progress=1.0)
         verdict = "[$error]rejected[/]" if report.failed else "[$success]ok[/]"
         labels = ", ".join(f"{k} {v}" for k, v in sorted(report.labels.items())) or "none"
-        lines = [f"[b]{escape(report.path)}[/b]: {verdict}",
-                 f"{report.valid} valid of {report.records} conversations; {report.error_lines} bad lines "
-                 f"({report.error_rate:.1%}, threshold {report.error_threshold:.0%})",
+        lines = [f"[b]{escape(report.path)}[/b]: {verdict}"] + [f"[dim]{escape(line)}[/dim]" for line in report.shape_lines()]
+        lines += [f"{report.valid} valid of {report.records} conversations; {report.error_lines} bad {report.unit}s "
+                  f"({report.error_rate:.1%}, threshold {report.error_threshold:.0%})",
                  f"labels: {escape(labels)}; will train on {report.trainable}"
                  + (f", set aside {sum(report.set_aside.values())} ({escape(', '.join(report.set_aside))})"
                     if report.set_aside else "")]
@@ -132,8 +123,10 @@ class DatasetScreen(AppScreen):
             f"token lengths {edges[0]}…{edges[-1]} (max_seq_length {report.max_seq_length})" if edges else "")
         table = self.query_one("#dataset-errors", DataTable)
         table.clear()
-        for issue in report.issues[:1000]:
-            table.add_row(str(issue.line), issue.field or "—",
+        self.shown_issues = report.issues[:1000]
+        for issue in self.shown_issues:
+            where = f"{issue.source + ' ' if issue.source else ''}{issue.unit} {issue.line}"
+            table.add_row(where, issue.field or "—",
                           issue.reason + ("" if issue.severity == "error" else " (warning)"), key=str(len(table.rows)))
         self.query_one("#line-preview", Static).update("")
         self.show_rendered(preview)
@@ -153,7 +146,7 @@ class DatasetScreen(AppScreen):
         if not preview:
             widget.update("")
             return
-        out = [f"[b]line {preview.line} through the chat template[/b] — [reverse $success]trained[/] / [dim]masked[/dim]\n"]
+        out = [f"[b]{preview.unit} {preview.line} through the chat template[/b] — [reverse $success]trained[/] / [dim]masked[/dim]\n"]
         for piece, trained in preview.pieces:
             text = escape(piece)
             out.append(f"[reverse $success]{text}[/]" if trained else f"[dim]{text}[/dim]")
@@ -161,7 +154,6 @@ class DatasetScreen(AppScreen):
 
     @on(DataTable.RowHighlighted, "#dataset-errors")
     def preview_line(self, event: DataTable.RowHighlighted) -> None:
-        row = event.data_table.get_row(event.row_key)
-        number = int(row[0])
-        text = _read_line(self.report.path, number)
-        self.query_one("#line-preview", Static).update(f"line {number}: {escape(text)}")
+        issue = self.shown_issues[event.cursor_row]
+        text = record_text(issue.source or self.report.path, issue.unit, issue.line)
+        self.query_one("#line-preview", Static).update(f"{issue.unit} {issue.line}: {escape(text)}")

@@ -11,6 +11,7 @@ its rows, numbered as a person finds them again (lines in text files, indices in
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -133,3 +134,31 @@ def _sniff(p: Path) -> str:
     found = "binary data" if b"\x00" in head else f"text starting {head[:40].decode('utf-8', 'replace')!r}"
     raise DatasetError(f"{p}: not a dataset format we read (found {found}); we read {ACCEPTED} "
                        "(a .csv or .tsv name tells a table apart from text)")
+
+
+def record_text(path: str, unit: str, number: int, limit: int = 400) -> str:
+    """The start of one record as the file holds it (a line) or as JSON (a table's row), for the dataset
+    screen's preview of a bad row; read in bounded pieces: a line can be hundreds of MB."""
+    try:
+        if unit == "line":
+            return _line_text(Path(path).expanduser(), number, limit)
+        for index, record, error in open_source(path).rows():
+            if index == number:
+                text = json.dumps(record, ensure_ascii=False, default=str) if error is None else error[1]
+                return text[:limit] + ("…" if len(text) > limit else "")
+            if index > number:
+                break
+    except (OSError, DatasetError) as exc:
+        return f"(cannot read: {getattr(exc, 'strerror', None) or exc})"
+    return "(not found)"
+
+
+def _line_text(path: Path, number: int, limit: int) -> str:
+    with open(path, "rb") as fh:
+        for _ in range(number - 1):
+            while (piece := fh.readline(1 << 20)) and not piece.endswith(b"\n"):
+                pass
+        raw = fh.readline(limit * 4)
+    text = raw.decode("utf-8", "replace").rstrip("\r\n")
+    cut = len(text) > limit or not raw.endswith(b"\n") and len(raw) == limit * 4
+    return text[:limit] + ("…" if cut else "")

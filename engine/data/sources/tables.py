@@ -72,16 +72,40 @@ def load_dataset_rows(name: str, split: str | None,
                       state: ReadState) -> Iterator[tuple[int, object, tuple[str, str] | None]]:
     """A hub id (`owner/name`) or a local folder of data files, through `datasets.load_dataset`, streamed."""
     import datasets
+    datasets.disable_progress_bars()  # they would draw over the app's screen
+    datasets.logging.set_verbosity_error()
+    if not Path(name).exists():
+        _check_hub(name)
     try:
         ds = datasets.load_dataset(name, split=split or "train", streaming=True)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, missing split: one line for each
-        hint = ("; offline? set data.path to a local file, or download it once where the machine is online"
-                if not Path(name).exists() else "")
+        hint = ("; offline (HF_HUB_OFFLINE) and not cached? name a local file, or load it once where the machine "
+                "is online" if not Path(name).exists() else "")
         raise DatasetError(f"{name}: cannot load with `datasets` ({_first_line(exc)}){hint}") from None
     splits = getattr(ds.info, "splits", None) or {}
     known = splits.get(split or "train")
     state.total = getattr(known, "num_examples", 0) or 0
     yield from _rows_of(ds.iter(batch_size=BATCH), state)
+
+
+def _check_hub(name: str) -> None:
+    """Ask the hub once, without retries, so that offline or a wrong id is one line in seconds (load_dataset
+    itself retries for half a minute, printing each attempt)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        raise DatasetError(f"{name}: a gated dataset: accept its terms on huggingface.co and log in "
+                           "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise DatasetError(f"{name}: no such dataset on the Hugging Face hub (or it is private: log in with "
+                           "`hf auth login`)") from None
+    except OfflineModeIsEnabled:
+        return  # HF_HUB_OFFLINE: load_dataset may still find it in its cache
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy, a timeout
+        raise DatasetError(f"{name}: not a local path, and the Hugging Face hub cannot be reached "
+                           f"({_first_line(exc)}): offline? name a local file instead") from None
 
 
 def _pick_split(loaded, split: str | None, path: Path):
