@@ -16,6 +16,16 @@ FIELDS = ("messages", "conversations", "prompt", "completion", "text", "chosen",
           "instruction", "input", "output", "system", "history")
 
 
+def drop_nulls(value):
+    """A table's row without its nulls, at every depth: Arrow stores rows of one column as one struct type,
+    so keys a row lacks (another tool's parameters, a message without tool_calls) come back as null."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
 def rename_columns(record, columns: dict[str, str]):
     """A record with the user's column names turned into ours ({our field: their column})."""
     if not columns or not isinstance(record, dict):

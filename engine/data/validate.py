@@ -19,10 +19,10 @@ import numpy as np
 from engine.data.encode import ChatEncoder, Encoded, truncate
 from engine.data.pairs import encode_rows, parse_record, rejected_fit
 from engine.data.records import Conversation, LineIssue
-from engine.data.shapes import from_alpaca, is_alpaca, rename_columns
+from engine.data.shapes import drop_nulls, from_alpaca, is_alpaca, rename_columns
 from engine.data.sources import RowSource, open_source
 from engine.data.sources.state import BLANK, DatasetError
-from engine.data.sources.text import MAX_LINE_BYTES, iter_lines  # noqa: F401 - their old home, still imported
+from engine.data.sources.text import MAX_LINE_BYTES, decode_cells, iter_lines  # noqa: F401 - old home of two
 from engine.data.template import EncodeError, TemplateLimitError
 
 MAX_KEPT_ISSUES = 2000  # the report keeps the first N issues; counts stay exact
@@ -268,7 +268,9 @@ def _parse(record, number: int, columns: dict[str, str], table: bool) -> tuple[C
     """A decoded row through the column map and the Alpaca shape into the record parser; issues name the
     user's own columns."""
     if table and isinstance(record, dict):  # a table fills a row's absent fields with null
-        record = {k: v for k, v in record.items() if v is not None}
+        record, error = decode_cells(drop_nulls(record))
+        if error:
+            return None, [LineIssue(number, *error)]
     record = rename_columns(record, columns)
     if is_alpaca(record):
         converted, issues = from_alpaca(record, number)

@@ -40,7 +40,8 @@ def arrow_rows(path: Path, state: ReadState) -> Iterator[tuple[int, object, tupl
             batches = iter(pa.ipc.open_stream(source))
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(f"{path}: not a readable Arrow file ({_first_line(exc)})") from None
-    yield from _batches((b for batch in batches for b in batch.to_batches(BATCH)), state, pa.ArrowException)
+    pieces = (b.slice(at, BATCH) for b in batches for at in range(0, b.num_rows, BATCH))
+    yield from _batches(pieces, state, pa.ArrowException)
 
 
 def _batches(batches, state: ReadState, broken: type[Exception]):

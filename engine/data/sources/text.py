@@ -151,6 +151,7 @@ def json_array_rows(path: Path, state: ReadState) -> Iterator[tuple[int, object,
 
 
 STRUCTURED = ("messages", "conversations", "tools", "chosen", "rejected", "prompt", "history")
+LENIENT = ("prompt", "chosen", "rejected")  # text that may start with "[" or "{" without being JSON
 
 
 def csv_rows(path: Path, state: ReadState, delimiter: str) -> Iterator[tuple[int, object, str | None]]:
@@ -187,18 +188,27 @@ def csv_rows(path: Path, state: ReadState, delimiter: str) -> Iterator[tuple[int
 
 
 def _csv_record(cells: dict[str, str]) -> tuple[dict | None, tuple[str, str] | None]:
-    record: dict = {}
-    for key, cell in cells.items():
-        if cell == "":
-            continue  # an empty cell is a missing value
-        if key in STRUCTURED and cell.lstrip()[:1] in ("[", "{"):
-            value, error = decode_json(cell, key)
-            if error:
-                return None, error
-            record[key] = value
-        else:
-            record[key] = cell
-    return record, None
+    return decode_cells({key: cell for key, cell in cells.items() if cell != ""})  # empty cell = missing
+
+
+def decode_cells(record: dict) -> tuple[dict | None, tuple[str, str] | None]:
+    """A table's row with its structured fields decoded where a cell holds them as JSON text (CSV has only
+    text; Parquet files often store messages or tools as JSON strings). messages, conversations, tools and
+    history must then parse; prompt, chosen and rejected are decoded only when they hold a JSON list of
+    messages (a prompt may well start with "[INST]")."""
+    out = record
+    for key in STRUCTURED:
+        cell = record.get(key)
+        if not isinstance(cell, str) or cell.lstrip()[:1] not in ("[", "{"):
+            continue
+        value, error = decode_json(cell, key)
+        if key in LENIENT and not isinstance(value, list):
+            continue
+        if error:
+            return None, error
+        out = out if out is not record else dict(record)
+        out[key] = value
+    return out, None
 
 
 def _surrogate_field(record) -> str | None:
