@@ -89,6 +89,7 @@ class Started(_Event):
     device: str
     blas: str
     dtype: str
+    data: tuple[str, ...] = ()  # what was read: each source's container and row shapes, column map, mix
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,8 @@ def from_dict(data: dict) -> Event | None:
         values["memory"] = MemoryStats(**values["memory"])
     if cls is CheckpointSaved:
         values["kept"] = tuple(values["kept"])
+    if cls is Started and isinstance(values.get("data"), list):
+        values["data"] = tuple(values["data"])
     try:
         if isinstance(values.get("preference"), dict):
             values["preference"] = PreferenceStats(**_numbers(values["preference"]))

@@ -273,7 +273,7 @@ class TrainingRun:
                           setup.total_steps / max(setup.steps_per_epoch, 1), len(setup.data.train),
                           len(setup.data.valid), setup.trainable, setup.total_params,
                           setup.global_batch * self.cfg.training.grad_accumulation, device, setup.blas.name,
-                          setup.info.dtype)
+                          setup.info.dtype, tuple(setup.data.report.shape_lines()))
 
     def _evaluate(self) -> float:
         from engine.train.validation import perplexity, validation_batches, validation_loss

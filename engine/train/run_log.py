@@ -31,7 +31,7 @@ def describe(event) -> str | None:
         return (f"started: {event.total_steps} steps from step {event.start_step}, {event.train_examples} train / "
                 f"{event.valid_examples} validation conversations, effective batch {event.effective_batch}, "
                 f"{event.trainable_params:,} of {event.total_params:,} parameters trainable, {event.device}, "
-                f"BLAS {event.blas}, {event.dtype}")
+                f"BLAS {event.blas}, {event.dtype}" + "".join(f"\n  data: {line}" for line in event.data))
     if isinstance(event, Step):
         return (f"step {event.step}/{event.total_steps}: loss {event.loss:.4f}, lr {event.learning_rate:.3g}, "
                 f"grad norm {event.grad_norm:.3f}, {event.tokens_per_sec:.0f} tok/s, "
