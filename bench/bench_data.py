@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--containers", default="jsonl,json,csv,parquet,arrow,datasets")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--no-tokenize", action="store_true", help="structure only: for memory on a 1 GB file "
+                    "(--count 800000) without waiting for the tokenizer")
     args = ap.parse_args()
     wanted = [c.strip() for c in args.containers.split(",") if c.strip()]
     if "jsonl" not in wanted:
@@ -102,7 +104,7 @@ def main() -> None:
         t0 = time.perf_counter()
         paths = write_containers(Path(tmp) / "tool_calls.jsonl", Path(tmp), wanted)
         print(f"wrote {len(paths)} containers of {args.count} rows in {time.perf_counter() - t0:.0f} s")
-        tokenizer = load_tokenizer(Config().model)
+        tokenizer = None if args.no_tokenize else load_tokenizer(Config().model)
         validate_dataset(Path(tmp) / "heldout.jsonl", tokenizer)  # warm-up: the first file pays for it
         results = {}
         for name, path in paths.items():

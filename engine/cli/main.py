@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", "-c", help="YAML config (default: ./config.yaml if present, else built-in defaults)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     v = sub.add_parser("validate", help="validate and tokenize the dataset; list every bad line")
-    v.add_argument("--dataset", "-d", help="a dataset file, folder or hub id; several: a.jsonl*0.7,b.csv*0.3 (default: data.path)")
+    v.add_argument("--dataset", "-d", help="a dataset file, folder or hub id; several: "
+                   "a.jsonl*0.7,b.csv*0.3 (default: data.path)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--no-tokenize", action="store_true", help="check structure only (no tokenizer needed)")
     v.add_argument("--max-issues", type=whole_number(0), default=50, help="issues to print (default 50)")
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("import-model", help="resolve/import the configured model and print its directory")
     m.set_defaults(func=cmd_import_model)
     t = sub.add_parser("train", help="fine-tune headless, printing progress; Ctrl+C saves and stops")
-    t.add_argument("--dataset", "-d", help="a dataset file, folder or hub id; several: a.jsonl*0.7,b.csv*0.3 (default: data.path)")
+    t.add_argument("--dataset", "-d", help="a dataset file, folder or hub id; several: "
+                   "a.jsonl*0.7,b.csv*0.3 (default: data.path)")
     t.add_argument("--resume", help="a checkpoint folder, a run folder, or 'latest' (with output.run_name)")
     t.add_argument("--eval-only", action="store_true", help="evaluate --resume's adapter against the base")
     t.add_argument("--iterations", type=config_value("training.iterations"), help="override training.iterations")

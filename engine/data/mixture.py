@@ -42,7 +42,8 @@ def plan_lines(reports: list[DatasetReport], weights: list[float]) -> list[str]:
     wsum = sum(weights)
     lines = []
     for r, w, n, size in zip(reports, weights, planned_counts(sizes, weights), sizes):
-        use = (f"each row {n / size:.1f}x" if n > size else f"{n} of its {size} rows") if size else "no rows"
+        use = (f"its rows used {n / size:.2f}x on average" + (" (repeated)" if n > size else " (a sample)")
+               if size else "no rows")
         lines.append(f"{r.path} [{r.shape}]: weight {w:g} = {w / wsum:.0%} of the training mix ({use})")
     return lines
 

@@ -74,8 +74,8 @@ def _label(record: dict, line: int, issues: list[LineIssue]) -> str | None:
     raw = record["label"]
     key = raw.strip().lower() if isinstance(raw, str) else raw
     key = TEXT_LABELS.get(key, key) if isinstance(key, str) else key
-    if isinstance(key, int) and not isinstance(key, bool) and key in (0, 1):  # a 0/1 column (pandas, CSV)
-        key = bool(key)
+    if isinstance(key, (int, float)) and not isinstance(key, bool) and key in (0, 1):  # a 0/1 column (pandas
+        key = bool(key)  # writes 1.0/0.0 once a value is missing)
     if isinstance(key, (str, bool)) and key in LABELS:
         return LABELS[key]
     issues.append(LineIssue(line, "label", f"bad label {reprlib.repr(raw)}: use \"desirable\" or \"undesirable\" "

@@ -163,7 +163,6 @@ def validate_dataset(
     wanted = set(train_labels or [])
     examples: list[Example] = []
     seen_fields: set[str] = set()
-    table = source.unit == "row"
     start = time.perf_counter()
 
     def add_issue(issue: LineIssue) -> None:
@@ -219,7 +218,7 @@ def validate_dataset(
         else:
             if report.rows <= COLUMN_SAMPLE and isinstance(record, dict):
                 seen_fields.update(map(str, record))
-            pending.append((number, *_parse(record, number, columns, table)))
+            pending.append((number, *_parse(record, number, columns, source.arrow, source.cells)))
         if len(pending) >= CHUNK:
             flush(pending)
             if progress and state.total:
@@ -259,19 +258,22 @@ def first_conversations(path, columns: dict[str, str] | None = None, limit: int 
         if number >= limit or stopped():
             return
         if error is None and record is not BLANK:
-            conv, issues = _parse(record, number, dict(columns or {}), source.unit == "row")
+            conv, issues = _parse(record, number, dict(columns or {}), source.arrow, source.cells)
             if conv is not None:
                 yield number, source.unit, conv
 
 
-def _parse(record, number: int, columns: dict[str, str], table: bool) -> tuple[Conversation | None, list[LineIssue]]:
+def _parse(record, number: int, columns: dict[str, str], arrow: bool,
+           cells: bool) -> tuple[Conversation | None, list[LineIssue]]:
     """A decoded row through the column map and the Alpaca shape into the record parser; issues name the
     user's own columns."""
-    if table and isinstance(record, dict):  # a table fills a row's absent fields with null
-        record, error = decode_cells(drop_nulls(record))
-        if error:
-            return None, [LineIssue(number, *error)]
+    if arrow and isinstance(record, dict):  # a table fills a row's absent fields with null
+        record = drop_nulls(record)
     record = rename_columns(record, columns)
+    if cells and isinstance(record, dict):  # CSV cells and table strings may hold JSON (after the rename)
+        record, error = decode_cells(record)
+        if error:
+            return None, [_renamed_issue(LineIssue(number, *error), columns)]
     if is_alpaca(record):
         converted, issues = from_alpaca(record, number)
         conv, more = parse_record(converted, number) if converted is not None else (None, [])
@@ -280,10 +282,11 @@ def _parse(record, number: int, columns: dict[str, str], table: bool) -> tuple[C
         issues += more
     else:
         conv, issues = parse_record(record, number)
-    if columns and issues:
-        theirs = {ours: col for ours, col in columns.items()}
-        issues = [replace(i, field=_renamed(i.field, theirs)) for i in issues]
-    return conv, issues
+    return conv, [_renamed_issue(i, columns) for i in issues] if columns else issues
+
+
+def _renamed_issue(issue: LineIssue, columns: dict[str, str]) -> LineIssue:
+    return replace(issue, field=_renamed(issue.field, columns)) if columns else issue
 
 
 def _renamed(where: str, theirs: dict[str, str]) -> str:

@@ -41,9 +41,12 @@ class RowSource:
     read: Callable[[ReadState], Iterator[tuple[int, object, tuple[str, str] | None]]]
     state: ReadState = field(default_factory=ReadState)
     file: Path | None = None  # a local file: its size and mtime tell whether it changed while read
+    arrow: bool = False  # rows come from Arrow: a struct fills the keys a row lacks with null
+    cells: bool = False  # fields may hold JSON text (CSV has nothing else; tables often store it so)
 
     def rows(self) -> Iterator[tuple[int, object, tuple[str, str] | None]]:
-        self.state = ReadState(total=self.file.stat().st_size if self.unit == "line" and self.file else 0)
+        # Progress in bytes for a file; a table's reader replaces it with its row count.
+        self.state = ReadState(total=self.file.stat().st_size if self.file else 0)
         return self.read(self.state)
 
     def fingerprint(self) -> tuple[int, int] | None:
@@ -71,21 +74,21 @@ def open_source(raw: str | Path) -> RowSource:
     if not exists:
         if HUB_ID.match(name.split(":")[0]) and p.suffix.lower() not in SUFFIXES:
             return RowSource(name, "hub dataset", "row", partial(tables.load_dataset_rows, name.split(":")[0],
-                                                                   split))
+                                                                   split), arrow=True, cells=True)
         raise DatasetError(f"{p}: no such file")
+    _refuse_foreign(p)  # a gzip file named .jsonl is still gzip
     kind = SUFFIXES.get(p.suffix.lower()) or _sniff(p)
     if kind == "JSON":
         kind = "JSON array" if _first_char(p) == "[" else "JSONL"
-    readers = {"JSONL": text.jsonl_rows, "JSON array": text.json_array_rows,
-               "CSV": partial(_csv, delimiter=","), "TSV": partial(_csv, delimiter="\t")}
-    if kind in readers:
-        return RowSource(name, kind, "line", partial(readers[kind], p), file=p)
+    if kind == "JSONL":
+        return RowSource(name, kind, "line", partial(text.jsonl_rows, p), file=p)
+    if kind in ("CSV", "TSV"):
+        return RowSource(name, kind, "line", partial(text.csv_rows, p, delimiter="," if kind == "CSV" else "\t"), file=p,
+                         cells=True)
+    if kind == "JSON array":  # numbered by index: several elements may share a line
+        return RowSource(name, kind, "row", partial(text.json_array_rows, p), file=p)
     read = tables.parquet_rows if kind == "Parquet" else tables.arrow_rows
-    return RowSource(name, kind, "row", partial(read, p), file=p)
-
-
-def _csv(path: Path, state: ReadState, delimiter: str):
-    return text.csv_rows(path, state, delimiter)
+    return RowSource(name, kind, "row", partial(read, p), file=p, arrow=True, cells=True)
 
 
 def _split_suffix(p: Path) -> tuple[Path, str | None]:
@@ -99,18 +102,26 @@ def _split_suffix(p: Path) -> tuple[Path, str | None]:
 def _folder(name: str, p: Path, split: str | None) -> RowSource:
     if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
         return RowSource(name, "`datasets` folder" + (f" (split {split})" if split else ""), "row",
-                         partial(tables.datasets_folder_rows, p, split), file=None)
+                         partial(tables.datasets_folder_rows, p, split), arrow=True, cells=True)
     files = [f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file()]
     if not files:
         raise DatasetError(f"{p}: is a directory with no dataset in it: expected {ACCEPTED}")
     return RowSource(name, f"folder of {files[0].suffix[1:]} files (load_dataset)", "row",
-                     partial(tables.load_dataset_rows, str(p), split))
+                     partial(tables.load_dataset_rows, str(p), split), arrow=True, cells=True)
 
 
 def _first_char(p: Path) -> str:
     with open(p, "rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head[:1].decode("latin-1")
+
+
+def _refuse_foreign(p: Path) -> None:
+    with open(p, "rb") as fh:
+        head = fh.read(16)
+    for magic, what in FOREIGN.items():
+        if head.startswith(magic):
+            raise DatasetError(f"{p}: {what}; we read {ACCEPTED}")
 
 
 def _sniff(p: Path) -> str:
@@ -121,9 +132,6 @@ def _sniff(p: Path) -> str:
         return "Parquet"
     if head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff"):
         return "Arrow"
-    for magic, what in FOREIGN.items():
-        if head.startswith(magic):
-            raise DatasetError(f"{p}: {what}; we read {ACCEPTED}")
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first == b"{":
         return "JSONL"

@@ -113,20 +113,23 @@ def json_array_rows(path: Path, state: ReadState) -> Iterator[tuple[int, object,
         try:
             skip_space()
             if pos >= len(buf) or buf[pos] != "[":
-                yield index, None, state.end(at_line() + "a .json file must hold one JSON array of records (or use JSONL: one per line)")
+                yield index, None, state.end(at_line() + "a .json file must hold one JSON array of records (or "
+                                             "use JSONL: one per line)")
                 return
             pos += 1
             expect_item = True
             while True:
                 skip_space()
                 if pos >= len(buf):
-                    yield index, None, state.end(at_line() + "the JSON array is not closed (missing ']'): the file may be cut short")
+                    yield index, None, state.end(at_line() + "the JSON array is not closed (missing ']'): the "
+                                                 "file may be cut short")
                     return
                 if buf[pos] == "]":
                     return
                 if not expect_item:
                     if buf[pos] != ",":
-                        yield index, None, state.end(at_line() + f"invalid JSON: expected ',' or ']' between records, got {buf[pos]!r}")
+                        yield index, None, state.end(at_line() + "invalid JSON: expected ',' or ']' between "
+                                                     f"records, got {buf[pos]!r}")
                         return
                     pos += 1
                     expect_item = True
@@ -137,7 +140,8 @@ def json_array_rows(path: Path, state: ReadState) -> Iterator[tuple[int, object,
                         break
                     except json.JSONDecodeError as exc:
                         if len(buf) - pos > MAX_LINE_BYTES or not fill():
-                            yield index, None, state.end(at_line() + f"invalid JSON: {exc.msg} (the array cannot be read past here)")
+                            yield index, None, state.end(at_line() + f"invalid JSON: {exc.msg} (the array "
+                                                         "cannot be read past here)")
                             return
                     except RecursionError:
                         yield index, None, state.end(at_line() + "invalid JSON: nested too deeply")
@@ -147,7 +151,8 @@ def json_array_rows(path: Path, state: ReadState) -> Iterator[tuple[int, object,
                 yield index, value, None
                 index += 1
         except UnicodeDecodeError as exc:
-            yield index, None, state.end(at_line() + f"invalid UTF-8 (byte {exc.start + 1} of a chunk): save the file as UTF-8")
+            yield index, None, state.end(at_line() + f"invalid UTF-8 (byte {exc.start + 1} of a chunk): save "
+                                         "the file as UTF-8")
 
 
 STRUCTURED = ("messages", "conversations", "tools", "chosen", "rejected", "prompt", "history")
@@ -182,7 +187,8 @@ def csv_rows(path: Path, state: ReadState, delimiter: str) -> Iterator[tuple[int
                 else:
                     yield number, *_csv_record(dict(zip(header, cells)))
         except UnicodeDecodeError as exc:
-            yield reader.line_num + 1, None, state.end(f"invalid UTF-8 (byte {exc.start + 1} of a chunk): save the file as UTF-8")
+            yield reader.line_num + 1, None, state.end(f"invalid UTF-8 (byte {exc.start + 1} of a chunk): save "
+                                                       "the file as UTF-8")
         except csv.Error as exc:
             yield reader.line_num, None, state.end(f"unreadable CSV: {exc}")
 
