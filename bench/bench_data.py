@@ -69,13 +69,26 @@ def write_containers(jsonl: Path, out: Path, wanted: list[str]) -> dict[str, Pat
     return {name: paths[name] for name in wanted}
 
 
+def anon_rss() -> int:
+    """Resident memory that is not a mapped file (Linux RssAnon): a memory-mapped Parquet/Arrow file's pages
+    count in RSS but are the page cache's, given back under pressure."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process().memory_info().rss
+
+
 def measure(path: Path, tokenizer) -> dict:
     proc = psutil.Process()
-    rss0 = proc.memory_info().rss
-    peak = [rss0]
+    rss0, anon0 = proc.memory_info().rss, anon_rss()
+    peak, peak_anon = [rss0], [anon0]
 
     def progress(done, total):
         peak[0] = max(peak[0], proc.memory_info().rss)
+        peak_anon[0] = max(peak_anon[0], anon_rss())
 
     t0 = time.perf_counter()
     report, _ = validate_dataset(path, tokenizer, progress=progress)
@@ -84,7 +97,8 @@ def measure(path: Path, tokenizer) -> dict:
     size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
     return {"shape": report.shape, "valid": report.valid, "records": report.records, "seconds": dt,
             "rows_per_s": report.valid / dt, "tokens": sum(report.lengths), "mb": size / 1e6,
-            "rss_growth_mb": (peak[0] - rss0) / 1e6, "issues": report.issue_count}
+            "rss_growth_mb": (peak[0] - rss0) / 1e6, "anon_growth_mb": (peak_anon[0] - anon0) / 1e6,
+            "issues": report.issue_count}
 
 
 def main() -> None:
@@ -104,6 +118,8 @@ def main() -> None:
         t0 = time.perf_counter()
         paths = write_containers(Path(tmp) / "tool_calls.jsonl", Path(tmp), wanted)
         print(f"wrote {len(paths)} containers of {args.count} rows in {time.perf_counter() - t0:.0f} s")
+        import gc
+        gc.collect()  # the rows the writers held: freed before the first measurement
         tokenizer = None if args.no_tokenize else load_tokenizer(Config().model)
         validate_dataset(Path(tmp) / "heldout.jsonl", tokenizer)  # warm-up: the first file pays for it
         results = {}
@@ -112,7 +128,8 @@ def main() -> None:
             base = results["jsonl"]["rows_per_s"]
             print(f"{name:9s} {r['shape']:22s} {r['mb']:6.0f} MB  {r['valid']:>7,} valid of {r['records']:>7,}  "
                   f"{r['seconds']:5.1f} s  {r['rows_per_s']:7,.0f} rows/s ({r['rows_per_s'] / base:.2f}x JSONL)  "
-                  f"{r['tokens'] / r['seconds']:8,.0f} tok/s  RSS +{r['rss_growth_mb']:.0f} MB", flush=True)
+                  f"{r['tokens'] / r['seconds']:8,.0f} tok/s  RSS +{r['rss_growth_mb']:.0f} MB "
+                  f"(anonymous +{r['anon_growth_mb']:.0f} MB)", flush=True)
             if r["valid"] != results["jsonl"]["valid"] or r["tokens"] != results["jsonl"]["tokens"]:
                 print(f"  ! {name} differs from JSONL: {r['valid']} valid, {r['tokens']} tokens "
                       f"(JSONL {results['jsonl']['valid']}, {results['jsonl']['tokens']}); {r['issues']} issues")

@@ -96,3 +96,15 @@ def pytest_collection_modifyitems(items):
         kinds = kinds_of(item) if isinstance(item, pytest.Function) else set()
         for kind in sorted(kinds) + (["slow"] if kinds else []):
             item.add_marker(kind)
+
+
+@pytest.fixture()
+def app_in(tmp_path, monkeypatch):
+    """An app whose config file is a copy of config.yaml in a temp folder (run from the repository root)."""
+    import shutil
+
+    from helpers import ROOT
+    from tui.app import LoraTuiApp
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    monkeypatch.chdir(ROOT)
+    return lambda: LoraTuiApp(str(tmp_path / "config.yaml"))

@@ -23,11 +23,11 @@ from engine.config.validation import coerce_columns, coerce_sources
 from engine.data import DatasetError, prepare_dataset, validate_dataset, validate_with_config
 from helpers import tiny_config, write_jsonl
 
-pd = pytest.importorskip("pandas")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-feather = pytest.importorskip("pyarrow.feather")
-datasets = pytest.importorskip("datasets")
+import datasets  # noqa: E402 - dependencies of lora-tui itself: a missing one must fail, not skip
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.feather as feather  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------- the rows

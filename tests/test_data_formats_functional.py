@@ -3,15 +3,13 @@ six files, each written by its own library), a training run on a mix of a CSV an
 Dataset screen on a Parquet file with a broken row, and the column map edited in the Config form."""
 
 import json
-import shutil
 
 import pytest
 from textual.widgets import DataTable, Input, Static
 
 from engine.config.loading import load_config
 from engine.train.run import TrainingRun
-from helpers import ROOT, addition_chats, lora_tui, tiny_config, tiny_yaml, write_jsonl
-from tui.app import LoraTuiApp
+from helpers import addition_chats, lora_tui, tiny_config, tiny_yaml, write_jsonl
 from tui_helpers import wait_for
 
 SIZE = (120, 40)
@@ -43,6 +41,7 @@ def every_container(tmp_path) -> dict[str, str]:
     return {k: str(v) for k, v in out.items()}
 
 
+@pytest.mark.e2e
 def test_validate_reads_every_container_in_one_mix(tmp_path):
     files = every_container(tmp_path)
     mix = ",".join(f"{path}*1" for path in files.values())
@@ -56,6 +55,7 @@ def test_validate_reads_every_container_in_one_mix(tmp_path):
     assert "240 of 240 conversations valid" in out
 
 
+@pytest.mark.e2e
 def test_validate_names_a_broken_parquet_row_and_fails(tmp_path):
     import pandas as pd
     rows = _alpaca(addition_chats(20))
@@ -89,13 +89,7 @@ def test_a_run_trains_on_a_weighted_mix_of_csv_and_parquet(tmp_path, embedded_di
     assert "data: mix: " in log and "general.parquet: Parquet; rows: chat 30" in log
 
 
-@pytest.fixture()
-def app_in(tmp_path, monkeypatch):
-    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
-    monkeypatch.chdir(ROOT)
-    return lambda: LoraTuiApp(str(tmp_path / "config.yaml"))
-
-
+@pytest.mark.tui
 async def test_dataset_screen_on_a_parquet_file_names_rows_and_previews_them(app_in, tmp_path, embedded_dir):
     import pandas as pd
     rows = _alpaca(addition_chats(40))
@@ -119,6 +113,7 @@ async def test_dataset_screen_on_a_parquet_file_names_rows_and_previews_them(app
         assert "row 0 through the chat template" in str(app.screen.query_one("#rendered", Static).render())
 
 
+@pytest.mark.tui
 async def test_config_form_edits_the_column_map_and_refuses_an_unknown_field(app_in, tmp_path, embedded_dir):
     app = app_in()
     async with app.run_test(size=SIZE) as pilot:

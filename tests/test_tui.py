@@ -1,9 +1,7 @@
 """Pilot tests of every screen's main flow, driving the real engine thread and the embedded model."""
 
-import shutil
 from pathlib import Path
 
-import pytest
 from textual.widgets import DataTable, Input, Select, Sparkline, Static, Switch
 
 from engine.config.schema import SPECS
@@ -12,14 +10,6 @@ from tui.screens.confirm import ConfirmScreen
 from helpers import ROOT, lora_tui_cmd, tiny_config, tiny_yaml
 from tui_helpers import answering, train_state, wait_for
 SIZE = (120, 40)
-
-
-@pytest.fixture()
-def app_in(tmp_path, monkeypatch):
-    """An app whose config file is a copy of config.yaml in a temp folder."""
-    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
-    monkeypatch.chdir(ROOT)
-    return lambda: LoraTuiApp(str(tmp_path / "config.yaml"))
 
 
 async def test_config_form_shows_errors_beside_fields_and_saves(app_in, tmp_path, embedded_dir):
