@@ -1,0 +1,8 @@
+"""What an export or import can fail with: one line for the user, nothing left behind."""
+
+from __future__ import annotations
+
+
+class ExportError(RuntimeError):
+    """The export (or import) cannot be done: a wrong base, an unknown architecture, a full disk. The message
+    is one line naming the file or setting and what to do; nothing partial was left at the target."""
