@@ -2,7 +2,7 @@
 
 Everything is built under a hidden temp name beside its destination, fsynced, then renamed into place:
 a reader (or the next start after a kill) sees the old version or the new one, never a partial one.
-Used for configs, checkpoints, the final adapter, the embedded model's import and fused models.
+Used for configs, checkpoints, the final adapter, the embedded model's import, fused models and exports.
 """
 
 from __future__ import annotations
@@ -27,6 +27,28 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@contextmanager
+def file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temp path beside `final` for a writer that opens files itself (a GGUF writer); when the
+    block ends, fsync it and rename it to `final`. On any error the temp file is removed: nothing partial."""
+    p = Path(final)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+        fsync_dir(p.parent)
     except BaseException:
         try:
             os.unlink(tmp)

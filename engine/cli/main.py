@@ -1,4 +1,5 @@
-"""Headless command line: `lora-tui train|validate|chat|fuse|config|import-model` (exit codes: exit_codes.py)."""
+"""Headless command line: `lora-tui train|validate|chat|fuse|export|import-adapter|config|import-model` (exit codes:
+exit_codes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import sys
 from engine.cli.args import Parser, UsageError, argparse_suppress, config_value, print_err, whole_number
 from engine.cli.commands import cmd_chat, cmd_config, cmd_fuse, cmd_import_model, cmd_validate
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, EXIT_TRAINING
+from engine.cli.export import cmd_export, cmd_import_adapter
 from engine.cli.train import cmd_train
+from engine.export.formats import FORMATS
+from engine.export.gguf import QUANTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--adapter", required=True, help="adapter, checkpoint or run folder")
     f.add_argument("--out", required=True, help="new folder for the fused model (absent or empty)")
     f.set_defaults(func=cmd_fuse)
+    e = sub.add_parser("export", help="base + adapter as GGUF (llama.cpp, LM Studio), an Ollama folder, a PEFT "
+                       "adapter or a fused MLX model")
+    e.add_argument("--adapter", help="adapter, checkpoint or run folder (gguf/ollama without it: the base alone)")
+    e.add_argument("--to", required=True, choices=FORMATS, help="gguf, ollama, peft or mlx")
+    e.add_argument("--quant", help=f"GGUF type: {', '.join(QUANTS)} (default q8_0)")
+    e.add_argument("--out", required=True, help="the new file (gguf) or folder (ollama, peft, mlx)")
+    e.set_defaults(func=cmd_export)
+    i = sub.add_parser("import-adapter", help="a PEFT adapter (PEFT, TRL, Unsloth) as ours: chat with it or "
+                       "continue training it (training.init_adapter)")
+    i.add_argument("peft_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    i.add_argument("--out", required=True, help="new folder for the adapter")
+    i.set_defaults(func=cmd_import_adapter)
     c = sub.add_parser("config", help="print the effective config (file + environment overrides) as YAML")
     c.set_defaults(func=cmd_config)
     ap.commands = frozenset(sub.choices)  # the words that run headless instead of opening the app (tui/cli.py)
@@ -66,6 +82,7 @@ def run(argv: list[str] | None = None) -> int:
     from engine.model.loading import ModelLoadError
     from engine.export.fuse import FuseCheckError, FuseError, FuseTargetError
     from engine.model.adapters import AdapterError
+    from engine.export.errors import ExportError, ExportUsageError
     ap = build_parser()
     try:
         args = ap.parse_args(argv)
@@ -86,13 +103,13 @@ def run(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print_err(str(exc))
         return EXIT_DATA
-    except FuseTargetError as exc:  # --out unusable: bad usage
+    except (FuseTargetError, ExportUsageError) as exc:  # --out unusable: bad usage
         print_err(str(exc))
         return EXIT_CONFIG
     except FuseCheckError as exc:  # the fused model came out wrong
         print_err(str(exc))
         return EXIT_TRAINING
-    except (ModelLoadError, FuseError, AdapterError) as exc:
+    except (ModelLoadError, FuseError, AdapterError, ExportError) as exc:
         print_err(str(exc))
         return EXIT_MODEL
     except UsageError as exc:
