@@ -51,7 +51,8 @@ class DatasetScreen(AppScreen):
         yield Header()
         with Horizontal(classes="toolbar"):
             yield Input(as_text(SPECS["data.path"], self.app.cfg.data.path), id="dataset-path",
-                        placeholder="a file (JSONL, JSON, CSV, Parquet, Arrow), a folder or a hub id; a mix: a.jsonl*0.7, b.csv*0.3")
+                        placeholder="a file (JSONL, JSON, CSV, Parquet, Arrow), a folder or a hub id; "
+                                    "a mix: a.jsonl*0.7, b.csv*0.3")
             yield Button("Validate", id="validate", variant="primary")
         yield ProgressBar(total=1.0, show_eta=False, id="dataset-progress")
         with Horizontal(id="dataset-body"):
@@ -103,7 +104,8 @@ class DatasetScreen(AppScreen):
         self.query_one("#dataset-progress", ProgressBar).update(progress=1.0)
         verdict = "[$error]rejected[/]" if report.failed else "[$success]ok[/]"
         labels = ", ".join(f"{k} {v}" for k, v in sorted(report.labels.items())) or "none"
-        lines = [f"[b]{escape(report.path)}[/b]: {verdict}"] + [f"[dim]{escape(line)}[/dim]" for line in report.shape_lines()]
+        lines = [f"[b]{escape(report.path)}[/b]: {verdict}"]
+        lines += [f"[dim]{escape(line)}[/dim]" for line in report.shape_lines()]
         lines += [f"{report.valid} valid of {report.records} conversations; {report.error_lines} bad {report.unit}s "
                   f"({report.error_rate:.1%}, threshold {report.error_threshold:.0%})",
                  f"labels: {escape(labels)}; will train on {report.trainable}"
