@@ -231,6 +231,15 @@ class Generate(_WithConfig):
 
 
 @dataclass(frozen=True)
+class ExportModel(_WithConfig):
+    """Write base + adapter (adapter=None: the base) as `to` (gguf, ollama, peft, mlx) at `out`."""
+    to: str
+    out: str
+    adapter: str | None = None
+    quant: str | None = None
+
+
+@dataclass(frozen=True)
 class CancelGeneration:
     pass
 
@@ -291,12 +300,26 @@ class GenerationDone:
 
 
 @dataclass(frozen=True)
+class ExportProgress:
+    what: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class ExportDone:
+    path: str
+    bytes: int
+    format: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class EngineError:
     """An expected failure, with a message a user can act on."""
-    what: Literal["dataset", "training", "chat", "engine"]  # what failed; the UI shows it where that is
+    what: Literal["dataset", "training", "chat", "export", "engine"]  # what failed; the UI shows it where that is
     message: str
 
 
-Command = Union[ValidateDataset, StartTraining, Generate, CancelGeneration, Shutdown]
+Command = Union[ValidateDataset, StartTraining, Generate, ExportModel, CancelGeneration, Shutdown]
 Result = Union[Event, ProgressUpdate, DatasetChecked, TrainingStarted, TrainingEnded, GenerationChunk,
-               GenerationDone, EngineError]
+               GenerationDone, ExportProgress, ExportDone, EngineError]

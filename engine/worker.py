@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from engine.config.schema import Config
-from engine.protocol import CancelGeneration, Command, ConversationPreview, DatasetChecked, EngineError, Generate, \
+from engine.protocol import CancelGeneration, Command, ConversationPreview, DatasetChecked, EngineError, \
+    ExportDone, ExportModel, ExportProgress, Generate, \
     GenerationChunk, GenerationDone, ProgressUpdate, Result, Shutdown, StartTraining, TrainingEnded, \
     TrainingStarted, ValidateDataset
 from engine.train.control import RunControl
@@ -86,7 +87,8 @@ class EngineWorker:
             try:
                 self._handle(command)
             except Exception as exc:  # keep serving: report to the screen that asked, don't die
-                what = {ValidateDataset: "dataset", StartTraining: "training"}.get(type(command), "engine")
+                what = {ValidateDataset: "dataset", StartTraining: "training",
+                        ExportModel: "export"}.get(type(command), "engine")
                 self.emit(EngineError(what, f"{type(exc).__name__}: {exc}"))
                 traceback.print_exc()
 
@@ -104,6 +106,9 @@ class EngineWorker:
                 self.emit(TrainingEnded("failed", "", 0, f"{type(exc).__name__}: {exc}"))
                 raise
             self.emit(TrainingEnded(result.status, str(result.run_dir), result.step, result.message))
+        elif isinstance(command, ExportModel):
+            self._chat = None  # free the chat model: the export loads its own copy
+            self._export(command)
         elif isinstance(command, Generate):
             from engine.data.template import EncodeError
             try:
@@ -129,6 +134,23 @@ class EngineWorker:
         if self._stopping():  # quitting: the report is partial and no one will read it
             return
         self.emit(DatasetChecked(report, _preview(cmd.path, tokenizer, cfg, self._stopping)))
+
+    def _export(self, cmd: ExportModel) -> None:
+        import time
+
+        from engine.export.errors import ExportError
+        from engine.export.formats import export
+        from engine.export.fuse import FuseError
+        from engine.model.adapters import AdapterError
+        from engine.model.loading import ModelLoadError
+        t0 = time.perf_counter()
+        try:
+            result = export(cmd.cfg, cmd.adapter, cmd.to, cmd.out, cmd.quant,
+                            lambda what, fraction: self.emit(ExportProgress(what, fraction)))
+        except (ExportError, AdapterError, FuseError, ModelLoadError) as exc:
+            self.emit(EngineError("export", str(exc)))
+            return
+        self.emit(ExportDone(result["path"], result["bytes"], result["format"], time.perf_counter() - t0))
 
     def _chat_model(self, cfg: Config, adapter: str | None) -> _ChatModel:
         """The loaded chat model, reloaded only for another base or adapter: a model with an adapter also

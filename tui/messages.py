@@ -137,9 +137,18 @@ class AnswerDone(ChatMessage[p.GenerationDone], carries=p.GenerationDone):
     pass
 
 
+# ---------------------------------------------------------------- the Chat screen's Export dialog
+class ExportProgressed(Coalesced, ChatMessage[p.ExportProgress], carries=p.ExportProgress):
+    pass
+
+
+class ExportFinished(ChatMessage[p.ExportDone], carries=p.ExportDone):
+    pass
+
+
 # ---------------------------------------------------------------- the app's, then the screen it concerns
 class EngineFailed(EngineMessage[p.EngineError], carries=p.EngineError):
-    SCREEN_FOR: ClassVar[dict[str, str]] = {"dataset": "dataset", "chat": "chat"}  # what failed -> its screen
+    SCREEN_FOR: ClassVar[dict[str, str]] = {"dataset": "dataset", "chat": "chat", "export": "chat"}  # -> its screen
 
     @property
     def owner(self) -> str | None:

@@ -174,8 +174,11 @@ def _check_target(out: str | Path) -> Path:
     path = Path(out).expanduser().absolute()
     if path.exists() or path.is_symlink():
         raise ExportUsageError(f"--out {path}: exists; name a new file (nothing was changed)")
-    if not path.parent.is_dir():
-        raise ExportUsageError(f"--out {path}: {path.parent} is not a folder")
+    parent = path.parent
+    while not parent.exists():  # missing folders are made; a file in the way is not
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportUsageError(f"--out {path}: {parent} is a file, so no folder can be made inside it")
     return path
 
 

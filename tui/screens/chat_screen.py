@@ -17,6 +17,7 @@ from textual.widgets import Button, Header, Input, Label, Select, Static, Switch
 from engine.generate.reply import GenerationSettings
 from engine.protocol import CancelGeneration, Generate
 from tui import messages as msg
+from tui.screens.export_dialog import ExportDialog
 
 BASE = "base"
 
@@ -53,6 +54,7 @@ class ChatScreen(AppScreen):
         Binding("ctrl+y", "copy", "Copy answer"),
         Binding("escape", "cancel", "Stop answer", show=False),
         Binding("ctrl+r", "refresh_models", "Rescan adapters"),
+        Binding("ctrl+g", "export", "Export"),  # (ctrl+e is the input's end of line)
     ]
 
     def __init__(self) -> None:
@@ -64,6 +66,7 @@ class ChatScreen(AppScreen):
         self.answering = False
         self.last_answer = ""
         self.seen_run: str | None = None  # the last run whose adapter was offered first
+        self.export_dialog: ExportDialog | None = None  # open, or its export still running
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -201,9 +204,14 @@ class ChatScreen(AppScreen):
         self._next()
 
     @on(msg.EngineFailed)
-    def end_all_answers(self) -> None:
+    def end_all_answers(self, message: msg.EngineFailed) -> None:
         """The answer in progress and those queued after it end here; the error itself is notified by the
-        app. The next message starts afresh."""
+        app. The next message starts afresh. A failed export is the Export dialog's to show."""
+        if message.result.what == "export":
+            if (dialog := self._open_dialog()) is not None:
+                dialog.show_error(message.result.message)
+            self.export_dialog = dialog
+            return
         self.pending.clear()
         for bubble in self.bubbles.values():
             self._unanswered(bubble, "(no answer: see the error)")
@@ -224,6 +232,34 @@ class ChatScreen(AppScreen):
                 self._unanswered(self.bubbles.pop(request.request_id), " [stopped]")
             self.pending.clear()
             self.app.submit(CancelGeneration())
+
+    def action_export(self) -> None:
+        """The chosen model (an adapter, or the base) out to where people run models."""
+        chosen = self.query_one("#chat-model", Select).value
+        self.export_dialog = ExportDialog(None if chosen == BASE else str(chosen))
+
+        def closed(_) -> None:
+            if self.export_dialog is not None and not self.export_dialog.running:
+                self.export_dialog = None
+        self.app.push_screen(self.export_dialog, closed)
+
+    def _open_dialog(self) -> ExportDialog | None:
+        dialog = self.export_dialog
+        return dialog if dialog is not None and dialog in self.app.screen_stack else None
+
+    @on(msg.ExportProgressed)
+    def export_progress(self, message: msg.ExportProgressed) -> None:
+        if (dialog := self._open_dialog()) is not None:
+            dialog.show_progress(message.result.what, message.result.fraction)
+
+    @on(msg.ExportFinished)
+    def export_done(self, message: msg.ExportFinished) -> None:
+        done = message.result
+        if (dialog := self._open_dialog()) is not None:
+            dialog.show_done(done)
+        else:  # the dialog was closed while it ran
+            self.export_dialog = None
+            self.notify(f"Exported {done.format} to {done.path}", timeout=10)
 
     def action_clear(self) -> None:
         self.history.clear()
