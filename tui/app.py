@@ -1,4 +1,4 @@
-"""lora-tui's Textual app: four screens (config, dataset, train, chat) over one engine thread.
+"""lora-tui's Textual app: six screens (config, dataset, train, chat, runs, review) over one engine thread.
 
 The engine (engine.worker.EngineWorker) runs in a Textual thread worker for the app's whole life and owns
 every MLX call. Screens submit typed commands; engine results come back as tui.messages (one class per
@@ -22,6 +22,8 @@ from tui.screens.chat_screen import ChatScreen
 from tui.screens.config_screen import ConfigScreen, load_config_and_file
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.dataset_screen import DatasetScreen
+from tui.screens.review_screen import ReviewScreen
+from tui.screens.runs_screen import RunsScreen
 from tui.screens.train_screen import TrainScreen
 
 
@@ -31,10 +33,12 @@ class LoraTuiApp(App[int]):
     # Textual re-parse and re-apply all CSS to every widget of the app, which cost up to 0.7 s per first
     # visit on 2 cores during training.
     CSS_PATH = ["app.tcss", "screens/config_screen.tcss", "screens/dataset_screen.tcss",
-                "screens/train_screen.tcss", "screens/chat_screen.tcss"]
+                "screens/train_screen.tcss", "screens/chat_screen.tcss", "screens/runs_screen.tcss",
+                "screens/review_screen.tcss"]
     # Each mode shows one installed screen, of the same name: installed screens are never destroyed, and the
     # app finds them by name (get_screen) to post them what they show.
-    SCREENS = {"config": ConfigScreen, "dataset": DatasetScreen, "train": TrainScreen, "chat": ChatScreen}
+    SCREENS = {"config": ConfigScreen, "dataset": DatasetScreen, "train": TrainScreen, "chat": ChatScreen,
+               "runs": RunsScreen, "review": ReviewScreen}
     MODES = {name: name for name in SCREENS}
     DEFAULT_MODE = "config"
     BINDINGS = [
@@ -42,6 +46,8 @@ class LoraTuiApp(App[int]):
         Binding("f2", "switch_mode('dataset')", "Dataset", id="dataset"),
         Binding("f3", "switch_mode('train')", "Train", id="train"),
         Binding("f4", "switch_mode('chat')", "Chat", id="chat"),
+        Binding("f5", "switch_mode('runs')", "Runs", id="runs"),
+        Binding("f6", "switch_mode('review')", "Review", id="review"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
