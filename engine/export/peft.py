@@ -1,8 +1,8 @@
 """Adapters both ways between our format (mlx-lm's) and Hugging Face PEFT's LoRA/DoRA format.
 
-The maths is the same in both: y = W x + scale * B A x (DoRA then rescales each output row to a learned magnitude),
-only the names, the orientation (mlx-lm keeps A as (in, r) and B as (r, out), PEFT as (r, in) and (out, r)) and the
-scaling's spelling (our scale = PEFT's lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) differ.
+The maths is the same (y = W x + scale * B A x; DoRA rescales each output row to a learned magnitude); the names,
+the orientation (mlx-lm's A is (in, r) and B (r, out), PEFT's (r, in) and (out, r)) and the scaling's spelling (our
+scale = PEFT's lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) differ.
 
 One catch: a base imported from a GGUF file (the embedded model) keeps llama.cpp's interleaved rotary layout of the
 q_proj/k_proj rows (its config says rope_traditional), while a Hugging Face checkpoint of the same model uses the
@@ -51,7 +51,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # ------------------------------------------------------------------------------------------------- shared
 
-
 def _check_out(out) -> Path:
     from engine.export.fuse import FuseTargetError, check_out
     try:
@@ -85,33 +84,30 @@ def _rotary_heads(config: dict) -> dict[str, int]:
     return {"q_proj": heads, "k_proj": int(config.get("num_key_value_heads") or heads)}
 
 
-def _to_hf_rows(w, heads: int):
-    """Interleaved -> rotate-half rows: the inverse of convert_hf_to_gguf's permute(w, n_head)."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _permute_rows(w, heads: int, to_hf: bool):
+    """Output rows from llama.cpp's interleaved order to HF's rotate-half one (to_hf), or back: the latter is
+    convert_hf_to_gguf's permute(w, n_head), the former its inverse."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, *((half, 2) if to_hf else (2, half)), *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _to_gguf_rows(w, heads: int):
-    """Rotate-half -> interleaved rows: convert_hf_to_gguf's permute(w, n_head) itself."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _size(folder: Path) -> tuple[int, list[str]]:
+def _written(folder: Path, **extra) -> dict:
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    return sum((folder / f).stat().st_size for f in files), files
+    return {"path": str(folder), "bytes": sum((folder / f).stat().st_size for f in files), "files": files} | extra
 
 
-def _tidy(x: float):
-    """2.0 -> 2 in JSON (PEFT documents lora_alpha as an int), anything else as it is."""
-    return int(x) if float(x).is_integer() else x
-
-
-def _report(progress, what: str, frac: float) -> None:
-    if progress:
-        progress(what, frac)
+def _write(out: Path, weights_file: str, tensors: dict, config: dict, **metadata) -> None:
+    """Both files into a temp folder renamed to `out` (absent or empty, checked first): nothing partial is left."""
+    import mlx.core as mx
+    try:
+        with atomic.folder(out) as tmp:
+            mx.save_safetensors(str(tmp / weights_file), tensors, metadata=metadata or None)
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    except (OSError, RuntimeError) as exc:  # mx.save_safetensors raises RuntimeError on a failed write
+        raise ExportError(f"--out {out}: could not write the adapter ({exc}); nothing was left there") from None
 
 
 # ------------------------------------------------------------------------------------------------- export
-
 
 def _peft_config(cfg: Config, acfg: dict, layers: list[int], n_layers: int, targets: list[str]) -> dict:
     params = acfg["lora_parameters"]
@@ -119,10 +115,11 @@ def _peft_config(cfg: Config, acfg: dict, layers: list[int], n_layers: int, targ
     alpha = acfg.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or alpha / r != scale:  # ours is for humans: scale is the truth
         alpha = scale * r
+    alpha = int(alpha) if float(alpha).is_integer() else alpha  # PEFT documents lora_alpha as an int
     from engine.model.embedded import is_embedded
     partial = len(layers) < n_layers
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": _tidy(alpha),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "lora_dropout": params["dropout"], "target_modules": targets,
         "layers_to_transform": layers if partial else None, "layers_pattern": "layers" if partial else None,
         "use_dora": acfg.get("fine_tune_type") == "dora", "use_rslora": False, "bias": "none",
@@ -144,7 +141,7 @@ def _peft_tensors(weights: dict, heads: dict[str, int]) -> tuple[dict, set[int],
         short = module.rsplit(".", 1)[-1]
         w = w if leaf == "m" else w.T  # (in, r) -> (r, in) and (r, out) -> (out, r)
         if leaf != "lora_a" and short in heads:
-            w = _to_hf_rows(w, heads[short])
+            w = _permute_rows(w, heads[short], to_hf=True)
         out[PREFIX + module + "." + LEAVES[leaf]] = mx.contiguous(w)
         layers.add(int(match["i"]))
         targets.add(short)
@@ -154,15 +151,13 @@ def _peft_tensors(weights: dict, heads: dict[str, int]) -> tuple[dict, set[int],
 def export_peft(cfg: Config, adapter: str | Path, out: str | Path, progress=None) -> dict:
     """Write our adapter (an adapter, checkpoint or run folder) as a PEFT folder `out` that
     PeftModel.from_pretrained(base, out) loads on the Hugging Face checkpoint of the configured base."""
-    import mlx.core as mx
-
     from engine.model.adapters import AdapterError, adapter_folder, apply_saved_adapter, read_saved_adapter
-    out = _check_out(out)
-    _report(progress, "reading the adapter", 0.05)
+    report, out = progress or (lambda what, frac: None), _check_out(out)
+    report("reading the adapter", 0.05)
     try:
         folder = adapter_folder(adapter)
         saved = read_saved_adapter(folder)
-        _report(progress, "checking it against the base", 0.2)
+        report("checking it against the base", 0.2)
         model, config = _base(cfg)
         apply_saved_adapter(model, folder, saved, f"the base model {cfg.model.name}")  # lazy: shapes only
     except AdapterError as exc:
@@ -170,23 +165,19 @@ def export_peft(cfg: Config, adapter: str | Path, out: str | Path, progress=None
     acfg, weights = saved
     tensors, layers, targets = _peft_tensors(weights, _rotary_heads(config))
     pcfg = _peft_config(cfg, acfg, sorted(layers), len(model.layers), sorted(targets))
-    _report(progress, "writing the PEFT adapter", 0.6)
-    try:
-        with atomic.folder(out) as tmp:  # `out` is absent or empty (checked above)
-            mx.save_safetensors(str(tmp / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})
-            (tmp / PEFT_CONFIG).write_text(json.dumps(pcfg, indent=2))
-    except (OSError, RuntimeError) as exc:  # mx.save_safetensors raises RuntimeError on a failed write
-        raise ExportError(f"--out {out}: could not write the adapter ({exc}); nothing was left there") from None
-    _report(progress, "PEFT adapter written", 1.0)
-    size, files = _size(out)
-    return {"path": str(out), "bytes": size, "files": files, "format": "peft"}
+    report("writing the PEFT adapter", 0.6)
+    _write(out, PEFT_WEIGHTS, tensors, pcfg, format="pt")  # transformers' loaders expect format "pt"
+    report("PEFT adapter written", 1.0)
+    return _written(out, format="peft")
 
 
 # ------------------------------------------------------------------------------------------------- import
 
-
 def _peft_folder(peft_dir) -> Path:
-    folder = Path(peft_dir).expanduser()
+    try:
+        folder = Path(peft_dir).expanduser()
+    except RuntimeError:  # `~name` for a user this machine does not have
+        raise ExportError(f"{peft_dir}: cannot expand ~ (no such user here); write the full path") from None
     if not folder.is_dir():
         raise ExportError(f"{folder}: no such folder; name a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS})")
     if not (folder / PEFT_WEIGHTS).is_file():
@@ -217,7 +208,7 @@ def _read_peft_config(folder: Path) -> dict:
         raise ExportError(f"{path}: r and lora_alpha must be numbers (got {pcfg.get('r')!r}, "
                           f"{pcfg.get('lora_alpha')!r})")
     dropout = pcfg.get("lora_dropout") or 0.0
-    if not 0 <= dropout < 1:
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ExportError(f"{path}: lora_dropout {dropout!r} is not in [0, 1)")
     return pcfg
 
@@ -234,9 +225,10 @@ def _group(weights: dict, path: Path) -> tuple[dict, str]:
                               "without it in target_modules")
         prefixes.add(match["pre"])
         modules.setdefault((int(match["i"]), match["key"]), {})[match["leaf"]] = w
-    if len(prefixes) > 1:
-        raise ExportError(f"{path}: LoRA tensors in more than one stack of layers ({', '.join(sorted(prefixes))})")
-    return modules, (prefixes or {""}).pop()
+    if len(prefixes) != 1:
+        raise ExportError(f"{path}: " + (f"LoRA tensors in several stacks of layers ({', '.join(sorted(prefixes))})"
+                                         if prefixes else "holds no LoRA tensors"))
+    return modules, prefixes.pop()
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -249,13 +241,14 @@ def _pattern(patterns: dict, module: str, default):
 
 def _rank_and_scale(pcfg: dict, modules: dict, prefix: str, path: Path) -> tuple[int, float]:
     """The one (rank, scale) of every module: mlx-lm's adapter config has a single pair."""
-    seen = {}
+    seen, need = {}, {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if pcfg.get("use_dora") else set())
     for (i, key), leaves in modules.items():
         name = f"{prefix}layers.{i}.{key}"
         r = _pattern(pcfg.get("rank_pattern"), name, pcfg["r"])
         alpha = _pattern(pcfg.get("alpha_pattern"), name, pcfg["lora_alpha"])
-        if set(leaves) - {"lora_magnitude_vector"} != {"lora_A.weight", "lora_B.weight"}:
-            raise ExportError(f"{path}: {name} lacks lora_A or lora_B; the adapter file is incomplete")
+        if set(leaves) != need:
+            raise ExportError(f"{path}: {name} has {', '.join(sorted(leaves))} where use_dora = "
+                              f"{bool(pcfg.get('use_dora'))} needs {', '.join(sorted(need))}; the adapter is damaged")
         if leaves["lora_A.weight"].shape[0] != r:
             raise ExportError(f"{path}: {name}.lora_A.weight has rank {leaves['lora_A.weight'].shape[0]} where "
                               f"{PEFT_CONFIG} says r = {r}; the adapter is damaged")
@@ -272,12 +265,10 @@ def _linear_dims(module) -> tuple[int, int] | None:
     import mlx.nn as nn
     if isinstance(module, nn.QuantizedLinear):
         return module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
-    if isinstance(module, nn.Linear):
-        return tuple(module.weight.shape)
-    return None
+    return tuple(module.weight.shape) if isinstance(module, nn.Linear) else None
 
 
-def _check_fits(model, modules: dict, prefix: str, path: Path, base: str, dora: bool) -> None:
+def _check_fits(model, modules: dict, prefix: str, path: Path, base: str) -> None:
     """Every PEFT tensor has a Linear layer of the base with its shape; one line on the first that has not."""
     for (i, key), leaves in sorted(modules.items()):
         name = f"{prefix}layers.{i}.{key}"
@@ -293,9 +284,6 @@ def _check_fits(model, modules: dict, prefix: str, path: Path, base: str, dora: 
                 raise ExportError(f"{path}: {PREFIX}{name}.{leaf} is {tuple(w.shape)} but {base} needs "
                                   f"{need[leaf]}: the adapter was made for another base model; set model.name to "
                                   "its base")
-        if dora != ("lora_magnitude_vector" in leaves):
-            raise ExportError(f"{path}: {name}: use_dora is {dora} but lora_magnitude_vector is "
-                              f"{'missing' if dora else 'there'}; the adapter is damaged")
 
 
 def _our_tensors(model, modules: dict, heads: dict[str, int]) -> tuple[dict, int]:
@@ -315,7 +303,7 @@ def _our_tensors(model, modules: dict, heads: dict[str, int]) -> tuple[dict, int
         w = leaves[LEAVES[match["leaf"]]].astype(mx.float32)
         short = match["key"].rsplit(".", 1)[-1]
         if match["leaf"] != "lora_a" and short in heads:
-            w = _to_gguf_rows(w, heads[short])
+            w = _permute_rows(w, heads[short], to_hf=False)
         ours[name] = mx.contiguous(w if match["leaf"] == "m" else w.T)
     return ours, len(padded)
 
@@ -327,9 +315,9 @@ def import_peft(cfg: Config, peft_dir: str | Path, out: str | Path, progress=Non
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from engine.model.adapters import AdapterError, non_finite, read_adapter_weights
-    out = _check_out(out)
+    report, out = progress or (lambda what, frac: None), _check_out(out)
     src = _peft_folder(peft_dir)
-    _report(progress, "reading the PEFT adapter", 0.05)
+    report("reading the PEFT adapter", 0.05)
     pcfg = _read_peft_config(src)
     path = src / PEFT_WEIGHTS
     try:
@@ -340,15 +328,13 @@ def import_peft(cfg: Config, peft_dir: str | Path, out: str | Path, progress=Non
     if bad:
         raise ExportError(f"{path}: {bad[0]} holds NaN or infinite values; the adapter is broken")
     modules, prefix = _group(weights, path)
-    if not modules:
-        raise ExportError(f"{path}: holds no LoRA tensors")
     rank, scale = _rank_and_scale(pcfg, modules, prefix, path)
     dora = bool(pcfg.get("use_dora"))
-    _report(progress, "checking it against the base", 0.2)
+    report("checking it against the base", 0.2)
     model, config = _base(cfg)
-    _check_fits(model, modules, prefix, path, f"the base model {cfg.model.name}", dora)
-    n_layers = len(model.layers)
-    acfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": n_layers - min(i for i, _ in modules),
+    _check_fits(model, modules, prefix, path, f"the base model {cfg.model.name}")
+    first = min(i for i, _ in modules)  # our adapters cover the last blocks, from the first PEFT adapted
+    acfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": len(model.layers) - first,
             "lora_parameters": {"rank": rank, "scale": scale, "dropout": float(pcfg.get("lora_dropout") or 0.0),
                                 "keys": sorted({key for _, key in modules})},
             "lora_alpha": scale * rank}
@@ -356,14 +342,8 @@ def import_peft(cfg: Config, peft_dir: str | Path, out: str | Path, progress=Non
     linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"], use_dora=dora)
     tensors, padded = _our_tensors(model, modules, _rotary_heads(config))
     mx.eval(list(tensors.values()))
-    _report(progress, "writing the adapter", 0.7)
-    try:
-        with atomic.folder(out) as tmp:
-            mx.save_safetensors(str(tmp / "adapters.safetensors"), tensors)
-            (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
-    except (OSError, RuntimeError) as exc:
-        raise ExportError(f"--out {out}: could not write the adapter ({exc}); nothing was left there") from None
-    _report(progress, "adapter written", 1.0)
-    size, files = _size(out)
-    return {"path": str(out), "bytes": size, "files": files, "format": "mlx", "fine_tune_type": acfg["fine_tune_type"],
-            "rank": rank, "scale": scale, "padded_modules": padded}
+    report("writing the adapter", 0.7)
+    _write(out, "adapters.safetensors", tensors, acfg)
+    report("adapter written", 1.0)
+    return _written(out, format="mlx", fine_tune_type=acfg["fine_tune_type"], rank=rank, scale=scale,
+                    padded_modules=padded)
