@@ -223,11 +223,13 @@ class StartTraining(_WithConfig):
 
 @dataclass(frozen=True)
 class Generate(_WithConfig):
-    """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder."""
+    """Answer `messages` with the base model (adapter=None) or an adapter/checkpoint folder. The answer (and
+    a failure) goes to the screen named by `owner`: each screen numbers its own requests."""
     messages: tuple[dict[str, str], ...]  # {"role": ..., "content": ...} each
     settings: GenerationSettings
     adapter: str | None = None
     request_id: int = 0
+    owner: Literal["chat", "review"] = "chat"
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,7 @@ class GenerationChunk:
     text: str
     tokens: int
     tokens_per_sec: float
+    owner: str = "chat"  # the asking Generate's owner
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ class GenerationDone:
     request_id: int
     text: str
     cancelled: bool
+    owner: str = "chat"  # the asking Generate's owner
 
 
 @dataclass(frozen=True)
@@ -316,7 +320,8 @@ class ExportDone:
 @dataclass(frozen=True)
 class EngineError:
     """An expected failure, with a message a user can act on."""
-    what: Literal["dataset", "training", "chat", "export", "engine"]  # what failed; the UI shows it where that is
+    # what failed; the UI shows it where that is ("chat"/"review": a Generate, named by its owner)
+    what: Literal["dataset", "training", "chat", "review", "export", "engine"]
     message: str
 
 

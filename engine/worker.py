@@ -114,10 +114,10 @@ class EngineWorker:
             try:
                 self._generate(command)
             except EncodeError as exc:  # the chat template refused the conversation
-                self.emit(EngineError("chat", f"no answer: {exc}"))
+                self.emit(EngineError(command.owner, f"no answer: {exc}"))
             except Exception as exc:  # whatever it was, this answer ends here and the chat goes on
                 traceback.print_exc()
-                self.emit(EngineError("chat", f"no answer: {type(exc).__name__}: {exc}"))
+                self.emit(EngineError(command.owner, f"no answer: {type(exc).__name__}: {exc}"))
 
     def _validate(self, cmd: ValidateDataset) -> None:
         from engine.data import DatasetError, validate_with_config
@@ -174,7 +174,7 @@ class EngineWorker:
         try:
             chat = self._chat_model(cmd.cfg, cmd.adapter)
         except (ModelLoadError, AdapterError) as exc:
-            self.emit(EngineError("chat", str(exc)))
+            self.emit(EngineError(cmd.owner, str(exc)))
             return
         as_base = cmd.adapter is None and chat.adapter is not None
         cache = chat.prompt_caches.setdefault(cmd.adapter, PromptCache())
@@ -184,10 +184,11 @@ class EngineWorker:
             for chunk in stream_reply(chat.model, chat.tokenizer, list(cmd.messages), cmd.settings,
                                       prompt_cache=cache, should_stop=stopped):
                 parts.append(chunk.text)
-                self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps))
+                self.emit(GenerationChunk(cmd.request_id, chunk.text, chunk.tokens, chunk.generation_tps,
+                                          cmd.owner))
                 if stopped():
                     break
-        self.emit(GenerationDone(cmd.request_id, "".join(parts), stopped()))
+        self.emit(GenerationDone(cmd.request_id, "".join(parts), stopped(), cmd.owner))
 
 
 ENGINE_NICE = 10

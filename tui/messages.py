@@ -2,9 +2,10 @@
 
 Each class names the result type it carries (`carries=`) and, through its base, the screen that shows it:
 DatasetMessage, TrainMessage (RunLogged for the run events the Train screen's log lists) and ChatMessage;
-EngineFailed goes where its error's `what` says. The engine thread (and a followed run's reader) posts
-`engine_message(result)`: post_message is thread-safe. The app posts each message on to its owner's
-screen, where it is handled with `@on(RunStep)` and the like. Progress-like messages replace a queued one
+an answer (AnswerChunk, AnswerDone) goes to the screen that asked for it (Generate.owner: the Chat or the
+Review screen); EngineFailed goes where its error's `what` says. The engine thread (and a followed run's
+reader) posts `engine_message(result)`: post_message is thread-safe. The app posts each message on to its
+owner's screen, where it is handled with `@on(RunStep)` and the like. Progress-like messages replace a queued one
 of their kind, so a burst never floods the UI's queue.
 """
 
@@ -128,12 +129,21 @@ class TrainingOver(TrainMessage[p.TrainingEnded], carries=p.TrainingEnded):
     pass
 
 
-# ---------------------------------------------------------------- the Chat screen's
-class AnswerChunk(ChatMessage[p.GenerationChunk], carries=p.GenerationChunk):
+# ---------------------------------------------------------------- the Chat screen's, or the Review screen's
+class ToAsker:
+    """An answer goes to the screen that asked for it: its Generate's owner, copied onto each result (the
+    Chat screen's by default)."""
+
+    @property
+    def owner(self) -> str | None:
+        return getattr(self.result, "owner", None) or ChatMessage.OWNER
+
+
+class AnswerChunk(ToAsker, ChatMessage[p.GenerationChunk], carries=p.GenerationChunk):
     pass
 
 
-class AnswerDone(ChatMessage[p.GenerationDone], carries=p.GenerationDone):
+class AnswerDone(ToAsker, ChatMessage[p.GenerationDone], carries=p.GenerationDone):
     pass
 
 
@@ -148,7 +158,8 @@ class ExportFinished(ChatMessage[p.ExportDone], carries=p.ExportDone):
 
 # ---------------------------------------------------------------- the app's, then the screen it concerns
 class EngineFailed(EngineMessage[p.EngineError], carries=p.EngineError):
-    SCREEN_FOR: ClassVar[dict[str, str]] = {"dataset": "dataset", "chat": "chat", "export": "chat"}  # -> its screen
+    SCREEN_FOR: ClassVar[dict[str, str]] = {"dataset": "dataset", "chat": "chat", "review": "review",
+                                            "export": "chat"}  # -> its screen
 
     @property
     def owner(self) -> str | None:
