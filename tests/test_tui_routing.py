@@ -22,7 +22,8 @@ def test_every_result_has_a_message_and_an_owner(result_type):
     if cls is msg.EngineFailed:  # its owner is where the error's `what` says, or the app alone
         owners = {what: msg.EngineFailed(p.EngineError(what, "x")).owner
                   for what in typing.get_args(typing.get_type_hints(p.EngineError)["what"])}
-        assert owners == {"dataset": "dataset", "training": None, "chat": "chat", "engine": None}
+        assert owners == {"dataset": "dataset", "training": None, "chat": "chat", "export": "chat", "review": "review",
+                          "engine": None}
     else:
         assert cls.OWNER in LoraTuiApp.MODES
 

@@ -67,6 +67,7 @@ class ChatScreen(AppScreen):
         self.last_answer = ""
         self.seen_run: str | None = None  # the last run whose adapter was offered first
         self.export_dialog: ExportDialog | None = None  # open, or its export still running
+        self.wanted_adapter: str | None = None  # to be chosen at the next listing (select_adapter)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -107,7 +108,18 @@ class ChatScreen(AppScreen):
         if newest_run and newest_run != self.seen_run and len(options) > 1:
             self.seen_run = newest_run  # a run just finished: offer its adapter first
             current = str(Path(newest_run) / "adapter")
+        if self.wanted_adapter is not None:  # asked for by another screen (Runs' c): it wins
+            wanted = Path(self.wanted_adapter).resolve()
+            current = next((o for o in options[1:] if Path(o).resolve() == wanted), current)
+            self.wanted_adapter = None
         select.value = current if current in options else BASE
+
+    def select_adapter(self, adapter: str) -> None:
+        """Choose `adapter` (a folder: a run's adapter or checkpoint) in the model list, now or, before this
+        screen is built, when it first lists the models."""
+        self.wanted_adapter = adapter
+        if self.is_mounted:
+            self.action_refresh_models()
 
     @staticmethod
     def _short(path: str) -> str:

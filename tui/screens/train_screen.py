@@ -153,6 +153,20 @@ class TrainScreen(AppScreen):
         else:
             self._start(cfg)
 
+    def resume_run(self, run_dir: str, cfg) -> bool:
+        """Resume the run in `run_dir` with `cfg`, its own settings (the Runs screen's r); refused, and said,
+        while a run is on this screen or when those settings are not valid."""
+        if self.app.training or self.state not in ("idle", "done"):
+            self.notify("A run is already on the Train screen: stop it first", severity="warning")
+            return False
+        errors = [i for i in validate(cfg) if i.severity == "error"]
+        if errors:
+            self.notify(f"Cannot resume {run_dir}: {errors[0].field}: {errors[0].message}", severity="error",
+                        timeout=10)
+            return False
+        self._start(copy.deepcopy(cfg), resume=run_dir)
+        return True
+
     def _clear_run(self) -> None:
         """A new run on this screen: none of the last run's figures stay."""
         self.loss_chart.clear()
