@@ -141,8 +141,10 @@ def test_config_diff_names_the_settings_that_differ(runs):
 
 def test_scores_are_whatever_numbers_the_report_has():
     report = {"tool_calls": {"prompts": 40, "exact": 0.8, "no_tool": None},
-              "evaluation": {"answers": {"faithful": 0.75, "made_up": 0.05}, "note": "text", "flag": True},
+              "answers": {"faithful": 0.75, "made_up": 0.05, "note": "text", "flag": True},
               "best_val_loss": 1.2}
-    assert scores(report) == {"tool_calls.prompts": 40.0, "tool_calls.exact": 0.8, "answers.faithful": 0.75,
-                              "answers.made_up": 0.05}
+    assert scores(report) == {"tool_calls.exact": 0.8, "answers.faithful": 0.75, "answers.made_up": 0.05}
+    evaluation = {"metrics": {"exact": {"base": 0.4, "tuned": 0.8}, "json_valid": {"base": None, "tuned": 1}},
+                  "items": 40, "max_tokens": 256, "examples": [{"scores": {"base": {"exact": 1}}}], "error": "x"}
+    assert scores({"evaluation": evaluation}) == {"exact.base": 0.4, "exact.tuned": 0.8, "json_valid.tuned": 1.0}
     assert scores({"tool_calls": [1, 2], "evaluation": "n/a"}) == {}

@@ -25,6 +25,8 @@ from engine.train.run_folder import LOCK_FILE, RunFolderError, RunLock, checkpoi
 RUN_FILES = ("metrics.jsonl", "report.json", "config.yaml", "checkpoints", "adapter", LOCK_FILE)
 # report.json blocks whose numbers are evaluation scores (held-out tool calls, final answers, ...).
 SCORE_BLOCKS = ("evaluation", "scores", "tool_calls", "answers")
+WRAPPERS = ("evaluation", "scores", "metrics")  # names of blocks that hold scores, left out of the keys
+NOT_SCORES = ("items", "prompts", "no_tool_prompts", "max_tokens")  # counts and settings beside them
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -126,13 +128,12 @@ def _status(run: RunInfo, report: dict, metrics: Metrics) -> tuple[str, bool]:
     """The run's status, and whether report.json describes its last session."""
     if run.pid is not None:
         return "running", False
-    if metrics.sessions or metrics.end is not None:
-        end = metrics.end
-        if isinstance(end, ev.Failed):
-            run.message = end.message
-            return "failed", False
-        if isinstance(end, ev.Finished):
-            return ("stopped" if end.stopped_early else "finished"), bool(report)
+    if isinstance(end := metrics.end, ev.Failed):
+        run.message = end.message
+        return "failed", False
+    if isinstance(end, ev.Finished):
+        return ("stopped" if end.stopped_early else "finished"), bool(report)
+    if metrics.sessions:
         return "killed", False  # a session began and never ended
     status = report.get("status")
     if status in ("finished", "stopped", "failed") and (run.last_checkpoint or 0) <= (_int(report.get("step")) or 0):
@@ -149,10 +150,8 @@ def _read_metrics(path: Path, notes: list[str]) -> Metrics:
         notes.append("no metrics.jsonl: no loss curves")
         return Metrics()
     key = (st.st_size, st.st_mtime_ns)
-    cached = _metrics_cache.get(str(path))
-    if cached is None or cached[0] != key:
-        cached = (key, _parse_metrics(path))
-        _metrics_cache[str(path)] = cached
+    if (cached := _metrics_cache.get(str(path))) is None or cached[0] != key:
+        cached = _metrics_cache[str(path)] = (key, _parse_metrics(path))
     metrics = cached[1]
     if metrics.bad:
         notes.append(f"metrics.jsonl: {len(metrics.bad)} unreadable line(s) skipped ({metrics.bad[0]})")
@@ -254,20 +253,22 @@ def _duration(report: dict, metrics: Metrics, state: dict) -> float | None:
 
 
 def scores(report: dict) -> dict[str, float]:
-    """The evaluation numbers of a report, flattened: {"tool_calls.exact": 0.8, "answers.faithful": 0.9, ...}
-    from blocks such as "tool_calls", "answers" or an "evaluation" block holding them (any nesting)."""
+    """The evaluation numbers of a report, flattened, whatever their nesting: {"tool_calls.exact": 0.8} from
+    a "tool_calls" block, {"exact.base": 0.4, "exact.tuned": 0.8} from {"evaluation": {"metrics": {"exact":
+    {"base", "tuned"}}}}; counts (items, prompts) left out."""
     out: dict[str, float] = {}
 
     def walk(prefix: str, value) -> None:
         if isinstance(value, dict):
             for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif (number := _number(value)) is not None and math.isfinite(number):
+                walk(prefix if key in WRAPPERS else f"{prefix}.{key}" if prefix else str(key), inner)
+        elif (number := _number(value)) is not None and math.isfinite(number) and \
+                prefix.rsplit(".", 1)[-1] not in NOT_SCORES:
             out[prefix] = number
 
     for block in SCORE_BLOCKS:
         if isinstance(report.get(block), dict):
-            walk("" if block in ("evaluation", "scores") else block, report[block])
+            walk("" if block in WRAPPERS else block, report[block])
     return out
 
 

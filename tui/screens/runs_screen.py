@@ -42,10 +42,16 @@ def duration_text(seconds: float | None) -> str:
 
 
 def scores_text(scores: dict[str, float], most: int = 2) -> str:
-    """A few scores by their last name ("exact 80%"), rates in [0, 1] as percentages; counts left out."""
-    shown = [(key.rsplit(".", 1)[-1], value) for key, value in scores.items() if not key.endswith("prompts")]
-    return " ".join(f"{name} {value:.0%}" if 0 <= value <= 1 else f"{name} {value:.3g}"
-                    for name, value in shown[:most]) or "-"
+    """A few scores by their metric's name ("exact 80%"), rates in [0, 1] as percentages; where the base
+    model's score is beside the tuned one, the tuned one."""
+    shown = []
+    for key, value in scores.items():
+        parts = key.split(".")
+        if parts[-1] == "base" and len(parts) > 1:
+            continue
+        name = parts[-2] if parts[-1] in ("tuned", "adapter") and len(parts) > 1 else parts[-1]
+        shown.append(f"{name} {value:.0%}" if 0 <= value <= 1 else f"{name} {value:.3g}")
+    return " ".join(shown[:most]) or "-"
 
 
 def steps_text(run: RunInfo) -> str:
