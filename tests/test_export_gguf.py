@@ -120,6 +120,31 @@ def test_permutation_pairs_each_heads_halves():
     assert p[:d].tolist() == [0, 4, 1, 5, 2, 6, 3, 7] and p[d:].tolist() == [8, 12, 9, 13, 10, 14, 11, 15]
 
 
+def test_q_k_biases_are_permuted_with_their_rows(mistral_dir, tmp_path):
+    """A llama with attention biases (attention_bias: true): each q/k bias moves with its weight's row, as
+    llama.cpp's converter does (bench/check_gguf.py found the biases left behind, and llama.cpp off by 0.09)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    biased = tmp_path / "biased"
+    shutil.copytree(mistral_dir, biased)
+    config = json.loads((biased / "config.json").read_text()) | {"attention_bias": True}
+    (biased / "config.json").write_text(json.dumps(config))
+    cfg = Config()
+    cfg.model.name = str(biased)
+    model = llama.Model(llama.ModelArgs.from_dict(config | {"model_type": "llama"}))
+    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: (mx.arange(v.size, dtype=mx.float32).reshape(v.shape) if k.endswith("bias") else v)
+               for k, v in weights.items()}
+    mx.save_safetensors(str(biased / "model.safetensors"), weights)
+    export_gguf(cfg, None, tmp_path / "b.gguf", "f32")
+    got = tensors(tmp_path / "b.gguf")
+    q_bias = np.asarray(weights["model.layers.0.self_attn.q_proj.bias"])
+    assert np.array_equal(got["blk.0.attn_q.bias"][1], permute_for_gguf(q_bias, 4))
+    assert np.array_equal(got["blk.0.attn_k.bias"][1],
+                          permute_for_gguf(np.asarray(weights["model.layers.0.self_attn.k_proj.bias"]), 2))
+    assert np.array_equal(got["blk.0.attn_v.bias"][1], np.asarray(weights["model.layers.0.self_attn.v_proj.bias"]))
+
+
 def test_an_unknown_architecture_is_refused_before_loading(mistral_dir, tmp_path):
     other = tmp_path / "gemma-ish"
     shutil.copytree(mistral_dir, other)

@@ -129,7 +129,7 @@ def export_gguf(cfg: Config, adapter: str | Path | None, out: str | Path, quant:
                                                                         config["num_attention_heads"])
             for i, (hf_name, name, get, kind) in enumerate(plan):
                 data = _numpy(get())
-                if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                     data = permute_for_gguf(data, heads if "q_proj" in hf_name else kv_heads)
                 writer.write_tensor_data(_encode(gguf, data, kind))
                 report(f"writing {name}", 0.1 + 0.88 * (i + 1) / len(plan))
