@@ -694,7 +694,7 @@ def test_run_name_must_be_visible_and_plain(name, where, tmp_path, capsys, monke
     assert not (tmp_path / "runs").exists()
 
 
-HELDOUT_CASES = [("missing", None, "No such file"), ("bad-json", b"{nope\n", "line 1: invalid JSON"),
+HELDOUT_CASES = [("missing", None, "no such file"), ("bad-json", b"{nope\n", "line 1: invalid JSON"),
                  ("not-object", b"[1]\n", "line 1: a held-out prompt needs"),
                  ("no-messages", b'{"expected": {"name": "f", "arguments": {}}}\n', "line 1: a held-out prompt needs"),
                  ("no-expected", b'{"messages": [{"role": "user", "content": "hi"}]}\n',
@@ -703,8 +703,8 @@ HELDOUT_CASES = [("missing", None, "No such file"), ("bad-json", b"{nope\n", "li
                                            b'"expected": {"name": "f"}}\n', "line 1: a held-out prompt needs"),
                  ("second-line-bad", b'{"messages": [{"role": "user", "content": "hi"}], "expected": '
                                      b'{"name": "f", "arguments": {}}}\n\n{"messages": "hi"}\n', "line 3"),
-                 ("invalid-utf8", b'{"messages": "caf\xe9"}\n', "utf-8"),
-                 ("a-folder", "dir", "Is a directory")]
+                 ("invalid-utf8", b'{"messages": "caf\xe9"}\n', "invalid UTF-8"),
+                 ("a-folder", "dir", "directory with no dataset")]
 
 
 @pytest.mark.parametrize("case_id,raw,needle", HELDOUT_CASES, ids=[c[0] for c in HELDOUT_CASES])

@@ -63,40 +63,77 @@ def cmd_train(args) -> int:
         return EXIT_INTERRUPTED
     if interrupted["n"]:  # during the end-of-run samples: training had finished
         print(f"lora-tui: interrupted after the last step: the adapter and report in {result.run_dir} are saved, "
-              "the samples cut short", file=sys.stderr)
+              "the samples or the held-out evaluation cut short", file=sys.stderr)
         return EXIT_INTERRUPTED
+    evaluation = (result.report or {}).get("evaluation") or {}
+    if evaluation.get("metrics"):
+        from engine.evaluate.compare import table
+        print(f"held-out evaluation ({evaluation['items']} items of {evaluation['heldout']}):\n"
+              + table(evaluation["metrics"]), flush=True)
     return EXIT_OK
 
 
 def eval_only(cfg, args) -> int:
-    """Validation loss/perplexity and the held-out behaviour metric, base against adapter."""
-    from engine.model.adapters import adapters_disabled
+    """Validation loss/perplexity and the held-out metrics, base against tuned: one table on stdout, and the
+    held-out block in the run's report.json ("evaluation") when the adapter belongs to a run."""
     from engine.data import prepare_dataset
+    from engine.evaluate.compare import compare, load_heldout, table
+    from engine.model.adapters import adapter_folder, adapters_disabled, load_with_adapter
     from engine.train.validation import perplexity, validation_loss
-    from engine.evaluate.tool_calls import load_heldout, tool_call_score
-    from engine.model.adapters import load_with_adapter
     if not args.resume:
         raise UsageError("--eval-only needs --resume PATH: the adapter or checkpoint folder to evaluate")
-    heldout = load_heldout(cfg.evaluation.heldout_path, args.heldout_limit) if cfg.evaluation.heldout_path else []
-    model, tokenizer, _ = load_with_adapter(cfg, _eval_target(cfg, args.resume))
+    # The held-out file (and a schema file) first: a bad row fails before a long model load.
+    items, options = load_heldout(cfg, args.heldout_limit) if cfg.evaluation.heldout_path else ([], None)
+    target = _eval_target(cfg, args.resume)
+    model, tokenizer, _ = load_with_adapter(cfg, target)
     data = prepare_dataset(cfg, tokenizer)
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    result = {}
-    for name in ("base", "adapter"):
-        def measure():
-            loss = validation_loss(model, data.valid, cfg.training.batch_size, pad, cfg.model.max_seq_length,
-                                   cfg.evaluation.val_batches)
-            out = {"val_loss": loss, "perplexity": perplexity(loss)}
-            if heldout:
-                out["tool_calls"] = tool_call_score(model, tokenizer, heldout).to_dict()
-            return out
-        if name == "base":
-            with adapters_disabled(model):
-                result[name] = measure()
-        else:
-            result[name] = measure()
-    print(json.dumps(result, indent=2))
+
+    def val_loss():
+        return validation_loss(model, data.valid, cfg.training.batch_size, pad, cfg.model.max_seq_length,
+                               cfg.evaluation.val_batches)
+    with adapters_disabled(model):
+        base = val_loss()
+    tuned = val_loss()
+    rows = {"val_loss": {"base": base, "tuned": tuned},
+            "perplexity": {"base": perplexity(base), "tuned": perplexity(tuned)}}
+    block = compare(model, tokenizer, items, cfg, options, progress=_progress) if items else None
+    if block is not None:
+        block["adapter"] = str(adapter_folder(target))
+        rows |= block["metrics"]
+    print(table(rows), flush=True)
+    if block is not None:
+        _into_report(target, block)
     return EXIT_OK
+
+
+def _progress(which: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\rheld-out answers, {which}: {done}/{total}\033[K", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def _into_report(target, block: dict) -> None:
+    """The block as report.json's "evaluation", in the run folder the evaluated adapter belongs to (the run
+    itself, its adapter/, or one of its checkpoints/step_*); a lone adapter has no report to write to."""
+    from pathlib import Path
+
+    from engine import atomic
+    folder = Path(target).expanduser()
+    run = folder.parent if folder.name == "adapter" else folder.parent.parent \
+        if folder.parent.name == "checkpoints" else folder
+    report = run / "report.json"
+    if not report.is_file():
+        return
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        print(f"lora-tui: {report}: not updated: unreadable ({exc})", file=sys.stderr)
+        return
+    atomic.write_json(report, data | {"evaluation": block})
+    print(f"evaluation written to {report}", file=sys.stderr)
 
 
 def _eval_target(cfg, resume: str):

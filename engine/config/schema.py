@@ -13,13 +13,18 @@ from typing import Any, get_type_hints
 
 
 
-def opt(default, help: str, *, min=None, max=None, min_open=False, max_open=False, choices=None):
-    """A config field with its help text and valid range."""
+def opt(default, help: str, *, min=None, max=None, min_open=False, max_open=False, choices=None, each=None):
+    """A config field with its help text and valid range; `each`: the values a list field's items may take
+    (kept apart from `choices`, which makes the form a single-choice select)."""
     meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open,
-            "choices": choices}
+            "choices": choices, "each": each}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# evaluation.metrics' names (engine/evaluate/metrics.py scores them).
+HELDOUT_METRICS = ("exact", "contains", "regex", "json", "rouge_l", "chrf", "tool_call")
 
 
 @dataclass
@@ -114,8 +119,20 @@ class CheckpointConfig:
 class EvaluationConfig:
     every_steps: int = opt(50, "Validate every N optimizer steps; 0 = only at the end", min=0, max=10_000_000)
     val_batches: int = opt(25, "Validation batches per evaluation; -1 = the whole split", min=-1, max=1_000_000)
-    heldout_path: str = opt("data/heldout.jsonl", "Held-out prompts with expected tool calls "
-                            "(behaviour metric); empty = none")
+    heldout_path: str = opt("data/heldout.jsonl", "Held-out items scored with evaluation.metrics, base against "
+                            "tuned, by `train --eval-only` and at the end of a run: any file data.path reads; a row "
+                            "is a prompt and its reference (the last assistant turn, the completion, the Alpaca "
+                            "output, or a reference/expected field); empty = none")
+    metrics: list[str] = opt(["tool_call"], "How each held-out answer is scored against its reference; chrf on "
+                             "a 0-100 scale, the others 0-1; tool_call: the expected call, null = no tool",
+                             each=list(HELDOUT_METRICS))
+    heldout_limit: int = opt(100, "Score the first N held-out items; 0 = all", min=0, max=10_000_000)
+    heldout_batch_size: int = opt(16, "Held-out prompts answered together (batched greedy decoding)",
+                                  min=1, max=1024)
+    regex: str = opt("", "Metric regex: the pattern every answer must match (re.search); empty = each item's "
+                     "reference is its pattern")
+    json_schema: str = opt("", "Metric json: a JSON Schema (a file, or inline JSON) answers must validate "
+                           "against; empty = an item's own schema field, else the answer need only parse")
     sample_prompts: list[str] = opt(["What's the weather like in Lisbon right now?",
                                      "Convert 250 US dollars to euros."],
                                     "Prompts answered by base and adapter at the end of a run")
@@ -157,7 +174,8 @@ SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else get
                              for f in dataclasses.fields(Config)}
 SECTION_HELP = {
     "model": "Base model", "lora": "LoRA adapters", "training": "Optimizer and schedule",
-    "data": "Dataset", "checkpoints": "Checkpoints", "evaluation": "Validation and sample generations",
+    "data": "Dataset", "checkpoints": "Checkpoints",
+    "evaluation": "Validation, held-out metrics and sample generations",
     "output": "Output folders and logging",
 }
 
@@ -174,6 +192,7 @@ class FieldSpec:
     min_open: bool
     max_open: bool
     choices: list[str] | None
+    each: list[str] | None = None  # a list field: the values its items may take
 
     @property
     def path(self) -> str:
@@ -182,6 +201,8 @@ class FieldSpec:
     def range_text(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.each:
+            return "each one of " + ", ".join(self.each)
         if self.min is None and self.max is None:
             return ""
         lo = "" if self.min is None else f"{show_number(self.min)} {'<' if self.min_open else '<='} "
@@ -210,7 +231,7 @@ def field_specs() -> list[FieldSpec]:
             m = f.metadata
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             specs.append(FieldSpec(section, f.name, hints[f.name], default, m["help"], m["min"], m["max"],
-                                   m["min_open"], m["max_open"], m["choices"]))
+                                   m["min_open"], m["max_open"], m["choices"], m["each"]))
     return specs
 
 

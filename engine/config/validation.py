@@ -137,6 +137,12 @@ def check_range(spec: FieldSpec, value: Any) -> str | None:
         close = difflib.get_close_matches(str(value), spec.choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{show_value(value)} is not {spec.range_text()}{hint}"
+    if spec.each is not None and isinstance(value, list):
+        for item in value:
+            if item not in spec.each:
+                close = difflib.get_close_matches(item, spec.each, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return f"{show_value(item)} is not one we know{hint}: each one of {', '.join(spec.each)}"
     if spec.type in (int, float):
         lo_bad = spec.min is not None and (value <= spec.min if spec.min_open else value < spec.min)
         hi_bad = spec.max is not None and (value >= spec.max if spec.max_open else value > spec.max)
@@ -212,12 +218,38 @@ def _cross_checks(cfg: Config) -> list[ConfigIssue]:
              "the reference, and dropout noise would show as reward")
     if t.method != "kto" and t.undesirable_weight > 0:
         warn("training.undesirable_weight", f"only kto uses it (training.method is {t.method})")
+    _heldout_checks(ev, err, warn)
     if cfg.model.trust_remote_code:
         warn("model.trust_remote_code", "on: the model directory may run arbitrary Python code")
     if ck.every_steps and ev.every_steps and ck.keep_best and ck.every_steps % ev.every_steps:
         warn("checkpoints.every_steps", f"{ck.every_steps} is not a multiple of evaluation.every_steps "
              f"({ev.every_steps}): the best checkpoint is judged on stale validation losses")
     return out
+
+
+def _heldout_checks(ev, err, warn) -> None:
+    """The held-out metrics' settings that can be judged without reading a file (a schema file is read when
+    the evaluation starts)."""
+    import json
+    import re
+    if ev.heldout_path.strip() and not ev.metrics:
+        err("evaluation.metrics", "empty: name at least one metric (e.g. exact, rouge_l), or set "
+            "evaluation.heldout_path to \"\" for no held-out evaluation")
+    if len(set(ev.metrics)) != len(ev.metrics):
+        warn("evaluation.metrics", "lists a metric twice")
+    if ev.regex:
+        try:
+            re.compile(ev.regex)
+        except re.error as exc:
+            err("evaluation.regex", f"not a regular expression: {exc}")
+    if ev.json_schema.lstrip().startswith("{"):
+        try:
+            json.loads(ev.json_schema)
+        except ValueError as exc:
+            err("evaluation.json_schema", f"inline JSON that does not parse: {exc}")
+    for key, metric in (("regex", "regex"), ("json_schema", "json")):
+        if getattr(ev, key) and metric not in ev.metrics:
+            warn(f"evaluation.{key}", f"set, but evaluation.metrics does not name {metric}")
 
 
 def run_name_problem(name: str) -> str | None:

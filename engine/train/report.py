@@ -19,14 +19,38 @@ from engine.train.trainer_state import TrainerState
 def write_report(cfg: Config, setup: Prepared, state: TrainerState, status: str, session_seconds: float,
                  last_loss: float | None, adapter_dir: Path, control: RunControl, emit: ev.Listener) -> dict:
     """report.json, written first without the samples (a stop while they are generated loses nothing),
-    then again with them."""
+    then again with them, then with the held-out evaluation (evaluation.heldout_path, if set)."""
     report = run_report(cfg, setup, state, status, session_seconds, last_loss, adapter_dir)
     atomic.write_json(setup.run_dir / "report.json", report)
     report["samples"] = sample_answers(setup.model, setup.tokenizer, cfg.evaluation, control,
                                        lambda prompt, base, adapter: emit(ev.Sample(state.step, prompt, base, adapter)))
     if report["samples"]:
         atomic.write_json(setup.run_dir / "report.json", report)
+    if cfg.evaluation.heldout_path and not control.stop_requested:
+        evaluation = heldout_evaluation(cfg, setup, adapter_dir, control, emit)
+        if evaluation is not None:
+            report["evaluation"] = evaluation
+            atomic.write_json(setup.run_dir / "report.json", report)
     return report
+
+
+def heldout_evaluation(cfg: Config, setup: Prepared, adapter_dir: Path, control: RunControl,
+                       emit: ev.Listener) -> dict | None:
+    """The held-out metrics, base against the adapter just trained (engine/evaluate/compare.py): the first
+    evaluation.heldout_limit items, answered in batches; None when a stop came first (asked between
+    batches). A bad held-out file does not fail a finished run: it is a warning, and the block says why."""
+    from engine.config.schema import ConfigError
+    from engine.data import DatasetError
+    from engine.evaluate.compare import compare, load_heldout
+    try:
+        items, options = load_heldout(cfg)
+    except (DatasetError, ConfigError) as exc:
+        emit(ev.Warning(f"held-out evaluation skipped: {exc}"))
+        return {"error": str(exc), "heldout": cfg.evaluation.heldout_path}
+    block = compare(setup.model, setup.tokenizer, items, cfg, options, lambda: control.stop_requested)
+    if block is not None:
+        block["adapter"] = str(adapter_dir)
+    return block
 
 
 def run_report(cfg: Config, setup: Prepared, state: TrainerState, status: str, session_seconds: float,
