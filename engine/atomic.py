@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -59,6 +60,39 @@ def file(final: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
+
+
+def create(path: str | os.PathLike, data: bytes) -> bool:
+    """Write a new file as write_text does, but never over an existing one (a file, folder or link, even a
+    dangling one): False, nothing written, when `path` exists. The final step is a hard link of the fsynced
+    temp file, which fails rather than replace anything, so a file that appears meanwhile is kept too."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(p):
+        return False
+    # Not mkstemp: its 0600 would make the new file private; this one gets the umask's mode, as `cp` does.
+    tmp = p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some network and FUSE file systems): check, then rename
+            if os.path.lexists(p):
+                return False
+            os.rename(tmp, p)
+        fsync_dir(p.parent)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def fsync_dir(path: Path) -> None:

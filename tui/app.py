@@ -27,6 +27,10 @@ from tui.screens.runs_screen import RunsScreen
 from tui.screens.train_screen import TrainScreen
 
 
+NO_CONFIG_OFFER = ("Running on the built-in defaults. ctrl+s on the Config screen (F1) writes them to "
+                   "./config.yaml; `lora-tui init` also writes the sample data (data/).")
+
+
 class LoraTuiApp(App[int]):
     TITLE = "lora-tui"
     # Every screen's stylesheet is read at start-up: a stylesheet first read when its screen opens makes
@@ -78,6 +82,8 @@ class LoraTuiApp(App[int]):
         for issue in self.config_errors:
             self.notify(f"{issue.field}: {issue.message}" if issue.field else issue.message,
                         title="Config error", severity="error", timeout=8)
+        if self.config_path is None:  # an empty folder: offer the file (the data is `lora-tui init`'s)
+            self.notify(NO_CONFIG_OFFER, title="No config.yaml here", timeout=15)
         self.call_after_refresh(self.set_timer, 0.3, self.build_next_screen)
 
     def build_next_screen(self) -> None:
@@ -112,6 +118,17 @@ class LoraTuiApp(App[int]):
         self.switch_mode(self.DEFAULT_MODE)
         if built:
             self.prebuilt.add(mode)
+
+    async def action_switch_mode(self, mode: str) -> None:
+        if mode != self.DEFAULT_MODE:  # the offer is the Config screen's ctrl+s: it goes when the user does
+            self.drop_no_config_offer()
+        await super().action_switch_mode(mode)
+
+    def drop_no_config_offer(self) -> None:
+        """Take NO_CONFIG_OFFER off the screen (leaving the Config screen, or once config.yaml is saved)."""
+        for note in list(getattr(self, "_notifications", ())):  # Textual's own list; none to drop if it moved
+            if note.message == NO_CONFIG_OFFER:
+                self._unnotify(note)
 
     @work(thread=True, exclusive=True, group="engine", exit_on_error=False, name="engine")
     def run_engine(self) -> None:

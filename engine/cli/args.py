@@ -59,6 +59,33 @@ def whole_number(minimum: int):
     return parse
 
 
+def package_version() -> str:
+    """lora-tui's version: the installed package's metadata, else (a clone run without installing it)
+    pyproject.toml's `version`, else "unknown"."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lora-tui")
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+        with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as fh:
+            return str(tomllib.load(fh)["project"]["version"])
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+class VersionAction(argparse.Action):
+    """`--version`: `lora-tui X.Y.Z` on stdout, exit 0 (the version is looked up only when asked for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lora-tui {package_version()}")
+        parser.exit()
+
+
 def load_cfg(args):
     from engine.config.loading import load_config
     path = args.config

@@ -1,25 +1,34 @@
-"""Headless command line: `lora-tui train|validate|chat|fuse|export|import-adapter|config|import-model` (exit codes:
-exit_codes.py)."""
+"""Headless command line: `lora-tui init|train|validate|chat|fuse|export|import-adapter|config|import-model`
+(exit codes: exit_codes.py). `--config/-c` is taken before the command and after it, `--version` before."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from engine.cli.args import Parser, UsageError, argparse_suppress, config_value, print_err, whole_number
+from engine.cli.args import (Parser, UsageError, VersionAction, argparse_suppress, config_value, print_err,
+                             whole_number)
 from engine.cli.commands import cmd_chat, cmd_config, cmd_fuse, cmd_import_model, cmd_validate
 from engine.cli.exit_codes import EXIT_CONFIG, EXIT_DATA, EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, EXIT_TRAINING
 from engine.cli.export import cmd_export, cmd_import_adapter
+from engine.cli.init import cmd_init
 from engine.cli.train import cmd_train
 from engine.export.formats import FORMATS
 from engine.export.gguf import QUANTS
 
 
+CONFIG_HELP = "YAML config (default: ./config.yaml if present, else built-in defaults)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="lora-tui", description="LoRA fine-tuning on MLX, from one terminal "
                                  "screen. With no command, opens the app.")
-    ap.add_argument("--config", "-c", help="YAML config (default: ./config.yaml if present, else built-in defaults)")
+    ap.add_argument("--config", "-c", help=CONFIG_HELP)
+    ap.add_argument("--version", action=VersionAction, help="print lora-tui's version and exit")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    n = sub.add_parser("init", help="write config.yaml and the sample data into a folder (never over a file)")
+    n.add_argument("dir", nargs="?", default=".", metavar="DIR", help="the folder (default: this one)")
+    n.set_defaults(func=cmd_init)
     v = sub.add_parser("validate", help="validate and tokenize the dataset; list every bad line")
     v.add_argument("--dataset", "-d", help="a dataset file, folder or hub id; several: "
                    "a.jsonl*0.7,b.csv*0.3 (default: data.path)")
@@ -71,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_import_adapter)
     c = sub.add_parser("config", help="print the effective config (file + environment overrides) as YAML")
     c.set_defaults(func=cmd_config)
+    for name, command in sub.choices.items():
+        # The global option after the command too (`lora-tui train --config x.yaml`); SUPPRESS: when it is
+        # not given there, the value given before the command (or None) is kept, not overwritten. (init
+        # reads no config: it refuses one, in one line, and its help leaves it out.)
+        command.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS if name == "init" else CONFIG_HELP)
     ap.commands = frozenset(sub.choices)  # the words that run headless instead of opening the app (tui/cli.py)
     return ap
 

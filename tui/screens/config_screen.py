@@ -326,7 +326,11 @@ class ConfigScreen(AppScreen):
             self.notify(f"Not saved: fix {fields} first ({first.field}: {first.message})", severity="error",
                         timeout=10)
             return
-        path = self.app.config_path or "config.yaml"
+        path = self.app.config_path or "config.yaml"  # started without one: ./config.yaml
+        if self.app.config_path is None and os.path.lexists(path):
+            self.notify(f"Not saved: {path} appeared here since the app started; load it (ctrl+o) or save "
+                        "after moving it", severity="error", timeout=10)
+            return
         try:
             save_config(self.app.file_cfg, path)
         except OSError as exc:
@@ -335,6 +339,7 @@ class ConfigScreen(AppScreen):
         self.app.config_path = path
         self.app.dirty = False
         self.app.sub_title = path
+        self.app.drop_no_config_offer()
         self.notify(f"Saved {path}")
         self.refresh_issues()
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from engine.data.sources import tables, text
 from engine.data.sources.state import DatasetError, ReadState
+from engine.samples import is_sample_data_path
 
 ACCEPTED = ("JSONL, a JSON array, CSV/TSV, Parquet, Arrow, a `datasets` folder (save_to_disk), a folder of "
             "such files, or a Hugging Face hub id (owner/name)")
@@ -75,6 +76,8 @@ def open_source(raw: str | Path) -> RowSource:
         if HUB_ID.match(name.split(":")[0]) and p.suffix.lower() not in SUFFIXES:
             return RowSource(name, "hub dataset", "row", partial(tables.load_dataset_rows, name.split(":")[0],
                                                                    split), arrow=True, cells=True)
+        if is_sample_data_path(name):  # the defaults' sample data, in a folder without it
+            raise DatasetError(f"{p}: no such file: run `lora-tui init` to write the sample data here")
         raise DatasetError(f"{p}: no such file")
     _refuse_foreign(p)  # a gzip file named .jsonl is still gzip
     kind = SUFFIXES.get(p.suffix.lower()) or _sniff(p)
