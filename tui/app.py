@@ -72,6 +72,7 @@ class LoraTuiApp(App[int]):
         self.control = None  # RunControl of the run in progress
         self.last_run_dir: str | None = None
         self._quitting = False
+        self.no_config_offer_shown = False  # the start-up toast offering to write config.yaml is up
         self.prebuilt: set[str] = set()  # modes whose screens are built and styled (build_next_screen)
         from engine.worker import EngineWorker
         self.engine = EngineWorker(self.post_engine_result)
@@ -84,6 +85,7 @@ class LoraTuiApp(App[int]):
                         title="Config error", severity="error", timeout=8)
         if self.config_path is None:  # an empty folder: offer the file (the data is `lora-tui init`'s)
             self.notify(NO_CONFIG_OFFER, title="No config.yaml here", timeout=15)
+            self.no_config_offer_shown = True
         self.call_after_refresh(self.set_timer, 0.3, self.build_next_screen)
 
     def build_next_screen(self) -> None:
@@ -126,9 +128,9 @@ class LoraTuiApp(App[int]):
 
     def drop_no_config_offer(self) -> None:
         """Take NO_CONFIG_OFFER off the screen (leaving the Config screen, or once config.yaml is saved)."""
-        for note in list(getattr(self, "_notifications", ())):  # Textual's own list; none to drop if it moved
-            if note.message == NO_CONFIG_OFFER:
-                self._unnotify(note)
+        if self.no_config_offer_shown:  # Textual has no public way to drop one toast: all of them go
+            self.no_config_offer_shown = False
+            self.clear_notifications()
 
     @work(thread=True, exclusive=True, group="engine", exit_on_error=False, name="engine")
     def run_engine(self) -> None:
