@@ -29,7 +29,7 @@ HELDOUT_METRICS = ("exact", "contains", "regex", "json", "rouge_l", "chrf", "too
 
 @dataclass
 class ModelConfig:
-    name: str = opt("embedded", "Base model: `embedded` (SmolLM2-135M-Instruct, no download), a local "
+    name: str = opt("embedded", "Base model: `embedded` (SmolLM2-135M-Instruct, 93 MB, in the clone's environment or fetched once), a local "
                     "MLX/Hugging Face directory, or a hub id such as mlx-community/Mistral-7B-Instruct-v0.3-4bit")
     dtype: str = opt("auto", "Compute dtype of the base weights; auto = float32 on CPU, bfloat16 on a GPU",
                      choices=["auto", "float32", "bfloat16", "float16"])
