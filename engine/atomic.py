@@ -19,21 +19,8 @@ from typing import Iterator
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file in the same folder, fsync, rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextmanager
