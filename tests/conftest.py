@@ -62,7 +62,7 @@ MODEL_FIXTURES = {"embedded_dir", "loaded_model"}
 # The engine's training entry points, for a test that trains without asking for a model fixture.
 TRAINING_CALLS = {"TrainingRun", "run_in_thread"}
 # Modules whose tests run `lora-tui` (or mlx.launch, tmux) as child processes.
-E2E_MODULES = {"test_cli", "test_cli_train", "test_distributed", "test_e2e_tmux", "test_faults",
+E2E_MODULES = {"test_cli", "test_cli_train", "test_distributed", "test_e2e_review", "test_e2e_tmux", "test_faults",
                "test_wheel_install"}
 
 
