@@ -82,7 +82,7 @@ def latency_during_training(presses: int) -> tuple[list[float], str]:
         return time.perf_counter() - t0
 
     try:
-        markers = [("F2", "JSONL file"), ("F4", "side by side"), ("F1", "Find a setting"), ("F3", "MLX peak")]
+        markers = [("F2", "press Validate"), ("F4", "side by side"), ("F1", "Find a setting"), ("F3", "MLX peak")]
 
         def switch_screens(n: int) -> list[float]:
             lat = []

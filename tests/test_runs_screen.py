@@ -151,6 +151,32 @@ async def test_marking_two_runs_overlays_their_curves_and_shows_the_setting_that
         assert "training.learning_rate" not in str(screen.query_one("#runs-diff").render())
 
 
+async def test_a_rescan_changes_only_the_cells_that_changed_and_keeps_cursor_and_marks(app_on_runs, embedded_dir):
+    app, runs = app_on_runs
+    async with app.run_test(size=SIZE) as pilot:
+        screen, table = await open_runs(pilot, 3)
+        await cursor_to(pilot, table, "beta")
+        await pilot.press("space")
+        plot, side = screen.query_one("#runs-plot", LinePlot), screen.query_one("#runs-diff")
+        await pilot.pause()
+        series, details, drawn = plot.series, str(side.render()), plot._drawn  # the chart as drawn
+        assert drawn is not None
+        cleared = []
+        clear = table.clear
+        table.clear = lambda *a, **k: (cleared.append(1), clear(*a, **k))[1]
+        with RunLock(runs / "gamma"):  # gamma trains again (a process holds its lock): a rescan (the
+            await pilot.press("ctrl+r")  # same every 3 s while it trains) changes its status cell only
+            await wait_for(pilot, lambda: row(table, "gamma")[2] == "running", what="gamma running")
+        assert cleared == [] and [str(k.value) for k in table.rows] == ["gamma", "beta", "alpha"]
+        assert table.cursor_row == 1 and row(table, "beta")[0] == "●" and screen.marked == ["beta"]
+        assert plot.series == series and plot._drawn is drawn and str(side.render()) == details  # not redrawn
+        shutil.copytree(runs / "alpha", runs / "delta")  # a new run: the table is rebuilt around the cursor
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: table.row_count == 4, what="4 runs listed")
+        assert cleared == [1] and str(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value) == "beta"
+        assert row(table, "beta")[0] == "●" and row(table, "delta")[0] == " " and plot.series == series
+
+
 async def test_delete_asks_first_then_removes_the_run(app_on_runs, embedded_dir):
     app, runs = app_on_runs
     async with app.run_test(size=SIZE) as pilot:

@@ -57,6 +57,11 @@ class LoraTuiApp(App[int]):
 
     def __init__(self, config_path: str | None = None) -> None:
         super().__init__()
+        # A full collection walks every object the app holds (0.1-0.3 s on 2 cores: a key pressed meanwhile
+        # waits); Python runs one every 10 middle-generation passes, here every 100, so a few seconds of
+        # using a screen no longer brings one (bench/bench_tui_new_screens.py).
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 100)
         if config_path is None and Path("config.yaml").is_file():
             config_path = "config.yaml"
         self.config_path = config_path
@@ -161,10 +166,19 @@ class LoraTuiApp(App[int]):
     def training_began(self, message: msg.TrainingBegan) -> None:
         self.training, self.control = True, message.result.control
 
+    @on(msg.RunStarted)
+    def run_started(self) -> None:
+        if self.training:  # our engine's run, its model, tokenizer and tokenized data loaded:
+            # keep them (and the rest alive now) out of the garbage collector's full passes while it
+            # trains: each pass walked them all, a 100-300 ms stall of a key now and then
+            # (bench/bench_tui_new_screens.py). Undone when the run ends.
+            gc.freeze()
+
     @on(msg.TrainingOver)
     def training_over(self, message: msg.TrainingOver) -> None:
         self.training, self.control = False, None
         self.last_run_dir = message.result.run_dir or self.last_run_dir
+        gc.unfreeze()  # what the run left (its model and data, in reference cycles) is collectable again
         if self._quitting:
             self._stop_engine_and_exit()
 

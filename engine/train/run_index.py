@@ -9,6 +9,7 @@ power loss; resumable from its newest checkpoint).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -72,6 +73,7 @@ class Metrics:
 
 
 _metrics_cache: dict[str, tuple[tuple[int, int], Metrics]] = {}  # a rescan re-reads only changed files
+_config_cache: dict[str, tuple[tuple[int, int], object]] = {}  # config.yaml parsed, likewise (YAML is slow)
 
 
 def list_runs(output_dir: str | os.PathLike) -> list[RunInfo]:
@@ -221,11 +223,16 @@ def _read_config(run_dir: Path, report: dict, state: dict, notes: list[str]) -> 
     from engine.config.schema import ConfigError
     path = run_dir / "config.yaml"
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        st = path.stat()
+        if st.st_size > MAX_CONFIG_BYTES:
             raise ValueError("larger than 1 MiB")
-        data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), path.name)
+        key = (st.st_size, st.st_mtime_ns)
+        if (cached := _config_cache.get(str(path))) is None or cached[0] != key:
+            cached = _config_cache[str(path)] = (key, parse_yaml(path.read_text(encoding="utf-8", errors="replace"),
+                                                                 path.name))
+        data = cached[1]
         if _is_config(data):
-            return data
+            return copy.deepcopy(data)  # the caller's own: the cached one stays as read
         notes.append("config.yaml: not a mapping of sections")
     except FileNotFoundError:
         pass
@@ -329,6 +336,7 @@ def delete_run(run_dir: str | os.PathLike) -> None:
     except RunFolderError as exc:  # a process took it just now
         raise RunIndexError(str(exc)) from None
     _metrics_cache.pop(str(run_dir / "metrics.jsonl"), None)
+    _config_cache.pop(str(run_dir / "config.yaml"), None)
     try:
         shutil.rmtree(run_dir)
     except OSError as exc:

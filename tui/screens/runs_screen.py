@@ -74,6 +74,8 @@ class RunsScreen(AppScreen):
         super().__init__()
         self.runs: dict[str, RunInfo] = {}  # by folder name, newest first
         self.marked: list[str] = []  # runs marked for comparison, in the order marked
+        self.row_cells: dict[str, list] = {}  # the table's cells by run, as shown
+        self.side_text: Text | None = None  # the side panel's text, as shown
         self.scans = 0  # the newest scan's number: an older scan's late result is dropped
 
     def compose(self) -> ComposeResult:
@@ -120,11 +122,19 @@ class RunsScreen(AppScreen):
         cursor = self.current_run()
         self.runs = {run.name: run for run in runs}
         self.marked = [name for name in self.marked if name in self.runs]
-        self.table.clear()
-        for run in runs:
-            self.table.add_row(*self._cells(run), key=run.name)
-        if cursor is not None and cursor.name in self.runs:
-            self.table.move_cursor(row=self.table.get_row_index(cursor.name), animate=False)
+        rows = {run.name: self._cells(run) for run in runs}
+        if list(rows) == list(self.row_cells):  # the same runs in the same order (a rescan while one trains):
+            for name, cells in rows.items():  # only the cells that changed, not the whole table
+                for (key, _), new, old in zip(COLUMNS, cells, self.row_cells[name]):
+                    if new != old:
+                        self.table.update_cell(name, key, new, update_width=True)
+        else:
+            self.table.clear()
+            for name, cells in rows.items():
+                self.table.add_row(*cells, key=name)
+            if cursor is not None and cursor.name in self.runs:
+                self.table.move_cursor(row=self.table.get_row_index(cursor.name), animate=False)
+        self.row_cells = rows
         live = sum(run.status == "running" for run in runs)
         self.query_one("#runs-summary", Static).update(
             f"{len(runs)} run{'s' * (len(runs) != 1)} in {folder}" + (f", {live} training" if live else "") +
@@ -156,7 +166,8 @@ class RunsScreen(AppScreen):
             self.marked.remove(run.name)
         else:
             self.marked.append(run.name)
-        self.table.update_cell(run.name, "mark", MARK if run.name in self.marked else " ")
+        mark = self.row_cells[run.name][0] = MARK if run.name in self.marked else " "
+        self.table.update_cell(run.name, "mark", mark)
         self.show_selection()
 
     @on(DataTable.RowHighlighted, "#runs-table")
@@ -166,12 +177,11 @@ class RunsScreen(AppScreen):
         series = []
         for run in shown:
             series += [Series(f"{run.name} train", run.train_curve), Series(f"{run.name} val", run.val_curve)]
-        self.query_one("#runs-plot", LinePlot).set_series(series)
-        side = self.query_one("#runs-diff", Static)
-        if len(self.marked) >= 2:
-            side.update(self._diff_text(shown))
-        else:
-            side.update(self._details_text(shown[0]) if shown else "")
+        self.query_one("#runs-plot", LinePlot).set_series(series)  # redrawn only if they changed
+        text = self._diff_text(shown) if len(self.marked) >= 2 else self._details_text(shown[0]) if shown else Text()
+        if text != self.side_text:  # a rescan while a run trains mostly changes nothing shown here
+            self.side_text = text
+            self.query_one("#runs-diff", Static).update(text)
 
     @staticmethod
     def _diff_text(runs: list[RunInfo]) -> Text:

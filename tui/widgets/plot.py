@@ -209,6 +209,8 @@ class LinePlot(Widget):
         return list(self._series)
 
     def set_series(self, series: Sequence[Series]) -> None:
+        if list(series) == self._series:  # the same curves (a rescan that found nothing new): no redraw
+            return
         self._series = list(series)
         self._drawn = None
         self.refresh()
