@@ -144,8 +144,7 @@ def _status(run: RunInfo, report: dict, metrics: Metrics) -> tuple[str, bool]:
 
 
 def _read_metrics(path: Path, notes: list[str]) -> Metrics:
-    """metrics.jsonl's curves, sessions and end. Step and Eval lines (nearly all of them) are read directly,
-    the rare others through engine.follow's checked parser; a bad line is skipped and counted."""
+    """metrics.jsonl's curves, sessions and end (Step/Eval read directly, the rest via engine.follow)."""
     try:
         st = path.stat()
     except OSError:
@@ -217,8 +216,7 @@ def _read_json(path: Path, notes: list[str]) -> dict:
 
 
 def _read_config(run_dir: Path, report: dict, state: dict, notes: list[str]) -> dict:
-    """The settings the run last used: config.yaml (rewritten by each session; read as the app reads a
-    config, no YAML aliases), else the report's or the newest checkpoint's."""
+    """The settings the run last used: config.yaml (as the app reads it), else the report's or a checkpoint's."""
     from engine.config.loading import parse_yaml
     from engine.config.schema import ConfigError
     path = run_dir / "config.yaml"
@@ -252,17 +250,14 @@ def _is_config(data) -> bool:
 
 
 def _duration(report: dict, metrics: Metrics, state: dict) -> float | None:
-    """Training time: the report's (when it is of the last session), else the sessions' spans in
-    metrics.jsonl, else the newest checkpoint's."""
+    """Training time: the last session's report, else metrics.jsonl's sessions, else the newest checkpoint."""
     spans = sum(last - first for first, last in metrics.sessions) if metrics.sessions else None
     found = (_number(report.get("seconds")), spans, _number(state.get("elapsed")))
     return next((value for value in found if value is not None and math.isfinite(value)), None)
 
 
 def scores(report: dict) -> dict[str, float]:
-    """The evaluation numbers of a report, flattened, whatever their nesting: {"tool_calls.exact": 0.8} from
-    a "tool_calls" block, {"exact.base": 0.4, "exact.tuned": 0.8} from {"evaluation": {"metrics": {"exact":
-    {"base", "tuned"}}}}; counts (items, prompts) left out."""
+    """A report's evaluation numbers, flattened: {"tool_calls.exact": 0.8}; counts left out."""
     out: dict[str, float] = {}
 
     def walk(prefix: str, value) -> None:
@@ -304,8 +299,7 @@ def flat_settings(config: dict) -> dict:
 
 
 def config_diff(runs: list[RunInfo], ignore: tuple[str, ...] = ("output.run_name",)) -> dict[str, list]:
-    """The settings whose values differ between `runs`: {"training.learning_rate": [value per run]} (None
-    where a run has no such key), in the order the configs list them; the run name is not a setting."""
+    """{"training.learning_rate": [value per run, None where absent]} for the settings that differ."""
     flats = [flat_settings(run.config) for run in runs]
     keys = dict.fromkeys(key for flat in flats for key in flat)
     same = lambda values: len({json.dumps(v, sort_keys=True, default=str) for v in values}) <= 1  # noqa: E731
@@ -314,16 +308,14 @@ def config_diff(runs: list[RunInfo], ignore: tuple[str, ...] = ("output.run_name
 
 
 def run_settings(run: RunInfo):
-    """The run's own settings as a Config (to resume it with), and the problems reading them (a setting
-    that is not valid any more keeps its default)."""
+    """The run's own settings as a Config to resume with, and the problems reading them (defaults kept)."""
     from engine.config.loading import from_dict
     cfg, issues = from_dict(run.config, str(run.path / "config.yaml"))
     return cfg, [f"{i.field}: {i.message}" if i.field else i.message for i in issues]
 
 
 def delete_run(run_dir: str | os.PathLike) -> None:
-    """Remove a run folder and everything in it; refused for a run a process trains in (its lock is held
-    while the folder is removed, so none can start there meanwhile)."""
+    """Remove a run folder; refused for a live run (its lock is held meanwhile, so none starts there)."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink() or not run_dir.is_dir():
         raise RunIndexError(f"{run_dir}: not a run folder")
