@@ -36,6 +36,11 @@ def tool_call_rate(answers: list[str], items) -> float:
     return sum(score("tool_call", a, i.reference, MetricOptions()) for a, i in zip(answers, items)) / len(items)
 
 
+def save(result: dict, out: str) -> None:
+    """After every run: a bench killed midway keeps what it measured."""
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=100)
@@ -58,8 +63,19 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     runs = [{"way": "one by one", "batch": 1, "seconds": round(seconds, 2),
              "prompts_per_s": round(len(items) / seconds, 3), "answer_tokens": tokens(one),
-             "same_as_one_by_one": len(items), "tool_call": tool_call_rate(one, items)}]
+             "same_as_one_by_one": len(items), "tool_call": tool_call_rate(one, items),
+             "load_average_after": os.getloadavg()}]
     print(f"one by one: {seconds:.1f} s, {len(items) / seconds:.2f} prompts/s", flush=True)
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": f"{platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} cores", "load_average_at_start": load,
+        "threads": {k: os.environ.get(k) for k in ("MKL_NUM_THREADS", "OMP_NUM_THREADS")},
+        "versions": {"python": platform.python_version(), "mlx": version("mlx"), "mlx-lm": version("mlx-lm")},
+        "model": "embedded (SmolLM2-135M-Instruct)", "dtype": info.dtype, "prompts": len(items),
+        "max_tokens": args.max_tokens, "command": " ".join(["python", "bench/bench_eval.py", *sys.argv[1:]]),
+        "runs": runs, "speedup": {},
+    }
+    save(result, args.out)
     ways = [("batched", int(b), True) for b in args.batches.split(",")]
     if args.whole:  # the same batches without the shared-prefix caches: what sharing the system prompt saves
         ways.append(("batched, each prompt read whole", args.whole, False))
@@ -73,19 +89,12 @@ def main() -> None:
                      "same_as_one_by_one": len(items) - len(differ), "tool_call": tool_call_rate(answers, items),
                      "differ": [{"item": items[k].id, "one_by_one": one[k], "batched": answers[k]}
                                 for k in differ[:5]]})
+        runs[-1]["load_average_after"] = os.getloadavg()
+        result["speedup"][f"{way}, batch {batch}"] = round(runs[0]["seconds"] / seconds, 2)
+        save(result, args.out)
         print(f"{way}, batch {batch}: {seconds:.1f} s, {len(items) / seconds:.2f} prompts/s, "
               f"{runs[0]['seconds'] / seconds:.2f}x one by one; {len(items) - len(differ)}/{len(items)} answers "
               "the same", flush=True)
-    result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.system()} {platform.machine()}, "
-        f"{os.cpu_count()} cores", "load_average_at_start": load,
-        "threads": {k: os.environ.get(k) for k in ("MKL_NUM_THREADS", "OMP_NUM_THREADS")},
-        "versions": {"python": platform.python_version(), "mlx": version("mlx"), "mlx-lm": version("mlx-lm")},
-        "model": "embedded (SmolLM2-135M-Instruct)", "dtype": info.dtype, "prompts": len(items),
-        "max_tokens": args.max_tokens, "command": " ".join(["python", "bench/bench_eval.py", *sys.argv[1:]]),
-        "runs": runs, "speedup": {f"{r['way']}, batch {r['batch']}": round(runs[0]["seconds"] / r["seconds"], 2) for r in runs[1:]},
-    }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"written {args.out}")
 
 
