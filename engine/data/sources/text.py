@@ -160,8 +160,9 @@ LENIENT = ("prompt", "chosen", "rejected")  # text that may start with "[" or "{
 
 
 def csv_rows(path: Path, state: ReadState, delimiter: str) -> Iterator[tuple[int, object, str | None]]:
-    """Rows of a CSV/TSV file with a header, as {column: text}. A cell of a structured field (messages,
-    tools, chosen, ...) that holds a JSON list or object is decoded; an empty cell is a missing value."""
+    """Rows of a CSV/TSV file with a header, as {column: text}, an empty cell left out (a missing value).
+    Cells holding JSON (messages, tools, ...) stay text here: decode_cells decodes them once the column map
+    has named them (the source says `cells`)."""
     csv.field_size_limit(MAX_LINE_BYTES)
     with open(path, "rb") as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="strict", newline="")
@@ -185,16 +186,14 @@ def csv_rows(path: Path, state: ReadState, delimiter: str) -> Iterator[tuple[int
                     yield number, None, ("", f"has {len(cells)} cells, the header has {len(header)} columns "
                                          "(an unquoted delimiter or newline inside a cell?)")
                 else:
-                    yield number, *_csv_record(dict(zip(header, cells)))
+                    # An empty cell is a missing value; JSON text in cells is decoded by the reader's user,
+                    # after data.columns has renamed them (validate._parse, evaluate.heldout).
+                    yield number, {key: cell for key, cell in zip(header, cells) if cell != ""}, None
         except UnicodeDecodeError as exc:
             yield reader.line_num + 1, None, state.end(f"invalid UTF-8 (byte {exc.start + 1} of a chunk): save "
                                                        "the file as UTF-8")
         except csv.Error as exc:
             yield reader.line_num, None, state.end(f"unreadable CSV: {exc}")
-
-
-def _csv_record(cells: dict[str, str]) -> tuple[dict | None, tuple[str, str] | None]:
-    return decode_cells({key: cell for key, cell in cells.items() if cell != ""})  # empty cell = missing
 
 
 def decode_cells(record: dict) -> tuple[dict | None, tuple[str, str] | None]:
