@@ -1,13 +1,9 @@
 #!/usr/bin/env python3
-"""Our engine's LoRA training step on a Mistral-7B-shaped model against PyTorch + PEFT, same GPU, same call.
+"""Our engine's LoRA training step on a Mistral-7B-shaped model against PyTorch + PEFT, Liger and Unsloth, same GPU.
 
-On the lent GPU, after the two set-up calls of ../shared/gpu/README.md (stage1, then stage2 which installs
-MLX CUDA and mlx-lm into /tmp/site):
-
-    source .g2/stage2.sh && python3 bench/bench_gpu.py --out $OUT
-
-Every variant runs in its own process (clean peak memory), one after another:
-  matmul peak   bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
+On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--group G ...] [--only NAME ...]
+[--targets qv all] [--budget S] --out $OUT`. Every variant runs in its own process (clean peak memory):
+  peak          bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
                 positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
@@ -21,15 +17,45 @@ Every variant runs in its own process (clean peak memory), one after another:
   mlx-4bit+ckpt the same with gradient checkpointing
   mlx-kto, mlx-dpo, mlx-orpo, mlx-4bit-kto, mlx-4bit-dpo
                 the preference steps (engine/train/objective.py) on the same sequences, against mlx / mlx-4bit
-  torch         transformers MistralForCausalLM (sdpa attention) + PEFT, eager, AdamW
-  torch+ckpt    the same with gradient checkpointing (non-reentrant)
+  torch, torch-compile, torch-liger, torch-4bit, unsloth, unsloth-4bit (each also +ckpt)
+                the peers: bench_gpu_peers.py says what each runs. Since issue 22 the PyTorch rows pass
+                use_cache=False (no KV cache built while training; earlier rows built one)
+NAME:all      LoRA on all seven linear layers (q, k, v, o, gate, up, down) instead of q/v; --targets qv all
+              runs every --only name without a suffix both ways. Rows carry "targets" and "dropout".
 Model: Mistral-7B-v0.3 shapes (32 layers, d 4096, MLP 14336, 32 heads / 8 KV heads, vocab 32768), random
-bf16 weights; the seed's LoRA (rank 16, alpha 32, dropout 0.05 on q_proj and v_proj); batch 2 x 2048 random
-tokens, loss on every position; AdamW lr 1e-4, grad clip 1.0. 3 warm-up steps, then 10 timed steps.
+bf16 weights; LoRA rank 16, alpha 32, dropout 0.05 (--dropout), on q_proj and v_proj unless :all; batch 2 x
+2048 random tokens, loss on every position; AdamW lr 1e-4, grad clip 1.0. 3 warm-up steps, then 10 timed.
+The second table puts each of mlx, mlx+ckpt, mlx-4bit, mlx-4bit+ckpt against the fastest peer measured at
+the same targets, checkpointing and base precision (speed and peak-memory ratios). Groups measured in
+separate calls: `python3 bench/bench_gpu.py --merge a.json b.json` prints the tables over their rows.
+
+Device calls (issue 22), back to back (a machine stays warm 30 s after a call and is held 30 min at most):
+  here, once: `bash ../shared/gpu/prepare.sh` (.g1/, .g2/) and `bash bench/peer_wheels.sh` (.g3/, 15 MB)
+  1. carry [".g1"]  `bash .g1/stage1.sh`                   half of the MLX CUDA wheel into /root/mlxwheel
+  2. carry [".g3"]  `bash .g3/stage3.sh`                   peer wheels into /root/peer_wheels and /tmp/site;
+                                                           prints torch/transformers/peft versions: check them
+  3. carry [".g2"]  `set -o pipefail; source .g2/stage2.sh && bash bench/install_peers.sh && PYTHONUNBUFFERED=1
+                    python3 bench/bench_gpu.py --group bf16-qv --budget 520 --out $OUT 2>&1 | tee $OUT/log`
+  4+ carry []       `set -o pipefail; export PYTHONPATH=/tmp/site; PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py
+                    --group bf16-all --budget 560 --out $OUT 2>&1 | tee $OUT/log`, then ckpt, 4bit-qv, 4bit-all,
+                    rest in that order of priority, one group a call.
+The random checkpoint that Unsloth and torch-4bit load (15 GB) is written once, by the first variant that
+needs it, under $BENCH_MODEL_DIR (/tmp/bench_gpu_models), and reused by later calls on the warm machine.
+--budget S starts a variant only if its estimate (ESTIMATE_S) fits in the S seconds left, and bench_gpu.json
+is rewritten after every variant, so a call cut short still brings back what it measured.
+Estimated seconds on an H100, process start to result (mlx and torch rows from earlier calls, the rest
+guessed; +20% with :all; +60 s where the checkpoint is written): peak 20, mlx / mlx+ckpt 25, mlx-4bit 30-35,
+torch 30, torch-liger 45 (Triton JIT), torch-4bit 70, torch-compile 120-130 (one layer's forward and
+backward compiled, twice: layer 0's input needs no gradient), unsloth 120-125, unsloth-4bit 140-145. Groups
+(`--group G --list` prints the schedule): bf16-qv ~420 s, bf16-all ~410, ckpt ~440, 4bit-qv ~420, 4bit-all
+~420, rest ~420; all six are ~2,500 s, more than one session's device time: take them in the order above.
+
+On a CPU, BENCH_GPU_SMOKE=1 runs the tiny shape to check the plumbing (BENCH_PEER_PYTHON: the Python for the
+PyTorch-side variants, if not this one; UNSLOTH_ALLOW_CPU=1 lets Unsloth import without a GPU).
 
 FLOPs per token (for MFU): 4 x N (forward 2N, backward to the inputs 2N; the frozen base gets no weight
 gradients) + attention 12 x layers x seq x d (QK^T and AV, forward 4·L·S·d, backward twice that; PaLM's
-convention, no causal discount), N = all parameters except the input embedding.
+convention, no causal discount), N = all parameters except the input embedding. LoRA's own FLOPs are left out.
 """
 
 from __future__ import annotations
@@ -37,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +75,10 @@ BATCH, SEQ, WARMUP, TIMED = 2, 2048, 3, 10
 if os.environ.get("BENCH_GPU_SMOKE"):  # a tiny shape, to check the script on a CPU before spending GPU time
     SHAPE = dict(hidden=256, layers=2, mlp=512, heads=4, kv_heads=2, vocab=1024, head_dim=64)
     BATCH, SEQ, WARMUP, TIMED = 2, 64, 1, 2
+TARGETS = {"qv": ["q_proj", "v_proj"],  # LoRA on q/v (the seed's), or on all seven linear layers of a block
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+sys.modules.setdefault("bench_gpu", sys.modules[__name__])  # run as a script: bench_gpu_peers imports from here
+import bench_gpu_peers as peers  # noqa: E402  (after the constants it imports)
 
 
 def flops_per_token() -> float:
@@ -87,8 +118,10 @@ def matmul_peak() -> dict:
     return out
 
 
-def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forward: bool = True, lean: bool = True):
-    """The bench model with the seed's LoRA, ready to train as TrainingRun would (also used by probe_gpu.py)."""
+def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forward: bool = True, lean: bool = True,
+                targets: str = "qv"):
+    """The bench model with the seed's LoRA (on q/v, or on all seven linear layers: TARGETS), ready to train as
+    TrainingRun would (also used by probe_gpu.py)."""
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
     import mlx.nn as nn
@@ -108,7 +141,7 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         mx.eval(model.parameters())
-    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=["q_proj", "v_proj"]), lean=lean)
+    apply_lora(model, LoRAConfig(rank=16, alpha=32.0, dropout=dropout, target_modules=TARGETS[targets]), lean=lean)
     if bits:  # what TrainingRun does with a quantized base on a GPU
         from engine.model.qlora import dequantize_just_in_time
         dequantize_just_in_time(model, dense_forward=dense_forward)
@@ -126,8 +159,10 @@ def random_batch():
 
 
 def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: bool = True,
-             queue_limit: bool = True, compiled_update: bool = True) -> dict:
-    model = build_model(SHAPE["layers"], bits, dense_forward=dense_forward, lean=lean)
+             queue_limit: bool = True, compiled_update: bool = True, targets: str = "qv",
+             dropout: float = 0.05) -> dict:
+    model = build_model(SHAPE["layers"], bits, dropout=dropout, dense_forward=dense_forward, lean=lean,
+                        targets=targets)
     import mlx.core as mx
     import mlx.optimizers as optim
 
@@ -163,7 +198,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
         loss, dt = timed_steps(step)
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
-                memory_limit_gb=mx.get_memory_limit() / 1e9)
+                memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model))
 
 
 def timed_steps(step) -> tuple[float, float]:
@@ -180,12 +215,12 @@ def timed_steps(step) -> tuple[float, float]:
     return loss, time.perf_counter() - t0
 
 
-def mlx_preference_step(method: str, bits: int | None = None) -> dict:
+def mlx_preference_step(method: str, bits: int | None = None, targets: str = "qv") -> dict:
     """A KTO / DPO / ORPO optimizer step through engine/train/objective.py (the step TrainingRun takes), on
     BATCH sequences of SEQ random tokens, each a 64-token prompt and its answer: KTO scores BATCH rows and runs
     its z0 forward over BATCH mismatched pairs; DPO/ORPO take BATCH // 2 pairs, so every variant puts BATCH
     sequences through the gradient pass, as `mlx` does. Reference log-probs are given (scored before step 1)."""
-    model = build_model(SHAPE["layers"], bits, dropout=0.0)
+    model = build_model(SHAPE["layers"], bits, dropout=0.0, targets=targets)
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -231,75 +266,66 @@ def mlx_preference_step(method: str, bits: int | None = None) -> dict:
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9)
 
 
-def torch_step(ckpt: bool) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"],
-                        intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],
-                        num_key_value_heads=SHAPE["kv_heads"], vocab_size=SHAPE["vocab"], rope_theta=1e6,
-                        head_dim=SHAPE["head_dim"], max_position_embeddings=32768, sliding_window=None,
-                        attn_implementation="sdpa", torch_dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = MistralForCausalLM(cfg).to(torch.bfloat16)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    weights = torch.cuda.memory_allocated()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, SHAPE["vocab"], (BATCH, SEQ), device="cuda", generator=g)
-
-    def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    for _ in range(WARMUP):
-        step()
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(TIMED):
-        loss = step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED,
-                peak_gb=torch.cuda.max_memory_allocated() / 1e9, reserved_gb=torch.cuda.max_memory_reserved() / 1e9,
-                weights_gb=weights / 1e9, loss=loss)
-
-
-VARIANTS = {
-    "peak": matmul_peak,
-    "mlx": lambda: mlx_step(False, None),
-    "mlx-nolimit": lambda: mlx_step(False, None, queue_limit=False),
-    "mlx-eager": lambda: mlx_step(False, None, compiled_update=False),
-    "mlx-stock": lambda: mlx_step(False, None, lean=False, queue_limit=False),
-    "mlx+ckpt": lambda: mlx_step(True, None),
-    "mlx-4bit": lambda: mlx_step(False, 4),
-    "mlx-4bit-qfwd": lambda: mlx_step(False, 4, dense_forward=False),
-    "mlx-4bit+ckpt": lambda: mlx_step(True, 4),
-    "mlx-kto": lambda: mlx_preference_step("kto"),
-    "mlx-dpo": lambda: mlx_preference_step("dpo"),
-    "mlx-orpo": lambda: mlx_preference_step("orpo"),
-    "mlx-4bit-kto": lambda: mlx_preference_step("kto", 4),
-    "mlx-4bit-dpo": lambda: mlx_preference_step("dpo", 4),
-    "torch": lambda: torch_step(False),
-    "torch+ckpt": lambda: torch_step(True),
+VARIANTS = {  # each takes (targets, dropout); "peak" and the preference steps ignore the dropout
+    "peak": lambda t, d: matmul_peak(),
+    "mlx": lambda t, d: mlx_step(False, None, targets=t, dropout=d),
+    "mlx-nolimit": lambda t, d: mlx_step(False, None, queue_limit=False, targets=t, dropout=d),
+    "mlx-eager": lambda t, d: mlx_step(False, None, compiled_update=False, targets=t, dropout=d),
+    "mlx-stock": lambda t, d: mlx_step(False, None, lean=False, queue_limit=False, targets=t, dropout=d),
+    "mlx+ckpt": lambda t, d: mlx_step(True, None, targets=t, dropout=d),
+    "mlx-4bit": lambda t, d: mlx_step(False, 4, targets=t, dropout=d),
+    "mlx-4bit-qfwd": lambda t, d: mlx_step(False, 4, dense_forward=False, targets=t, dropout=d),
+    "mlx-4bit+ckpt": lambda t, d: mlx_step(True, 4, targets=t, dropout=d),
+    "mlx-kto": lambda t, d: mlx_preference_step("kto", targets=t),
+    "mlx-dpo": lambda t, d: mlx_preference_step("dpo", targets=t),
+    "mlx-orpo": lambda t, d: mlx_preference_step("orpo", targets=t),
+    "mlx-4bit-kto": lambda t, d: mlx_preference_step("kto", 4, targets=t),
+    "mlx-4bit-dpo": lambda t, d: mlx_preference_step("dpo", 4, targets=t),
+    **peers.VARIANTS,
 }
+OURS = ("mlx", "mlx+ckpt", "mlx-4bit", "mlx-4bit+ckpt")  # compared with the fastest peer at the same setting
+GROUPS = {  # --group NAME: lists that each fit one device call (600 s); see the docstring for the estimates
+    "ours": [n for n in VARIANTS if n not in peers.VARIANTS or n in ("torch", "torch+ckpt")],  # the old default
+    "bf16-qv": ["peak", "mlx", "torch", "torch-liger", "unsloth", "torch-compile"],
+    "bf16-all": ["mlx:all", "torch:all", "torch-liger:all", "unsloth:all", "torch-compile:all"],
+    "ckpt": ["mlx+ckpt", "torch+ckpt", "unsloth+ckpt", "torch-liger+ckpt",
+             "mlx+ckpt:all", "torch+ckpt:all", "unsloth+ckpt:all"],
+    "4bit-qv": ["mlx-4bit", "unsloth-4bit", "mlx-4bit+ckpt", "unsloth-4bit+ckpt", "torch-4bit"],
+    "4bit-all": ["mlx-4bit:all", "unsloth-4bit:all", "mlx-4bit+ckpt:all", "unsloth-4bit+ckpt:all"],
+    "rest": ["torch-liger+ckpt:all", "torch-4bit:all", "torch-compile+ckpt", "torch-compile+ckpt:all"],
+}
+ESTIMATE_S = {"peak": 20, "mlx-4bit": 30, "mlx-4bit+ckpt": 35, **peers.ESTIMATE_S}  # others: 25 s
+
+
+def split_name(name: str, check: bool = True) -> tuple[str, str]:
+    """("mlx+ckpt", "all") for "mlx+ckpt:all"; a name without a suffix means q/v."""
+    base, _, targets = name.partition(":")
+    if check and (base not in VARIANTS or (targets or "qv") not in TARGETS):
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, optionally :all or :qv")
+    return base, targets or "qv"
+
+
+def needs_checkpoint(name: str) -> bool:
+    """Whether the variant loads the saved random checkpoint (written by the first one that needs it)."""
+    return split_name(name)[0].startswith(("unsloth", "torch-4bit"))
+
+
+def estimate_s(name: str, checkpoint_pending: bool) -> float:
+    """Seconds a variant should take on an H100 (ESTIMATE_S, +20% with all seven targets), + 60 s where it has to
+    write the random checkpoint first."""
+    base, targets = split_name(name)
+    return ESTIMATE_S.get(base, 25) * (1.2 if targets == "all" else 1) + \
+        (60 if checkpoint_pending and needs_checkpoint(name) else 0)
+
+
+def row_name(base: str, targets: str) -> str:
+    return base if targets == "qv" or base == "peak" else f"{base}:{targets}"
 
 
 def versions() -> dict:
     out = {}
-    for name in ("mlx", "mlx_lm", "torch", "transformers", "peft"):
+    for name in ("mlx", "mlx_lm", "torch", "transformers", "peft", "triton", "liger_kernel", "unsloth", "unsloth_zoo",
+                 "bitsandbytes"):
         try:
             from importlib.metadata import version
             out[name] = version(name.replace("_", "-"))
@@ -315,54 +341,144 @@ def median_run(runs: list[dict], key: str, runs_key: str) -> dict:
     return dict(ok[len(ok) // 2], **{runs_key: [r[key] for r in ok]}) if ok else runs[-1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", help="run one variant in this process and print its JSON")
-    ap.add_argument("--only", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--repeat", type=int, default=1, help="run the list this many times, interleaved; report medians")
-    args = ap.parse_args()
-    if args.variant:
-        print("RESULT " + json.dumps(VARIANTS[args.variant]()), flush=True)
-        return
+def run_child(name: str, dropout: float, timeout: float) -> dict:
+    """One variant in its own process (its own process group, killed whole on timeout); its RESULT line, with
+    the lines where Unsloth or Liger say what they patched."""
+    base, _ = split_name(name)
+    peer = base in peers.VARIANTS
+    exe = os.environ.get("BENCH_PEER_PYTHON", sys.executable) if peer else sys.executable
+    env = {**os.environ, **(peers.OFFLINE if peer else {})}
+    proc = subprocess.Popen([exe, __file__, "--variant", name, "--dropout", str(dropout)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        timed_out = True
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    r = json.loads(line[7:]) if line else {"error": (f"timed out after {timeout:.0f} s; " if timed_out else "")
+                                            + (err or out)[-800:]}
+    notes = [x.strip()[:300] for x in (out + "\n" + err).splitlines()
+             if any(w in x.lower() for w in ("unsloth", "liger", "patched")) and not x.startswith("RESULT ")]
+    if peer and notes and "error" not in r:
+        r["log"] = list(dict.fromkeys(notes))[:20]
+    return r
 
-    results, runs = {}, {}
-    for name in [n for i in range(args.repeat) for n in args.only if i == 0 or n != "peak"]:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--variant", name], capture_output=True, text=True,
-                              timeout=240)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-600:]}
-        print(f"{name}: {r}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        runs.setdefault(name, []).append(r)
-    for name, rs in runs.items():
-        results[name] = median_run(rs, "tokens_per_s", "runs_tokens_per_s")
 
+def report(results: dict, fpt: float) -> None:
+    """The table of every row (against PyTorch + PEFT eager at the same targets), then ours against the fastest
+    peer at the same targets, checkpointing and base precision."""
     peak = results.get("peak", {}).get("mlx_tflops")
-    fpt = flops_per_token()
-    torch_base = results.get("torch", {})
-    print(f"\nversions: {versions()}; flops/token {fpt / 1e9:.1f} GFLOP; matmul peak (bf16 8192^3): "
-          f"MLX {peak or 0:.0f}, PyTorch {results.get('peak', {}).get('torch_tflops', 0):.0f} TFLOP/s")
-    print(f"{'variant':<15}{'tokens/s':>10}{'step s':>8}{'peak GB':>9}{'vs torch tok/s':>16}{'vs torch mem':>14}"
-          f"{'MFU':>7}")
+    print(f"flops/token {fpt / 1e9:.1f} GFLOP; matmul peak (bf16 8192^3): MLX {peak or 0:.0f}, "
+          f"PyTorch {results.get('peak', {}).get('torch_tflops', 0):.0f} TFLOP/s")
+    print(f"{'variant':<24}{'tokens/s':>10}{'step s':>8}{'peak GB':>9}{'resv GB':>9}{'vs torch tok/s':>16}"
+          f"{'vs torch mem':>14}{'MFU':>7}")
+    nan = float("nan")
     for name, r in results.items():
         if name == "peak" or "tokens_per_s" not in r:
             continue
-        speed = r["tokens_per_s"] / torch_base["tokens_per_s"] if "tokens_per_s" in torch_base else float("nan")
-        mem = r["peak_gb"] / torch_base["peak_gb"] if "peak_gb" in torch_base else float("nan")
-        mfu = r["tokens_per_s"] * fpt / (peak * 1e12) if peak else float("nan")
-        print(f"{name:<15}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.3f}{r['peak_gb']:>9.1f}{speed:>15.2f}x"
-              f"{mem:>13.2f}x{mfu:>7.0%}")
+        base = results.get(row_name("torch", r.get("targets", "qv")), {})
+        speed = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else nan
+        mem = r["peak_gb"] / base["peak_gb"] if base.get("peak_gb") else nan
+        mfu = r["tokens_per_s"] * fpt / (peak * 1e12) if peak else nan
+        print(f"{name:<24}{r['tokens_per_s']:>10.0f}{r['step_s']:>8.3f}{r['peak_gb']:>9.1f}"
+              f"{r.get('reserved_gb', nan):>9.1f}{speed:>15.2f}x{mem:>13.2f}x{mfu:>7.0%}")
     for name, r in results.items():  # the preference steps against the SFT step on the same base, same call
-        sft = results.get("mlx-4bit" if "4bit" in name else "mlx", {})
+        sft = results.get(row_name("mlx-4bit" if "4bit" in name else "mlx", r.get("targets", "qv")), {})
         if any(m in name for m in ("kto", "dpo", "orpo")) and "step_s" in r and "step_s" in sft:
-            print(f"{name:<15} step {r['step_s'] / sft['step_s']:.2f}x, peak {r['peak_gb'] / sft['peak_gb']:.2f}x "
+            print(f"{name:<24} step {r['step_s'] / sft['step_s']:.2f}x, peak {r['peak_gb'] / sft['peak_gb']:.2f}x "
                   "the SFT step's")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_gpu.json").write_text(json.dumps(
-            {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "flops_per_token": fpt,
-             "results": results}, indent=1))
+
+    def setting(base):
+        return "+ckpt" in base, "4bit" in base
+
+    print(f"\n{'ours':<20}{'tokens/s':>10}{'peak GB':>9}  {'fastest peer, same setting':<26}{'tokens/s':>10}"
+          f"{'peak GB':>9}{'speed':>8}{'memory':>8}")
+    rows = {n: split_name(n, check=False) for n, r in results.items() if "tokens_per_s" in r}
+    for name, (base, targets) in rows.items():
+        if base not in OURS:
+            continue
+        r = results[name]
+        same = [(n, results[n]) for n, (b, t) in rows.items()
+                if b in peers.VARIANTS and t == targets and setting(b) == setting(base)]
+        if not same:
+            print(f"{name:<20}{r['tokens_per_s']:>10.0f}{r['peak_gb']:>9.1f}  (no peer at this setting)")
+            continue
+        n, p = max(same, key=lambda x: x[1]["tokens_per_s"])
+        print(f"{name:<20}{r['tokens_per_s']:>10.0f}{r['peak_gb']:>9.1f}  {n:<26}{p['tokens_per_s']:>10.0f}"
+              f"{p['peak_gb']:>9.1f}{r['tokens_per_s'] / p['tokens_per_s']:>7.2f}x"
+              f"{r['peak_gb'] / p['peak_gb'] if p['peak_gb'] else nan:>7.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", help="run one variant in this process and print its JSON")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="variants (NAME or NAME:all / NAME:qv); default: --group ours, the rows before issue 22")
+    ap.add_argument("--group", nargs="*", default=[], choices=list(GROUPS), help="preset lists (see GROUPS)")
+    ap.add_argument("--targets", nargs="+", default=["qv"], choices=list(TARGETS),
+                    help="LoRA targets for --only names without a suffix: q/v, all seven linear layers, or both")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every variant")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="run the list this many times, interleaved; report medians")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="seconds: start a variant only if its estimate fits in what is left (0: no limit)")
+    ap.add_argument("--merge", nargs="+", help="print the tables of saved bench_gpu.json files (later files win)")
+    ap.add_argument("--list", action="store_true", help="print what would run, with estimates, and stop")
+    args = ap.parse_args()
+    if args.variant:
+        base, targets = split_name(args.variant)
+        r = VARIANTS[base](targets, args.dropout)
+        if base != "peak":
+            r.update(targets=targets, dropout=args.dropout)
+        if base in peers.VARIANTS:  # this process's libraries (the parent may run another Python for peers)
+            from importlib.metadata import version
+            r["lib"] = {m: version(m.replace("_", "-")) for m in ("torch", "transformers", "peft", "triton",
+                        "liger_kernel", "unsloth", "unsloth_zoo", "bitsandbytes") if m in sys.modules}
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+    if args.merge:
+        results = {}
+        for f in args.merge:
+            results.update(json.loads(Path(f).read_text())["results"])
+        report(results, flops_per_token())
+        return
+
+    names = [n for g in args.group for n in GROUPS[g]]
+    for n in (args.only if args.only is not None else ([] if args.group else GROUPS["ours"])):
+        names += [n] if ":" in n or n == "peak" else [row_name(n, t) for t in args.targets]
+    schedule = [n for i in range(args.repeat) for n in names if i == 0 or n != "peak"]
+    for n in schedule:
+        split_name(n)  # a misspelt name stops here, before anything runs
+    if args.list:
+        pending, total = not (peers.model_dir() / "config.json").exists(), 0.0
+        for n in schedule:
+            total += (e := estimate_s(n, pending))
+            pending = pending and not needs_checkpoint(n)
+            print(f"{n:<26}{e:>5.0f} s")
+        print(f"{'total':<26}{total:>5.0f} s (estimates for an H100; checkpoint dir {peers.model_dir()})")
+        return
+    started, results, runs = time.perf_counter(), {}, {}
+    for name in schedule:
+        estimate = estimate_s(name, not (peers.model_dir() / "config.json").exists())
+        left = args.budget - (time.perf_counter() - started) if args.budget else 1e9
+        if left < estimate:
+            print(f"{name}: skipped, {left:.0f} s of the budget left, estimate {estimate:.0f} s", flush=True)
+            continue
+        t0 = time.perf_counter()
+        r = run_child(name, args.dropout, min(left, max(240, 3 * estimate)))
+        print(f"{name}: {r}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        runs.setdefault(name, []).append(dict(r, wall_s=time.perf_counter() - t0))
+        results = {n: median_run(rs, "tokens_per_s", "runs_tokens_per_s") for n, rs in runs.items()}
+        if args.out:  # after every variant: a call cut off at its limit still brings back what it measured
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench_gpu.json").write_text(json.dumps(
+                {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "flops_per_token": flops_per_token(),
+                 "dropout": args.dropout, "results": results}, indent=1))
+    print(f"\nversions: {versions()}")
+    report(results, flops_per_token())
 
 
 if __name__ == "__main__":
