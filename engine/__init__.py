@@ -8,8 +8,10 @@ import atexit as _atexit
 import sys as _sys
 
 from engine import blas as _blas
+from engine import native_jit as _native_jit
 
 _blas.preload()
+_native_jit.enable()  # before MLX builds its first fused CPU kernel
 
 
 def release_mlx_streams() -> None:

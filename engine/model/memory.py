@@ -9,7 +9,8 @@ against MLX's measured peak on the embedded model, see tests/test_memory.py):
   residual, the adapters' shared input, q and attention output, dropout masks and slack (~6 hidden
   vectors), k and v after RoPE, and the MLP's gate and up (2 intermediate vectors);
 - per layer, the attention probabilities (batch x heads x length^2) where attention is not fused under
-  autograd (MLX's CPU backend; its CUDA backend keeps only q, k, v and the output);
+  autograd (Metal); MLX's CUDA backend keeps only q, k, v and the output, and on the CPU
+  engine/model/cpu_attention.py recomputes them in the backward pass, one layer's (~3 copies) at a time;
 - for the trained positions only (masked_loss gathers them first), the logits with their softmax and
   gradients: about four (tokens x vocabulary) float32 copies.
 With gradient checkpointing only each block's input is kept, plus one block's activations while it is
@@ -25,6 +26,7 @@ import psutil
 from engine.protocol import MemoryStats
 
 ATTENTION_COPIES = 1.1  # probabilities kept for the backward pass, plus transient scores
+RECOMPUTED_COPIES = 3.0  # one layer's recomputed probabilities, their gradient and the product's
 LOGIT_COPIES = 4.0  # logits, log-softmax, their gradient and the float32 cast
 
 
@@ -66,17 +68,22 @@ class MemoryEstimate:
 
 def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, batch: int, length: int,
                          trained_fraction: float = 1.0, grad_checkpoint: bool = False,
-                         act_bytes: int = 4, fused_attention: bool = False) -> MemoryEstimate:
-    """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained."""
+                         act_bytes: int = 4, fused_attention: bool | None = None) -> MemoryEstimate:
+    """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained.
+    fused_attention: True keeps no probabilities, False keeps every layer's, None: as this device does."""
     tokens = batch * length
     per_token_layer = 6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate
-    attention_layer = 0 if fused_attention else ATTENTION_COPIES * batch * shape.heads * length * length
+    kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
+    probabilities = batch * shape.heads * length * length
+    attention_layer = ATTENTION_COPIES * probabilities if kept == "kept" else 0
     if grad_checkpoint:
         activations = tokens * (shape.layers * shape.hidden + per_token_layer)
         attention = attention_layer
     else:
         activations = tokens * shape.layers * per_token_layer
         attention = attention_layer * shape.layers
+    if kept == "recomputed":
+        attention = RECOMPUTED_COPIES * probabilities
     logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
                           int(attention * act_bytes), int(logits))
@@ -89,6 +96,15 @@ def fused_attention() -> bool:
     """Whether attention under autograd keeps no probabilities: MLX's CUDA backend (cuDNN, both passes)."""
     from engine.model.loading import on_cuda
     return on_cuda()
+
+
+def attention_kept() -> str:
+    """What a training step's attention keeps for the backward pass on this device: "none" (CUDA),
+    "recomputed" (the CPU: engine/model/cpu_attention.py) or "kept" (Metal: MLX's unfused fallback)."""
+    import mlx.core as mx
+    if mx.default_device() == mx.cpu:
+        return "recomputed"
+    return "none" if fused_attention() else "kept"
 
 
 def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:

@@ -230,7 +230,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     not expected to fit in memory."""
     from mlx.utils import tree_flatten
 
-    from engine.model.memory import ModelShape, available_bytes, estimate_step_memory, fused_attention
+    from engine.model.memory import ModelShape, available_bytes, estimate_step_memory
     from engine.train.batches import PAD_MULTIPLE
     try:
         shape = ModelShape.of(model)
@@ -244,7 +244,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
     estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained,
-                                    t.grad_checkpoint, act_bytes, fused_attention())
+                                    t.grad_checkpoint, act_bytes)
     available = available_bytes()
     if estimate.total > available:
         warn(f"memory: a step on the longest batch ({rows} x {length} tokens) is estimated to "
