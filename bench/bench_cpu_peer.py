@@ -103,6 +103,15 @@ from transformers import AutoModelForCausalLM
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32, attn_implementation="sdpa")
 model.config.use_cache = False
+# The embedded model's q/k rows are in the interleaved RoPE layout (its config says rope_traditional, which
+# transformers ignores): regroup each head's rows as (even, odd) so that HF's half-split RoPE computes the
+# same attention, and the losses of both tools can be compared.
+with torch.no_grad():
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            w = proj.weight
+            heads = w.shape[0] // model.config.head_dim
+            w.copy_(w.view(heads, -1, 2, w.shape[1]).transpose(1, 2).reshape_as(w))
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                          task_type="CAUSAL_LM"))
 if {compile!r}:

@@ -39,9 +39,19 @@ def token_losses(model, inputs, targets, positions):
     else:
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[positions]
+    if FUSED_CE and on_gpu():
+        return mx.fast.cross_entropy(logits, flat_targets)
     if FUSED_CE:
-        return mx.fast.cross_entropy(logits if on_gpu() else logits.astype(mx.float32), flat_targets)
+        return _fusable_cross_entropy(logits.astype(mx.float32), flat_targets)
     return nn.losses.cross_entropy(logits.astype(mx.float32), flat_targets)
+
+
+def _fusable_cross_entropy(logits, targets):
+    """logsumexp - the target's logit, from element-wise ops and reductions: on the CPU MLX's logsumexp is
+    a scalar kernel, while exp(logits - max) fuses into one built for this CPU (engine/native_jit.py)."""
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    lse = mx.log(mx.exp(logits - top).sum(axis=-1)) + top[:, 0]
+    return lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
 def sequence_logps(model, inputs, targets, positions, weights, rows):
