@@ -26,10 +26,15 @@ def _qkv(heads=6, kv=2, length=24, keys=24, d=16):
     return q, k, v
 
 
-@pytest.mark.parametrize("mask", ["causal", None, "bool", "additive", "per-head"])
+@pytest.mark.parametrize("mask", ["causal", "causal-chunked", None, "bool", "additive", "per-head"])
 @pytest.mark.parametrize("heads,kv", [(6, 2), (4, 4)])
 def test_attention_and_its_gradients_match_mlx(mask, heads, kv):
-    q, k, v = _qkv(heads, kv, length=8 if mask == "causal" else 24, keys=24)
+    if mask == "causal-chunked":  # 250 tokens: 3 query chunks of 84, 84 and 82 rows
+        assert cpu_attention.causal_chunks(250, 250) == 3
+        q, k, v = _qkv(heads, kv, length=250, keys=250)
+        mask = "causal"
+    else:
+        q, k, v = _qkv(heads, kv, length=8 if mask == "causal" else 24, keys=24)
     rng = np.random.default_rng(1)
     if mask == "bool":
         mask = mx.array(rng.random((q.shape[2], k.shape[2])) > 0.3)
