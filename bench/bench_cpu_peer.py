@@ -72,7 +72,7 @@ cfg.model.name = {model!r}
 cfg.lora.dropout = 0.0
 model, _, _ = load_model(cfg.model, lambda *a: None)
 apply_lora(model, cfg.lora)
-opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.01)
+opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.01, bias_correction=True)  # as TrainingRun and PyTorch
 micro, update = build_micro_step(model, opt), build_update(model, opt)
 z = np.load({batches!r})
 n = len(z.files) // 3

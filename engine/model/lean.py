@@ -22,7 +22,7 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.model.loading import on_cuda
+from engine.model.loading import on_cuda, on_gpu
 from engine.model.philox import dropout_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
@@ -36,7 +36,8 @@ def swiglu(gate, up):
 
 def _swiglu_grads(gate, up, cotangent):
     """(d gate, d up) of silu(gate) * up, from gate and up alone (the sigmoid is recomputed)."""
-    sig = 1 / (1 + mx.exp(-gate))  # not mx.sigmoid: element-wise, so mx.compile fuses it (native_jit.py)
+    # On the CPU mx.sigmoid alone is a scalar kernel; as exp it fuses into one built for the CPU (native_jit.py)
+    sig = mx.sigmoid(gate) if on_gpu() else 1 / (1 + mx.exp(-gate))
     silu = gate * sig
     return cotangent * up * (sig + silu * (1 - sig)), cotangent * silu
 
