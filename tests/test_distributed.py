@@ -122,3 +122,18 @@ def test_a_collective_waits_for_slow_starters_then_for_ten_slow_steps(monkeypatc
     assert world.patience() == 70.0
     monkeypatch.setattr(distributed, "FIXED_WAIT", "20")
     assert world.patience() == 20.0
+
+
+def test_a_named_backend_this_mlx_lacks_ends_the_run_with_one_line(tmp_path, embedded_dir):
+    """training.distributed_backend: nccl on a machine without MLX's CUDA build (this one): each rank stops
+    before loading anything, saying what to install; no traceback, no hang."""
+    cfg = config(tmp_path, "nccl", 2, 4)
+    import yaml
+    data = yaml.safe_load(cfg.read_text())
+    data["training"]["distributed_backend"] = "nccl"
+    cfg.write_text(yaml.safe_dump(data))
+    r = subprocess.run(launch(cfg), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    text = r.stdout + r.stderr
+    assert "training.distributed_backend is nccl, but this MLX has no nccl backend" in text, text[-2000:]
+    assert "uv sync --extra cuda" in text and "Traceback" not in text
+    assert "step 1/" not in text

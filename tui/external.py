@@ -22,8 +22,8 @@ from engine.protocol import Event
 
 class ExternalRun:
     def __init__(self, run_dir: Path, process: subprocess.Popen | None = None, hosts: int = 0,
-                 log: Path | None = None):
-        self.run_dir, self.process, self.hosts, self.log = run_dir, process, hosts, log
+                 log: Path | None = None, backend: str = "auto"):
+        self.run_dir, self.process, self.hosts, self.log, self.backend = run_dir, process, hosts, log, backend
 
     @property
     def launched(self) -> bool:
@@ -53,16 +53,19 @@ class ExternalRun:
         config = Path(tempfile.mkdtemp(prefix="lora-tui-dist-")) / "config.yaml"
         save_config(cfg, config)  # every host reads this path: keep it on a shared folder for real clusters
         log = config.with_name("launch.log")
-        cmd = [str(launcher), "--hostfile", str(hostfile), "--backend", "ring", "--",
-               str(Path(sys.executable).parent / "lora-tui"), "--config", str(config), "train", "--run-name", name]
+        backend = cfg.training.distributed_backend  # auto: mlx.launch picks NCCL on CUDA hosts, ring elsewhere
+        cmd = [str(launcher), "--hostfile", str(hostfile), *(["--backend", backend] if backend != "auto" else []),
+               "--", str(Path(sys.executable).parent / "lora-tui"), "--config", str(config), "train",
+               "--run-name", name]
         with open(log, "w") as out:
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
-        return cls(run_dir, process, len(hosts), log)
+        return cls(run_dir, process, len(hosts), log, backend)
 
     def describe(self) -> str:
         if self.launched:
-            return f"launched on {self.hosts} hosts with mlx.launch (ring); following {self.run_dir}"
+            how = "its default backend" if self.backend == "auto" else self.backend
+            return f"launched on {self.hosts} hosts with mlx.launch ({how}); following {self.run_dir}"
         return f"following {self.run_dir}"
 
     def run(self, emit: Callable[[Event], None], cancelled: Callable[[], bool]) -> Event | None:

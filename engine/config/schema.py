@@ -75,6 +75,9 @@ class TrainingConfig:
                                  "buffers before queuing more (slower, never fails); 0 = the step's memory "
                                  "estimate + 15%", min=0, max=1e6)
     seed: int = opt(42, "Seed for the split, data order, dropout and adapter init", min=0, max=2**31 - 1)
+    distributed_backend: str = opt("auto", "Several machines or GPUs (a run under mlx.launch): how ranks sum "
+                                   "gradients; auto = NCCL on CUDA GPUs, the ring (TCP) elsewhere",
+                                   choices=["auto", "ring", "nccl", "mpi"])
     method: str = opt("sft", "What the run learns from: sft = the desirable (data.train_labels) rows' "
                       "answers; kto = desirable and undesirable rows (unpaired labels); dpo / orpo = pair rows "
                       "(chosen / rejected)", choices=["sft", "kto", "dpo", "orpo"])

@@ -1,7 +1,8 @@
 """Data-parallel training over MLX's distributed layer (`mx.distributed`, started with `mlx.launch`).
 
 lora-tui adds no cluster of its own: `mlx.launch --hostfile hosts.json --backend ring -- lora-tui train`
-starts one process per host (ring over TCP/Thunderbolt, MPI where present, NCCL on CUDA). Each rank
+starts one process per host or GPU (ring over TCP/Thunderbolt, MPI where present, NCCL on CUDA;
+training.distributed_backend names one). Each rank
 trains on its share of every global batch; gradients, losses and token counts are summed across ranks
 before each optimizer step, so N ranks with batch b take the same steps as one process with batch N x b.
 Only rank 0 writes checkpoints, logs and the report.
@@ -14,6 +15,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
+
+from engine.train.errors import TrainingError
 
 
 class DistributedError(RuntimeError):
@@ -24,6 +28,15 @@ MIN_WAIT = 30.0  # seconds a collective may always wait
 START_WAIT = 600.0  # until this rank has timed a step: ranks load, tokenize and compile at their own pace
 FIXED_WAIT = os.environ.get("LORA_TUI_DIST_TIMEOUT")  # seconds, instead of the step-time rule
 EXIT_LOST = 5  # lora-tui's exit code for a failed training run
+# NVLink multicast (NVLS) off: on the lent H100/H200 hosts NCCL's NVLS set-up fails or hangs; a user may still
+# set NCCL_NVLS_ENABLE=1 in the environment.
+NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0"}
+MISSING = {  # what a named backend needs, when this MLX lacks it
+    "nccl": "it needs MLX's CUDA build (the `cuda` extra: uv sync --extra cuda) on Linux with NVIDIA GPUs; "
+            "use auto or ring",
+    "mpi": "it needs an MPI library where the ranks run (e.g. apt-get install openmpi-bin); use auto or ring",
+    "ring": "this MLX was built without distributed support",
+}
 
 
 @dataclass
@@ -39,12 +52,26 @@ class World:
     blas_threads: int | None = None  # the BLAS thread cap set because ranks share this host's cores
 
     @classmethod
-    def current(cls) -> "World":
-        """The group this process was launched into (mlx.launch sets it up), or a world of one."""
+    def current(cls, backend: str = "auto") -> "World":
+        """The group this process was launched into (mlx.launch sets it up), or a world of one. `backend`
+        is training.distributed_backend: auto takes whatever mlx.launch set up; a named one must start."""
         import mlx.core as mx
-        if not mx.distributed.is_available():
+        launched = any(k in os.environ for k in ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
+        if backend in ("auto", "nccl") and mx.cuda.is_available():
+            for key, value in NCCL_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        name = "any" if backend == "auto" else backend
+        if not mx.distributed.is_available(name):
+            if launched and backend != "auto":  # the config's problem, not a lost peer
+                raise TrainingError(f"training.distributed_backend is {backend}, but this MLX has no {backend} "
+                                    f"backend: {MISSING[backend]}", "config")
             return cls(0, 1)
-        group = mx.distributed.init()
+        try:
+            group = mx.distributed.init(strict=launched and backend != "auto", backend=name)
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or ["no reason given"])[0]
+            raise TrainingError(f"training.distributed_backend: the {backend} backend did not start ({first}); "
+                                f"launch every rank with mlx.launch --backend {backend}", "config") from None
         if group.size() == 1:
             return cls(0, 1)
         world = cls(group.rank(), group.size(), group)
@@ -83,12 +110,21 @@ class World:
         return batch[self.rank::self.size]
 
     def sum(self, x):
-        """all_sum of an MLX array or a tree of them; the array itself when alone."""
+        """all_sum of an MLX array or a tree of them; the array itself when alone. A tree of float32 arrays
+        (a step's gradients, loss and token count) goes as one buffer: one collective a step, not one per
+        adapter matrix, each of which pays the link's latency (NCCL's or the ring's)."""
         if self.alone:
             return x
         import mlx.core as mx
-        from mlx.utils import tree_map
-        return self._collective(lambda: tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x))
+        from mlx.utils import tree_flatten, tree_map
+        leaves = [a for _, a in tree_flatten(x)]
+        if len(leaves) < 2 or any(a.dtype != mx.float32 for a in leaves):
+            return self._collective(lambda: tree_map(lambda a: mx.distributed.all_sum(a, group=self.group), x))
+        flat = self._collective(lambda: mx.distributed.all_sum(
+            mx.concatenate([a.reshape(-1) for a in leaves]), group=self.group))
+        ends = list(accumulate(a.size for a in leaves))
+        pieces = iter(flat[end - a.size:end].reshape(a.shape) for a, end in zip(leaves, ends))
+        return tree_map(lambda _: next(pieces), x)
 
     def _collective(self, collective):
         """Evaluate collective() (a tree of arrays from MLX's collectives) under the watchdog."""

@@ -84,7 +84,7 @@ class TrainingRun:
         """Prepare and train. Expected failures end in a Failed event and status 'failed', not an exception."""
         log = None
         try:
-            self.world = World.current()
+            self.world = World.current(self.cfg.training.distributed_backend)
             self.world.on_lost = self._group_lost
             self.run_dir = pick_run_dir(self.cfg, self.resume_from, self.overwrite, self.world)
             self.lock = run_folder.RunLock(self.run_dir)
