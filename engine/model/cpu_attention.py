@@ -19,14 +19,15 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+from engine.model.loading import on_gpu
 
-def attention(queries, keys, values, scale: float, mask=None, sinks=None, **kwargs):
+
+def attention(queries, keys, values, scale: float, mask=None):
     """softmax(q k^T * scale + mask) v for (B, H, L, D) queries and (B, KV, S, D) keys and values.
 
     The H/KV query heads that share a key head are folded into the rows of one product, (H/KV x L) x S,
     so keys and values are never copied per head and each product is one larger matrix multiply."""
-    b, h, length, d = queries.shape
-    kv, s = keys.shape[1], keys.shape[2]
+    length, s = queries.shape[2], keys.shape[2]
     chunks = causal_chunks(length, s) if isinstance(mask, str) else 1
     if chunks > 1:  # causal: query chunk i needs only the keys up to its end; the rest is masked work
         size = -(-length // chunks)
@@ -99,11 +100,11 @@ def _attend_vjp(primals, cotangent, output):
 
 
 @contextmanager
-def training_attention(enabled: bool = True):
-    """While tracing a training step on the CPU, models call `attention` instead of MLX's fused kernel
-    (mlx-lm's models all reach it through mx.fast.scaled_dot_product_attention). Attention sinks keep
-    MLX's kernel."""
-    if not enabled:
+def training_attention():
+    """While a training step is traced on the CPU, models call `attention` instead of MLX's fused kernel
+    (mlx-lm's models all reach it through mx.fast.scaled_dot_product_attention); on a GPU nothing changes.
+    Attention sinks keep MLX's kernel."""
+    if on_gpu():
         yield
         return
     original = mx.fast.scaled_dot_product_attention

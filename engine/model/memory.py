@@ -73,17 +73,16 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
     fused_attention: True keeps no probabilities, False keeps every layer's, None: as this device does."""
     tokens = batch * length
     per_token_layer = 6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate
-    kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
-    probabilities = batch * shape.heads * length * length
-    attention_layer = ATTENTION_COPIES * probabilities if kept == "kept" else 0
     if grad_checkpoint:
         activations = tokens * (shape.layers * shape.hidden + per_token_layer)
-        attention = attention_layer
     else:
         activations = tokens * shape.layers * per_token_layer
-        attention = attention_layer * shape.layers
-    if kept == "recomputed":
-        attention = RECOMPUTED_COPIES * probabilities
+    kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
+    probabilities = batch * shape.heads * length * length
+    if kept == "kept":  # every layer's, or one block's while checkpointing recomputes it
+        attention = ATTENTION_COPIES * probabilities * (1 if grad_checkpoint else shape.layers)
+    else:  # none, or one layer's recomputed at a time
+        attention = RECOMPUTED_COPIES * probabilities if kept == "recomputed" else 0
     logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
                           int(attention * act_bytes), int(logits))
@@ -101,8 +100,8 @@ def fused_attention() -> bool:
 def attention_kept() -> str:
     """What a training step's attention keeps for the backward pass on this device: "none" (CUDA),
     "recomputed" (the CPU: engine/model/cpu_attention.py) or "kept" (Metal: MLX's unfused fallback)."""
-    import mlx.core as mx
-    if mx.default_device() == mx.cpu:
+    from engine.model.loading import on_gpu
+    if not on_gpu():
         return "recomputed"
     return "none" if fused_attention() else "kept"
 

@@ -73,11 +73,10 @@ class PreferenceObjective:
         from engine.model.cpu_attention import training_attention
         loss_and_grad = nn.value_and_grad(self.model, self.micro_loss)
         state = [self.model.state, optimizer.state, mx.random.state]
-        on_cpu = mx.default_device() == mx.cpu
 
         @partial(mx.compile, inputs=state, outputs=state)
         def micro_step(*arrays):
-            with training_attention(on_cpu):  # as the SFT step (engine/train/step.py)
+            with training_attention():  # as the SFT step (engine/train/step.py)
                 (loss, stats), grads = loss_and_grad(self.model, *arrays)
             return loss, stats, grads
         self._micro_step = micro_step

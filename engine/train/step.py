@@ -54,11 +54,10 @@ def build_micro_step(model, optimizer):
     from engine.train.losses import masked_loss
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
-    on_cpu = mx.default_device() == mx.cpu
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro_step(inputs, targets, positions, weights):
-        with training_attention(on_cpu):  # runs while the step is traced (see engine/model/cpu_attention.py)
+        with training_attention():  # runs while the step is traced (see engine/model/cpu_attention.py)
             (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
         return loss_sum, ntoks, grads
 
