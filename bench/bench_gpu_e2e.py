@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """`lora-tui train` end to end against the bench step, same GPU, same shape (issue 22's end-to-end target).
 
-  python3 bench/bench_gpu_e2e.py [--targets qv|all] [--ckpt] [--steps 24] [--rounds 1] --out $OUT
+  python3 bench/bench_gpu_e2e.py [--targets qv|all] [--ckpt] [--steps 110] [--every 100] [--rounds 1] --out $OUT
 
 Both train the Mistral-7B-shaped random model of bench_gpu.py (bf16, LoRA r16 / alpha 32 / dropout 0.05,
 2 x 2048 tokens, loss on every position, AdamW 1e-4, clip 1.0):
   bench      bench_gpu.py's `mlx` variant: the engine's step functions in a loop over one in-memory batch
   lora-tui   the real command a user runs (`lora-tui --config C train`): TrainingRun with the data pipeline
              (a JSONL of plain-text rows through the tokenizer, validation, length-bucketed batches), the
-             per-step log line, a checkpoint every 10 steps (atomic adapter + optimizer state), the run folder
+             per-step log line, checkpoints (atomic adapter + optimizer state) every 100 steps as config.yaml
+             has it, and the final save, the run folder
 It reads the model from the random checkpoint bench_gpu_peers.py writes (config, bf16 safetensors and a
 word-level tokenizer over the vocabulary), so each text row of 2,048 words is 2,048 tokens + EOS: inputs of
 2 x 2,048, as in the bench. lora-tui's tokens/s is taken two ways: the median of its step lines after the
@@ -52,7 +53,7 @@ def write_data(folder: Path, rows: int) -> Path:
     return path
 
 
-def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, ckpt: bool) -> Path:
+def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, ckpt: bool, every: int) -> Path:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["model"].update(name=str(model), dtype="bfloat16", max_seq_length=bench_gpu.SEQ + 1)
     cfg["lora"].update(rank=16, alpha=32.0, dropout=0.05, target_modules=bench_gpu.TARGETS[targets], num_layers=-1)
@@ -61,7 +62,7 @@ def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, c
                            max_grad_norm=1.0, grad_checkpoint=ckpt, seed=0)
     cfg["data"].update(path=str(data), validation_split=0.0, train_labels=[], shuffle=True)
     cfg["evaluation"].update(every_steps=0, heldout_path="", sample_prompts=[])
-    cfg["checkpoints"].update(every_steps=10, keep_last=3)
+    cfg["checkpoints"].update(every_steps=every, keep_last=3)
     cfg["output"].update(dir=str(tmp / "runs"), run_name=f"e2e-{targets}{'-ckpt' if ckpt else ''}",
                          log_every_steps=1)
     path = tmp / "e2e.yaml"
@@ -88,7 +89,8 @@ def run_lora_tui(config: Path) -> dict:
     return dict(tokens_per_s=statistics.median(s["tps"] for s in steady),
                 wall_tokens_per_s=tokens / (steady[-1]["at"] - steady[0]["at"]),
                 peak_gb=max(s["peak_gb"] for s in steps), loss=steps[-1]["loss"], steps=len(steps),
-                process_s=time.perf_counter() - t0)
+                process_s=time.perf_counter() - t0, step_tps=[round(s["tps"]) for s in steps],
+                gaps_ms=[round((b["at"] - a["at"]) * 1e3) for a, b in zip(steps, steps[1:])])
 
 
 def run_bench(name: str) -> dict:
@@ -102,7 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="qv", choices=list(bench_gpu.TARGETS))
     ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing in both")
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=110)
+    ap.add_argument("--every", type=int, default=100, help="checkpoints.every_steps (config.yaml: 100)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate bench / lora-tui this many times")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -111,7 +114,7 @@ def main() -> None:
     print(f"checkpoint {model} ({made_s:.0f} s to write)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="e2e-"))
     data = write_data(tmp / "data", args.steps * bench_gpu.BATCH)
-    config = write_config(tmp, model, data, args.steps, args.targets, args.ckpt)
+    config = write_config(tmp, model, data, args.steps, args.targets, args.ckpt, args.every)
     name = bench_gpu.row_name("mlx+ckpt" if args.ckpt else "mlx", args.targets)
     rounds = []
     for r in range(args.rounds):

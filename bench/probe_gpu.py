@@ -118,7 +118,7 @@ def probe_ops() -> dict:
     mx.eval(a, b, mask, w)
     for name, in_dtype in (("lora_f32", False), ("lora_bf16", True)):
         branch = lean.lora_branch(0.95, 2.0, in_dtype)
-        g = mx.compile(mx.value_and_grad(lambda x, a, b: (branch(x, a, b, mask) * w).astype(mx.float32).sum(),
+        g = mx.compile(mx.value_and_grad(lambda x, a, b: (branch(w, x, a, b, mask) * w).astype(mx.float32).sum(),
                                          argnums=(0, 1, 2)))
         out[name] = _timed(g, x, a, b)
     logits = mx.random.normal((tokens, v)).astype(mx.bfloat16)
@@ -143,6 +143,85 @@ def probe_ops() -> dict:
         rb = _timed(lambda: gy @ wt)  # the backward pass to the input
         r["bwd_tflops"] = round(2 * tokens * n_out * inp.shape[1] / (rb["ms"] / 1e3) / 1e12, 1)
         out["matmul_" + name] = r
+    return out
+
+
+def _old_lora_branch(keep: float, scale: float):
+    """lean.lora_branch before issue 22 (a separate add, the scale on full-width arrays), for the comparison."""
+    import mlx.core as mx
+
+    def dropped(x, mask):
+        return x if keep >= 1.0 else (mask * x) * (1 / keep)
+
+    @mx.custom_function
+    def branch(y, x, a, b, mask):
+        a, b = a.astype(x.dtype), b.astype(x.dtype)
+        return y + (scale * ((dropped(x, mask) @ a) @ b)).astype(x.dtype)
+
+    @branch.vjp
+    def branch_vjp(primals, cotangent, output):
+        y, x, a32, b32, mask = primals
+        x = mx.depends(x, cotangent)
+        a, b = a32.astype(x.dtype), b32.astype(x.dtype)
+        xd = dropped(x, mask)
+        g = cotangent.astype(a.dtype) * scale
+        gb = g @ b.T
+        dx = dropped(gb @ a.T, mask)
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        da = flat(xd).T @ flat(gb)
+        db = flat(xd @ a).T @ flat(g)
+        return cotangent, dx.astype(x.dtype), da.astype(a32.dtype), db.astype(b32.dtype), mx.zeros_like(mask)
+
+    return branch
+
+
+def probe_lora() -> dict:
+    """One adapter at the bench shape (4096 tokens, width 4096 and the down projection's 14336 -> 4096), piece
+    by piece: the mask, each low-rank matmul (the skinny ones with K = tokens also split into chunks of tokens,
+    a hand-made split-K), and the whole branch forward + backward, old and new, with and without dropout."""
+    import mlx.core as mx
+    from engine.model import lean
+    from engine.model.philox import dropout_mask
+    out = {}
+    tokens, r = BATCH * SEQ, 16
+    for width_in, width_out in ((SHAPE["hidden"], SHAPE["hidden"]), (SHAPE["mlp"], SHAPE["hidden"])):
+        tag = f"{width_in}x{width_out}"
+        x = mx.random.normal((tokens, width_in)).astype(mx.bfloat16)
+        y = mx.random.normal((tokens, width_out)).astype(mx.bfloat16)
+        g = mx.random.normal((tokens, width_out)).astype(mx.bfloat16)
+        a = (mx.random.normal((width_in, r)) * 0.01).astype(mx.bfloat16)
+        b = (mx.random.normal((r, width_out)) * 0.01).astype(mx.bfloat16)
+        h = mx.random.normal((tokens, r)).astype(mx.bfloat16)
+        mask = dropout_mask(0.95, x)
+        mx.eval(x, y, g, a, b, h, mask)
+        pieces = {
+            "mask": lambda: dropout_mask(0.95, x),
+            "dropped": lambda: (mask * x) * (1 / 0.95),
+            "x@a": lambda: x @ a,
+            "addmm(y,h,b)": lambda: mx.addmm(y, h, b),
+            "y+h@b": lambda: y + (h @ b),
+            "g@b.T": lambda: g @ b.T,
+            "h@a.T": lambda: h @ a.T,
+            "x.T@h (da)": lambda: x.T @ h,
+            "h.T@g (db)": lambda: h.T @ g,
+            "base x@W.T": None,
+        }
+        w = mx.random.normal((width_out, width_in)).astype(mx.bfloat16)
+        mx.eval(w)
+        pieces["base x@W.T"] = lambda: x @ w.T
+        for c in (4, 16):
+            pieces[f"da split{c}"] = lambda c=c: (x.reshape(c, -1, width_in).swapaxes(1, 2)
+                                                  @ h.reshape(c, -1, r)).astype(mx.float32).sum(0)
+            pieces[f"db split{c}"] = lambda c=c: (h.reshape(c, -1, r).swapaxes(1, 2)
+                                                  @ g.reshape(c, -1, width_out)).astype(mx.float32).sum(0)
+        for name, fn in pieces.items():
+            out[f"{tag} {name}"] = _timed(fn)["ms"]
+        for label, keep in (("dropout", 0.95), ("nodropout", 1.0)):
+            m = mask if keep < 1 else mx.array(True)
+            for version, branch in (("old", _old_lora_branch(keep, 2.0)), ("new", lean.lora_branch(keep, 2.0, True))):
+                f = mx.compile(mx.grad(lambda y, x, a, b: (branch(y, x, a, b, m) * g).astype(mx.float32).sum(),
+                                       argnums=(0, 1, 2, 3)))
+                out[f"{tag} branch {version} {label}"] = _timed(f, y, x, a.astype(mx.float32), b.astype(mx.float32))["ms"]
     return out
 
 
@@ -236,18 +315,19 @@ def main() -> None:
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="run the step probes this many times, interleaved")
     ap.add_argument("--ops", action="store_true", help="also time the step's pieces alone")
+    ap.add_argument("--lora", action="store_true", help="also time one adapter piece by piece (probe_lora)")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.probe:
-        if a.probe in ("sdpa", "ops"):
-            r = probe_sdpa() if a.probe == "sdpa" else probe_ops()
+        if a.probe in ("sdpa", "ops", "lora"):
+            r = {"sdpa": probe_sdpa, "ops": probe_ops, "lora": probe_lora}[a.probe]()
         else:
             v, layers = a.probe.split("@")
             r = probe_step(v, int(layers))
         print("RESULT " + json.dumps(r), flush=True)
         return
     variants = a.only or ["base", "stock", "nocompile", "nodropout", "noattn", "nomlp", "fused", "4bit", "4bit-fwd", "4bit-dep"]
-    probes = ([] if a.no_sdpa else ["sdpa"]) + (["ops"] if a.ops else []) + [f"{v}@{d}" for _ in range(a.repeat) for v in variants for d in a.depths]
+    probes = ([] if a.no_sdpa else ["sdpa"]) + (["ops"] if a.ops else []) + (["lora"] if a.lora else []) + [f"{v}@{d}" for _ in range(a.repeat) for v in variants for d in a.depths]
     runs: dict[str, list[dict]] = {}
     for p in probes:
         t0 = time.perf_counter()
