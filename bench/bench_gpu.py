@@ -127,8 +127,10 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     import mlx.nn as nn
     from mlx_lm.models import llama
 
+    from engine.model import lean as lean_autograd
     from engine.model.adapters import apply_lora
     from engine.config.schema import LoRAConfig
+    lean_autograd.SPLIT_TOKENS = int(os.environ.get("BENCH_SPLIT_TOKENS", "0"))  # probe: adapter gradients split-K
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

@@ -151,3 +151,24 @@ def test_gpu_memory_limit_follows_the_config(monkeypatch):
     assert gpu_memory_limit(estimate, 0.0) == pytest.approx(23e9)
     assert gpu_memory_limit(estimate, 30.0) == 30_000_000_000
     assert gpu_memory_limit(None, 0.0) is None
+
+
+@pytest.mark.parametrize("keep", [0.9, 1.0])
+def test_lora_branch_gradients_equal_the_plain_formula_whole_and_split_by_tokens(keep, monkeypatch):
+    # y + scale * dropout(x) @ a @ b, the sum made in addmm's epilogue; the adapter gradients also as a split-K
+    # over token chunks (lean.SPLIT_TOKENS), which must give the same numbers.
+    mx.random.seed(0)
+    y, x, w = mx.random.normal((2, 32, 24)), mx.random.normal((2, 32, 40)), mx.random.normal((2, 32, 24))
+    a, b = mx.random.normal((40, 4)), mx.random.normal((4, 24))
+    mask = mx.random.bernoulli(keep, x.shape) if keep < 1 else mx.array(True)
+    dropped = (mask * x) / keep if keep < 1 else x
+    expected = mx.grad(lambda y, x, a, b: ((y + 2.0 * (((mask * x) / keep if keep < 1 else x) @ a) @ b) * w).sum(),
+                       argnums=(0, 1, 2, 3))(y, x, a, b)
+    assert mx.allclose(lean.lora_branch(keep, 2.0, True)(y, x, a, b, mask), y + 2.0 * (dropped @ a) @ b,
+                       rtol=1e-5, atol=1e-5).item()
+    for split in (0, 4):
+        monkeypatch.setattr(lean, "SPLIT_TOKENS", split)
+        branch = lean.lora_branch(keep, 2.0, True)
+        got = mx.grad(lambda y, x, a, b: (branch(y, x, a, b, mask) * w).sum(), argnums=(0, 1, 2, 3))(y, x, a, b)
+        for name, g, e in zip("yxab", got, expected):
+            assert mx.allclose(g, e, rtol=1e-4, atol=1e-4).item(), (name, split)
