@@ -57,6 +57,11 @@ def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_di
     np.testing.assert_allclose(lb, la, rtol=2e-3)
     np.testing.assert_allclose([s["learning_rate"] for s in b], [s["learning_rate"] for s in a], rtol=1e-6)
     assert [s["tokens_seen"] for s in b] == [s["tokens_seen"] for s in a]  # both ranks' tokens counted
+    # report.json says how much of the loop went to collectives (the measure asked for on GPU hosts too).
+    dist = json.loads((tmp_path / "runs" / "two" / "report.json").read_text())["distributed"]
+    print(f"communication: {dist}")
+    assert dist["ranks"] == 2 and dist["backend"] == "ring" and 0 < dist["communication_share"] < 1, dist
+    assert json.loads((tmp_path / "runs" / "one" / "report.json").read_text())["distributed"] is None
     # Validation is sharded (each rank scores half of each global batch), and scores the same examples.
     va, vb = ([e["val_loss"] for e in map(json.loads, (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines())
                if e["event"] == "Eval"] for n in ("one", "two"))

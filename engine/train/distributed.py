@@ -50,6 +50,12 @@ class World:
     _steps_seen: int = field(default=0, repr=False)
     _watchdog: threading.Thread | None = field(default=None, repr=False)
     blas_threads: int | None = None  # the BLAS thread cap set because ranks share this host's cores
+    backend: str = "none"  # the backend the group runs on (ring, nccl, mpi); "none" when alone
+    collective_seconds: float = 0.0  # wall time in collectives, waits for slower ranks included
+    loop_seconds: float = 0.0  # wall time of the training loop from the second step on (compiling left out)
+    loop_collective_seconds: float = 0.0  # the part of loop_seconds spent in collectives
+    _last_step_end: float = field(default=0.0, repr=False)
+    _collective_mark: float = field(default=0.0, repr=False)
 
     @classmethod
     def current(cls, backend: str = "auto") -> "World":
@@ -74,7 +80,7 @@ class World:
                                 f"launch every rank with mlx.launch --backend {backend}", "config") from None
         if group.size() == 1:
             return cls(0, 1)
-        world = cls(group.rank(), group.size(), group)
+        world = cls(group.rank(), group.size(), group, backend=_backend_name(name))
         world.share_cores()
         return world
 
@@ -130,7 +136,7 @@ class World:
         """Evaluate collective() (a tree of arrays from MLX's collectives) under the watchdog."""
         import mlx.core as mx
         self._start_watchdog()
-        self._waiting_since = time.monotonic()
+        self._waiting_since = started = time.monotonic()
         try:
             out = collective()
             mx.eval(out)
@@ -138,11 +144,25 @@ class World:
             raise DistributedError(f"lost contact with the other ranks ({exc})") from None
         finally:
             self._waiting_since = None
+            self.collective_seconds += time.monotonic() - started
         return out
 
+    def summary(self) -> dict | None:
+        """report.json's block for a run of several ranks: the share of the training loop (from the second
+        step on: logging, checkpoints and validation included) spent in collectives, waits included."""
+        if self.alone:
+            return None
+        loop, comm = self.loop_seconds, self.loop_collective_seconds
+        return {"ranks": self.size, "backend": self.backend, "loop_seconds": round(loop, 3),
+                "communication_seconds": round(comm, 3), "communication_share": round(comm / loop, 4) if loop else None}
+
     def step_took(self, seconds: float) -> None:
-        if self._steps_seen:  # the first step of a process also compiles: not a measure of a step
+        now = time.monotonic()
+        if self._steps_seen:  # the first step of a process also compiles (and waits for slower loads)
             self._slowest_step = max(self._slowest_step, seconds)
+            self.loop_seconds += now - self._last_step_end
+            self.loop_collective_seconds += self.collective_seconds - self._collective_mark
+        self._last_step_end, self._collective_mark = now, self.collective_seconds
         self._steps_seen += 1
 
     def patience(self) -> float:
@@ -194,3 +214,14 @@ class World:
             return value
         import mlx.core as mx
         return int(self.sum(mx.array(value if self.is_main else 0, dtype=mx.int32)).item())
+
+
+def _backend_name(name: str) -> str:
+    """The backend mx.distributed.init("any") took: the one mlx.launch set up, told by the variables it sets."""
+    if name != "any":
+        return name
+    for variable, backend in (("NCCL_HOST_IP", "nccl"), ("MLX_JACCL_COORDINATOR", "jaccl"),
+                              ("OMPI_COMM_WORLD_SIZE", "mpi")):
+        if variable in os.environ:
+            return backend
+    return "ring"

@@ -58,6 +58,7 @@ class Prepared:
     memory_estimate: MemoryEstimate | None
     config_kept_as: str | None  # where a resume with changed settings keeps the old config.yaml
     objective: PreferenceObjective | None = None  # kto, dpo, orpo: their loss and reference log-probs
+    world: World | None = None  # the ranks training together (report.json's communication share)
 
 
 def pick_run_dir(cfg: Config, resume_from: str | None, overwrite: bool, world: World) -> Path:
@@ -174,7 +175,7 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
                      global_batch=global_batch, steps_per_epoch=per_epoch, total_steps=total_steps,
                      schedule=schedule, optimizer=optimizer, trainable=trainable, total_params=total_count(model),
                      blas=blas.active(), memory_estimate=estimate, config_kept_as=kept_as,
-                     objective=objective)
+                     objective=objective, world=world)
     return setup, state
 
 

@@ -82,6 +82,7 @@ def run_report(cfg: Config, setup: Prepared, state: TrainerState, status: str, s
         "checkpoints": [str(c.path) for c in setup.store.list()],
         "losses": state.losses, "data": setup.data.report.to_dict(), "config": cfg.to_dict(),
         "resumes": state.resumes, "samples": [],
+        "distributed": setup.world.summary() if setup.world else None,
     }
 
 
