@@ -50,6 +50,8 @@ backward compiled, twice: layer 0's input needs no gradient), unsloth 120-125, u
 (`--group G --list` prints the schedule): bf16-qv ~420 s, bf16-all ~410, ckpt ~440, 4bit-qv ~420, 4bit-all
 ~420, rest ~420; all six are ~2,500 s, more than one session's device time: take them in the order above.
 
+`lora-tui train` end to end against this bench's `mlx` step on the same shape: bench/bench_gpu_e2e.py.
+
 On a CPU, BENCH_GPU_SMOKE=1 runs the tiny shape to check the plumbing (BENCH_PEER_PYTHON: the Python for the
 PyTorch-side variants, if not this one; UNSLOTH_ALLOW_CPU=1 lets Unsloth import without a GPU).
 
