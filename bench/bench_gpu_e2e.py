@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_gpu  # noqa: E402  (the shape, the variants and the saved random checkpoint)
-
-STEP_LINE = re.compile(r"^step (\d+)/\d+: loss ([\d.]+), .* ([\d.]+) tok/s, peak ([\d.]+) ([GM]B)")
+from bench_cpu import STEP_LINE  # noqa: E402  (lora-tui's step line: step, loss, tok/s, peak)
 SKIP = 3  # the first steps compile the step and warm the allocator, as the bench's warm-up steps do
 
 
@@ -93,13 +91,6 @@ def run_lora_tui(config: Path) -> dict:
                 gaps_ms=[round((b["at"] - a["at"]) * 1e3) for a, b in zip(steps, steps[1:])])
 
 
-def run_bench(name: str) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / "bench_gpu.py"), "--variant", name, "--dropout", "0.05"],
-                         capture_output=True, text=True)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"error": (out.stderr or out.stdout)[-800:]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="qv", choices=list(bench_gpu.TARGETS))
@@ -109,7 +100,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternate bench / lora-tui this many times")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import tempfile
     model, made_s = bench_gpu.peers.ensure_checkpoint()
     print(f"checkpoint {model} ({made_s:.0f} s to write)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="e2e-"))
@@ -118,7 +108,7 @@ def main() -> None:
     name = bench_gpu.row_name("mlx+ckpt" if args.ckpt else "mlx", args.targets)
     rounds = []
     for r in range(args.rounds):
-        bench = run_bench(name)
+        bench = bench_gpu.run_child(name, 0.05, timeout=600)
         print(f"round {r + 1} bench    {bench}", flush=True)
         e2e = run_lora_tui(config)
         print(f"round {r + 1} lora-tui {e2e}", flush=True)

@@ -99,8 +99,9 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False):
 
     The sum is the epilogue of the rank-r matmul (`mx.addmm`), and the scale multiplies tokens x rank values,
     not tokens x width: with LoRA on all seven linear layers of a 7B model, each full-width pass over the
-    adapters' outputs moves ~22 GB a step (~5 ms of a 0.31 s step on an H200, by bandwidth; not timed yet). `mask` is the dropout draw (bool: one byte a value); off CUDA it is nn.Dropout's own
-    Bernoulli draw, so the random stream and the result are exactly mlx-lm's."""
+    adapters' outputs moves ~22 GB a step (~5 ms of a 0.31 s step on an H200, by bandwidth; not timed yet).
+    `mask` is the dropout draw (bool: one byte a value); off CUDA it is nn.Dropout's own Bernoulli draw, so
+    the random stream and the result are exactly mlx-lm's."""
 
     def dropped(x, mask):
         return x if keep >= 1.0 else (mask * x) * (1 / keep)

@@ -51,11 +51,10 @@ class World:
     _watchdog: threading.Thread | None = field(default=None, repr=False)
     blas_threads: int | None = None  # the BLAS thread cap set because ranks share this host's cores
     backend: str = "none"  # the backend the group runs on (ring, nccl, mpi); "none" when alone
-    collective_seconds: float = 0.0  # wall time in collectives, waits for slower ranks included
     loop_seconds: float = 0.0  # wall time of the training loop from the second step on (compiling left out)
-    loop_collective_seconds: float = 0.0  # the part of loop_seconds spent in collectives
+    loop_collective_seconds: float = 0.0  # the part of loop_seconds spent in collectives, waits included
     _last_step_end: float = field(default=0.0, repr=False)
-    _collective_mark: float = field(default=0.0, repr=False)
+    _collective_since_step: float = field(default=0.0, repr=False)
 
     @classmethod
     def current(cls, backend: str = "auto") -> "World":
@@ -144,7 +143,7 @@ class World:
             raise DistributedError(f"lost contact with the other ranks ({exc})") from None
         finally:
             self._waiting_since = None
-            self.collective_seconds += time.monotonic() - started
+            self._collective_since_step += time.monotonic() - started
         return out
 
     def summary(self) -> dict | None:
@@ -161,8 +160,8 @@ class World:
         if self._steps_seen:  # the first step of a process also compiles (and waits for slower loads)
             self._slowest_step = max(self._slowest_step, seconds)
             self.loop_seconds += now - self._last_step_end
-            self.loop_collective_seconds += self.collective_seconds - self._collective_mark
-        self._last_step_end, self._collective_mark = now, self.collective_seconds
+            self.loop_collective_seconds += self._collective_since_step
+        self._last_step_end, self._collective_since_step = now, 0.0
         self._steps_seen += 1
 
     def patience(self) -> float:
