@@ -16,7 +16,8 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   bernoulli (MLX's masks on CUDA), unfusedce (the plain loss), eagerupdate (optimizer op by
                   op), old (f32lora + nofuse + bernoulli + unfusedce), 4bit (quantized forward, dequantized
                   backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
-                  each dequantize ordered after its input with mx.depends: what engine/model/qlora.py does)
+                  each dequantize ordered after its input with mx.depends: what engine/model/qlora.py does);
+                  a variant ending in ":all" has LoRA on all seven linear layers (base:all, nodropout:all)
 --depths takes one depth (time only) or two (per-layer slopes); --repeat N runs the step probes N times,
 interleaved, and keeps the median.
 """
@@ -240,6 +241,8 @@ def _dequantizing_forward(group_size, bits):
 
 
 def probe_step(variant: str, layers: int) -> dict:
+    """One variant's step; "NAME:all" puts LoRA on all seven linear layers instead of q/v."""
+    variant, _, targets = variant.partition(":")
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -264,7 +267,7 @@ def probe_step(variant: str, layers: int) -> dict:
         llama.MLP.__call__ = lambda self, x: x
 
     model = build_model(layers, 4 if "4bit" in variant else None, dropout=0.0 if variant == "nodropout" else 0.05,
-                        dense_forward=variant == "4bit-dep", lean=variant != "stock")
+                        dense_forward=variant == "4bit-dep", lean=variant != "stock", targets=targets or "qv")
     if variant == "4bit-fwd":  # dense forward without mx.depends: what engine/model/qlora.py did before it
         from engine.model.qlora import DequantizingLinear
         for _, m in model.named_modules():
