@@ -13,8 +13,9 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   thing changed: base (the engine's step), stock (plain autograd), nocompile, nodropout,
                   noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
                   attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
-                  bernoulli (MLX's masks on CUDA), unfusedce (the plain loss), eagerupdate (optimizer op by
-                  op), old (f32lora + nofuse + bernoulli + unfusedce), 4bit (quantized forward, dequantized
+                  bernoulli (MLX's masks on CUDA), stored (each adapter keeps its dropout mask, not its seed),
+                  unfusedce (the plain loss), eagerupdate (optimizer op by
+                  op), old (f32lora + nofuse + bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized
                   backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
                   each dequantize ordered after its input with mx.depends: what engine/model/qlora.py does);
                   a variant ending in ":all" has LoRA on all seven linear layers (base:all, nodropout:all)
@@ -87,8 +88,8 @@ def _timed(fn, *args, n=10):
     mx.synchronize()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    for _ in range(n):
-        mx.eval(fn(*args))
+    for _ in range(n):  # queued, one wait at the end: a wait per call would add its latency to small ops
+        mx.async_eval(fn(*args))
     mx.synchronize()
     return dict(ms=round((time.perf_counter() - t0) / n * 1e3, 3), extra_gb=round((mx.get_peak_memory() - base) / 1e9, 3))
 
@@ -182,8 +183,10 @@ def probe_lora() -> dict:
     a hand-made split-K), and the whole branch forward + backward, old and new, with and without dropout."""
     import mlx.core as mx
     from engine.model import lean
-    from engine.model.philox import dropout_mask
+    from engine.model.loading import on_cuda
+    from engine.model.philox import dropout_mask, philox_dropout
     out = {}
+    seed = mx.array([1, 2], dtype=mx.int32)
     tokens, r = BATCH * SEQ, 16
     for width_in, width_out in ((SHAPE["hidden"], SHAPE["hidden"]), (SHAPE["mlp"], SHAPE["hidden"])):
         tag = f"{width_in}x{width_out}"
@@ -208,6 +211,8 @@ def probe_lora() -> dict:
             "h.T@g (db)": lambda: h.T @ g,
             "base x@W.T": lambda: x @ w.T,
         }
+        if on_cuda():
+            pieces["philox_dropout"] = lambda: philox_dropout(x, seed, 0.95)
         for c in (4, 16):
             pieces[f"da split{c}"] = lambda c=c: (x.reshape(c, -1, width_in).swapaxes(1, 2)
                                                   @ h.reshape(c, -1, r)).astype(mx.float32).sum(0)
@@ -216,8 +221,11 @@ def probe_lora() -> dict:
         for name, fn in pieces.items():
             out[f"{tag} {name}"] = _timed(fn)["ms"]
         for label, keep in (("dropout", 0.95), ("nodropout", 1.0)):
-            m = mask if keep < 1 else mx.array(True)
-            for version, branch in (("old", _old_lora_branch(keep, 2.0)), ("new", lean.lora_branch(keep, 2.0, True))):
+            versions = [("old", _old_lora_branch(keep, 2.0), mask), ("new", lean.lora_branch(keep, 2.0, True), mask)]
+            if keep < 1 and on_cuda():
+                versions.append(("seeded", lean.lora_branch(keep, 2.0, True, seeded=True), seed))
+            for version, branch, m in versions:
+                m = m if keep < 1 else mx.array(True)
                 f = mx.compile(mx.grad(lambda y, x, a, b: (branch(y, x, a, b, m) * g).astype(mx.float32).sum(),
                                        argnums=(0, 1, 2, 3)))
                 out[f"{tag} branch {version} {label}"] = _timed(f, y, x, a.astype(mx.float32), b.astype(mx.float32))["ms"]
@@ -257,6 +265,7 @@ def probe_step(variant: str, layers: int) -> dict:
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
     lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
     philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")
+    lean.SEEDED_DROPOUT = variant not in ("stored", "old")
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q

@@ -18,8 +18,8 @@ from engine.model import lean
 from engine.model.adapters import apply_lora
 from engine.config.schema import Config
 from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
+from engine.model.loading import load_model, on_cuda
 from engine.model.memory import MemoryEstimate, gpu_memory_limit
-from engine.model.loading import load_model
 from helpers import ROOT
 
 
@@ -174,3 +174,22 @@ def test_lora_branch_gradients_equal_the_plain_formula_whole_and_split_by_tokens
         got = mx.grad(lambda y, x, a, b: (branch(y, x, a, b, mask) * w).sum(), argnums=(0, 1, 2, 3))(y, x, a, b)
         for name, g, e in zip("yxab", got, expected):
             assert mx.allclose(g, e, rtol=1e-4, atol=1e-4).item(), (name, split)
+
+
+@pytest.mark.skipif(not on_cuda(), reason="Philox masks and philox_dropout run on CUDA only")
+def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
+    # The seeded branch keeps two int32 instead of the mask and redraws it in the backward pass: the same
+    # value and gradients, bit for bit, as the branch given the mask that seed stands for.
+    from engine.model.philox import philox_mask
+    mx.random.seed(0)
+    y, x, w = (mx.random.normal((2, 64, n)).astype(mx.bfloat16) for n in (48, 40, 48))
+    a, b = mx.random.normal((40, 4)), mx.random.normal((4, 48))
+    seed = mx.array([7, 11], dtype=mx.int32)
+    runs = []
+    for branch, mask in ((lean.lora_branch(0.9, 2.0, True, seeded=True), seed),
+                         (lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9))):
+        def loss(y, x, a, b):
+            return (branch(y, x, a, b, mask) * w).astype(mx.float32).sum()
+        runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
+    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
+        assert mx.array_equal(got, want).item(), name

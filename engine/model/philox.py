@@ -51,7 +51,26 @@ _SOURCE = r"""
   }
 """
 
+# The same draw applied in place of kept: x * mask / keep written straight from (seed, index), so no mask is
+# ever stored. The backward pass calls it again with the same seed on an array of x's shape: the same mask.
+_APPLY_SOURCE = r"""
+  long long n = 1;
+  for (int i = 0; i < x_ndim; ++i) n *= x_shape[i];
+  long long t = cg::this_grid().thread_rank();
+  if (t * 4 >= n) return;
+  uint4 r = philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
+                          make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
+  unsigned int v[4] = {r.x, r.y, r.z, r.w};
+  float s = static_cast<float>(scale[0]);
+  #pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    long long i = t * 4 + j;
+    if (i < n) out[i] = static_cast<T>((int)(v[j] >> 8) < THRESHOLD ? static_cast<float>(x[i]) * s : 0.0f);
+  }
+"""
+
 _kernel = None
+_apply_kernel = None
 PHILOX_ON_CUDA = True  # False: MLX's bernoulli on CUDA too (bench/probe_gpu.py's comparison)
 
 
@@ -70,6 +89,20 @@ def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
     return _kernel(inputs=[seed.astype(mx.int32), like], template=[("THRESHOLD", keep_threshold(keep))],
                    grid=(max(1, -(-like.size // 4)), 1, 1), threadgroup=(256, 1, 1),
                    output_shapes=[like.shape], output_dtypes=[mx.bool_])[0]
+
+
+def philox_dropout(x: mx.array, seed: mx.array, keep: float) -> mx.array:
+    """x * philox_mask(seed, x, keep) / keep in one pass, in x's dtype, the mask never stored (CUDA only). The
+    1/keep is rounded to x's dtype first, as `(mask * x) * (1 / keep)` does: the two agree bit for bit."""
+    global _apply_kernel
+    if _apply_kernel is None:
+        _apply_kernel = mx.fast.cuda_kernel(name="lora_tui_philox_dropout", input_names=["seed", "scale", "x"],
+                                            output_names=["out"], source=_APPLY_SOURCE, header=_HEADER)
+    scale = mx.array([1 / keep], dtype=x.dtype)
+    return _apply_kernel(inputs=[seed.astype(mx.int32), scale, mx.stop_gradient(x)],
+                         template=[("T", x.dtype), ("THRESHOLD", keep_threshold(keep))],
+                         grid=(max(1, -(-x.size // 4)), 1, 1), threadgroup=(256, 1, 1),
+                         output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
 _keys = threading.local()  # the key the next mask splits its own from, inside dropout_keys()
@@ -100,5 +133,14 @@ def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
     key = _next_key()
     if PHILOX_ON_CUDA and on_cuda():
-        return philox_mask(mx.random.randint(0, 2 ** 31 - 1, (2,), key=key), like, keep)
+        return philox_mask(_seed(key), like, keep)
     return mx.random.bernoulli(keep, like.shape, key=key)
+
+
+def dropout_seed() -> mx.array | None:
+    """The seed of the next mask, for philox_dropout, where masks are Philox (CUDA); else None, draw nothing."""
+    return _seed(_next_key()) if PHILOX_ON_CUDA and on_cuda() else None
+
+
+def _seed(key: mx.array | None) -> mx.array:
+    return mx.random.randint(0, 2 ** 31 - 1, (2,), key=key)
