@@ -14,6 +14,8 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
                   attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
                   bernoulli (MLX's masks on CUDA), stored (each adapter keeps its dropout mask, not its seed),
+                  seedmask (lean.SEEDED_DROPOUT = "mask"), philox1 (Philox with one round: what its arithmetic
+                  costs; not a generator to train with),
                   unfusedce (the plain loss), eagerupdate (optimizer op by
                   op), old (f32lora + nofuse + bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized
                   backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
@@ -223,7 +225,7 @@ def probe_lora() -> dict:
         for label, keep in (("dropout", 0.95), ("nodropout", 1.0)):
             versions = [("old", _old_lora_branch(keep, 2.0), mask), ("new", lean.lora_branch(keep, 2.0, True), mask)]
             if keep < 1 and on_cuda():
-                versions.append(("seeded", lean.lora_branch(keep, 2.0, True, seeded=True), seed))
+                versions += [(f"seeded-{m}", lean.lora_branch(keep, 2.0, True, seeded=m), seed) for m in ("apply", "mask")]
             for version, branch, m in versions:
                 m = m if keep < 1 else mx.array(True)
                 f = mx.compile(mx.grad(lambda y, x, a, b: (branch(y, x, a, b, m) * g).astype(mx.float32).sum(),
@@ -265,7 +267,8 @@ def probe_step(variant: str, layers: int) -> dict:
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
     lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
     philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")
-    lean.SEEDED_DROPOUT = variant not in ("stored", "old")
+    lean.SEEDED_DROPOUT = None if variant in ("stored", "old") else "mask" if variant == "seedmask" else "apply"
+    philox.PHILOX_ROUNDS = 1 if variant == "philox1" else 10
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q

@@ -186,10 +186,12 @@ def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 48))
     seed = mx.array([7, 11], dtype=mx.int32)
     runs = []
-    for branch, mask in ((lean.lora_branch(0.9, 2.0, True, seeded=True), seed),
-                         (lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9))):
+    for branch, mask in ((lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9)),
+                         (lean.lora_branch(0.9, 2.0, True, seeded="apply"), seed),
+                         (lean.lora_branch(0.9, 2.0, True, seeded="mask"), seed)):
         def loss(y, x, a, b):
             return (branch(y, x, a, b, mask) * w).astype(mx.float32).sum()
         runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
-    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
-        assert mx.array_equal(got, want).item(), name
+    for seeded in runs[1:]:
+        for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, runs[0]):
+            assert mx.array_equal(got, want).item(), name

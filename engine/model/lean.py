@@ -23,7 +23,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from engine.model.loading import on_cuda, on_gpu
-from engine.model.philox import dropout_mask, dropout_seed, philox_dropout
+from engine.model.philox import dropout_mask, dropout_seed, philox_dropout, philox_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
@@ -57,10 +57,11 @@ FUSE_GATE_UP: bool | None = None
 # SPLIT_TOKENS = c: the adapter gradients (K = tokens, one side only rank wide) as c matmuls over token
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
-# SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps the mask's seed, not the mask, and each
-# use redraws and applies it in one kernel (philox_dropout): no (tokens x width) mask per adapter input kept
-# for the backward pass (~5 GB a step with LoRA on all seven layers of a 7B model at 2 x 2048 tokens).
-SEEDED_DROPOUT = True
+# SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps the mask's seed, not the mask (~5 GB a step
+# with LoRA on all seven layers of a 7B model at 2 x 2048 tokens). "apply": each use redraws and applies the
+# mask in one kernel (philox_dropout: three draws an adapter); "mask": each pass draws the mask once and
+# applies it as MLX ops (two draws); None: the mask is kept (one draw).
+SEEDED_DROPOUT: str | None = "apply"
 
 
 @mx.custom_function
@@ -97,10 +98,10 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
     return fused
 
 
-def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded: bool = False):
+def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded: str | None = None):
     """f(y, x, a, b, mask) = y + scale * dropout(x) @ lora_a @ lora_b, y being the frozen layer's output; saves
-    only its inputs. `seeded`: `mask` is a Philox seed (two int32) and philox_dropout applies the mask it
-    stands for (CUDA only).
+    only its inputs. `seeded` ("apply" or "mask", CUDA only): `mask` is a Philox seed (two int32) standing for
+    its mask; see SEEDED_DROPOUT.
 
     The sum is the epilogue of the rank-r matmul (`mx.addmm`), and the scale multiplies tokens x rank values,
     not tokens x width: with LoRA on all seven linear layers of a 7B model, each full-width pass over the
@@ -111,7 +112,10 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
     def dropped(x, mask):
         if keep >= 1.0:
             return x
-        return philox_dropout(x, mask, keep) if seeded else (mask * x) * (1 / keep)
+        return philox_dropout(x, mask, keep) if seeded == "apply" else (mask * x) * (1 / keep)
+
+    def drawn(x, mask):  # "mask": the seed's mask, drawn once for the pass
+        return philox_mask(mask, x, keep) if seeded == "mask" and keep < 1.0 else mask
 
     def factors(x, a, b):
         return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
@@ -119,6 +123,7 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
     @mx.custom_function
     def branch(y, x, a, b, mask):
         a, b = factors(x, a, b)
+        mask = drawn(x, mask)
         h = (dropped(x, mask) @ a) * scale  # tokens x rank
         if h.dtype == y.dtype:
             return mx.addmm(y, h, b)
@@ -126,9 +131,10 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
 
     @branch.vjp
     def branch_vjp(primals, cotangent, output):
-        y, x, a32, b32, mask = primals
+        y, x, a32, b32, mask_or_seed = primals
         x = mx.depends(x, cotangent)
         a, b = factors(x, a32, b32)
+        mask = drawn(x, mask_or_seed)
         g = cotangent.astype(a.dtype)  # no copy where the factors are in the activations' dtype
         gb = (g @ b.T) * scale  # tokens x rank
         xd = dropped(x, mask)
@@ -136,7 +142,7 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
         da = _token_product(xd, gb)
         db = _token_product(xd @ a * scale, g)
         # y's gradient is the cotangent itself: the frozen layer's backward reads it, nothing is copied.
-        return cotangent, dx.astype(x.dtype), da.astype(a32.dtype), db.astype(b32.dtype), mx.zeros_like(mask)
+        return cotangent, dx.astype(x.dtype), da.astype(a32.dtype), db.astype(b32.dtype), mx.zeros_like(mask_or_seed)
 
     return branch
 
@@ -159,8 +165,11 @@ class LeanLoRALinear(LoRALinear):
         if not self.training:
             return super().__call__(x)
         seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None  # None off CUDA: nothing drawn
-        mask = seed if seed is not None else dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
-        branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=seed is not None)
+        if seed is not None:
+            branch, mask = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, SEEDED_DROPOUT), seed
+        else:
+            branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE)
+            mask = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
         return branch(self.linear(x), x, self.lora_a, self.lora_b, mask)
 
 
