@@ -14,8 +14,6 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
                   attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
                   bernoulli (MLX's masks on CUDA), stored (each adapter keeps its dropout mask, not its seed),
-                  seedmask (lean.SEEDED_DROPOUT = "mask"), philox1 (Philox with one round: what its arithmetic
-                  costs; not a generator to train with),
                   unfusedce (the plain loss), eagerupdate (optimizer op by
                   op), old (f32lora + nofuse + bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized
                   backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
@@ -186,7 +184,7 @@ def probe_lora() -> dict:
     import mlx.core as mx
     from engine.model import lean
     from engine.model.loading import on_cuda
-    from engine.model.philox import dropout_mask, philox_dropout
+    from engine.model.philox import dropout_mask
     out = {}
     seed = mx.array([1, 2], dtype=mx.int32)
     tokens, r = BATCH * SEQ, 16
@@ -213,8 +211,6 @@ def probe_lora() -> dict:
             "h.T@g (db)": lambda: h.T @ g,
             "base x@W.T": lambda: x @ w.T,
         }
-        if on_cuda():
-            pieces["philox_dropout"] = lambda: philox_dropout(x, seed, 0.95)
         for c in (4, 16):
             pieces[f"da split{c}"] = lambda c=c: (x.reshape(c, -1, width_in).swapaxes(1, 2)
                                                   @ h.reshape(c, -1, r)).astype(mx.float32).sum(0)
@@ -225,7 +221,7 @@ def probe_lora() -> dict:
         for label, keep in (("dropout", 0.95), ("nodropout", 1.0)):
             versions = [("old", _old_lora_branch(keep, 2.0), mask), ("new", lean.lora_branch(keep, 2.0, True), mask)]
             if keep < 1 and on_cuda():
-                versions += [(f"seeded-{m}", lean.lora_branch(keep, 2.0, True, seeded=m), seed) for m in ("apply", "mask")]
+                versions.append(("seeded", lean.lora_branch(keep, 2.0, True, seeded=True), seed))
             for version, branch, m in versions:
                 m = m if keep < 1 else mx.array(True)
                 f = mx.compile(mx.grad(lambda y, x, a, b: (branch(y, x, a, b, m) * g).astype(mx.float32).sum(),
@@ -267,8 +263,7 @@ def probe_step(variant: str, layers: int) -> dict:
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
     lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
     philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")
-    lean.SEEDED_DROPOUT = None if variant in ("stored", "old") else "mask" if variant == "seedmask" else "apply"
-    philox.PHILOX_ROUNDS = 1 if variant == "philox1" else 10
+    lean.SEEDED_DROPOUT = variant not in ("stored", "old")
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q

@@ -176,10 +176,10 @@ def test_lora_branch_gradients_equal_the_plain_formula_whole_and_split_by_tokens
             assert mx.allclose(g, e, rtol=1e-4, atol=1e-4).item(), (name, split)
 
 
-@pytest.mark.skipif(not on_cuda(), reason="Philox masks and philox_dropout run on CUDA only")
+@pytest.mark.skipif(not on_cuda(), reason="Philox masks run on CUDA only (the test below stands in for them)")
 def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
-    # The seeded branch keeps two int32 instead of the mask and redraws it in the backward pass: the same
-    # value and gradients, bit for bit, as the branch given the mask that seed stands for.
+    # The seeded branch keeps two int32 instead of the mask and draws it again in the backward pass: the
+    # same value and gradients, bit for bit, as the branch given the mask that seed stands for.
     from engine.model.philox import philox_mask
     mx.random.seed(0)
     y, x, w = (mx.random.normal((2, 64, n)).astype(mx.bfloat16) for n in (48, 40, 48))
@@ -187,11 +187,32 @@ def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     seed = mx.array([7, 11], dtype=mx.int32)
     runs = []
     for branch, mask in ((lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9)),
-                         (lean.lora_branch(0.9, 2.0, True, seeded="apply"), seed),
-                         (lean.lora_branch(0.9, 2.0, True, seeded="mask"), seed)):
+                         (lean.lora_branch(0.9, 2.0, True, seeded=True), seed)):
         def loss(y, x, a, b):
             return (branch(y, x, a, b, mask) * w).astype(mx.float32).sum()
         runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
-    for seeded in runs[1:]:
-        for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, runs[0]):
-            assert mx.array_equal(got, want).item(), name
+    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
+        assert mx.array_equal(got, want).item(), name
+
+
+def test_the_seeded_branch_draws_the_same_mask_in_both_passes(monkeypatch):
+    # Off CUDA, a keyed Bernoulli draw stands in for the Philox kernel (CUDA only; the test above runs the real
+    # one on a GPU): a seed that gave a different mask in the backward pass would change the gradients.
+    def stand_in(seed, like, keep):
+        return mx.random.bernoulli(keep, like.shape, key=mx.random.key(seed[0].item()))
+
+    monkeypatch.setattr(lean, "philox_mask", stand_in)
+    mx.random.seed(0)
+    y, x, w = mx.random.normal((2, 16, 24)), mx.random.normal((2, 16, 40)), mx.random.normal((2, 16, 24))
+    a, b = mx.random.normal((40, 4)), mx.random.normal((4, 24))
+    seed = mx.array([5, 0], dtype=mx.int32)
+    runs = []
+    for branch, mask in ((lean.lora_branch(0.8, 2.0, True), stand_in(seed, x, 0.8)),
+                         (lean.lora_branch(0.8, 2.0, True, seeded=True), seed)):
+        def loss(y, x, a, b):
+            return (branch(y, x, a, b, mask) * w).sum()
+        runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
+    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
+        assert mx.allclose(got, want).item(), name
+    assert not mx.allclose(runs[1][2], mx.grad(lambda x: (lean.lora_branch(0.8, 2.0, True, seeded=True)(
+        y, x, a, b, seed + 1) * w).sum())(x)).item()  # another seed, another mask

@@ -23,7 +23,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from engine.model.loading import on_cuda, on_gpu
-from engine.model.philox import dropout_mask, dropout_seed, philox_dropout, philox_mask
+from engine.model.philox import dropout_mask, dropout_seed, philox_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
@@ -57,11 +57,11 @@ FUSE_GATE_UP: bool | None = None
 # SPLIT_TOKENS = c: the adapter gradients (K = tokens, one side only rank wide) as c matmuls over token
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
-# SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps the mask's seed, not the mask (~5 GB a step
-# with LoRA on all seven layers of a 7B model at 2 x 2048 tokens). "apply": each use redraws and applies the
-# mask in one kernel (philox_dropout: three draws an adapter); "mask": each pass draws the mask once and
-# applies it as MLX ops (two draws); None: the mask is kept (one draw).
-SEEDED_DROPOUT: str | None = "apply"
+# SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps its mask's seed, not the mask, and the
+# backward pass draws the mask again: one more Philox pass an adapter, for ~5 GB less a step with LoRA on all
+# seven layers of a 7B model at 2 x 2048 tokens (same step time on an H100; bench/RESULTS.md). Not inside a
+# checkpointed block, which is recomputed anyway and keeps nothing between the passes.
+SEEDED_DROPOUT = True
 
 
 @mx.custom_function
@@ -98,10 +98,9 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
     return fused
 
 
-def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded: str | None = None):
+def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded: bool = False):
     """f(y, x, a, b, mask) = y + scale * dropout(x) @ lora_a @ lora_b, y being the frozen layer's output; saves
-    only its inputs. `seeded` ("apply" or "mask", CUDA only): `mask` is a Philox seed (two int32) standing for
-    its mask; see SEEDED_DROPOUT.
+    only its inputs. `seeded` (CUDA only): `mask` is the Philox seed (two int32) each pass draws the mask from.
 
     The sum is the epilogue of the rank-r matmul (`mx.addmm`), and the scale multiplies tokens x rank values,
     not tokens x width: with LoRA on all seven linear layers of a 7B model, each full-width pass over the
@@ -110,12 +109,10 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
     the random stream and the result are exactly mlx-lm's."""
 
     def dropped(x, mask):
-        if keep >= 1.0:
-            return x
-        return philox_dropout(x, mask, keep) if seeded == "apply" else (mask * x) * (1 / keep)
+        return x if keep >= 1.0 else (mask * x) * (1 / keep)
 
-    def drawn(x, mask):  # "mask": the seed's mask, drawn once for the pass
-        return philox_mask(mask, x, keep) if seeded == "mask" and keep < 1.0 else mask
+    def drawn(x, mask_or_seed):
+        return philox_mask(mask_or_seed, x, keep) if seeded and keep < 1.0 else mask_or_seed
 
     def factors(x, a, b):
         return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
@@ -164,9 +161,9 @@ class LeanLoRALinear(LoRALinear):
         keep = self.dropout._p_1  # nn.Dropout keeps 1 - p there
         if not self.training:
             return super().__call__(x)
-        seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None  # None off CUDA: nothing drawn
+        seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None  # None off CUDA
         if seed is not None:
-            branch, mask = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, SEEDED_DROPOUT), seed
+            branch, mask = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True), seed
         else:
             branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE)
             mask = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
