@@ -68,10 +68,10 @@ def test_in_bfloat16_gradients_are_as_accurate_as_mlx_lm_layers(embedded_dir):
     # mlx-lm's own layers in bf16 are (measured: median 3.8% against 4.0% of each tensor's largest value).
     _, _, g_exact = _loss_and_grads(lean=False)
     errors = {}
-    for lean in (True, False):
-        _, _, g = _loss_and_grads(lean=lean, dtype=mx.bfloat16)
+    for use_lean in (True, False):
+        _, _, g = _loss_and_grads(lean=use_lean, dtype=mx.bfloat16)
         assert all(v.dtype == mx.float32 for v in g.values())
-        errors[lean] = np.array([(mx.abs(g[k] - g_exact[k]).max() / mx.abs(g_exact[k]).max()).item()
+        errors[use_lean] = np.array([(mx.abs(g[k] - g_exact[k]).max() / mx.abs(g_exact[k]).max()).item()
                                  for k in g_exact])
     assert np.median(errors[True]) < 1.25 * np.median(errors[False])
     assert errors[True].max() < 1.25 * errors[False].max()
@@ -135,11 +135,11 @@ print(json.dumps({{"peak": mx.get_peak_memory() - base}}))
 
 def test_a_training_step_takes_less_memory(embedded_dir):
     peaks = {}
-    for lean in (False, True):
-        r = subprocess.run([sys.executable, "-c", MEASURE.format(lean=lean)], cwd=ROOT, capture_output=True,
+    for use_lean in (False, True):
+        r = subprocess.run([sys.executable, "-c", MEASURE.format(lean=use_lean)], cwd=ROOT, capture_output=True,
                            text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
-        peaks[lean] = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+        peaks[use_lean] = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
     print(f"step memory above the weights: stock {peaks[False] / 1e9:.2f} GB, lean {peaks[True] / 1e9:.2f} GB")
     assert peaks[True] < 0.9 * peaks[False]  # 0.84x measured: the logits and attention probabilities stay
 
