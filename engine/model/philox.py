@@ -110,7 +110,7 @@ def dropout_seed() -> mx.array | None:
     dropout_keys() is active; else None, and nothing is drawn."""
     if not (PHILOX_ON_CUDA and on_cuda()) or getattr(_keys, "key", None) is not None:
         return None
-    return _seed(_next_key())
+    return _seed(None)  # from MLX's random state, as an unkeyed mask is
 
 
 def _seed(key: mx.array | None) -> mx.array:
