@@ -176,6 +176,13 @@ def test_lora_branch_gradients_equal_the_plain_formula_whole_and_split_by_tokens
             assert mx.allclose(g, e, rtol=1e-4, atol=1e-4).item(), (name, split)
 
 
+def _value_and_gradients(branch, mask, y, x, a, b, w):
+    """A lora_branch's weighted sum and its gradients in y, x, a and b."""
+    def loss(y, x, a, b):
+        return (branch(y, x, a, b, mask) * w).astype(mx.float32).sum()
+    return [loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)]
+
+
 @pytest.mark.skipif(not on_cuda(), reason="Philox masks run on CUDA only (the test below stands in for them)")
 def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     # The seeded branch keeps two int32 instead of the mask and draws it again in the backward pass: the
@@ -185,13 +192,9 @@ def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     y, x, w = (mx.random.normal((2, 64, n)).astype(mx.bfloat16) for n in (48, 40, 48))
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 48))
     seed = mx.array([7, 11], dtype=mx.int32)
-    runs = []
-    for branch, mask in ((lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9)),
-                         (lean.lora_branch(0.9, 2.0, True, seeded=True), seed)):
-        def loss(y, x, a, b):
-            return (branch(y, x, a, b, mask) * w).astype(mx.float32).sum()
-        runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
-    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
+    stored = _value_and_gradients(lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9), y, x, a, b, w)
+    seeded = _value_and_gradients(lean.lora_branch(0.9, 2.0, True, seeded=True), seed, y, x, a, b, w)
+    for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
         assert mx.array_equal(got, want).item(), name
 
 
@@ -206,13 +209,9 @@ def test_the_seeded_branch_draws_the_same_mask_in_both_passes(monkeypatch):
     y, x, w = mx.random.normal((2, 16, 24)), mx.random.normal((2, 16, 40)), mx.random.normal((2, 16, 24))
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 24))
     seed = mx.array([5, 0], dtype=mx.int32)
-    runs = []
-    for branch, mask in ((lean.lora_branch(0.8, 2.0, True), stand_in(seed, x, 0.8)),
-                         (lean.lora_branch(0.8, 2.0, True, seeded=True), seed)):
-        def loss(y, x, a, b):
-            return (branch(y, x, a, b, mask) * w).sum()
-        runs.append([loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)])
-    for name, got, want in zip(["value", "y", "x", "a", "b"], *runs):
+    stored = _value_and_gradients(lean.lora_branch(0.8, 2.0, True), stand_in(seed, x, 0.8), y, x, a, b, w)
+    seeded = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed, y, x, a, b, w)
+    for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
         assert mx.allclose(got, want).item(), name
-    assert not mx.allclose(runs[1][2], mx.grad(lambda x: (lean.lora_branch(0.8, 2.0, True, seeded=True)(
-        y, x, a, b, seed + 1) * w).sum())(x)).item()  # another seed, another mask
+    another = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed + 1, y, x, a, b, w)
+    assert not mx.allclose(another[2], seeded[2]).item()  # another seed, another mask: the stand-in draws
