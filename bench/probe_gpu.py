@@ -80,18 +80,22 @@ TIMED_STEPS = 8
 
 
 def _timed(fn, *args, n=10):
-    """(ms per call, GB above what was live before) of an evaluated call."""
+    """(ms per call, GB above what was live before) of an evaluated call. The n calls are built as one graph
+    first and the clock runs over its evaluation only: timed call by call, even queued, small ops sat on a
+    ~0.045 ms floor of Python and graph overhead on an H100 (bench/RESULTS.md)."""
     import mlx.core as mx
     base = mx.get_active_memory()
-    for _ in range(2):
-        mx.eval(fn(*args))
+    mx.eval(fn(*args))  # warm-up (compiles)
     mx.synchronize()
     mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    for _ in range(n):  # queued, one wait at the end: a wait per call would add its latency to small ops
-        mx.async_eval(fn(*args))
+    mx.eval(fn(*args))  # one call alone: its memory
     mx.synchronize()
-    return dict(ms=round((time.perf_counter() - t0) / n * 1e3, 3), extra_gb=round((mx.get_peak_memory() - base) / 1e9, 3))
+    extra_gb = round((mx.get_peak_memory() - base) / 1e9, 3)
+    outs = [fn(*args) for _ in range(n)]
+    t0 = time.perf_counter()
+    mx.eval(outs)
+    mx.synchronize()
+    return dict(ms=round((time.perf_counter() - t0) / n * 1e3, 3), extra_gb=extra_gb)
 
 
 def probe_ops() -> dict:
