@@ -198,20 +198,51 @@ def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
         assert mx.array_equal(got, want).item(), name
 
 
-def test_the_seeded_branch_draws_the_same_mask_in_both_passes(monkeypatch):
-    # Off CUDA, a keyed Bernoulli draw stands in for the Philox kernel (CUDA only; the test above runs the real
-    # one on a GPU): a seed that gave a different mask in the backward pass would change the gradients.
-    def stand_in(seed, like, keep):
-        return mx.random.bernoulli(keep, like.shape, key=mx.random.key(seed[0].item()))
+def _keyed_stand_in(seed, like, keep):
+    """Off CUDA, in place of the Philox kernel: a Bernoulli draw keyed by both words of the seed (compile-safe)."""
+    return mx.random.bernoulli(keep, like.shape, key=seed.astype(mx.uint32))
 
-    monkeypatch.setattr(lean, "philox_mask", stand_in)
+
+def test_the_seeded_branch_draws_the_same_mask_in_both_passes(monkeypatch):
+    # The stand-in runs the branch's own logic here (the test above runs the real kernel on a GPU): a backward
+    # pass that drew another mask would change the x, a and b gradients.
+    monkeypatch.setattr(lean, "philox_mask", _keyed_stand_in)
     mx.random.seed(0)
     y, x, w = mx.random.normal((2, 16, 24)), mx.random.normal((2, 16, 40)), mx.random.normal((2, 16, 24))
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 24))
-    seed = mx.array([5, 0], dtype=mx.int32)
-    stored = _value_and_gradients(lean.lora_branch(0.8, 2.0, True), stand_in(seed, x, 0.8), y, x, a, b, w)
+    seed = mx.array([5, 9], dtype=mx.int32)
+    stored = _value_and_gradients(lean.lora_branch(0.8, 2.0, True), _keyed_stand_in(seed, x, 0.8), y, x, a, b, w)
     seeded = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed, y, x, a, b, w)
     for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
-        assert mx.allclose(got, want).item(), name
+        assert mx.array_equal(got, want).item(), name
     another = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed + 1, y, x, a, b, w)
-    assert not mx.allclose(another[2], seeded[2]).item()  # another seed, another mask: the stand-in draws
+    assert not mx.allclose(another[2], seeded[2]).item()  # another seed, another mask: the stand-in uses it
+
+
+def test_as_if_on_cuda_a_model_keeping_seeds_trains_exactly_as_one_keeping_masks(embedded_dir, monkeypatch):
+    # The whole path on the embedded model, with CUDA's choices made here: LeanLoRALinear keeps seeds (two
+    # draws an adapter) or masks (one), from the same random stream, for the same loss and gradients.
+    from engine.model import philox
+    draws = []
+
+    def counted(seed, like, keep):
+        draws.append(1)
+        return _keyed_stand_in(seed, like, keep)
+
+    monkeypatch.setattr(philox, "on_cuda", lambda: True)
+    monkeypatch.setattr(philox, "philox_mask", counted)
+    monkeypatch.setattr(lean, "philox_mask", counted)
+    runs = {}
+    for seeded in (True, False):
+        monkeypatch.setattr(lean, "SEEDED_DROPOUT", seeded)
+        draws.clear()
+        model, loss, grads = _loss_and_grads(lean=True)
+        runs[seeded] = loss, grads, len(draws)
+    adapters = sum(type(m) is LeanLoRALinear for _, m in model.named_modules())
+    assert runs[True][2] == 2 * adapters and runs[False][2] == adapters
+    assert runs[True][0] == runs[False][0]
+    for k, g in runs[False][1].items():
+        assert mx.array_equal(runs[True][1][k], g).item(), k
+    with philox.dropout_keys(mx.random.key(0)):  # a checkpointed block: its recompute must redraw the same
+        assert philox.dropout_seed() is None     # masks from the block's key, so no seed is kept there
+    assert philox.dropout_seed() is not None

@@ -49,4 +49,3 @@ def test_cuda_kernel_matches_the_host_philox_and_keeps_the_right_share():
     big = philox_mask(seed, mx.zeros((2, 2048, 4096), dtype=mx.bfloat16), 0.95)
     assert abs(big.astype(mx.float32).mean().item() - 0.95) < 1e-3
     assert (philox_mask(seed + 1, like, 0.5) != philox_mask(seed, like, 0.5)).any().item()
-

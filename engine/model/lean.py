@@ -5,13 +5,14 @@ Plain autograd keeps, per transformer block, more than the backward pass needs:
   `lora_a`, plus the dropout mask: q_proj and v_proj each keep ~3 copies of the same input;
 - the SwiGLU `silu(gate) * up` keeps gate, up, sigmoid(gate) and silu(gate): four (tokens x MLP width)
   arrays where two suffice.
-Two custom VJPs keep only what is needed: the adapter keeps the layer input itself (one array, shared by
-every adapter reading it) and its boolean dropout mask, and redoes the cheap low-rank products in the
-backward pass; the SwiGLU keeps gate and up and recomputes the sigmoid. Each backward computation is tied
-with `mx.depends` to the incoming gradient, so the scheduler cannot run it early and hold its result (the
-trap qlora.py describes). Two more savings in time: where the activations are 16-bit, the low-rank products
-run in that dtype (the adapters and their gradients stay float32), and frozen gate and up projections run as
-one matmul. Dropout masks come from engine/model/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
+Two custom VJPs keep only what is needed: the adapter keeps the layer input itself (one array, shared by every
+adapter reading it) and its boolean dropout mask (on CUDA, outside checkpointed blocks, only the mask's Philox
+seed: SEEDED_DROPOUT), and redoes the cheap low-rank products in the backward pass; the SwiGLU keeps gate and up
+and recomputes the sigmoid. Each backward computation is tied with `mx.depends` to the incoming gradient, so the
+scheduler cannot run it early and hold its result (the trap qlora.py describes). Two more savings in time: where
+the activations are 16-bit, the low-rank products run in that dtype (the adapters and their gradients stay
+float32), and frozen gate and up projections run as one matmul. Dropout masks come from engine/model/philox.py
+(mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ FUSE_GATE_UP: bool | None = None
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
 # SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps its mask's seed, not the mask, and the
-# backward pass draws the mask again: one more Philox pass an adapter, for ~5 GB less a step with LoRA on all
-# seven layers of a 7B model at 2 x 2048 tokens (same step time on an H100; bench/RESULTS.md). Not inside a
-# checkpointed block, which is recomputed anyway and keeps nothing between the passes.
+# backward pass draws the mask again: one more Philox pass an adapter. On an H100, Mistral-7B shape, 2 x 2048
+# tokens, LoRA on all seven layers: 44.7 -> 36.8 GB and +7% tokens/s in bf16, 34.7 -> 25.3 GB and -4% on a
+# 4-bit base (bench/RESULTS.md). Not inside a checkpointed block (philox.dropout_seed says why).
 SEEDED_DROPOUT = True
 
 
@@ -100,13 +101,14 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
 
 def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded: bool = False):
     """f(y, x, a, b, mask) = y + scale * dropout(x) @ lora_a @ lora_b, y being the frozen layer's output; saves
-    only its inputs. `seeded` (CUDA only): `mask` is the Philox seed (two int32) each pass draws the mask from.
+    only its inputs.
 
     The sum is the epilogue of the rank-r matmul (`mx.addmm`), and the scale multiplies tokens x rank values,
     not tokens x width: with LoRA on all seven linear layers of a 7B model, each full-width pass over the
     adapters' outputs moves ~22 GB a step (~5 ms of a 0.31 s step on an H200, by bandwidth; not timed yet).
-    `mask` is the dropout draw (bool: one byte a value); off CUDA it is nn.Dropout's own Bernoulli draw, so
-    the random stream and the result are exactly mlx-lm's."""
+    `mask_or_seed` is the dropout draw (bool: one byte a value; off CUDA nn.Dropout's own Bernoulli draw, so
+    the random stream and the result are exactly mlx-lm's), or with `seeded` (CUDA only) the Philox seed (two
+    int32) that each pass draws the mask from."""
 
     def dropped(x, mask):
         return x if keep >= 1.0 else (mask * x) * (1 / keep)
@@ -118,9 +120,9 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
         return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
 
     @mx.custom_function
-    def branch(y, x, a, b, mask):
+    def branch(y, x, a, b, mask_or_seed):
         a, b = factors(x, a, b)
-        mask = drawn(x, mask)
+        mask = drawn(x, mask_or_seed)
         h = (dropped(x, mask) @ a) * scale  # tokens x rank
         if h.dtype == y.dtype:
             return mx.addmm(y, h, b)
@@ -131,7 +133,7 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
         y, x, a32, b32, mask_or_seed = primals
         x = mx.depends(x, cotangent)
         a, b = factors(x, a32, b32)
-        mask = drawn(x, mask_or_seed)
+        mask = drawn(x, mask_or_seed)  # from the x tied to the cotangent: not drawn early and held
         g = cotangent.astype(a.dtype)  # no copy where the factors are in the activations' dtype
         gb = (g @ b.T) * scale  # tokens x rank
         xd = dropped(x, mask)
@@ -161,13 +163,14 @@ class LeanLoRALinear(LoRALinear):
         keep = self.dropout._p_1  # nn.Dropout keeps 1 - p there
         if not self.training:
             return super().__call__(x)
-        seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None  # None off CUDA
+        # None off CUDA and inside checkpointed blocks (dropout_keys)
+        seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None
         if seed is not None:
-            branch, mask = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True), seed
+            branch, mask_or_seed = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True), seed
         else:
             branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE)
-            mask = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
-        return branch(self.linear(x), x, self.lora_a, self.lora_b, mask)
+            mask_or_seed = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
+        return branch(self.linear(x), x, self.lora_a, self.lora_b, mask_or_seed)
 
 
 class LeanSwiGLUMLP(nn.Module):

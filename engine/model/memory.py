@@ -6,8 +6,9 @@ What a step holds at its peak (float32 on CPU; counted from the tensors autograd
 against MLX's measured peak on the embedded model, see tests/test_memory.py):
 - the weights as loaded, plus the adapters with their gradients and two AdamW moments;
 - per token and layer, the saved activations (engine/model/lean.py's backward passes): the block input, the
-  residual, the adapters' shared input, q and attention output, dropout masks and slack (~6 hidden
-  vectors), k and v after RoPE, and the MLP's gate and up (2 intermediate vectors);
+  residual, the adapters' shared input, q and attention output, dropout masks (on CUDA only their seeds,
+  so the estimate is a little high there) and slack (~6 hidden vectors), k and v after RoPE, and the MLP's
+  gate and up (2 intermediate vectors);
 - per layer, the attention probabilities (batch x heads x length^2) where attention is not fused under
   autograd (Metal); MLX's CUDA backend keeps only q, k, v and the output, and on the CPU
   engine/model/cpu_attention.py recomputes them in the backward pass, one layer's (~3 copies) at a time;

@@ -2,11 +2,11 @@
 
 MLX draws a dropout mask as a float32 uniform per value (threefry), then compares it with the keep
 probability: at Mistral-7B shapes, 64 masks a step of 16.8M values each. On CUDA one kernel can hash
-(seed, index) straight into the boolean mask instead, four values per Philox call. The seed comes from
-MLX's random state, so `mx.random.seed` still makes a run repeatable and a compiled step still threads the
-state. Since a mask is a function of its seed, a LoRA adapter keeps the seed (two int32) and draws the mask
-again in the backward pass instead of keeping it (lean.SEEDED_DROPOUT). Elsewhere (CPU, Metal) the mask is
-MLX's `bernoulli`: exactly mlx-lm's stream. Measured: bench/RESULTS.md.
+(seed, index) straight into the boolean mask instead, four values per Philox call. The seed comes from MLX's
+random state, so `mx.random.seed` still makes a run repeatable and a compiled step still threads the state. Since
+a mask is a function of its seed, a LoRA adapter outside gradient-checkpointed blocks keeps the seed (two int32)
+and draws the mask again in the backward pass instead of keeping it (lean.SEEDED_DROPOUT). Elsewhere (CPU, Metal)
+the mask is MLX's `bernoulli`: exactly mlx-lm's stream. Measured: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 """
 
 # One thread per four values. `like` is an input only for its shape, and so that a mask is made when the
-# array it masks exists (not all at the start of the step, where the scheduler would hold every mask).
+# array it masks exists (not all at the start of the step, where the scheduler would hold every mask; in the
+# backward pass, lean.py passes an x tied to the incoming gradient for the same reason).
 _SOURCE = r"""
   long long n = 1;
   for (int i = 0; i < like_ndim; ++i) n *= like_shape[i];
@@ -107,7 +108,9 @@ def dropout_mask(keep: float, like: mx.array) -> mx.array:
 
 def dropout_seed() -> mx.array | None:
     """The seed of the next mask (philox_mask draws it from that) where masks are Philox (CUDA) and no
-    dropout_keys() is active; else None, and nothing is drawn."""
+    dropout_keys() is active; else None, and nothing is drawn. Under dropout_keys (a checkpointed block) the
+    None is needed for correct gradients, not only for speed: a seed drawn here would come from MLX's global
+    state, and the block's recompute would draw another one, so another mask."""
     if not (PHILOX_ON_CUDA and on_cuda()) or getattr(_keys, "key", None) is not None:
         return None
     return _seed(None)  # from MLX's random state, as an unkeyed mask is
