@@ -183,6 +183,16 @@ def _value_and_gradients(branch, mask, y, x, a, b, w):
     return [loss(y, x, a, b), *mx.grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)]
 
 
+def _assert_seeded_equals_stored(draw, keep, seed, y, x, a, b, w):
+    """The seeded branch against the branch given the mask `draw` makes from that seed: the same value and
+    gradients, bit for bit. Returns the seeded run."""
+    stored = _value_and_gradients(lean.lora_branch(keep, 2.0, True), draw(seed, x, keep), y, x, a, b, w)
+    seeded = _value_and_gradients(lean.lora_branch(keep, 2.0, True, seeded=True), seed, y, x, a, b, w)
+    for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
+        assert mx.array_equal(got, want).item(), name
+    return seeded
+
+
 @pytest.mark.skipif(not on_cuda(), reason="Philox masks run on CUDA only (the test below stands in for them)")
 def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     # The seeded branch keeps two int32 instead of the mask and draws it again in the backward pass: the
@@ -191,11 +201,7 @@ def test_on_cuda_the_seeded_branch_equals_the_branch_with_its_stored_mask():
     mx.random.seed(0)
     y, x, w = (mx.random.normal((2, 64, n)).astype(mx.bfloat16) for n in (48, 40, 48))
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 48))
-    seed = mx.array([7, 11], dtype=mx.int32)
-    stored = _value_and_gradients(lean.lora_branch(0.9, 2.0, True), philox_mask(seed, x, 0.9), y, x, a, b, w)
-    seeded = _value_and_gradients(lean.lora_branch(0.9, 2.0, True, seeded=True), seed, y, x, a, b, w)
-    for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
-        assert mx.array_equal(got, want).item(), name
+    _assert_seeded_equals_stored(philox_mask, 0.9, mx.array([7, 11], dtype=mx.int32), y, x, a, b, w)
 
 
 def _keyed_stand_in(seed, like, keep):
@@ -211,10 +217,7 @@ def test_the_seeded_branch_draws_the_same_mask_in_both_passes(monkeypatch):
     y, x, w = mx.random.normal((2, 16, 24)), mx.random.normal((2, 16, 40)), mx.random.normal((2, 16, 24))
     a, b = mx.random.normal((40, 4)), mx.random.normal((4, 24))
     seed = mx.array([5, 9], dtype=mx.int32)
-    stored = _value_and_gradients(lean.lora_branch(0.8, 2.0, True), _keyed_stand_in(seed, x, 0.8), y, x, a, b, w)
-    seeded = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed, y, x, a, b, w)
-    for name, got, want in zip(["value", "y", "x", "a", "b"], seeded, stored):
-        assert mx.array_equal(got, want).item(), name
+    seeded = _assert_seeded_equals_stored(_keyed_stand_in, 0.8, seed, y, x, a, b, w)
     another = _value_and_gradients(lean.lora_branch(0.8, 2.0, True, seeded=True), seed + 1, y, x, a, b, w)
     assert not mx.allclose(another[2], seeded[2]).item()  # another seed, another mask: the stand-in uses it
 
