@@ -9,15 +9,17 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   the plain matmul-softmax-matmul, peak memory above the inputs (--no-sdpa skips it)
   ops             (--ops) the step's pieces alone at the bench shape: dropout masks, one LoRA adapter's
                   forward + backward in float32 and bf16, the loss plain and fused, the layer matmuls
+  lora            (--lora) one adapter at the bench shape piece by piece, and the whole branch old, new and
+                  (CUDA) seeded
   <variant>@<L>   the engine's step (compiled micro_step, compiled update) on an L-layer model, with one
                   thing changed: base (the engine's step), stock (plain autograd), nocompile, nodropout,
                   noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
                   attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
                   bernoulli (MLX's masks on CUDA), stored (each adapter keeps its dropout mask, not its seed),
-                  unfusedce (the plain loss), eagerupdate (optimizer op by
-                  op), old (f32lora + nofuse + bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized
-                  backward), 4bit-fwd (dequantize in the forward pass too, custom VJP), 4bit-dep (the same,
-                  each dequantize ordered after its input with mx.depends: what engine/model/qlora.py does);
+                  unfusedce (the plain loss), eagerupdate (optimizer op by op), old (f32lora + nofuse +
+                  bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized backward), 4bit-fwd
+                  (dequantize in the forward pass too, custom VJP), 4bit-dep (the same, each dequantize
+                  ordered after its input with mx.depends: what engine/model/qlora.py does);
                   a variant ending in ":all" has LoRA on all seven linear layers (base:all, nodropout:all)
 --depths takes one depth (time only) or two (per-layer slopes); --repeat N runs the step probes N times,
 interleaved, and keeps the median.
