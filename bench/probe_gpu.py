@@ -16,19 +16,22 @@ two depths, so fixed costs (logits, optimizer, allocator slack) drop out. Probes
                   noattn (attention output = queries), nomlp (MLP = identity), fused (force_fused
                   attention), f32lora (LoRA products in float32), nofuse (gate and up as two matmuls),
                   bernoulli (MLX's masks on CUDA), stored (each adapter keeps its dropout mask, not its seed),
+                  philox4 (four 24-bit mask draws per Philox call instead of eight 16-bit ones),
                   unfusedce (the plain loss), eagerupdate (optimizer op by op), old (f32lora + nofuse +
-                  bernoulli + stored + unfusedce), 4bit (quantized forward, dequantized backward), 4bit-fwd
+                  bernoulli + stored + unfusedce + philox4), 4bit (quantized forward, dequantized backward), 4bit-fwd
                   (dequantize in the forward pass too, custom VJP), 4bit-dep (the same, each dequantize
                   ordered after its input with mx.depends: what engine/model/qlora.py does);
                   a variant ending in ":all" has LoRA on all seven linear layers (base:all, nodropout:all)
 --depths takes one depth (time only) or two (per-layer slopes); --repeat N runs the step probes N times,
-interleaved, and keeps the median.
+interleaved, and keeps the median. PROBE_PROFILE=1 under `ncu --profile-from-start off` profiles one step of a
+step probe (bench/ncu_table.py reads the CSV).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -270,6 +273,7 @@ def probe_step(variant: str, layers: int) -> dict:
     lean.FUSE_GATE_UP = variant not in ("nofuse", "old")  # True = fused here too (the default is CUDA only)
     philox.PHILOX_ON_CUDA = variant not in ("bernoulli", "old")
     lean.SEEDED_DROPOUT = variant not in ("stored", "old")
+    philox.PER_CALL = 4 if variant in ("philox4", "old") else 8
 
     if variant == "noattn":
         llama.scaled_dot_product_attention = lambda q, k, v, cache=None, scale=1.0, mask=None: q
@@ -312,6 +316,14 @@ def probe_step(variant: str, layers: int) -> dict:
     for _ in range(2):
         step()
     mx.synchronize()
+    if os.environ.get("PROBE_PROFILE"):  # under `ncu --profile-from-start off`: one step's kernels, nothing else
+        import ctypes
+        cuda = ctypes.CDLL("libcuda.so.1")
+        cuda.cuProfilerStart()
+        step()
+        mx.synchronize()
+        cuda.cuProfilerStop()
+        return dict(profiled=True)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     for _ in range(TIMED_STEPS):

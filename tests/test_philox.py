@@ -36,16 +36,35 @@ def test_off_cuda_the_mask_is_mlx_lm_dropouts_own_draw():
     mx.random.seed(3)
     dropped = nn.Dropout(0.1)(x)  # nn.Dropout scales the kept values by 1/0.9
     assert mx.array_equal(mask, dropped != 0).item()
-    assert keep_threshold(0.95) == round(0.95 * 2 ** 24) and keep_threshold(1.0) == 2 ** 24
+    assert keep_threshold(0.95, per_call=4) == round(0.95 * 2 ** 24) and keep_threshold(1.0, per_call=4) == 2 ** 24
+    assert keep_threshold(0.95, per_call=8) == round(0.95 * 2 ** 16) and keep_threshold(1.0, per_call=8) == 2 ** 16
+
+
+def host_mask(seed, size, keep, per_call):
+    """The mask philox_mask should draw: Philox call t gives values t * per_call ...; with 8 a call each 32-bit
+    word gives two 16-bit draws (low half first), with 4 one draw of its top 24 bits."""
+    threshold = keep_threshold(keep, per_call)
+    draws = []
+    for t in range(-(-size // per_call)):
+        for w in philox4x32_10([t, 0, 0, 0], seed):
+            draws += [w & 0xFFFF, w >> 16] if per_call == 8 else [w >> 8]
+    return np.array([d < threshold for d in draws[:size]])
 
 
 @pytest.mark.skipif(not on_cuda(), reason="the kernel runs on CUDA only (bench/probe_gpu.py runs it there)")
-def test_cuda_kernel_matches_the_host_philox_and_keeps_the_right_share():
+@pytest.mark.parametrize("per_call", [8, 4])
+def test_cuda_kernel_matches_the_host_philox_and_keeps_the_right_share(monkeypatch, per_call):
+    from engine.model import philox
+    monkeypatch.setattr(philox, "PER_CALL", per_call)
     seed = mx.array([12345, 678], dtype=mx.int32)
-    like = mx.zeros((3, 111))  # 333 values: 83 full words of four and one partial
+    like = mx.zeros((3, 111))  # 333 values: whole calls and one partial call, for either width
     got = np.array(philox_mask(seed, like, 0.5)).reshape(-1)
-    want = [(w >> 8) < keep_threshold(0.5) for t in range(84) for w in philox4x32_10([t, 0, 0, 0], [12345, 678])]
-    assert (got == np.array(want[:333])).all()
+    assert (got == host_mask([12345, 678], 333, 0.5, per_call)).all()
     big = philox_mask(seed, mx.zeros((2, 2048, 4096), dtype=mx.bfloat16), 0.95)
     assert abs(big.astype(mx.float32).mean().item() - 0.95) < 1e-3
     assert (philox_mask(seed + 1, like, 0.5) != philox_mask(seed, like, 0.5)).any().item()
+
+
+def test_the_host_mask_keeps_the_right_share_for_either_width():
+    for per_call in (8, 4):
+        assert abs(host_mask([1, 2], 4000, 0.9, per_call).mean() - 0.9) < 0.02

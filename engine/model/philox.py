@@ -2,7 +2,7 @@
 
 MLX draws a dropout mask as a float32 uniform per value (threefry), then compares it with the keep
 probability: at Mistral-7B shapes, 64 masks a step of 16.8M values each. On CUDA one kernel can hash
-(seed, index) straight into the boolean mask instead, four values per Philox call. The seed comes from MLX's
+(seed, index) straight into the boolean mask instead, eight values per Philox call. The seed comes from MLX's
 random state, so `mx.random.seed` still makes a run repeatable and a compiled step still threads the state. Since
 a mask is a function of its seed, a LoRA adapter outside gradient-checkpointed blocks keeps the seed (two int32)
 and draws the mask again in the backward pass instead of keeping it (lean.SEEDED_DROPOUT). Elsewhere (CPU, Metal)
@@ -32,34 +32,48 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 }
 """
 
-# One thread per four values. `like` is an input only for its shape, and so that a mask is made when the
-# array it masks exists (not all at the start of the step, where the scheduler would hold every mask; in the
-# backward pass, lean.py passes an x tied to the incoming gradient for the same reason).
+# One thread per Philox call: PER_CALL = 8 takes two 16-bit draws from each of its four 32-bit words (the
+# keep probability is then quantized to 1/65,536, ~8e-6 of p); PER_CALL = 4 one 24-bit draw per word (the form
+# before, kept for bench/probe_gpu.py's comparison). Halving the Philox calls matters because the kernel is
+# bound by Philox's integer multiplies, not by its one-byte stores. `like` is an input only for its shape, and
+# so that a mask is made when the array it masks exists (not all at the start of the step, where the scheduler
+# would hold every mask; in the backward pass, lean.py passes an x tied to the incoming gradient for the same
+# reason).
 _SOURCE = r"""
   long long n = 1;
   for (int i = 0; i < like_ndim; ++i) n *= like_shape[i];
   long long t = cg::this_grid().thread_rank();
-  if (t * 4 >= n) return;
+  if (t * PER_CALL >= n) return;
   uint4 r = philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
                           make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
   unsigned int v[4] = {r.x, r.y, r.z, r.w};
-  if (t * 4 + 3 < n) {  // four bools in one 32-bit store (the buffer is allocator-aligned)
-    unsigned int packed = 0;
+  unsigned int packed[PER_CALL / 4] = {0u};
+  #pragma unroll
+  for (int j = 0; j < PER_CALL; ++j) {
+    unsigned int w = v[j * 4 / PER_CALL];
+    unsigned int draw = PER_CALL == 4 ? (w >> 8) : ((w >> (16 * (j & 1))) & 0xFFFFu);
+    unsigned int keep = draw < (unsigned int)THRESHOLD;
+    if (t * PER_CALL + PER_CALL - 1 < n) {
+      packed[j / 4] |= keep << (8 * (j % 4));
+    } else if (t * PER_CALL + j < n) {
+      mask[t * PER_CALL + j] = keep;
+    }
+  }
+  if (t * PER_CALL + PER_CALL - 1 < n) {  // all PER_CALL bools in 32-bit stores (the buffer is allocator-aligned)
     #pragma unroll
-    for (int j = 0; j < 4; ++j) packed |= (unsigned int)((int)(v[j] >> 8) < THRESHOLD) << (8 * j);
-    reinterpret_cast<unsigned int*>(mask)[t] = packed;
-  } else {
-    for (int j = 0; t * 4 + j < n; ++j) mask[t * 4 + j] = (int)(v[j] >> 8) < THRESHOLD;
+    for (int i = 0; i < PER_CALL / 4; ++i) reinterpret_cast<unsigned int*>(mask)[t * (PER_CALL / 4) + i] = packed[i];
   }
 """
 
 _kernel = None
 PHILOX_ON_CUDA = True  # False: MLX's bernoulli on CUDA too (bench/probe_gpu.py's comparison)
+PER_CALL = 8  # mask values per Philox call: 8 (16-bit draws) or 4 (24-bit draws, the form measured before)
 
 
-def keep_threshold(keep: float) -> int:
-    """The 24-bit threshold: a value is kept when the top 24 bits of its random word fall below it."""
-    return min(1 << 24, max(0, round(keep * (1 << 24))))
+def keep_threshold(keep: float, per_call: int | None = None) -> int:
+    """A value is kept when its draw (16 bits with 8 values a call, 24 bits with 4) falls below this."""
+    bits = 16 if (per_call or PER_CALL) == 8 else 24
+    return min(1 << bits, max(0, round(keep * (1 << bits))))
 
 
 def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
@@ -69,8 +83,9 @@ def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
         _kernel = mx.fast.cuda_kernel(name="lora_tui_philox_mask", input_names=["seed", "like"],
                                       output_names=["mask"], source=_SOURCE, header=_HEADER)
     like = mx.stop_gradient(like)  # a custom kernel has no VJP, and the mask needs none
-    return _kernel(inputs=[seed.astype(mx.int32), like], template=[("THRESHOLD", keep_threshold(keep))],
-                   grid=(max(1, -(-like.size // 4)), 1, 1), threadgroup=(256, 1, 1),
+    return _kernel(inputs=[seed.astype(mx.int32), like],
+                   template=[("THRESHOLD", keep_threshold(keep)), ("PER_CALL", PER_CALL)],
+                   grid=(max(1, -(-like.size // PER_CALL)), 1, 1), threadgroup=(256, 1, 1),
                    output_shapes=[like.shape], output_dtypes=[mx.bool_])[0]
 
 
