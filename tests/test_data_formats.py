@@ -13,6 +13,7 @@ import re
 import socket
 import sqlite3
 import tracemalloc
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -541,9 +542,34 @@ def test_a_broken_json_array_stops_the_read_at_its_line(how, tmp_path, tokenizer
 
 # ---------------------------------------------------------------------------- 7. formats we do not read
 
+_XLSX_PARTS = {  # the smallest workbook Excel opens: one sheet, a header row and one data row (inline strings)
+    "[Content_Types].xml": '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+    '<Default Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" ContentType='
+    '"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/><Override PartName='
+    '"/xl/worksheets/sheet1.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.'
+    'worksheet+xml"/></Types>',
+    "_rels/.rels": '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+    '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/'
+    'officeDocument" Target="xl/workbook.xml"/></Relationships>',
+    "xl/workbook.xml": '<workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" xmlns:r='
+    '"http://schemas.openxmlformats.org/officeDocument/2006/relationships"><sheets><sheet name="Sheet1" '
+    'sheetId="1" r:id="rId1"/></sheets></workbook>',
+    "xl/_rels/workbook.xml.rels": '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/'
+    'relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
+    'relationships/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+    "xl/worksheets/sheet1.xml": '<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+    '<sheetData><row r="1"><c r="A1" t="inlineStr"><is><t>prompt</t></is></c><c r="B1" t="inlineStr"><is><t>'
+    'completion</t></is></c></row><row r="2"><c r="A2" t="inlineStr"><is><t>a</t></is></c><c r="B2" '
+    't="inlineStr"><is><t>b</t></is></c></row></sheetData></worksheet>',
+}
+
+
 def _xlsx(p: Path) -> Path:
-    pytest.importorskip("openpyxl")
-    pd.DataFrame({"prompt": ["a"], "completion": ["b"]}).to_excel(p / "sheet.xlsx", index=False)
+    # Written part by part with the standard library: pandas would need openpyxl, which lora-tui does not use.
+    with zipfile.ZipFile(p / "sheet.xlsx", "w", zipfile.ZIP_DEFLATED) as z:
+        for name, xml in _XLSX_PARTS.items():
+            z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
     return p / "sheet.xlsx"
 
 
