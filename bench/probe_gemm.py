@@ -18,10 +18,15 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-T, D, KV, MLP, R = 4096, 4096, 1024, 14336, 16
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench_gpu import BATCH, SEQ, SHAPE  # noqa: E402  (BENCH_GPU_SMOKE=1: the tiny shape, to try it on a CPU)
+from probe_gpu import _timed  # noqa: E402
+
+T, D, MLP, R = BATCH * SEQ, SHAPE["hidden"], SHAPE["mlp"], 16
+KV = SHAPE["kv_heads"] * SHAPE["head_dim"]
 
 # name: (M, K, N, a_transposed, b_transposed): out[M, N] = op(a) @ op(b), as the step lays the operands out.
 SHAPES = {
@@ -58,18 +63,7 @@ def run_mlx(reps: int) -> dict:
         a = mx.random.normal(sa).astype(mx.bfloat16)
         b = mx.random.normal(sb).astype(mx.bfloat16)
         mx.eval(a, b)
-
-        def f():
-            return (a.T if ta else a) @ (b.T if tb else b)
-
-        mx.eval(f())
-        mx.synchronize()
-        outs = [f() for _ in range(reps)]
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        mx.synchronize()
-        out[name] = (time.perf_counter() - t0) / reps * 1e3
-        del outs
+        out[name] = _timed(lambda: (a.T if ta else a) @ (b.T if tb else b), n=reps)["ms"]
     return out
 
 
