@@ -65,6 +65,7 @@ convention, no causal discount), N = all parameters except the input embedding. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -177,16 +178,18 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     import mlx.optimizers as optim
 
     from engine.model.adapters import trainable_count
-    from engine.model.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
+    from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory, fused_attention, \
+        limit_gpu_queue
     from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
-                                    SEQ, 1.0, ckpt, 2, fused_attention())
+                                    SEQ, 1.0, ckpt, 2, fused_attention(), AdapterPlacement.of(model, ckpt),
+                                    quantized=bits is not None)
     if queue_limit:
-        from engine.model import memory
-        memory.QUEUE_HEADROOM = float(os.environ.get("BENCH_QUEUE_HEADROOM", memory.QUEUE_HEADROOM))
+        if "BENCH_QUEUE_HEADROOM" in os.environ:
+            estimate = dataclasses.replace(estimate, queue_headroom=float(os.environ["BENCH_QUEUE_HEADROOM"]))
         limit_gpu_queue(estimate, float(os.environ.get("BENCH_MEMORY_LIMIT_GB", "0")))
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(model.trainable_parameters())
@@ -240,14 +243,16 @@ def mlx_preference_step(method: str, bits: int | None = None, targets: str = "qv
     from engine.config.schema import Config
     from engine.data import Encoded, Example
     from engine.model.adapters import trainable_count
-    from engine.model.memory import ModelShape, estimate_step_memory, fused_attention, limit_gpu_queue
+    from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory, fused_attention, \
+        limit_gpu_queue
     from engine.train.objective import PreferenceObjective
     from engine.train.preference_batches import PreferenceRows
     from engine.train.step import build_update, clip_gradients
 
     rows = BATCH if method == "kto" else BATCH // 2
     estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
-                                    SEQ, 1.0, False, 2, fused_attention())
+                                    SEQ, 1.0, False, 2, fused_attention(), AdapterPlacement.of(model),
+                                    quantized=bits is not None)
     limit_gpu_queue(estimate, 0.0)
     rng = np.random.default_rng(0)
     trained = np.arange(SEQ + 1) >= 64

@@ -19,7 +19,7 @@ from engine.model.adapters import apply_lora
 from engine.config.schema import Config
 from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
 from engine.model.loading import load_model, on_cuda
-from engine.model.memory import MemoryEstimate, gpu_memory_limit
+from engine.model.memory import ModelShape, estimate_step_memory, gpu_memory_limit
 from helpers import ROOT
 
 
@@ -145,11 +145,18 @@ def test_a_training_step_takes_less_memory(embedded_dir):
 
 
 def test_gpu_memory_limit_follows_the_config(monkeypatch):
-    estimate = MemoryEstimate(weights=10_000_000_000, adapters=0, activations=10_000_000_000, attention=0, logits=0)
-    assert gpu_memory_limit(estimate, 0.0) is None  # on this CPU: MLX's default stays
+    shape = ModelShape(layers=32, hidden=4096, kv_dim=1024, intermediate=14336, heads=32, vocab=32768)
+    plain, ckpt, quantized = (estimate_step_memory(shape, 14_500_000_000, 6_815_744, 2, 2048, 1.0, c, 2, True,
+                                                   quantized=q)
+                              for c, q in ((False, False), (True, False), (False, True)))
+    assert gpu_memory_limit(plain, 0.0) is None  # on this CPU: MLX's default stays
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # no GPU here: pretend, for the arithmetic
-    assert gpu_memory_limit(estimate, 0.0) == pytest.approx(23e9)
-    assert gpu_memory_limit(estimate, 30.0) == 30_000_000_000
+    # A 16-bit base without checkpointing: the limit is the estimate (Mistral-7B shape, q/v: ~30 GB, where the
+    # H100 ran at full speed); with checkpointing or a quantized base 15% above it.
+    assert gpu_memory_limit(plain, 0.0) == plain.total and 29e9 < plain.total < 31.5e9
+    assert gpu_memory_limit(ckpt, 0.0) == int(ckpt.total * 1.15)
+    assert gpu_memory_limit(quantized, 0.0) == int(quantized.total * 1.15)
+    assert gpu_memory_limit(plain, 30.0) == 30_000_000_000
     assert gpu_memory_limit(None, 0.0) is None
 
 

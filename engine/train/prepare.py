@@ -231,7 +231,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     not expected to fit in memory."""
     from mlx.utils import tree_flatten
 
-    from engine.model.memory import ModelShape, available_bytes, estimate_step_memory
+    from engine.model.memory import AdapterPlacement, ModelShape, available_bytes, estimate_step_memory
     from engine.train.batches import PAD_MULTIPLE
     try:
         shape = ModelShape.of(model)
@@ -244,8 +244,8 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     act_bytes = 4 if info.dtype == "float32" else 2
     # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
-    estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained,
-                                    t.grad_checkpoint, act_bytes)
+    estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained, t.grad_checkpoint, act_bytes,
+                                    placement=AdapterPlacement.of(model, t.grad_checkpoint), quantized=info.quantized)
     available = available_bytes()
     if estimate.total > available:
         warn(f"memory: a step on the longest batch ({rows} x {length} tokens) is estimated to "
