@@ -145,18 +145,23 @@ def test_a_training_step_takes_less_memory(embedded_dir):
 
 
 def test_gpu_memory_limit_follows_the_config(monkeypatch):
+    from engine.model import memory
+    monkeypatch.setattr(memory, "fused_attention", lambda: True)  # as on CUDA
     shape = ModelShape(layers=32, hidden=4096, kv_dim=1024, intermediate=14336, heads=32, vocab=32768)
     plain, ckpt, quantized = (estimate_step_memory(shape, 14_500_000_000, 6_815_744, 2, 2048, 1.0, c, 2, True,
                                                    quantized=q)
                               for c, q in ((False, False), (True, False), (False, True)))
     assert gpu_memory_limit(plain, 0.0) is None  # on this CPU: MLX's default stays
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # no GPU here: pretend, for the arithmetic
-    # A 16-bit base without checkpointing: the limit is the estimate (Mistral-7B shape, q/v: ~30 GB, where the
-    # H100 ran at full speed); with checkpointing or a quantized base 15% above it.
+    # CUDA, a 16-bit base without checkpointing: the limit is the estimate (Mistral-7B shape, q/v: ~30 GB, where
+    # the H100 ran at full speed); with checkpointing or a quantized base 15% above it; on Metal 15% above too.
     assert gpu_memory_limit(plain, 0.0) == plain.total and 29e9 < plain.total < 31.5e9
     assert gpu_memory_limit(ckpt, 0.0) == int(ckpt.total * 1.15)
     assert gpu_memory_limit(quantized, 0.0) == int(quantized.total * 1.15)
     assert gpu_memory_limit(plain, 30.0) == 30_000_000_000
+    monkeypatch.setattr(memory, "fused_attention", lambda: False)  # as on Metal
+    metal = estimate_step_memory(shape, 14_500_000_000, 6_815_744, 2, 2048, 1.0, False, 2, True)
+    assert gpu_memory_limit(metal, 0.0) == int(metal.total * 1.15)
     assert gpu_memory_limit(None, 0.0) is None
 
 

@@ -105,7 +105,8 @@ def apply_mask(mask, x, keep: float):
     `where`, not `mask * x`: the product promotes the mask to x's dtype, and under `mx.compile` that promoted
     copy, shared by the forward and backward passes, was what stayed alive between them: 4 bytes a value on
     the CPU instead of the mask's one (embedded model, LoRA on all seven layers, 4 x 512 tokens: 4.30 -> 3.38 GB
-    peak; bench/RESULTS.md)."""
+    peak; bench/RESULTS.md). Kept values are bit for bit the product's; a dropped one is +0 where the product
+    gave -0 for a negative x and NaN for an infinite or NaN x (the frozen layer's output still carries those)."""
     return mx.where(mask, x * (1 / keep), 0)
 
 

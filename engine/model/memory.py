@@ -16,8 +16,8 @@ against MLX's measured peak on the embedded model, see tests/test_memory.py):
   engine/model/cpu_attention.py recomputes them in the backward pass, one layer's (~3 copies) at a time;
 - for the trained positions only (masked_loss gathers them first), the logits with their softmax and
   gradients: about four (tokens x vocabulary) float32 copies.
-With gradient checkpointing only each block's input is kept, plus one block's activations while it is
-recomputed.
+With gradient checkpointing only each trained block's input is kept, plus one block's activations while it
+is recomputed.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class AdapterPlacement:
     trained_layers: int  # blocks from the first adapted one up
     kept_inputs: int  # values: the distinct inputs of adapted layers (one copy per shared input)
     mask_bytes: int  # stored boolean dropout masks, one byte a value (0 where masks are seeds)
+    dora: bool = False  # DoRA layers keep mlx-lm's autograd: counted roughly, and the GPU limit keeps its margin
 
     @classmethod
     def of(cls, model, grad_checkpoint: bool = False) -> "AdapterPlacement":
@@ -73,18 +74,21 @@ class AdapterPlacement:
         from engine.model import lean, philox
         from engine.model.loading import on_cuda
         seeded = lean.SEEDED_DROPOUT and philox.PHILOX_ON_CUDA and on_cuda() and not grad_checkpoint
-        layers = list(model.layers)
-        first, inputs, masks = len(layers), {}, 0
+        layers = list(getattr(model, "layers", []))
+        first, inputs, masks, dora = len(layers), {}, 0, False
         for i, layer in enumerate(layers):
             adapters = [(path, m) for path, m in layer.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
-            if adapters:
-                first = min(first, i)
-                inputs, masks = {}, 0  # the top block's, as every adapted block has the same
+            if adapters:  # mlx-lm adapts the top blocks alike: the top one's adapters stand for all
+                first, inputs, masks = min(first, i), {}, 0
             for path, m in adapters:
-                width = m.lora_a.shape[0]
-                inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
-                masks += width if m.dropout._p_1 < 1 and not seeded else 0
-        return cls(len(layers) - first, sum(inputs.values()), masks)
+                width, is_dora = m.lora_a.shape[0], isinstance(m, DoRALinear)
+                dora |= is_dora
+                if is_dora:  # its own float32 copy of the input (two 16-bit values) and its output
+                    inputs[path] = 2 * width + m.lora_b.shape[1]
+                else:
+                    inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
+                masks += width if m.dropout._p_1 < 1 and (is_dora or not seeded) else 0
+        return cls(len(layers) - first, sum(inputs.values()), masks, dora)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class MemoryEstimate:
     activations: int
     attention: int
     logits: int
-    queue_headroom: float = 1.15  # the automatic GPU memory limit, as a multiple of the total (queue_headroom())
+    queue_headroom: float = 1.15  # the automatic GPU memory limit as a multiple of the total: queue_headroom()
 
     @property
     def total(self) -> int:
@@ -112,7 +116,8 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
                          placement: AdapterPlacement | None = None, quantized: bool = False) -> MemoryEstimate:
     """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained.
     fused_attention: True keeps no probabilities, False keeps every layer's, None: as this device does.
-    placement: AdapterPlacement.of(model); None = every block, adapters on q/v with seeded masks."""
+    placement: AdapterPlacement.of(model); None = adapters on every block reading the attention's input, no
+    masks kept (q/v on CUDA)."""
     tokens = batch * length
     placement = placement or AdapterPlacement(shape.layers, shape.hidden, 0)
     layers = placement.trained_layers
@@ -130,20 +135,22 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
         attention = RECOMPUTED_COPIES * probabilities if kept == "recomputed" and layers else 0
     logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
-                          int(attention * act_bytes), int(logits), queue_headroom(grad_checkpoint, quantized))
+                          int(attention * act_bytes), int(logits),
+                          queue_headroom(grad_checkpoint, quantized or placement.dora))
 
 
 QUEUE_HEADROOM = 1.15  # where a limit at the estimate itself was slower or not measured
-EXACT_HEADROOM = 1.0  # 16-bit base, no checkpointing
+EXACT_HEADROOM = 1.0  # CUDA, 16-bit base, LoRA, no checkpointing
 
 
 def queue_headroom(grad_checkpoint: bool, quantized: bool) -> float:
     """The automatic GPU memory limit as a multiple of the step's estimate. Measured on an H100, Mistral-7B
-    shape (bench/RESULTS.md): with a 16-bit base and no checkpointing a limit at the estimate runs at full
-    speed (q/v: 30 GB against an estimate of 30.2; all seven layers: 36.6 against 36.6) and saves ~5 GB on
-    q/v; with checkpointing, all seven layers lost 21% at their estimate; quantized bases were not measured
-    below 1.15x."""
-    return QUEUE_HEADROOM if grad_checkpoint or quantized else EXACT_HEADROOM
+    shape (bench/RESULTS.md): with a 16-bit base, LoRA and no checkpointing a limit at the estimate runs at
+    full speed (q/v: 30 GB against an estimate of 30.2; all seven layers: 36.6 against 36.6) and saves ~5 GB
+    on q/v; with checkpointing, all seven layers lost 21% at their estimate. Quantized bases, DoRA and Metal
+    were not measured below 1.15x."""
+    exact = fused_attention() and not (grad_checkpoint or quantized)
+    return EXACT_HEADROOM if exact else QUEUE_HEADROOM
 
 
 def fused_attention() -> bool:
