@@ -12,7 +12,6 @@ import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from engine.config.schema import Config
