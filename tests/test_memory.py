@@ -45,7 +45,9 @@ for batch, length, trained in {sizes}:
         mx.eval(loss, model.parameters(), opt.state)
     est = estimate_step_memory(ModelShape.of(model), weights, trainable_count(model), batch, length, trained,
                                ckpt, placement=AdapterPlacement.of(model, ckpt))
-    print(json.dumps({{"size": [batch, length, trained], "measured": mx.get_peak_memory(), "estimated": est.total}}))
+    s = ModelShape.of(model)
+    print(json.dumps({{"size": [batch, length, trained], "measured": mx.get_peak_memory(), "estimated": est.total,
+                      "layers": s.layers, "hidden": s.hidden, "intermediate": s.intermediate}}))
 """
 
 SIZES = ((1, 256, 1.0), (4, 512, 0.2), (2, 1024, 0.5))
@@ -90,7 +92,7 @@ def test_estimate_follows_where_the_adapters_are(embedded_dir):
 
 def test_placement_counts_shared_inputs_once_and_masks_per_adapter(embedded_dir, monkeypatch):
     from engine.config.schema import LoRAConfig
-    from engine.model import loading
+    from engine.model import loading, philox
     from engine.model.adapters import apply_lora
     from engine.model.memory import AdapterPlacement, ModelShape
     model, _, _ = loading.load_model(Config().model)
@@ -100,7 +102,7 @@ def test_placement_counts_shared_inputs_once_and_masks_per_adapter(embedded_dir,
     assert placement.trained_layers == 10
     assert placement.kept_inputs == 3 * s.hidden + s.intermediate  # q/k/v's, o's, gate/up's, down's
     assert placement.mask_bytes == 6 * s.hidden + s.intermediate  # one mask an adapter
-    monkeypatch.setattr(loading, "on_cuda", lambda: True)  # masks become Philox seeds, outside checkpointing
+    monkeypatch.setattr(philox, "philox_masks", lambda: True)  # as on CUDA: seeds, outside checkpointing
     assert AdapterPlacement.of(model).mask_bytes == 0
     assert AdapterPlacement.of(model, grad_checkpoint=True).mask_bytes == placement.mask_bytes
 
@@ -109,11 +111,9 @@ def test_dropout_keeps_one_byte_a_value(embedded_dir):
     """Dropout's masks are kept as booleans between the passes, not as float32 copies (lean.apply_mask)."""
     plain, = measure((SEVEN, -1, 0.0, False), SIZES[1:2])
     dropped, = measure(ALL_SEVEN, SIZES[1:2])
-    from engine.model.loading import load_model
-    from engine.model.memory import ModelShape
-    s = ModelShape.of(load_model(Config().model)[0])
     batch, length, _ = SIZES[1]
-    masks = batch * length * s.layers * (6 * s.hidden + s.intermediate)  # bytes: six adapters read hidden-wide inputs
+    layers, hidden, intermediate = dropped["layers"], dropped["hidden"], dropped["intermediate"]
+    masks = batch * length * layers * (6 * hidden + intermediate)  # bytes: six adapters read hidden-wide inputs
     print(f"dropout 0.05 adds {(dropped['measured'] - plain['measured']) / 1e9:.3f} GB; the masks are "
           f"{masks / 1e9:.3f} GB")
     assert 0.5 * masks < dropped["measured"] - plain["measured"] < 1.5 * masks

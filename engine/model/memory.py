@@ -72,23 +72,27 @@ class AdapterPlacement:
         from mlx_lm.tuner.lora import LoRALinear
 
         from engine.model import lean, philox
-        from engine.model.loading import on_cuda
-        seeded = lean.SEEDED_DROPOUT and philox.PHILOX_ON_CUDA and on_cuda() and not grad_checkpoint
+        seeded = lean.SEEDED_DROPOUT and philox.philox_masks() and not grad_checkpoint
         layers = list(getattr(model, "layers", []))
-        first, inputs, masks, dora = len(layers), {}, 0, False
-        for i, layer in enumerate(layers):
-            adapters = [(path, m) for path, m in layer.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
-            if adapters:  # mlx-lm adapts the top blocks alike: the top one's adapters stand for all
-                first, inputs, masks = min(first, i), {}, 0
-            for path, m in adapters:
-                width, is_dora = m.lora_a.shape[0], isinstance(m, DoRALinear)
-                dora |= is_dora
-                if is_dora:  # its own float32 copy of the input (two 16-bit values) and its output
-                    inputs[path] = 2 * width + m.lora_b.shape[1]
-                else:
-                    inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
-                masks += width if m.dropout._p_1 < 1 and (is_dora or not seeded) else 0
-        return cls(len(layers) - first, sum(inputs.values()), masks, dora)
+        adapters = [[(path, m) for path, m in layer.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
+                    for layer in layers]
+        adapted = [i for i, found in enumerate(adapters) if found]
+        if not adapted:
+            return cls(0, 0, 0)
+        inputs, masks, dora = {}, 0, False
+        for path, m in adapters[adapted[-1]]:  # mlx-lm adapts the top blocks alike: the top one stands for all
+            width, is_dora = m.lora_a.shape[0], isinstance(m, DoRALinear)
+            dora |= is_dora
+            if is_dora:  # its own float32 copy of the input (two 16-bit values) and its output
+                inputs[path] = 2 * width + m.lora_b.shape[1]
+            else:
+                inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
+            masks += width if m.dropout._p_1 < 1 and (is_dora or not seeded) else 0
+        return cls(len(layers) - adapted[0], sum(inputs.values()), masks, dora)
+
+
+QUEUE_HEADROOM = 1.15  # where a limit at the estimate itself was slower or not measured
+EXACT_HEADROOM = 1.0  # CUDA, 16-bit base, LoRA, no checkpointing
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class MemoryEstimate:
     activations: int
     attention: int
     logits: int
-    queue_headroom: float = 1.15  # the automatic GPU memory limit as a multiple of the total: queue_headroom()
+    queue_headroom: float = QUEUE_HEADROOM  # the automatic GPU memory limit as a multiple of the total
 
     @property
     def total(self) -> int:
@@ -136,20 +140,16 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
     logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
                           int(attention * act_bytes), int(logits),
-                          queue_headroom(grad_checkpoint, quantized or placement.dora))
+                          queue_headroom(grad_checkpoint, quantized, placement.dora))
 
 
-QUEUE_HEADROOM = 1.15  # where a limit at the estimate itself was slower or not measured
-EXACT_HEADROOM = 1.0  # CUDA, 16-bit base, LoRA, no checkpointing
-
-
-def queue_headroom(grad_checkpoint: bool, quantized: bool) -> float:
+def queue_headroom(grad_checkpoint: bool, quantized: bool, dora: bool = False) -> float:
     """The automatic GPU memory limit as a multiple of the step's estimate. Measured on an H100, Mistral-7B
     shape (bench/RESULTS.md): with a 16-bit base, LoRA and no checkpointing a limit at the estimate runs at
     full speed (q/v: 30 GB against an estimate of 30.2; all seven layers: 36.6 against 36.6) and saves ~5 GB
     on q/v; with checkpointing, all seven layers lost 21% at their estimate. Quantized bases, DoRA and Metal
     were not measured below 1.15x."""
-    exact = fused_attention() and not (grad_checkpoint or quantized)
+    exact = fused_attention() and not (grad_checkpoint or quantized or dora)
     return EXACT_HEADROOM if exact else QUEUE_HEADROOM
 
 

@@ -113,10 +113,15 @@ def _next_key() -> mx.array | None:
     return key
 
 
+def philox_masks() -> bool:
+    """Whether dropout masks come from the Philox kernel here (CUDA), rather than MLX's bernoulli."""
+    return PHILOX_ON_CUDA and on_cuda()
+
+
 def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
     key = _next_key()
-    if PHILOX_ON_CUDA and on_cuda():
+    if philox_masks():
         return philox_mask(_seed(key), like, keep)
     return mx.random.bernoulli(keep, like.shape, key=key)
 
@@ -126,7 +131,7 @@ def dropout_seed() -> mx.array | None:
     dropout_keys() is active; else None, and nothing is drawn. Under dropout_keys (a checkpointed block) the
     None is needed for correct gradients, not only for speed: a seed drawn here would come from MLX's global
     state, and the block's recompute would draw another one, so another mask."""
-    if not (PHILOX_ON_CUDA and on_cuda()) or getattr(_keys, "key", None) is not None:
+    if not philox_masks() or getattr(_keys, "key", None) is not None:
         return None
     return _seed(None)  # from MLX's random state, as an unkeyed mask is
 
