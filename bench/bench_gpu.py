@@ -140,6 +140,8 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     from engine.model.adapters import apply_lora
     from engine.config.schema import LoRAConfig
     lean_autograd.SPLIT_TOKENS = int(os.environ.get("BENCH_SPLIT_TOKENS", "0"))  # probe: adapter gradients split-K
+    # probe: BENCH_FUSE_QKV=0/1 forces the frozen q/k/v projections apart / into one matmul (default: on CUDA)
+    lean_autograd.FUSE_QKV = {"0": False, "1": True}.get(os.environ.get("BENCH_FUSE_QKV", ""))
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

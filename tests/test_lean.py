@@ -17,7 +17,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from engine.model import lean
 from engine.model.adapters import apply_lora
 from engine.config.schema import Config
-from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP
+from engine.model.lean import LeanLoRALinear, LeanSwiGLUMLP, SharedProductLinear
 from engine.model.loading import load_model, on_cuda
 from engine.model.memory import ModelShape, estimate_step_memory, gpu_memory_limit
 from helpers import ROOT
@@ -50,9 +50,13 @@ def _loss_and_grads(lean: bool, dtype=None):
 
 def test_same_loss_and_gradients_as_mlx_lm_layers_with_dropout(embedded_dir, monkeypatch):
     monkeypatch.setattr(lean, "FUSE_GATE_UP", True)  # fused gate + up, as on CUDA (the default there only)
+    monkeypatch.setattr(lean, "FUSE_QKV", True)  # one matmul for the frozen q, k and v, as on CUDA
     model, l_lean, g_lean = _loss_and_grads(lean=True)
     assert any(type(m) is LeanLoRALinear for _, m in model.named_modules())
     assert any(isinstance(m, LeanSwiGLUMLP) and m._gate_up is not None for _, m in model.named_modules())
+    attn = model.layers[0].self_attn
+    assert type(attn.k_proj) is SharedProductLinear and type(attn.q_proj.linear) is SharedProductLinear
+    assert attn.k_proj._shared._x is None  # the block's product was let go after its last reader
     _, l_stock, g_stock = _loss_and_grads(lean=False)
     assert g_lean.keys() == g_stock.keys() and len(g_lean) > 0
     assert abs(l_lean - l_stock) < 1e-5 * abs(l_stock)
@@ -79,6 +83,7 @@ def test_in_bfloat16_gradients_are_as_accurate_as_mlx_lm_layers(embedded_dir):
 
 def test_fused_projections_take_no_extra_memory(embedded_dir, monkeypatch):
     monkeypatch.setattr(lean, "FUSE_GATE_UP", True)
+    monkeypatch.setattr(lean, "FUSE_QKV", True)
     cfg = Config()
     model, _, _ = load_model(cfg.model)
     mx.eval(model.parameters())
@@ -90,8 +95,11 @@ def test_fused_projections_take_no_extra_memory(embedded_dir, monkeypatch):
     mlp = model.layers[0].mlp
     assert isinstance(mlp, LeanSwiGLUMLP)
     assert mx.array_equal(mlp._gate_up[:mlp.gate_proj.weight.shape[0]], mlp.gate_proj.weight).item()
+    attn = model.layers[0].self_attn
+    q_rows, k = attn.q_proj.linear.weight.shape[0], attn.k_proj.weight
+    assert mx.array_equal(attn.k_proj._shared.fused[q_rows:q_rows + k.shape[0]], k).item()
     adapters = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    # Copies of gate and up would add ~100 MB here: the layers' weights are views into the fused ones.
+    # Copies of gate and up would add ~100 MB here, of q, k and v ~30 MB: the layers' weights are views into the fused ones.
     assert mx.get_active_memory() - before < adapters + 2_000_000
 
 

@@ -288,11 +288,17 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     assert TransformerBlock.__call__ is plain_call  # ... and is off again afterwards
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(use_dora, embedded_dir):
+@pytest.mark.parametrize("use_dora,fused", [(False, False), (False, True), (True, False)],
+                         ids=["lora", "lora-fused-projections", "dora"])
+def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(use_dora, fused, embedded_dir,
+                                                                                 monkeypatch):
     """Gradient checkpointing recomputes each block in the backward pass. With dropout, mlx-lm's recompute
     draws new masks, so its gradients belong to another loss than the one reported; ours draws the masks
-    the forward pass drew, and equals the same step run without checkpointing."""
+    the forward pass drew, and equals the same step run without checkpointing. `fused`: the frozen q/k/v and
+    gate/up projections as one matmul each, as on CUDA."""
+    from engine.model import lean
+    monkeypatch.setattr(lean, "FUSE_QKV", fused)
+    monkeypatch.setattr(lean, "FUSE_GATE_UP", fused)
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
@@ -308,6 +314,7 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 8, 4, 0.2, use_dora
     model, _, _ = load_model(cfg.model)
     apply_lora(model, cfg.lora)
+    assert (type(model.layers[-1].self_attn.k_proj) is lean.SharedProductLinear) == fused
     model.train()
     mx.random.seed(3)  # trained-looking adapters (lora_b starts at 0, where masks would not change the loss)
     model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)

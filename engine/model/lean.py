@@ -28,6 +28,8 @@ from engine.model.philox import dropout_mask, dropout_seed, philox_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+# Attention classes whose __call__ starts q_proj(x), k_proj(x), v_proj(x), each called once on the same x.
+_QKV_ATTENTION_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
 
 
 @mx.custom_function
@@ -52,9 +54,11 @@ def _swiglu_vjp(primals, cotangent, output):
 # Switches for bench/probe_gpu.py's comparisons. LORA_IN_INPUT_DTYPE: the low-rank products run in the
 # activations' dtype (bf16 on a GPU, as Unsloth does); the adapters, their gradients and the optimizer stay
 # float32. FUSE_GATE_UP: see LeanSwiGLUMLP; None = on CUDA only (3% faster there, 10% slower on this CPU,
-# where the split halves are strided; not measured on Metal).
+# where the split halves are strided; not measured on Metal). FUSE_QKV: the same for the frozen q, k and v
+# projections (SharedProduct), None = on CUDA only.
 LORA_IN_INPUT_DTYPE = True
 FUSE_GATE_UP: bool | None = None
+FUSE_QKV: bool | None = None
 # SPLIT_TOKENS = c: the adapter gradients (K = tokens, one side only rank wide) as c matmuls over token
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
@@ -97,6 +101,54 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
         start += rows
     mx.eval([layer.weight for layer in layers])
     return fused
+
+
+class SharedProduct:
+    """x @ W.T for frozen Linear layers that read the same x one after another, as one matmul over their
+    stacked weights (fuse_rows); each layer takes its columns. The first reader of a new x computes the
+    product, the last lets it go (held past the block, it would outlive the step)."""
+
+    def __init__(self, fused: mx.array, widths: list[int]):
+        self.fused, self.readers = fused, len(widths)
+        self.bounds = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+        self._x, self._parts, self._left = None, None, 0
+
+    def part(self, x, index: int):
+        if x is not self._x:
+            # mx.split, not slices: its gradient is one concatenate, where each slice's is a zero-filled
+            # full-width update, and the three are then added
+            self._x, self._parts, self._left = x, mx.split(x @ self.fused.T, self.bounds, axis=-1), self.readers
+        part = self._parts[index]
+        self._left -= 1
+        if self._left == 0:
+            self._x = self._parts = None
+        return part
+
+
+class SharedProductLinear(nn.Linear):
+    """A frozen bias-free nn.Linear whose training pass takes its columns of a SharedProduct; its weight is a
+    view into the shared one, so parameters, inference and saved files are nn.Linear's."""
+
+    def __call__(self, x):
+        if not self.training:
+            return super().__call__(x)
+        return self._shared.part(x, self._index)
+
+
+def share_product(*projections: nn.Module) -> SharedProduct | None:
+    """Run the frozen layers of `projections` (plain or inside a LeanLoRALinear) as one matmul; None where one
+    is not a frozen bias-free nn.Linear (DoRA, quantized, biased or trained layers keep their own)."""
+    frozen = [p.linear if type(p) is LeanLoRALinear else p for p in projections]
+    if any(type(f) is nn.Linear and f.trainable_parameters() for f in frozen):
+        return None
+    fused = fuse_rows(*frozen)
+    if fused is None:
+        return None
+    shared = SharedProduct(fused, [f.weight.shape[0] for f in frozen])
+    for index, layer in enumerate(frozen):
+        layer.__class__ = SharedProductLinear  # only __call__ differs
+        layer._shared, layer._index = shared, index
+    return shared
 
 
 def apply_mask(mask, x, keep: float):
@@ -228,9 +280,13 @@ def lean_autograd(model: nn.Module) -> int:
     layers = list(getattr(model, "layers", []))
     adapted = [i for i, layer in enumerate(layers)
                if any(isinstance(m, LeanLoRALinear) for _, m in layer.named_modules())]
+    fuse_qkv = on_cuda() if FUSE_QKV is None else FUSE_QKV
     for layer in layers[adapted[0]:] if adapted else []:  # blocks below the first adapter have no backward pass
         mlp = getattr(layer, "mlp", None)
         if type(mlp).__module__ in _SWIGLU_MLP_MODULES and type(mlp).__name__ == "MLP":
             layer.mlp = LeanSwiGLUMLP(mlp)
             n += 1
+        attn = getattr(layer, "self_attn", None)
+        if fuse_qkv and type(attn).__module__ in _QKV_ATTENTION_MODULES and type(attn).__name__ == "Attention":
+            n += share_product(attn.q_proj, attn.k_proj, attn.v_proj) is not None
     return n
