@@ -10,11 +10,15 @@ from mlx.utils import tree_flatten
 from engine.model.adapters import apply_lora
 from engine.config.schema import Config
 from engine.model.loading import load_model
-from engine.model.qlora import DequantizingLinear, dequantize_just_in_time
+from engine.model import lean
+from engine.model.qlora import DequantizingLinear, SharedDequantizingLinear, dequantize_just_in_time
 
 
-@pytest.mark.parametrize("dense_forward", [True, False], ids=["dense-forward", "quantized-forward"])
-def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense_forward):
+@pytest.mark.parametrize("dense_forward,fused", [(True, False), (False, False), (True, True)],
+                         ids=["dense-forward", "quantized-forward", "dense-forward-shared-qkv"])
+def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense_forward, fused, monkeypatch):
+    """`fused`: q, k and v dequantized and multiplied as one (the default on CUDA)."""
+    monkeypatch.setattr(lean, "FUSE_QKV", fused)
     cfg = Config()
     cfg.model.quantized_base = "keep"
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout = 4, 2, 0.0
@@ -35,6 +39,7 @@ def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense
     swapped = dequantize_just_in_time(model, dense_forward)
     assert swapped > 0 and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     assert any(isinstance(m, DequantizingLinear) for _, m in model.named_modules())
+    assert (type(model.layers[0].self_attn.k_proj) is SharedDequantizingLinear) == fused
     assert [k for k, _ in tree_flatten(model.trainable_parameters())] == [k for k, _ in before]
     l2, g2 = nn.value_and_grad(model, loss)(model)
     assert abs(l1.item() - l2.item()) < 1e-3 * abs(l1.item())
@@ -53,3 +58,21 @@ def test_generation_shapes_take_the_quantized_kernel_and_agree(embedded_dir):
         expected = layer(xs)
         got = DequantizingLinear(layer)(xs)
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-3, atol=1e-3)
+
+
+def test_shared_qkv_keeps_the_quantized_weights_as_views(embedded_dir, monkeypatch):
+    import gc
+    monkeypatch.setattr(lean, "FUSE_QKV", True)
+    cfg = Config()
+    cfg.model.quantized_base = "keep"
+    model, _, _ = load_model(cfg.model)
+    apply_lora(model, cfg.lora)
+    mx.eval(model.parameters())
+    gc.collect()
+    before = mx.get_active_memory()
+    dequantize_just_in_time(model)
+    gc.collect()
+    attn = model.layers[-1].self_attn
+    assert type(attn.q_proj.linear) is SharedDequantizingLinear
+    # A copy of every block's q, k and v would add several MB here
+    assert mx.get_active_memory() - before < 500_000

@@ -104,12 +104,12 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
 
 
 class SharedProduct:
-    """x @ W.T for frozen Linear layers that read the same x one after another, as one matmul over their
-    stacked weights (fuse_rows); each layer takes its columns. The first reader of a new x computes the
-    product, the last lets it go (held past the block, it would outlive the step)."""
+    """The frozen products of layers that read the same x one after another, as one matmul over their weights
+    stacked by rows (`product`); each layer takes its columns. The first reader of a new x computes it, the
+    last lets it go (held past the block, it would outlive the step)."""
 
-    def __init__(self, fused: mx.array, widths: list[int]):
-        self.fused, self.readers = fused, len(widths)
+    def __init__(self, product, widths: list[int]):
+        self.product, self.readers = product, len(widths)
         self.bounds = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
         self._x, self._parts, self._left = None, None, 0
 
@@ -117,7 +117,7 @@ class SharedProduct:
         if x is not self._x:
             # mx.split, not slices: its gradient is one concatenate, where each slice's is a zero-filled
             # full-width update, and the three are then added
-            self._x, self._parts, self._left = x, mx.split(x @ self.fused.T, self.bounds, axis=-1), self.readers
+            self._x, self._parts, self._left = x, mx.split(self.product(x), self.bounds, axis=-1), self.readers
         part = self._parts[index]
         self._left -= 1
         if self._left == 0:
@@ -135,20 +135,33 @@ class SharedProductLinear(nn.Linear):
         return self._shared.part(x, self._index)
 
 
-def share_product(*projections: nn.Module) -> SharedProduct | None:
-    """Run the frozen layers of `projections` (plain or inside a LeanLoRALinear) as one matmul; None where one
-    is not a frozen bias-free nn.Linear (DoRA, quantized, biased or trained layers keep their own)."""
-    frozen = [p.linear if type(p) is LeanLoRALinear else p for p in projections]
+def frozen_qkv(attention: nn.Module) -> list[nn.Module] | None:
+    """The frozen q, k and v layers of an attention block that calls them in turn on one x (plain, or inside
+    a LeanLoRALinear), where FUSE_QKV (on CUDA by default) lets them share one product; else None."""
+    if not (on_cuda() if FUSE_QKV is None else FUSE_QKV):
+        return None
+    if type(attention).__module__ not in _QKV_ATTENTION_MODULES or type(attention).__name__ != "Attention":
+        return None
+    return [p.linear if type(p) is LeanLoRALinear else p for p in (attention.q_proj, attention.k_proj,
+                                                                  attention.v_proj)]
+
+
+def share(layers: list[nn.Module], shared_class: type, product) -> SharedProduct:
+    """Give `layers` (weights already views into one stacked weight) one SharedProduct computing `product`."""
+    shared = SharedProduct(product, [layer.weight.shape[0] for layer in layers])
+    for index, layer in enumerate(layers):
+        layer.__class__ = shared_class  # only __call__ differs
+        layer._shared, layer._index = shared, index
+    return shared
+
+
+def share_product(frozen: list[nn.Module]) -> SharedProduct | None:
+    """Run the `frozen` bf16/float layers as one matmul; None where one is not a frozen bias-free nn.Linear
+    (DoRA, biased or trained layers keep their own; qlora.py shares quantized ones)."""
     if any(type(f) is nn.Linear and f.trainable_parameters() for f in frozen):
         return None
     fused = fuse_rows(*frozen)
-    if fused is None:
-        return None
-    shared = SharedProduct(fused, [f.weight.shape[0] for f in frozen])
-    for index, layer in enumerate(frozen):
-        layer.__class__ = SharedProductLinear  # only __call__ differs
-        layer._shared, layer._index = shared, index
-    return shared
+    return None if fused is None else share(frozen, SharedProductLinear, lambda x: x @ fused.T)
 
 
 def apply_mask(mask, x, keep: float):
@@ -280,13 +293,11 @@ def lean_autograd(model: nn.Module) -> int:
     layers = list(getattr(model, "layers", []))
     adapted = [i for i, layer in enumerate(layers)
                if any(isinstance(m, LeanLoRALinear) for _, m in layer.named_modules())]
-    fuse_qkv = on_cuda() if FUSE_QKV is None else FUSE_QKV
     for layer in layers[adapted[0]:] if adapted else []:  # blocks below the first adapter have no backward pass
         mlp = getattr(layer, "mlp", None)
         if type(mlp).__module__ in _SWIGLU_MLP_MODULES and type(mlp).__name__ == "MLP":
             layer.mlp = LeanSwiGLUMLP(mlp)
             n += 1
-        attn = getattr(layer, "self_attn", None)
-        if fuse_qkv and type(attn).__module__ in _QKV_ATTENTION_MODULES and type(attn).__name__ == "Attention":
-            n += share_product(attn.q_proj, attn.k_proj, attn.v_proj) is not None
+        frozen = frozen_qkv(getattr(layer, "self_attn", None))
+        n += frozen is not None and share_product(frozen) is not None
     return n

@@ -61,6 +61,7 @@ class DequantizingLinear(nn.Module):
         if "bias" in q:
             self.bias = q.bias
         self.group_size, self.bits, self.mode = q.group_size, q.bits, getattr(q, "mode", "affine")
+        self.dense_forward = dense_forward
         self._matmul = _matmul_with_dense_backward(self.group_size, self.bits, self.mode, dense_forward)
         self.freeze()
 
@@ -73,8 +74,44 @@ class DequantizingLinear(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+class SharedDequantizingLinear(DequantizingLinear):
+    """A DequantizingLinear whose training pass takes its columns of one product shared with the layers read
+    on the same input (lean.SharedProduct: one dequantize and one matmul for q, k and v)."""
+
+    def __call__(self, x):
+        if not self.training or x.size // x.shape[-1] <= self.FEW_ROWS:
+            return super().__call__(x)
+        return self._shared.part(x, self._index)
+
+
+def share_dequantized_product(layers: list[nn.Module]):
+    """Stack the quantized weights of `layers` by rows (each layer's arrays become views: no extra memory)
+    and give them one shared product; None unless all are bias-free DequantizingLinears quantized alike."""
+    from engine.model.lean import share
+    first = layers[0]
+    if any(type(q) is not DequantizingLinear or "bias" in q or (q.group_size, q.bits, q.mode, q.biases.size > 0)
+           != (first.group_size, first.bits, first.mode, first.biases.size > 0) for q in layers):
+        return None
+    stacked = {}
+    for name in ("weight", "scales", "biases"):
+        parts = [getattr(q, name) for q in layers]
+        stacked[name] = mx.concatenate(parts, axis=0) if parts[0].size else parts[0]
+    mx.eval(list(stacked.values()))
+    start = 0
+    for q in layers:
+        rows = q.weight.shape[0]
+        for name, whole in stacked.items():
+            if whole.size:
+                setattr(q, name, whole[start:start + rows])  # a slice of a row-contiguous array shares its buffer
+        start += rows
+    matmul = _matmul_with_dense_backward(first.group_size, first.bits, first.mode, first.dense_forward)
+    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked.values()))
+
+
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
-    """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many."""
+    """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many.
+    Where lean.FUSE_QKV allows (CUDA), an attention block's q, k and v then share one product."""
+    from engine.model.lean import frozen_qkv
     swaps = []
     for _, module in model.named_modules():
         for key, child in module.children().items():
@@ -82,4 +119,8 @@ def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int
                 swaps.append((module, key, child))
     for parent, key, child in swaps:
         setattr(parent, key, DequantizingLinear(child, dense_forward))
+    for layer in getattr(model, "layers", []):
+        frozen = frozen_qkv(getattr(layer, "self_attn", None))
+        if frozen is not None:
+            share_dequantized_product(frozen)
     return len(swaps)
