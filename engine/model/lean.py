@@ -114,7 +114,7 @@ class SharedProduct:
         self._x, self._parts, self._left = None, None, 0
 
     def part(self, x, index: int):
-        if x is not self._x:
+        if x is not self._x or index == 0:  # index 0: a new block call, even after one that failed midway
             # mx.split, not slices: its gradient is one concatenate, where each slice's is a zero-filled
             # full-width update, and the three are then added
             self._x, self._parts, self._left = x, mx.split(self.product(x), self.bounds, axis=-1), self.readers
@@ -132,7 +132,15 @@ class SharedProductLinear(nn.Linear):
     def __call__(self, x):
         if not self.training:
             return super().__call__(x)
-        return self._shared.part(x, self._index)
+        return shared_part(self, x)
+
+
+def shared_part(layer: nn.Module, x):
+    """The layer's columns of its SharedProduct. They are a view into the whole product: a layer whose output
+    something keeps for the backward pass (k under Qwen3's k_norm, v under attention) gets a copy, or the
+    whole product would stay alive with it; inside a LeanLoRALinear the addmm writes a new array anyway."""
+    part = layer._shared.part(x, layer._index)
+    return part if layer._in_adapter else mx.contiguous(part)
 
 
 def frozen_qkv(attention: nn.Module) -> list[nn.Module] | None:
@@ -142,26 +150,28 @@ def frozen_qkv(attention: nn.Module) -> list[nn.Module] | None:
         return None
     if type(attention).__module__ not in _QKV_ATTENTION_MODULES or type(attention).__name__ != "Attention":
         return None
-    return [p.linear if type(p) is LeanLoRALinear else p for p in (attention.q_proj, attention.k_proj,
-                                                                  attention.v_proj)]
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    return [p.linear if type(p) is LeanLoRALinear else p for p in projections]
 
 
-def share(layers: list[nn.Module], shared_class: type, product) -> SharedProduct:
+def share(layers: list[nn.Module], shared_class: type, product, attention: nn.Module) -> SharedProduct:
     """Give `layers` (weights already views into one stacked weight) one SharedProduct computing `product`."""
     shared = SharedProduct(product, [layer.weight.shape[0] for layer in layers])
+    adapters = {id(p.linear) for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+                if type(p) is LeanLoRALinear}
     for index, layer in enumerate(layers):
         layer.__class__ = shared_class  # only __call__ differs
-        layer._shared, layer._index = shared, index
+        layer._shared, layer._index, layer._in_adapter = shared, index, id(layer) in adapters
     return shared
 
 
-def share_product(frozen: list[nn.Module]) -> SharedProduct | None:
+def share_product(frozen: list[nn.Module], attention: nn.Module) -> SharedProduct | None:
     """Run the `frozen` bf16/float layers as one matmul; None where one is not a frozen bias-free nn.Linear
     (DoRA, biased or trained layers keep their own; qlora.py shares quantized ones)."""
     if any(type(f) is nn.Linear and f.trainable_parameters() for f in frozen):
         return None
     fused = fuse_rows(*frozen)
-    return None if fused is None else share(frozen, SharedProductLinear, lambda x: x @ fused.T)
+    return None if fused is None else share(frozen, SharedProductLinear, lambda x: x @ fused.T, attention)
 
 
 def apply_mask(mask, x, keep: float):
@@ -298,6 +308,7 @@ def lean_autograd(model: nn.Module) -> int:
         if type(mlp).__module__ in _SWIGLU_MLP_MODULES and type(mlp).__name__ == "MLP":
             layer.mlp = LeanSwiGLUMLP(mlp)
             n += 1
-        frozen = frozen_qkv(getattr(layer, "self_attn", None))
-        n += frozen is not None and share_product(frozen) is not None
+        attention = getattr(layer, "self_attn", None)
+        frozen = frozen_qkv(attention)
+        n += frozen is not None and share_product(frozen, attention) is not None
     return n

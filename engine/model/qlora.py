@@ -16,6 +16,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.model.lean import frozen_qkv, share, shared_part
+
 
 def _biases_or_none(biases):
     return biases if biases.size else None  # an empty array stands for "none" (custom functions take arrays)
@@ -81,13 +83,12 @@ class SharedDequantizingLinear(DequantizingLinear):
     def __call__(self, x):
         if not self.training or x.size // x.shape[-1] <= self.FEW_ROWS:
             return super().__call__(x)
-        return self._shared.part(x, self._index)
+        return shared_part(self, x)
 
 
-def share_dequantized_product(layers: list[nn.Module]):
+def share_dequantized_product(layers: list[nn.Module], attention: nn.Module):
     """Stack the quantized weights of `layers` by rows (each layer's arrays become views: no extra memory)
     and give them one shared product; None unless all are bias-free DequantizingLinears quantized alike."""
-    from engine.model.lean import share
     first = layers[0]
     if any(type(q) is not DequantizingLinear or "bias" in q or (q.group_size, q.bits, q.mode, q.biases.size > 0)
            != (first.group_size, first.bits, first.mode, first.biases.size > 0) for q in layers):
@@ -104,14 +105,14 @@ def share_dequantized_product(layers: list[nn.Module]):
             if whole.size:
                 setattr(q, name, whole[start:start + rows])  # a slice of a row-contiguous array shares its buffer
         start += rows
+    mx.eval([getattr(q, name) for q in layers for name in stacked])
     matmul = _matmul_with_dense_backward(first.group_size, first.bits, first.mode, first.dense_forward)
-    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked.values()))
+    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked.values()), attention)
 
 
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
     """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many.
     Where lean.FUSE_QKV allows (CUDA), an attention block's q, k and v then share one product."""
-    from engine.model.lean import frozen_qkv
     swaps = []
     for _, module in model.named_modules():
         for key, child in module.children().items():
@@ -120,7 +121,8 @@ def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int
     for parent, key, child in swaps:
         setattr(parent, key, DequantizingLinear(child, dense_forward))
     for layer in getattr(model, "layers", []):
-        frozen = frozen_qkv(getattr(layer, "self_attn", None))
+        attention = getattr(layer, "self_attn", None)
+        frozen = frozen_qkv(attention)
         if frozen is not None:
-            share_dequantized_product(frozen)
+            share_dequantized_product(frozen, attention)
     return len(swaps)
