@@ -11,8 +11,8 @@ seed: SEEDED_DROPOUT), and redoes the cheap low-rank products in the backward pa
 and recomputes the sigmoid. Each backward computation is tied with `mx.depends` to the incoming gradient, so the
 scheduler cannot run it early and hold its result (the trap qlora.py describes). Two more savings in time: where
 the activations are 16-bit, the low-rank products run in that dtype (the adapters and their gradients stay
-float32), and frozen gate and up projections run as one matmul. Dropout masks come from engine/model/philox.py
-(mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
+float32), and frozen gate and up projections run as one matmul (q, k and v too, where FUSE_QKV is on).
+Dropout masks come from engine/model/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def _swiglu_vjp(primals, cotangent, output):
 # activations' dtype (bf16 on a GPU, as Unsloth does); the adapters, their gradients and the optimizer stay
 # float32. FUSE_GATE_UP: see LeanSwiGLUMLP; None = on CUDA only (3% faster there, 10% slower on this CPU,
 # where the split halves are strided; not measured on Metal). FUSE_QKV: the same for the frozen q, k and v
-# projections (SharedProduct), None = on CUDA only.
+# projections (SharedProduct). Off until measured on a GPU (no device was lent when it was written; tested on the
+# CPU for the same loss and gradients): bench_gpu.py's BENCH_FUSE_QKV=1 times it, and None would make it CUDA only.
 LORA_IN_INPUT_DTYPE = True
 FUSE_GATE_UP: bool | None = None
-FUSE_QKV: bool | None = None
+FUSE_QKV: bool | None = False
 # SPLIT_TOKENS = c: the adapter gradients (K = tokens, one side only rank wide) as c matmuls over token
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
@@ -145,7 +146,7 @@ def shared_part(layer: nn.Module, x):
 
 def frozen_qkv(attention: nn.Module) -> list[nn.Module] | None:
     """The frozen q, k and v layers of an attention block that calls them in turn on one x (plain, or inside
-    a LeanLoRALinear), where FUSE_QKV (on CUDA by default) lets them share one product; else None."""
+    a LeanLoRALinear), where FUSE_QKV lets them share one product; else None."""
     if not (on_cuda() if FUSE_QKV is None else FUSE_QKV):
         return None
     if type(attention).__module__ not in _QKV_ATTENTION_MODULES or type(attention).__name__ != "Attention":

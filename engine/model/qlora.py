@@ -112,7 +112,7 @@ def share_dequantized_product(layers: list[nn.Module], attention: nn.Module):
 
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
     """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many.
-    Where lean.FUSE_QKV allows (CUDA), an attention block's q, k and v then share one product."""
+    Where lean.FUSE_QKV allows (off by default), an attention block's q, k and v then share one product."""
     swaps = []
     for _, module in model.named_modules():
         for key, child in module.children().items():
