@@ -93,15 +93,20 @@ def fuse_rows(*layers: nn.Module) -> mx.array | None:
     weight becomes a view into it (no extra memory). None if any layer is not a plain bias-free nn.Linear."""
     if any(type(layer) is not nn.Linear or "bias" in layer for layer in layers):
         return None
-    fused = mx.concatenate([layer.weight for layer in layers], axis=0)
-    mx.eval(fused)
+    return stack_rows(layers, "weight")
+
+
+def stack_rows(layers, name: str) -> mx.array:
+    """The `name` arrays of `layers` stacked by rows into one; each layer's becomes a view into it."""
+    stacked = mx.concatenate([getattr(layer, name) for layer in layers], axis=0)
+    mx.eval(stacked)
     start = 0
     for layer in layers:
-        rows = layer.weight.shape[0]
-        layer.weight = fused[start:start + rows]  # a slice of a row-contiguous array shares its buffer
+        rows = getattr(layer, name).shape[0]
+        setattr(layer, name, stacked[start:start + rows])  # a slice of a row-contiguous array shares its buffer
         start += rows
-    mx.eval([layer.weight for layer in layers])
-    return fused
+    mx.eval([getattr(layer, name) for layer in layers])
+    return stacked
 
 
 class SharedProduct:

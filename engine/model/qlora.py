@@ -16,7 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from engine.model.lean import frozen_qkv, share, shared_part
+from engine.model.lean import frozen_qkv, share, shared_part, stack_rows
 
 
 def _biases_or_none(biases):
@@ -63,7 +63,6 @@ class DequantizingLinear(nn.Module):
         if "bias" in q:
             self.bias = q.bias
         self.group_size, self.bits, self.mode = q.group_size, q.bits, getattr(q, "mode", "affine")
-        self.dense_forward = dense_forward
         self._matmul = _matmul_with_dense_backward(self.group_size, self.bits, self.mode, dense_forward)
         self.freeze()
 
@@ -93,21 +92,11 @@ def share_dequantized_product(layers: list[nn.Module], attention: nn.Module):
     if any(type(q) is not DequantizingLinear or "bias" in q or (q.group_size, q.bits, q.mode, q.biases.size > 0)
            != (first.group_size, first.bits, first.mode, first.biases.size > 0) for q in layers):
         return None
-    stacked = {}
-    for name in ("weight", "scales", "biases"):
-        parts = [getattr(q, name) for q in layers]
-        stacked[name] = mx.concatenate(parts, axis=0) if parts[0].size else parts[0]
-    mx.eval(list(stacked.values()))
-    start = 0
-    for q in layers:
-        rows = q.weight.shape[0]
-        for name, whole in stacked.items():
-            if whole.size:
-                setattr(q, name, whole[start:start + rows])  # a slice of a row-contiguous array shares its buffer
-        start += rows
-    mx.eval([getattr(q, name) for q in layers for name in stacked])
-    matmul = _matmul_with_dense_backward(first.group_size, first.bits, first.mode, first.dense_forward)
-    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked.values()), attention)
+    # an empty biases array stands for "none" (mode without biases): nothing to stack
+    names = ("weight", "scales", "biases") if first.biases.size else ("weight", "scales")
+    stacked = [stack_rows(layers, name) for name in names] + ([] if first.biases.size else [first.biases])
+    matmul = first._matmul  # same group size, bits and mode for all: one function serves them
+    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked), attention)
 
 
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
