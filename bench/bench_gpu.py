@@ -8,8 +8,8 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
-                BENCH_FUSE_QKV=1 runs the frozen q/k/v as one matmul (engine/model/lean.py FUSE_QKV, off by
-                default until measured: the next GPU call is `BENCH_FUSE_QKV=0/1 ... --only mlx mlx:all mlx-4bit`)
+                BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
+                CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -142,9 +142,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     from engine.model.adapters import apply_lora
     from engine.config.schema import LoRAConfig
     lean_autograd.SPLIT_TOKENS = int(os.environ.get("BENCH_SPLIT_TOKENS", "0"))  # probe: adapter gradients split-K
-    # probe: BENCH_FUSE_QKV=0/1 forces the frozen q/k/v projections apart / into one matmul (default: lean.FUSE_QKV)
+    # probe: BENCH_FUSE_QKV=0/1 forces the frozen q/k/v projections apart / into one matmul (default: lean.FUSE_QKV, FUSE_QKV_QUANTIZED)
     if os.environ.get("BENCH_FUSE_QKV") in ("0", "1"):
-        lean_autograd.FUSE_QKV = os.environ["BENCH_FUSE_QKV"] == "1"
+        lean_autograd.FUSE_QKV = lean_autograd.FUSE_QKV_QUANTIZED = os.environ["BENCH_FUSE_QKV"] == "1"
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

@@ -17,8 +17,8 @@ from engine.model.qlora import DequantizingLinear, SharedDequantizingLinear, deq
 @pytest.mark.parametrize("dense_forward,fused", [(True, False), (False, False), (True, True)],
                          ids=["dense-forward", "quantized-forward", "dense-forward-shared-qkv"])
 def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense_forward, fused, monkeypatch):
-    """`fused`: q, k and v dequantized and multiplied as one (the default on CUDA)."""
-    monkeypatch.setattr(lean, "FUSE_QKV", fused)
+    """`fused`: q, k and v dequantized and multiplied as one (lean.FUSE_QKV_QUANTIZED, off by default)."""
+    monkeypatch.setattr(lean, "FUSE_QKV_QUANTIZED", fused)
     cfg = Config()
     cfg.model.quantized_base = "keep"
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout = 4, 2, 0.0
@@ -62,7 +62,7 @@ def test_generation_shapes_take_the_quantized_kernel_and_agree(embedded_dir):
 
 def test_shared_qkv_keeps_the_quantized_weights_as_views(embedded_dir, monkeypatch):
     import gc
-    monkeypatch.setattr(lean, "FUSE_QKV", True)
+    monkeypatch.setattr(lean, "FUSE_QKV_QUANTIZED", True)
     cfg = Config()
     cfg.model.quantized_base = "keep"
     model, _, _ = load_model(cfg.model)

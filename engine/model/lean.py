@@ -11,7 +11,7 @@ seed: SEEDED_DROPOUT), and redoes the cheap low-rank products in the backward pa
 and recomputes the sigmoid. Each backward computation is tied with `mx.depends` to the incoming gradient, so the
 scheduler cannot run it early and hold its result (the trap qlora.py describes). Two more savings in time: where
 the activations are 16-bit, the low-rank products run in that dtype (the adapters and their gradients stay
-float32), and frozen gate and up projections run as one matmul (q, k and v too, where FUSE_QKV is on).
+float32), and frozen gate and up projections run as one matmul (q, k and v too, on CUDA).
 Dropout masks come from engine/model/philox.py (mlx-lm's own draw off CUDA). Measured: bench/RESULTS.md.
 """
 
@@ -55,11 +55,13 @@ def _swiglu_vjp(primals, cotangent, output):
 # activations' dtype (bf16 on a GPU, as Unsloth does); the adapters, their gradients and the optimizer stay
 # float32. FUSE_GATE_UP: see LeanSwiGLUMLP; None = on CUDA only (3% faster there, 10% slower on this CPU,
 # where the split halves are strided; not measured on Metal). FUSE_QKV: the same for the frozen q, k and v
-# projections (SharedProduct). Off until measured on a GPU (no device was lent when it was written; tested on the
-# CPU for the same loss and gradients): bench_gpu.py's BENCH_FUSE_QKV=1 times it, and None would make it CUDA only.
+# projections (SharedProduct), CUDA only: on an H100, q/v LoRA 0.6-4.0% faster in three pairs of runs at 0.3 GB
+# less, all seven layers even (bench/RESULTS.md). FUSE_QKV_QUANTIZED: the same for 4-bit bases (one dequantize
+# for the three), off: even for q/v, 3% slower in one pair for all seven. bench_gpu.py's BENCH_FUSE_QKV sets both.
 LORA_IN_INPUT_DTYPE = True
 FUSE_GATE_UP: bool | None = None
-FUSE_QKV: bool | None = False
+FUSE_QKV: bool | None = None
+FUSE_QKV_QUANTIZED: bool | None = False
 # SPLIT_TOKENS = c: the adapter gradients (K = tokens, one side only rank wide) as c matmuls over token
 # chunks, summed: a hand-made split-K for GEMMs that otherwise leave most of a GPU idle. 0 = one matmul.
 SPLIT_TOKENS = 0
@@ -149,35 +151,36 @@ def shared_part(layer: nn.Module, x):
     return part if layer._in_adapter else mx.contiguous(part)
 
 
-def frozen_qkv(attention: nn.Module) -> list[nn.Module] | None:
-    """The frozen q, k and v layers of an attention block that calls them in turn on one x (plain, or inside
-    a LeanLoRALinear), where FUSE_QKV lets them share one product; else None."""
-    if not (on_cuda() if FUSE_QKV is None else FUSE_QKV):
+def frozen_qkv(attention: nn.Module, quantized: bool = False) -> list[tuple[nn.Module, bool]] | None:
+    """The frozen q, k and v layers of an attention block that calls them in turn on one x, each with whether
+    it sits inside a LeanLoRALinear, where FUSE_QKV (FUSE_QKV_QUANTIZED) lets them share one product; else None."""
+    switch = FUSE_QKV_QUANTIZED if quantized else FUSE_QKV
+    if not (on_cuda() if switch is None else switch):
         return None
     if type(attention).__module__ not in _QKV_ATTENTION_MODULES or type(attention).__name__ != "Attention":
         return None
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    return [p.linear if type(p) is LeanLoRALinear else p for p in projections]
+    return [(p.linear, True) if type(p) is LeanLoRALinear else (p, False) for p in projections]
 
 
-def share(layers: list[nn.Module], shared_class: type, product, attention: nn.Module) -> SharedProduct:
-    """Give `layers` (weights already views into one stacked weight) one SharedProduct computing `product`."""
-    shared = SharedProduct(product, [layer.weight.shape[0] for layer in layers])
-    adapters = {id(p.linear) for p in (attention.q_proj, attention.k_proj, attention.v_proj)
-                if type(p) is LeanLoRALinear}
-    for index, layer in enumerate(layers):
+def share(frozen: list[tuple[nn.Module, bool]], shared_class: type, product) -> SharedProduct:
+    """Give the `frozen` layers (weights already views into one stacked weight) one SharedProduct computing
+    `product`."""
+    shared = SharedProduct(product, [layer.weight.shape[0] for layer, _ in frozen])
+    for index, (layer, in_adapter) in enumerate(frozen):
         layer.__class__ = shared_class  # only __call__ differs
-        layer._shared, layer._index, layer._in_adapter = shared, index, id(layer) in adapters
+        layer._shared, layer._index, layer._in_adapter = shared, index, in_adapter
     return shared
 
 
-def share_product(frozen: list[nn.Module], attention: nn.Module) -> SharedProduct | None:
+def share_product(frozen: list[tuple[nn.Module, bool]]) -> SharedProduct | None:
     """Run the `frozen` bf16/float layers as one matmul; None where one is not a frozen bias-free nn.Linear
     (DoRA, biased or trained layers keep their own; qlora.py shares quantized ones)."""
-    if any(type(f) is nn.Linear and f.trainable_parameters() for f in frozen):
+    layers = [layer for layer, _ in frozen]
+    if any(type(f) is nn.Linear and f.trainable_parameters() for f in layers):
         return None
-    fused = fuse_rows(*frozen)
-    return None if fused is None else share(frozen, SharedProductLinear, lambda x: x @ fused.T, attention)
+    fused = fuse_rows(*layers)
+    return None if fused is None else share(frozen, SharedProductLinear, lambda x: x @ fused.T)
 
 
 def apply_mask(mask, x, keep: float):
@@ -316,5 +319,5 @@ def lean_autograd(model: nn.Module) -> int:
             n += 1
         attention = getattr(layer, "self_attn", None)
         frozen = frozen_qkv(attention)
-        n += frozen is not None and share_product(frozen, attention) is not None
+        n += frozen is not None and share_product(frozen) is not None
     return n

@@ -85,9 +85,10 @@ class SharedDequantizingLinear(DequantizingLinear):
         return shared_part(self, x)
 
 
-def share_dequantized_product(layers: list[nn.Module], attention: nn.Module):
-    """Stack the quantized weights of `layers` by rows (each layer's arrays become views: no extra memory)
+def share_dequantized_product(frozen: list[tuple[nn.Module, bool]]):
+    """Stack the quantized weights of the `frozen` layers (lean.frozen_qkv's pairs) by rows (each layer's arrays become views: no extra memory)
     and give them one shared product; None unless all are bias-free DequantizingLinears quantized alike."""
+    layers = [layer for layer, _ in frozen]
     first = layers[0]
     if any(type(q) is not DequantizingLinear or "bias" in q or (q.group_size, q.bits, q.mode, q.biases.size > 0)
            != (first.group_size, first.bits, first.mode, first.biases.size > 0) for q in layers):
@@ -96,12 +97,12 @@ def share_dequantized_product(layers: list[nn.Module], attention: nn.Module):
     names = ("weight", "scales", "biases") if first.biases.size else ("weight", "scales")
     stacked = [stack_rows(layers, name) for name in names] + ([] if first.biases.size else [first.biases])
     matmul = first._matmul  # same group size, bits and mode for all: one function serves them
-    return share(layers, SharedDequantizingLinear, lambda x: matmul(x, *stacked), attention)
+    return share(frozen, SharedDequantizingLinear, lambda x: matmul(x, *stacked))
 
 
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
     """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many.
-    Where lean.FUSE_QKV allows (off by default), an attention block's q, k and v then share one product."""
+    Where lean.FUSE_QKV_QUANTIZED allows (off by default), an attention block's q, k and v then share one product."""
     swaps = []
     for _, module in model.named_modules():
         for key, child in module.children().items():
@@ -111,7 +112,7 @@ def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int
         setattr(parent, key, DequantizingLinear(child, dense_forward))
     for layer in getattr(model, "layers", []):
         attention = getattr(layer, "self_attn", None)
-        frozen = frozen_qkv(attention)
+        frozen = frozen_qkv(attention, quantized=True)
         if frozen is not None:
-            share_dequantized_product(frozen, attention)
+            share_dequantized_product(frozen)
     return len(swaps)
