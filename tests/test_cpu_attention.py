@@ -55,43 +55,6 @@ def test_attention_and_its_gradients_match_mlx(mask, heads, kv):
         assert mx.abs(a - b).max().item() < 1e-4 * mx.abs(b).max().item()
 
 
-def test_query_chunks_are_shared_evenly_between_two_streams():
-    """Chunk i of a causal attention costs about i + 1: the two CPU streams get the same work."""
-    costs = [84, 168, 252, 336]
-    streams = cpu_attention._balanced_streams(costs)
-    assert len(set(map(str, streams))) == 2
-    loads = {str(s): 0 for s in streams}
-    for cost, stream in zip(costs, streams):
-        loads[str(stream)] += cost
-    assert sorted(loads.values()) == [420, 420]
-
-
-def test_chunked_gradients_on_worker_threads_that_clear_their_streams():
-    """The engine trains on a worker thread that clears its MLX streams when it ends; the next run's
-    thread gets streams of its own and the same gradients (here, MLX's attention's)."""
-    import threading
-
-    q, k, v = _qkv(6, 2, length=250, keys=250)
-    w = mx.array(np.random.default_rng(1).standard_normal(q.shape), dtype=mx.float32)
-    mx.eval(q, k, v, w)
-    want = mx.grad(lambda q: (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal") * w).sum())(q)
-    mx.eval(want)
-    results = []
-
-    def run():
-        try:
-            grad = mx.compile(mx.grad(lambda q: (cpu_attention.attention(q, k, v, 0.25, "causal") * w).sum()))
-            results.append(mx.abs(grad(q) - want).max().item())
-        finally:
-            mx.clear_streams()
-
-    for _ in range(2):
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join()
-    assert len(results) == 2 and max(results) < 1e-4 * mx.abs(want).max().item()
-
-
 def test_the_training_step_with_it_trains_as_before(embedded_dir):
     """The engine's compiled step (which routes attention here on the CPU) gives the loss and adapter
     gradients of the same step with MLX's attention."""

@@ -6,7 +6,7 @@ softmax is a precompiled scalar kernel (the Linux build's SIMD width is 1): at t
 Here the softmax is max, exp(s - max), sum and divide: element-wise ops that `mx.compile` fuses into
 kernels built for this CPU (engine/native_jit.py). As in flash attention, the backward pass recomputes the
 probabilities rather than keeping them; a causal attention is cut into query chunks that skip the keys
-they cannot see, shared between two CPU streams that run at once. Grouped-query heads share their key and value without a copy. Same results as MLX's to
+they cannot see. Grouped-query heads share their key and value without a copy. Same results as MLX's to
 float rounding (tests/test_cpu_attention.py).
 
 Used only while a training step is traced on the CPU (`training_attention()`); decoding and GPUs keep
@@ -15,7 +15,6 @@ MLX's kernel.
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -30,63 +29,20 @@ def attention(queries, keys, values, scale: float, mask=None):
     so keys and values are never copied per head and each product is one larger matrix multiply."""
     length, s = queries.shape[2], keys.shape[2]
     chunks = causal_chunks(length, s) if isinstance(mask, str) else 1
-    if chunks == 1:
-        return _attention(queries, keys, values, scale, mask, _attend_on(mx.default_stream(mx.cpu)))
-    # causal: query chunk i needs only the keys up to its end; the rest is masked work. The chunks are
-    # independent, so they run on two CPU streams at once: MLX runs each stream's element-wise ops (and
-    # MKL these small products) on one thread, which would leave the second core waiting
-    size = -(-length // chunks)
-    starts = list(range(0, length, size))
-    parts = []
-    for i, stream in zip(starts, _balanced_streams([i + size for i in starts])):
-        with mx.stream(stream):
-            parts.append(_attention(queries[:, :, i:i + size], keys[:, :, :s - length + i + size],
-                                    values[:, :, :s - length + i + size], scale, mask, _attend_on(stream)))
-    return mx.concatenate(parts, axis=2)
+    if chunks > 1:  # causal: query chunk i needs only the keys up to its end; the rest is masked work
+        size = -(-length // chunks)
+        parts = [_attention(queries[:, :, i:i + size], keys[:, :, :s - length + i + size],
+                            values[:, :, :s - length + i + size], scale, mask)
+                 for i in range(0, length, size)]
+        return mx.concatenate(parts, axis=2)
+    return _attention(queries, keys, values, scale, mask)
 
 
-class _ThreadStreams(threading.local):
-    """This thread's two CPU streams (MLX streams belong to the thread that made them: the engine's worker
-    clears them when it ends) and an `_attend` for each."""
-
-    def __init__(self):
-        self.pair, self.attend = None, {}
-
-
-_streams = _ThreadStreams()
-
-
-def _balanced_streams(costs: list[int]) -> list:
-    """The stream each chunk runs on: the costliest first, each to the less loaded of two CPU streams."""
-    if _streams.pair is None:
-        _streams.pair = (mx.default_stream(mx.cpu), mx.new_stream(mx.cpu))
-    load, chosen = [0, 0], [None] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        side = 0 if load[0] <= load[1] else 1
-        load[side] += costs[i]
-        chosen[i] = _streams.pair[side]
-    return chosen
-
-
-def _attend_on(stream):
-    """`_attend` whose backward pass runs on `stream` too (MLX traces a custom VJP on the default stream)."""
-    key = str(stream)
-    if key not in _streams.attend:
-        attend = mx.custom_function(_attend)
-
-        def vjp(primals, cotangent, output):
-            with mx.stream(stream):
-                return _attend_vjp(primals, cotangent, output)
-        attend.vjp(vjp)
-        _streams.attend[key] = attend
-    return _streams.attend[key]
-
-
-def _attention(queries, keys, values, scale: float, mask, attend):
+def _attention(queries, keys, values, scale: float, mask):
     b, h, length, d = queries.shape
     kv, s = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(b, kv, h // kv * length, d)  # free: the heads of a group are adjacent
-    out = attend(q, keys, values, _bias(mask, length, s, kv))
+    out = _attend(q, keys, values, _bias(mask, length, s, kv))
     return out.reshape(b, h, length, d)
 
 
@@ -124,10 +80,12 @@ def _probs(q, k, bias):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+@mx.custom_function
 def _attend(q, k, v, bias):
     return _probs(q, k, bias).astype(v.dtype) @ v
 
 
+@_attend.vjp
 def _attend_vjp(primals, cotangent, output):
     """Flash attention's backward pass: the probabilities are recomputed from q and k rather than kept
     (L x S a head and layer), so attention keeps less than MLX's own fallback does. The products over
