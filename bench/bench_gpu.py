@@ -142,7 +142,8 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     from engine.model.adapters import apply_lora
     from engine.config.schema import LoRAConfig
     lean_autograd.SPLIT_TOKENS = int(os.environ.get("BENCH_SPLIT_TOKENS", "0"))  # probe: adapter gradients split-K
-    # probe: BENCH_FUSE_QKV=0/1 forces the frozen q/k/v projections apart / into one matmul (default: lean.FUSE_QKV, FUSE_QKV_QUANTIZED)
+    # probe: BENCH_FUSE_QKV=0/1 forces the frozen q/k/v projections apart / into one matmul
+    # (default: lean.FUSE_QKV, FUSE_QKV_QUANTIZED)
     if os.environ.get("BENCH_FUSE_QKV") in ("0", "1"):
         lean_autograd.FUSE_QKV = lean_autograd.FUSE_QKV_QUANTIZED = os.environ["BENCH_FUSE_QKV"] == "1"
 

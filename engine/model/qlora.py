@@ -86,8 +86,9 @@ class SharedDequantizingLinear(DequantizingLinear):
 
 
 def share_dequantized_product(frozen: list[tuple[nn.Module, bool]]):
-    """Stack the quantized weights of the `frozen` layers (lean.frozen_qkv's pairs) by rows (each layer's arrays become views: no extra memory)
-    and give them one shared product; None unless all are bias-free DequantizingLinears quantized alike."""
+    """Stack the quantized weights of the `frozen` layers (lean.frozen_qkv's pairs) by rows (each layer's
+    arrays become views: no extra memory) and give them one shared product; None unless all are bias-free
+    DequantizingLinears quantized alike."""
     layers = [layer for layer, _ in frozen]
     first = layers[0]
     if any(type(q) is not DequantizingLinear or "bias" in q or (q.group_size, q.bits, q.mode, q.biases.size > 0)
