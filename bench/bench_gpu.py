@@ -9,7 +9,8 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
                 BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
-                CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default)
+                CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default); BENCH_SWIGLU_KERNEL=0/1
+                the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -146,6 +147,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     # (default: lean.FUSE_QKV, FUSE_QKV_QUANTIZED)
     if os.environ.get("BENCH_FUSE_QKV") in ("0", "1"):
         lean_autograd.FUSE_QKV = lean_autograd.FUSE_QKV_QUANTIZED = os.environ["BENCH_FUSE_QKV"] == "1"
+    if os.environ.get("BENCH_SWIGLU_KERNEL") in ("0", "1"):  # probe: the fused SwiGLU gradient by ops / one kernel
+        from engine.model import swiglu_cuda
+        swiglu_cuda.USE_KERNEL = os.environ["BENCH_SWIGLU_KERNEL"] == "1"
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

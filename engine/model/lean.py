@@ -23,6 +23,7 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
+from engine.model import swiglu_cuda
 from engine.model.loading import on_cuda, on_gpu
 from engine.model.philox import dropout_mask, dropout_seed, philox_mask
 
@@ -84,6 +85,8 @@ def _swiglu_pair_vjp(primals, cotangent, output):
     # The gradient is written straight into one (..., 2, width) array, gate rows then up rows, by broadcast
     # element-wise ops (one fused kernel under mx.compile), not as two halves concatenated afterwards.
     gate_up = mx.depends(primals, cotangent)  # a one-argument function gets its primal as is
+    if swiglu_cuda.applies(gate_up, cotangent):
+        return swiglu_cuda.swiglu_pair_grad(gate_up, cotangent)
     pair = gate_up.reshape(*gate_up.shape[:-1], 2, -1)
     d_gate, d_up = _swiglu_grads(pair[..., :1, :], pair[..., 1:, :], cotangent[..., None, :])
     is_gate = (mx.arange(2) == 0).reshape(2, 1)
