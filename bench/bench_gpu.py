@@ -10,7 +10,9 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
                 BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
                 CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default); BENCH_SWIGLU_KERNEL=0/1
-                the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA)
+                the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA);
+                BENCH_CE_CHUNK_BYTES=N the head's loss and gradient in chunks of N bytes of logits
+                (engine/train/losses.py; 0 = all at once, kept for the backward pass)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -147,6 +149,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     # (default: lean.FUSE_QKV, FUSE_QKV_QUANTIZED)
     if os.environ.get("BENCH_FUSE_QKV") in ("0", "1"):
         lean_autograd.FUSE_QKV = lean_autograd.FUSE_QKV_QUANTIZED = os.environ["BENCH_FUSE_QKV"] == "1"
+    if "BENCH_CE_CHUNK_BYTES" in os.environ:  # probe: 0 = the head's logits at once, kept for the backward pass
+        from engine.train import losses
+        losses.CE_CHUNK_BYTES = int(os.environ["BENCH_CE_CHUNK_BYTES"])
     if os.environ.get("BENCH_SWIGLU_KERNEL") in ("0", "1"):  # probe: the fused SwiGLU gradient by ops / one kernel
         from engine.model import swiglu_cuda
         swiglu_cuda.USE_KERNEL = os.environ["BENCH_SWIGLU_KERNEL"] == "1"

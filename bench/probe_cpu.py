@@ -10,6 +10,7 @@ say how much of the step used both cores. Probes:
   base       the engine's step            nocompile  without mx.compile     stock   without engine/model/lean.py
   noattn     attention output = queries   nomlp      MLP = identity        nonorm  RMSNorm = identity
   norope     RoPE = identity              nohead     loss on the mean hidden state (no vocabulary projection)
+  wholehead  the head's logits at once, kept for the backward pass (losses.CE_CHUNK_BYTES = 0)
   dropout    LoRA dropout 0.05 (the config's default)
   matmuls    only the step's matrix products (forward, and backward to the inputs) at the same shapes
 """
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBES = ["base", "ftz", "nocompile", "stock", "noattn", "nomlp", "nonorm", "norope", "nohead", "dropout", "matmuls"]
+PROBES = ["base", "ftz", "nocompile", "stock", "noattn", "nomlp", "nonorm", "norope", "nohead", "wholehead", "dropout",
+          "matmuls"]
 
 
 def _cpu_seconds() -> float:
@@ -90,7 +92,10 @@ def run_probe(probe: str, batch: int, seq: int, trained: float, steps: int) -> d
     positions = mx.array([r * seq + seq - per_row + i for r in range(batch) for i in range(per_row)])
     weights = mx.ones(positions.shape)
     if probe == "nohead":
-        losses.token_losses = lambda model, inputs, targets, positions: model.model(inputs).mean(-1).reshape(-1)[positions]
+        losses.token_losses = lambda model, inputs, targets, positions, *_: \
+            model.model(inputs).mean(-1).reshape(-1)[positions]
+    if probe == "wholehead":  # the head's logits all at once, kept for the backward pass (losses.CE_CHUNK_BYTES)
+        losses.CE_CHUNK_BYTES = 0
     if probe == "matmuls":
         step = matmul_step(mx, model, batch * seq, batch * per_row)
     elif probe == "nocompile":
@@ -101,12 +106,13 @@ def run_probe(probe: str, batch: int, seq: int, trained: float, steps: int) -> d
     args = (inputs, targets, positions, weights)
     for _ in range(2):
         mx.eval(step(*args))
+    mx.reset_peak_memory()
     t0, c0 = time.perf_counter(), _cpu_seconds()
     for _ in range(steps):
         mx.eval(step(*args))
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     return dict(probe=probe, step_s=round(wall / steps, 4), cores_used=round(cpu / wall, 2),
-                tokens_per_s=round(batch * seq * steps / wall, 1))
+                tokens_per_s=round(batch * seq * steps / wall, 1), peak_gb=round(mx.get_peak_memory() / 1e9, 3))
 
 
 def matmul_step(mx, model, tokens: int, trained: int):

@@ -19,7 +19,7 @@ import mlx.core as mx, mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from engine.model.adapters import apply_lora, trainable_count
 from engine.config.schema import Config
-from engine.train.losses import loss_inputs
+from engine.train.losses import head_chunk_rows, loss_inputs
 from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory
 from engine.model.loading import load_model
 from engine.train.step import accumulate_gradients, build_micro_step, build_update, checkpointed_layers
@@ -43,9 +43,9 @@ for batch, length, trained in {sizes}:
         grads, loss = accumulate_gradients(step, iter([loss_inputs(tokens[:, :-1], tokens[:, 1:], mask)]))
         update(grads)
         mx.eval(loss, model.parameters(), opt.state)
-    est = estimate_step_memory(ModelShape.of(model), weights, trainable_count(model), batch, length, trained,
-                               ckpt, placement=AdapterPlacement.of(model, ckpt))
     s = ModelShape.of(model)
+    est = estimate_step_memory(s, weights, trainable_count(model), batch, length, trained,
+                               ckpt, placement=AdapterPlacement.of(model, ckpt), logit_rows=head_chunk_rows(s.vocab, 4))
     print(json.dumps({{"size": [batch, length, trained], "measured": mx.get_peak_memory(), "estimated": est.total,
                       "layers": s.layers, "hidden": s.hidden, "intermediate": s.intermediate}}))
 """

@@ -15,9 +15,10 @@ against MLX's measured peak on the embedded model, see tests/test_memory.py):
   autograd (Metal); MLX's CUDA backend keeps only q, k, v and the output, and on the CPU
   engine/model/cpu_attention.py recomputes them in the backward pass, one layer's (~3 copies) at a time;
 - for the trained positions only (masked_loss gathers them first), the logits with their softmax and
-  gradients: about four (tokens x vocabulary) float32 copies.
+  gradients: about four (tokens x vocabulary) float32 copies, of one chunk of rows where the head runs in
+  chunks (engine/train/losses.py).
 With gradient checkpointing only each trained block's input is kept, plus one block's activations while it
-is recomputed.
+is recomputed, and their gradients.
 """
 
 from __future__ import annotations
@@ -117,18 +118,20 @@ class MemoryEstimate:
 def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, batch: int, length: int,
                          trained_fraction: float = 1.0, grad_checkpoint: bool = False,
                          act_bytes: int = 4, fused_attention: bool | None = None,
-                         placement: AdapterPlacement | None = None, quantized: bool = False) -> MemoryEstimate:
+                         placement: AdapterPlacement | None = None, quantized: bool = False,
+                         logit_rows: int | None = None) -> MemoryEstimate:
     """Peak bytes of one micro-step on `batch` rows of `length` tokens, `trained_fraction` of them trained.
     fused_attention: True keeps no probabilities, False keeps every layer's, None: as this device does.
     placement: AdapterPlacement.of(model); None = adapters on every block reading the attention's input, no
-    masks kept (q/v on CUDA)."""
+    masks kept (q/v on CUDA). logit_rows: the most trained rows whose logits exist at once (a training step's
+    head in chunks: losses.head_chunk_rows); None: all of them."""
     tokens = batch * length
     placement = placement or AdapterPlacement(shape.layers, shape.hidden, 0)
     layers = placement.trained_layers
     per_token_layer = (4 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate + placement.kept_inputs
                        + placement.mask_bytes / act_bytes)
-    if grad_checkpoint:
-        activations = tokens * (layers * shape.hidden + per_token_layer) if layers else 0
+    if grad_checkpoint:  # the recomputed block's activations and, while its backward runs, their gradients
+        activations = tokens * (layers * shape.hidden + 2 * per_token_layer) if layers else 0
     else:
         activations = tokens * layers * per_token_layer
     kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
@@ -137,7 +140,8 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
         attention = ATTENTION_COPIES * probabilities * (min(1, layers) if grad_checkpoint else layers)
     else:  # none, or one layer's recomputed at a time
         attention = RECOMPUTED_COPIES * probabilities if kept == "recomputed" and layers else 0
-    logits = LOGIT_COPIES * tokens * min(max(trained_fraction, 0.0), 1.0) * shape.vocab * 4
+    trained_rows = tokens * min(max(trained_fraction, 0.0), 1.0)
+    logits = LOGIT_COPIES * min(trained_rows, logit_rows or trained_rows) * shape.vocab * 4
     return MemoryEstimate(int(weight_bytes), int(trainable * 4 * 4), int(activations * act_bytes),
                           int(attention * act_bytes), int(logits),
                           queue_headroom(grad_checkpoint, quantized, placement.dora))

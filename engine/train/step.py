@@ -52,7 +52,8 @@ def build_micro_step(model, optimizer):
 
     from engine.model.cpu_attention import training_attention
     from engine.train.losses import masked_loss
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    # the head's gradient is taken chunk by chunk in the forward pass (losses.CE_CHUNK_BYTES)
+    loss_and_grad = nn.value_and_grad(model, partial(masked_loss, gradient_in_forward=True))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
