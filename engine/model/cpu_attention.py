@@ -69,34 +69,36 @@ def _bias(mask, length: int, s: int, kv: int):
 
 
 def _probs(q, k, bias):
-    """softmax of the (B, KV, H/KV x L, S) scores plus the bias, whose rows are the L of each head."""
-    scores = (q @ k.swapaxes(-1, -2)).astype(mx.float32)
-    rows = bias.shape[-2]
-    if rows > 1:  # add the (.., L, S) bias to every head of the group: a free reshape, then a broadcast
-        scores = (scores.reshape(*scores.shape[:2], -1, rows, scores.shape[-1]) + bias).reshape(scores.shape)
-    else:
+    """softmax over the keys of the (B, KV, S, H/KV x L) transposed scores plus the bias, as (B, KV, S, H/KV x L):
+    keys run down the columns, so the softmax's max and sum reduce over a strided axis, which MLX's CPU
+    reductions vectorize across the contiguous one (3.8x and 2.3x faster here than along the rows)."""
+    scores = (k @ q.swapaxes(-1, -2)).astype(mx.float32)
+    if bias.size > 1:  # the (.., L, S) bias as (.., S, 1, L), added to every head of the group: a free reshape
+        bias_t = mx.moveaxis(bias[None] if bias.ndim == 2 else bias, -1, -3)
+        scores = (scores.reshape(*scores.shape[:3], -1, bias.shape[-2]) + bias_t).reshape(scores.shape)
+    else:  # no mask: zeros
         scores = scores + bias
-    e = mx.exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    return e / e.sum(axis=-1, keepdims=True)
+    e = mx.exp(scores - mx.stop_gradient(scores.max(axis=-2, keepdims=True)))
+    return e / e.sum(axis=-2, keepdims=True)
 
 
 @mx.custom_function
 def _attend(q, k, v, bias):
-    return _probs(q, k, bias).astype(v.dtype) @ v
+    return _probs(q, k, bias).astype(v.dtype).swapaxes(-1, -2) @ v  # a transposed operand: BLAS takes it as is
 
 
 @_attend.vjp
 def _attend_vjp(primals, cotangent, output):
     """Flash attention's backward pass: the probabilities are recomputed from q and k rather than kept
     (L x S a head and layer), so attention keeps less than MLX's own fallback does. The products over
-    the folded rows sum the shared key and value heads' gradients by themselves."""
+    the folded rows sum the shared key and value heads' gradients by themselves. All (S x rows), as _probs."""
     q, k, v, bias = primals
     q, k = mx.depends([q, k], cotangent)  # not before the gradient arrives: the recompute is big
     p = _probs(q, k, bias)
-    dv = p.astype(v.dtype).swapaxes(-1, -2) @ cotangent
-    dp = (cotangent @ v.swapaxes(-1, -2)).astype(mx.float32)
-    ds = (p * (dp - (dp * p).sum(axis=-1, keepdims=True))).astype(q.dtype)
-    return ds @ k, ds.swapaxes(-1, -2) @ q, dv, mx.zeros_like(bias)
+    dv = p.astype(v.dtype) @ cotangent
+    dp = (v @ cotangent.swapaxes(-1, -2)).astype(mx.float32)
+    ds = (p * (dp - (dp * p).sum(axis=-2, keepdims=True))).astype(q.dtype)
+    return ds.swapaxes(-1, -2) @ k, ds @ q, dv, mx.zeros_like(bias)
 
 
 @contextmanager
