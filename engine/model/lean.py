@@ -24,7 +24,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from engine.model import swiglu_cuda
-from engine.model.loading import on_cuda, on_gpu
+from engine.model.loading import cuda_default, on_gpu
 from engine.model.philox import dropout_mask, dropout_seed, philox_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
@@ -158,7 +158,7 @@ def frozen_qkv(attention: nn.Module, quantized: bool = False) -> list[tuple[nn.M
     """The frozen q, k and v layers of an attention block that calls them in turn on one x, each with whether
     it sits inside a LeanLoRALinear, where FUSE_QKV (FUSE_QKV_QUANTIZED) lets them share one product; else None."""
     switch = FUSE_QKV_QUANTIZED if quantized else FUSE_QKV
-    if not (on_cuda() if switch is None else switch):
+    if not cuda_default(switch):
         return None
     if type(attention).__module__ not in _QKV_ATTENTION_MODULES or type(attention).__name__ != "Attention":
         return None
@@ -281,7 +281,7 @@ class LeanSwiGLUMLP(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        fuse = on_cuda() if FUSE_GATE_UP is None else FUSE_GATE_UP
+        fuse = cuda_default(FUSE_GATE_UP)
         self._gate_up = fuse_rows(self.gate_proj, self.up_proj) if fuse else None
 
     def __call__(self, x):

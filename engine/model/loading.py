@@ -35,6 +35,11 @@ def on_cuda() -> bool:
     return on_gpu() and mx.cuda.is_available()
 
 
+def cuda_default(switch: bool | None) -> bool:
+    """A speed switch that None leaves on CUDA only, and True or False force (the benches' comparisons)."""
+    return on_cuda() if switch is None else switch
+
+
 def expand_path(raw: str, field: str) -> Path:
     """`raw` with ~ expanded; a `~name` this machine has no user for is the user's mistake, not a crash."""
     try:

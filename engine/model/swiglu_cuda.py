@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from engine.model.loading import on_cuda
+from engine.model.loading import cuda_default
 
 _SOURCE = r"""
   long long n = 1;
@@ -50,7 +50,7 @@ USE_KERNEL: bool | None = None  # None: on CUDA; False: the ops everywhere (benc
 
 def applies(gate_up: mx.array, cotangent: mx.array) -> bool:
     """Whether swiglu_pair_grad can take this gradient: bf16, a width of a multiple of 8, on CUDA."""
-    if not (on_cuda() if USE_KERNEL is None else USE_KERNEL):
+    if not cuda_default(USE_KERNEL):
         return False
     return (gate_up.dtype == cotangent.dtype == mx.bfloat16 and cotangent.shape[-1] % 8 == 0
             and gate_up.shape[-1] == 2 * cotangent.shape[-1])
