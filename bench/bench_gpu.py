@@ -152,6 +152,10 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if "BENCH_CE_CHUNK_BYTES" in os.environ:  # probe: 0 = the head's logits at once, kept for the backward pass
         from engine.train import losses
         losses.CE_CHUNK_BYTES = int(os.environ["BENCH_CE_CHUNK_BYTES"])
+    if os.environ.get("BENCH_CHECKPOINTED_MLP") in ("0", "1"):  # probe: the frozen MLP's own recompute under ckpt
+        from engine.model import checkpointed_mlp
+        checkpointed_mlp.CHECKPOINTED_MLP = os.environ["BENCH_CHECKPOINTED_MLP"] == "1"
+        checkpointed_mlp.CHUNKS = int(os.environ.get("BENCH_MLP_CHUNKS", checkpointed_mlp.CHUNKS))
     if os.environ.get("BENCH_SWIGLU_KERNEL") in ("0", "1"):  # probe: the fused SwiGLU gradient by ops / one kernel
         from engine.model import swiglu_cuda
         swiglu_cuda.USE_KERNEL = os.environ["BENCH_SWIGLU_KERNEL"] == "1"

@@ -266,7 +266,8 @@ def probe_step(variant: str, layers: int) -> dict:
     from engine.train import losses
     from engine.model import lean, philox
     from engine.train.losses import masked_loss
-    from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update
+    from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update, \
+        checkpointed_layers
 
     losses.FUSED_CE = variant not in ("unfusedce", "old")
     lean.LORA_IN_INPUT_DTYPE = variant not in ("f32lora", "old")
@@ -282,6 +283,8 @@ def probe_step(variant: str, layers: int) -> dict:
             mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, force_fused=True)
     if variant == "nomlp":
         llama.MLP.__call__ = lambda self, x: x
+    if variant == "wholehead":
+        losses.CE_CHUNK_BYTES = 0
 
     model = build_model(layers, 4 if "4bit" in variant else None, dropout=0.0 if variant == "nodropout" else 0.05,
                         dense_forward=variant == "4bit-dep", lean=variant != "stock", targets=targets or "qv")
@@ -304,6 +307,10 @@ def probe_step(variant: str, layers: int) -> dict:
         micro_step = build_micro_step(model, optimizer)  # compiled lazily, at the first call
 
     update = build_update(model, optimizer)
+    if os.environ.get("PROBE_MEMORY_LIMIT_GB"):  # a tiny limit syncs after every op: the peak is the live set's
+        mx.set_memory_limit(int(float(os.environ["PROBE_MEMORY_LIMIT_GB"]) * 1e9))
+    checkpointing = checkpointed_layers(model, bool(os.environ.get("PROBE_CKPT")))
+    checkpointing.__enter__()  # for the life of the process
 
     def step():
         grads, loss = accumulate_gradients(micro_step, [batch])

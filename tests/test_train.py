@@ -295,7 +295,7 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
     """Gradient checkpointing recomputes each block in the backward pass. With dropout, mlx-lm's recompute
     draws new masks, so its gradients belong to another loss than the one reported; ours draws the masks
     the forward pass drew, and equals the same step run without checkpointing. `fused`: the frozen q/k/v and
-    gate/up projections as one matmul each, as on CUDA."""
+    gate/up projections as one matmul each, and the frozen MLP recomputed by its own backward pass, as on CUDA."""
     from engine.model import lean
     monkeypatch.setattr(lean, "FUSE_QKV", fused)
     monkeypatch.setattr(lean, "FUSE_GATE_UP", fused)
@@ -346,6 +346,8 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
         reference = step()
     finally:
         block_class.__call__ = plain_call
+    from engine.model import checkpointed_mlp
+    monkeypatch.setattr(checkpointed_mlp, "CHECKPOINTED_MLP", fused)  # CUDA's default: the MLP's own recompute
     with checkpointed_layers(model, True):
         ours = step()
     assert reference[0] != pytest.approx(plain[0], rel=1e-5)  # the masks do change the loss

@@ -23,9 +23,9 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.model import swiglu_cuda
+from engine.model import checkpointed_mlp, swiglu_cuda
 from engine.model.loading import cuda_default, on_gpu
-from engine.model.philox import dropout_mask, dropout_seed, philox_mask
+from engine.model.philox import dropout_mask, dropout_seed, in_keyed_block, philox_mask
 
 # MLP classes whose __call__ is exactly down_proj(swiglu(gate_proj(x), up_proj(x))).
 _SWIGLU_MLP_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
@@ -82,11 +82,15 @@ def swiglu_pair(gate_up):
 
 @swiglu_pair.vjp
 def _swiglu_pair_vjp(primals, cotangent, output):
-    # The gradient is written straight into one (..., 2, width) array, gate rows then up rows, by broadcast
-    # element-wise ops (one fused kernel under mx.compile), not as two halves concatenated afterwards.
-    gate_up = mx.depends(primals, cotangent)  # a one-argument function gets its primal as is
+    return swiglu_pair_grad(mx.depends(primals, cotangent), cotangent)  # one argument: its primal as is
+
+
+def swiglu_pair_grad(gate_up, cotangent):
+    """d swiglu_pair(gate_up) / d gate_up times `cotangent`: the CUDA kernel where it applies, else the ops."""
     if swiglu_cuda.applies(gate_up, cotangent):
         return swiglu_cuda.swiglu_pair_grad(gate_up, cotangent)
+    # The gradient is written straight into one (..., 2, width) array, gate rows then up rows, by broadcast
+    # element-wise ops (one fused kernel under mx.compile), not as two halves concatenated afterwards.
     pair = gate_up.reshape(*gate_up.shape[:-1], 2, -1)
     d_gate, d_up = _swiglu_grads(pair[..., :1, :], pair[..., 1:, :], cotangent[..., None, :])
     is_gate = (mx.arange(2) == 0).reshape(2, 1)
@@ -287,6 +291,8 @@ class LeanSwiGLUMLP(nn.Module):
     def __call__(self, x):
         if not self.training:
             return self.down_proj(stock_swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self._gate_up is not None and in_keyed_block() and checkpointed_mlp.applies(self):
+            return checkpointed_mlp.checkpointed_mlp(self, x)  # a checkpointed block's (keyed) recompute
         if self._gate_up is not None:
             return self.down_proj(swiglu_pair(x @ self._gate_up.T))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

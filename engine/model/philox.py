@@ -105,6 +105,11 @@ def dropout_keys(key: mx.array):
         _keys.key = outer
 
 
+def in_keyed_block() -> bool:
+    """Whether a dropout_keys() is active: inside a gradient-checkpointed block (engine/train/step.py)."""
+    return getattr(_keys, "key", None) is not None
+
+
 def _next_key() -> mx.array | None:
     key = getattr(_keys, "key", None)
     if key is None:
