@@ -199,13 +199,15 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     from engine.model.adapters import trainable_count
     from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory, fused_attention, \
         limit_gpu_queue
+    from engine.train.losses import estimated_logit_rows
     from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
 
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
-    estimate = estimate_step_memory(ModelShape.of(model), mx.get_active_memory(), trainable_count(model), BATCH,
-                                    SEQ, 1.0, ckpt, 2, fused_attention(), AdapterPlacement.of(model, ckpt),
-                                    quantized=bits is not None)
+    shape = ModelShape.of(model)
+    estimate = estimate_step_memory(shape, mx.get_active_memory(), trainable_count(model), BATCH, SEQ, 1.0, ckpt, 2,
+                                    fused_attention(), AdapterPlacement.of(model, ckpt), quantized=bits is not None,
+                                    logit_rows=estimated_logit_rows(shape.vocab, 2, True, ckpt))
     if queue_limit:
         if "BENCH_QUEUE_HEADROOM" in os.environ:
             estimate = dataclasses.replace(estimate, queue_headroom=float(os.environ["BENCH_QUEUE_HEADROOM"]))

@@ -61,6 +61,15 @@ def head_chunk_rows(vocab: int, itemsize: int) -> int | None:
     return max(64, CE_CHUNK_BYTES // (vocab * itemsize) // 64 * 64) if CE_CHUNK_BYTES else None
 
 
+def estimated_logit_rows(vocab: int, itemsize: int, sft: bool, grad_checkpoint: bool) -> int | None:
+    """The trained rows whose logits memory.estimate_step_memory counts (its logit_rows); None: all of them.
+    An SFT step puts them through in chunks, but without checkpointing a GPU's estimate still counts them all:
+    the automatic memory limit (a multiple of the estimate) was measured that way, and there the chunks saved
+    only ~0.3 GB of a 30 GB step. With checkpointing the estimate is the limit itself, measured against the
+    step's live set (bench/RESULTS.md)."""
+    return head_chunk_rows(vocab, itemsize) if sft and (grad_checkpoint or not on_gpu()) else None
+
+
 def _cross_entropy(logits, targets):
     if FUSED_CE and on_gpu():
         return mx.fast.cross_entropy(logits, targets)

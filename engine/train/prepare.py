@@ -231,9 +231,8 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     not expected to fit in memory."""
     from mlx.utils import tree_flatten
 
-    from engine.model.loading import on_gpu
     from engine.model.memory import AdapterPlacement, ModelShape, available_bytes, estimate_step_memory
-    from engine.train.losses import head_chunk_rows
+    from engine.train.losses import estimated_logit_rows
     from engine.train.batches import PAD_MULTIPLE
     try:
         shape = ModelShape.of(model)
@@ -246,10 +245,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     act_bytes = 4 if info.dtype == "float32" else 2
     # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
-    # An SFT step puts the head's rows through in chunks. On a GPU the estimate still counts every trained row's
-    # logits: the automatic memory limit (a multiple of the estimate) was measured that way, and there the chunks
-    # saved only ~0.3 GB of a 30 GB step, since queued work holds memory too (bench/RESULTS.md).
-    logit_rows = head_chunk_rows(shape.vocab, act_bytes) if t.method == "sft" and not on_gpu() else None
+    logit_rows = estimated_logit_rows(shape.vocab, act_bytes, t.method == "sft", t.grad_checkpoint)
     estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained, t.grad_checkpoint, act_bytes,
                                     placement=AdapterPlacement.of(model, t.grad_checkpoint), quantized=info.quantized,
                                     logit_rows=logit_rows)
