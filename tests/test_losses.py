@@ -91,3 +91,15 @@ def test_chunked_head_lowers_a_training_steps_peak(embedded_dir, monkeypatch):
     default = losses.CE_CHUNK_BYTES
     whole, chunked = peak(0), peak(default)
     assert chunked < whole - logits_copy, (whole / 1e9, chunked / 1e9)
+
+
+def test_the_estimate_counts_one_chunk_of_logits_where_the_limit_was_measured_that_way(monkeypatch):
+    # What memory.estimate_step_memory counts for the head (bench/RESULTS.md, ninth session): on a GPU a plain
+    # SFT step's automatic limit was calibrated on every trained row's logits, a checkpointed one on the chunks.
+    chunk = losses.head_chunk_rows(32768, 2)
+    monkeypatch.setattr(losses, "on_gpu", lambda: True)
+    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=False) is None
+    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=True) == chunk == 512
+    assert losses.estimated_logit_rows(32768, 2, sft=False, grad_checkpoint=True) is None  # preference: whole head
+    monkeypatch.setattr(losses, "on_gpu", lambda: False)
+    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=False) == chunk
