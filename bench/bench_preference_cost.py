@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ def pair_file(folder: Path) -> Path:
 def one(method: str, iterations: int, folder: str) -> dict:
     import engine  # noqa: F401
     import mlx.core as mx
+
+    from engine.train import losses
+    losses.CE_CHUNK_BYTES = int(os.environ.get("BENCH_CE_CHUNK_BYTES", losses.CE_CHUNK_BYTES))
 
     from engine.config.loading import load_config, set_value
     from engine.train.run import TrainingRun
@@ -75,6 +79,7 @@ def one(method: str, iterations: int, folder: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--methods", nargs="+", default=["sft", "kto", "dpo", "orpo"])
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "preference_cost.json"))
     args = ap.parse_args()
@@ -84,15 +89,15 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         pair_file(Path(folder))
-        for method in ("sft", "kto", "dpo", "orpo"):
+        for method in args.methods:
             proc = subprocess.run([sys.executable, __file__, "--iterations", str(args.iterations), "--one", method,
                                    folder], capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             results[method] = json.loads(line[7:]) if line else {"error": proc.stderr[-800:]}
             print(method, results[method], flush=True)
-    sft = results["sft"]
+    sft = results.get("sft")
     for method, r in results.items():
-        if "median_step_s" in r:
+        if "median_step_s" in r and sft and "median_step_s" in sft:
             print(f"{method:5s} step {r['median_step_s']:.2f} s ({r['median_step_s'] / sft['median_step_s']:.2f}x SFT), "
                   f"peak {r['peak_gb']:.2f} GB ({r['peak_gb'] / sft['peak_gb']:.2f}x), reference pass "
                   f"{r['reference_pass_s']} s")

@@ -56,6 +56,29 @@ def test_chunked_head_gives_autograds_loss_and_gradients(which, embedded_dir, mi
     _assert_same(_loss_and_grads(model, batch, True), want)
 
 
+def test_preference_sequence_logps_take_any_rows_cotangent_through_the_chunks(embedded_dir, monkeypatch):
+    # A preference loss weighs each sequence's log-prob by its own factor (DPO's sigmoid, KTO's weights): the
+    # chunked head must scale each row's kept gradient by the cotangent that row gets, not by a constant.
+    from engine.train.losses import sequence_logps
+    model = _model("embedded")
+    inputs, targets, positions, weights = _batch(model.args.vocab_size, 4, 40, 6)
+    rows = positions // 40
+    factors = mx.array([1.0, -2.0, 0.5, 3.0])
+
+    def result(in_forward: bool):
+        def loss(m):
+            logps, counts = sequence_logps(m, inputs, targets, positions, weights, rows, in_forward)
+            return (nn.log_sigmoid(logps[:2] * factors[:2] - logps[2:] * factors[2:]).sum() + logps[0] ** 2 / counts[0],
+                    counts.sum())
+        (value, count), grads = nn.value_and_grad(model, loss)(model)
+        mx.eval(value, grads)
+        return value.item(), count.item(), dict(tree_flatten(grads))
+
+    want = result(False)
+    monkeypatch.setattr(losses, "CE_CHUNK_BYTES", 64 * model.args.vocab_size * 4)  # 64-row chunks
+    _assert_same(result(True), want)
+
+
 def test_a_trained_head_keeps_autograd_through_the_whole_head(mistral_dir, monkeypatch):
     # The chunks take no gradient for the head's weight: a run that trains the head must not lose it.
     model = _model(str(mistral_dir))
@@ -95,11 +118,10 @@ def test_chunked_head_lowers_a_training_steps_peak(embedded_dir, monkeypatch):
 
 def test_the_estimate_counts_one_chunk_of_logits_where_the_limit_was_measured_that_way(monkeypatch):
     # What memory.estimate_step_memory counts for the head (bench/RESULTS.md, ninth session): on a GPU a plain
-    # SFT step's automatic limit was calibrated on every trained row's logits, a checkpointed one on the chunks.
+    # step's automatic limit was calibrated on every trained row's logits, a checkpointed one on the chunks.
     chunk = losses.head_chunk_rows(32768, 2)
     monkeypatch.setattr(losses, "on_gpu", lambda: True)
-    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=False) is None
-    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=True) == chunk == 512
-    assert losses.estimated_logit_rows(32768, 2, sft=False, grad_checkpoint=True) is None  # preference: whole head
+    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=False) is None
+    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=True) == chunk == 512
     monkeypatch.setattr(losses, "on_gpu", lambda: False)
-    assert losses.estimated_logit_rows(32768, 2, sft=True, grad_checkpoint=False) == chunk
+    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=False) == chunk

@@ -61,13 +61,13 @@ def head_chunk_rows(vocab: int, itemsize: int) -> int | None:
     return max(64, CE_CHUNK_BYTES // (vocab * itemsize) // 64 * 64) if CE_CHUNK_BYTES else None
 
 
-def estimated_logit_rows(vocab: int, itemsize: int, sft: bool, grad_checkpoint: bool) -> int | None:
+def estimated_logit_rows(vocab: int, itemsize: int, grad_checkpoint: bool) -> int | None:
     """The trained rows whose logits memory.estimate_step_memory counts (its logit_rows); None: all of them.
-    An SFT step puts them through in chunks, but without checkpointing a GPU's estimate still counts them all:
-    the automatic memory limit (a multiple of the estimate) was measured that way, and there the chunks saved
-    only ~0.3 GB of a 30 GB step. With checkpointing the estimate is the limit itself, measured against the
-    step's live set (bench/RESULTS.md)."""
-    return head_chunk_rows(vocab, itemsize) if sft and (grad_checkpoint or not on_gpu()) else None
+    A training step puts them through in chunks, but without checkpointing a GPU's estimate still counts them
+    all: the automatic memory limit (a multiple of the estimate) was measured that way, and there the chunks
+    saved only ~0.3 GB of a 30 GB step. With checkpointing it was measured against the step's live set
+    (bench/RESULTS.md)."""
+    return head_chunk_rows(vocab, itemsize) if grad_checkpoint or not on_gpu() else None
 
 
 def _cross_entropy(logits, targets):
@@ -123,10 +123,12 @@ def _chunked_losses(head, chunk: int):
     return losses
 
 
-def sequence_logps(model, inputs, targets, positions, weights, rows):
+def sequence_logps(model, inputs, targets, positions, weights, rows, gradient_in_forward: bool = False):
     """(sum of log p over each sequence's trained targets, their count), per row of `inputs`: the
-    sequence log-probs the preference losses compare. `rows` says which sequence each position is in."""
-    logp = -token_losses(model, inputs, targets, positions) * weights
+    sequence log-probs the preference losses compare. `rows` says which sequence each position is in.
+    `gradient_in_forward`: for a training step, as masked_loss's (each row's gradient is scaled by whatever
+    cotangent the preference loss sends back to that row)."""
+    logp = -token_losses(model, inputs, targets, positions, gradient_in_forward) * weights
     # A masked sum, not a one-hot matmul: MLX runs float32 matmuls as TF32 on CUDA, ~3 digits per token.
     mine = rows[None, :] == mx.arange(inputs.shape[0])[:, None]
     return mx.where(mine, logp[None, :], 0.0).sum(axis=1), mx.where(mine, weights[None, :], 0.0).sum(axis=1)

@@ -47,9 +47,10 @@ class PreferenceObjective:
     # ------------------------------------------------------------ one micro-batch
 
     def micro_loss(self, model, inputs, targets, positions, weights, rows, ref, desirable, kl, scale,
-                   nll_scale):
-        """(this micro-batch's share of the step's loss, its STATS sums) for `rows` sequences."""
-        logps, counts = sequence_logps(model, inputs, targets, positions, weights, rows)
+                   nll_scale, gradient_in_forward: bool = False):
+        """(this micro-batch's share of the step's loss, its STATS sums) for `rows` sequences.
+        `gradient_in_forward`: the training step's (the head in chunks, losses.CE_CHUNK_BYTES)."""
+        logps, counts = sequence_logps(model, inputs, targets, positions, weights, rows, gradient_in_forward)
         if self.method == "kto":
             losses, rewards = kto_loss(logps, ref, desirable, kl, self.beta, *self.weights)
             right = mx.where(desirable > 0, logps - ref > kl, logps - ref < kl)
@@ -71,7 +72,7 @@ class PreferenceObjective:
         import mlx.nn as nn
 
         from engine.model.cpu_attention import training_attention
-        loss_and_grad = nn.value_and_grad(self.model, self.micro_loss)
+        loss_and_grad = nn.value_and_grad(self.model, partial(self.micro_loss, gradient_in_forward=True))
         state = [self.model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
