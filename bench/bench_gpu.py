@@ -207,7 +207,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     shape = ModelShape.of(model)
     estimate = estimate_step_memory(shape, mx.get_active_memory(), trainable_count(model), BATCH, SEQ, 1.0, ckpt, 2,
                                     fused_attention(), AdapterPlacement.of(model, ckpt), quantized=bits is not None,
-                                    logit_rows=estimated_logit_rows(shape.vocab, 2, ckpt))
+                                    logit_rows=estimated_logit_rows(model, 2, ckpt))
     if queue_limit:
         if "BENCH_QUEUE_HEADROOM" in os.environ:
             estimate = dataclasses.replace(estimate, queue_headroom=float(os.environ["BENCH_QUEUE_HEADROOM"]))

@@ -116,12 +116,18 @@ def test_chunked_head_lowers_a_training_steps_peak(embedded_dir, monkeypatch):
     assert chunked < whole - logits_copy, (whole / 1e9, chunked / 1e9)
 
 
-def test_the_estimate_counts_one_chunk_of_logits_where_the_limit_was_measured_that_way(monkeypatch):
+def test_the_estimate_counts_one_chunk_of_logits_where_the_step_and_the_limit_take_chunks(mistral_dir, monkeypatch):
     # What memory.estimate_step_memory counts for the head (bench/RESULTS.md, ninth session): on a GPU a plain
-    # step's automatic limit was calibrated on every trained row's logits, a checkpointed one on the chunks.
-    chunk = losses.head_chunk_rows(32768, 2)
+    # step's automatic limit was calibrated on every trained row's logits, a checkpointed one on the chunks; a
+    # head the step does not chunk (trained), and KTO's z0 forward, count every row.
+    model = _model(str(mistral_dir))
+    chunk = losses.head_chunk_rows(model.args.vocab_size, 2)
     monkeypatch.setattr(losses, "on_gpu", lambda: True)
-    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=False) is None
-    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=True) == chunk == 512
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=False) is None
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=True) == chunk
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=True, method="dpo") == chunk
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=True, method="kto") is None
     monkeypatch.setattr(losses, "on_gpu", lambda: False)
-    assert losses.estimated_logit_rows(32768, 2, grad_checkpoint=False) == chunk
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=False) == chunk
+    model.lm_head.unfreeze()
+    assert losses.estimated_logit_rows(model, 2, grad_checkpoint=False) is None

@@ -61,13 +61,17 @@ def head_chunk_rows(vocab: int, itemsize: int) -> int | None:
     return max(64, CE_CHUNK_BYTES // (vocab * itemsize) // 64 * 64) if CE_CHUNK_BYTES else None
 
 
-def estimated_logit_rows(vocab: int, itemsize: int, grad_checkpoint: bool) -> int | None:
+def estimated_logit_rows(model, itemsize: int, grad_checkpoint: bool, method: str = "sft") -> int | None:
     """The trained rows whose logits memory.estimate_step_memory counts (its logit_rows); None: all of them.
-    A training step puts them through in chunks, but without checkpointing a GPU's estimate still counts them
-    all: the automatic memory limit (a multiple of the estimate) was measured that way, and there the chunks
-    saved only ~0.3 GB of a 30 GB step. With checkpointing it was measured against the step's live set
-    (bench/RESULTS.md)."""
-    return head_chunk_rows(vocab, itemsize) if grad_checkpoint or not on_gpu() else None
+    A training step puts them through in chunks where the model splits into trunk + frozen head (token_losses).
+    Without checkpointing a GPU's estimate still counts them all: the automatic memory limit (a multiple of the
+    estimate) was measured that way, and there the chunks saved only ~0.3 GB of a 30 GB step. With checkpointing
+    it was measured against the step's live set (bench/RESULTS.md). KTO's z0 forward, in every step, builds
+    every row's logits without a gradient: counted whole."""
+    head = split_head(model)
+    if head is None or not _frozen(head) or method == "kto" or not (grad_checkpoint or not on_gpu()):
+        return None
+    return head_chunk_rows(model.args.vocab_size, itemsize)
 
 
 def _cross_entropy(logits, targets):

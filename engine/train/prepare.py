@@ -245,7 +245,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     act_bytes = 4 if info.dtype == "float32" else 2
     # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
-    logit_rows = estimated_logit_rows(shape.vocab, act_bytes, t.grad_checkpoint)
+    logit_rows = estimated_logit_rows(model, act_bytes, t.grad_checkpoint, t.method)
     estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained, t.grad_checkpoint, act_bytes,
                                     placement=AdapterPlacement.of(model, t.grad_checkpoint), quantized=info.quantized,
                                     logit_rows=logit_rows)
