@@ -47,7 +47,7 @@ def checkpointed_mlp(mlp, x: mx.array) -> mx.array:
         done = grad  # the first chunk waits for the incoming gradient: not recomputed early and held
         parts = []
         for chunk, g in zip(_chunks(rows), _chunks(grad)):
-            chunk = mx.depends(chunk, done)
+            chunk, g = mx.depends(chunk, done), mx.depends(g, done)  # neither product runs ahead of its turn
             parts.append(swiglu_pair_grad(chunk @ gate_up.T, g @ down) @ gate_up)
             done = parts[-1]
         return mx.concatenate(parts).reshape(primals.shape)
