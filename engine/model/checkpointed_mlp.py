@@ -31,9 +31,9 @@ def applies(mlp) -> bool:
             and "bias" not in down and not down.trainable_parameters())
 
 
-def checkpointed_mlp(mlp, x: mx.array) -> mx.array:
-    """mlp(x) for a training pass inside a checkpointed block (see the module's docstring)."""
-    from engine.model.lean import swiglu_pair, swiglu_pair_grad
+def checkpointed_mlp(mlp, x: mx.array, swiglu_pair, swiglu_pair_grad) -> mx.array:
+    """mlp(x) for a training pass inside a checkpointed block (see the module's docstring). The SwiGLU of the
+    fused product and its gradient are lean.py's (passed in: lean.py calls this)."""
     gate_up, down = mlp._gate_up, mlp.down_proj.weight  # frozen: closures, not primals
 
     @mx.custom_function
