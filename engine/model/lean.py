@@ -291,7 +291,7 @@ class LeanSwiGLUMLP(nn.Module):
     def __call__(self, x):
         if not self.training:
             return self.down_proj(stock_swiglu(self.gate_proj(x), self.up_proj(x)))
-        if self._gate_up is not None and in_keyed_block() and checkpointed_mlp.applies(self):
+        if in_keyed_block() and checkpointed_mlp.applies(self):
             return checkpointed_mlp.checkpointed_mlp(self, x, swiglu_pair, swiglu_pair_grad)  # a checkpointed block
         if self._gate_up is not None:
             return self.down_proj(swiglu_pair(x @ self._gate_up.T))

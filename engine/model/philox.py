@@ -136,7 +136,7 @@ def dropout_seed() -> mx.array | None:
     dropout_keys() is active; else None, and nothing is drawn. Under dropout_keys (a checkpointed block) the
     None is needed for correct gradients, not only for speed: a seed drawn here would come from MLX's global
     state, and the block's recompute would draw another one, so another mask."""
-    if not philox_masks() or getattr(_keys, "key", None) is not None:
+    if not philox_masks() or in_keyed_block():
         return None
     return _seed(None)  # from MLX's random state, as an unkeyed mask is
 

@@ -69,7 +69,7 @@ def estimated_logit_rows(model, itemsize: int, grad_checkpoint: bool, method: st
     it was measured against the step's live set (bench/RESULTS.md). KTO's z0 forward, in every step, builds
     every row's logits without a gradient: counted whole."""
     head = split_head(model)
-    if head is None or not _frozen(head) or method == "kto" or not (grad_checkpoint or not on_gpu()):
+    if head is None or not _frozen(head) or method == "kto" or (on_gpu() and not grad_checkpoint):
         return None
     return head_chunk_rows(model.args.vocab_size, itemsize)
 

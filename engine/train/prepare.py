@@ -243,7 +243,8 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     trained = max(float(e.encoded.trained[:length].mean()) for e in data.train)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     act_bytes = 4 if info.dtype == "float32" else 2
-    # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward needs no more than its step
+    # DPO and ORPO put both answers of each pair in the micro-batch; KTO's z0 forward has as many rows as its step
+    # (its logits, all at once, are why estimated_logit_rows counts KTO's whole)
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
     logit_rows = estimated_logit_rows(model, act_bytes, t.grad_checkpoint, t.method)
     estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained, t.grad_checkpoint, act_bytes,
