@@ -96,7 +96,18 @@ def set_threads(n: int) -> bool:
         getattr(ctypes.CDLL(info.path), setter)(ctypes.c_int(max(1, int(n))))
     except (OSError, AttributeError):
         return False
+    global _THREADS
+    _THREADS = max(1, int(n))
     return True
+
+
+_THREADS: int | None = None
+
+
+def threads() -> int:
+    """The threads one of our own CPU kernels may use beside the BLAS (engine/native): set_threads' cap,
+    else a thread per core."""
+    return _THREADS or cores()
 
 
 def cores() -> int:

@@ -39,8 +39,8 @@ def enable() -> bool:
             or os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false")):
         return False
     here = _wrapper_dir()
-    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != here)
-    compiler = shutil.which("g++", path=search)
+    search = _path_without_wrapper()
+    compiler = system_compiler()
     if compiler is None:  # no compiler: MLX runs its ops unfused anyway
         return False
     script = f'#!/bin/sh\nexec "{compiler}" {FLAGS} "$@"\n'
@@ -52,6 +52,16 @@ def enable() -> bool:
     if os.environ.get("PATH", "").split(os.pathsep)[0] != str(here):
         os.environ["PATH"] = f"{here}{os.pathsep}{search}"
     return True
+
+
+def _path_without_wrapper() -> str:
+    here = _wrapper_dir()
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != here)
+
+
+def system_compiler() -> str | None:
+    """The machine's own g++, not the wrapper (engine/native/build.py passes its flags itself)."""
+    return shutil.which("g++", path=_path_without_wrapper())
 
 
 def _write_wrapper(path: Path, script: str) -> None:

@@ -10,7 +10,9 @@ they cannot see. Grouped-query heads share their key and value without a copy. S
 float rounding (tests/test_cpu_attention.py).
 
 Used only while a training step is traced on the CPU (`training_attention()`); decoding and GPUs keep
-MLX's kernel.
+MLX's kernel. On Linux x86-64 the step's causal float32 attention goes further, to a C++ primitive built
+on first use (engine/native/cpu_attention.cpp: the whole layer on every core, 4x faster than these ops);
+these ops remain for the other masks and dtypes, and wherever the primitive cannot be built.
 """
 
 from __future__ import annotations
@@ -101,6 +103,40 @@ def _attend_vjp(primals, cotangent, output):
     return ds.swapaxes(-1, -2) @ k, ds @ q, dv, mx.zeros_like(bias)
 
 
+USE_KERNEL = True  # the C++ primitive where it builds (engine/native/cpu_attention.cpp); False: the ops above
+
+
+def native_kernel():
+    """The compiled CPU attention module, or None where it is off or could not be built (then the ops above
+    run: engine.native.build.reason("cpu_attention") says why)."""
+    if not USE_KERNEL:
+        return None
+    from engine.native import build
+    return build.load("cpu_attention")
+
+
+def device_note() -> str:
+    """For the run's device line: on the CPU, which attention a training step runs where it is not the kernel."""
+    if on_gpu() or native_kernel() is not None:
+        return ""
+    from engine.native import build
+    return f" (attention on MLX ops: {build.reason('cpu_attention') or 'the kernel is off'})"
+
+
+def _kernel_takes(queries, keys, values, mask) -> bool:
+    """The kernel's cases: float32, causal (the training step's mask) or none, as many keys as queries or more."""
+    causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
+    return causal_or_none and queries.dtype == keys.dtype == values.dtype == mx.float32 \
+        and keys.shape[2] >= queries.shape[2] and queries.shape[1] % keys.shape[1] == 0
+
+
+def _kernel_threads() -> int:
+    """Our workers each run MKL on one thread of their own; OpenBLAS has no per-thread setting, so with it
+    the kernel keeps to one thread and lets OpenBLAS spread each product."""
+    from engine import blas
+    return 1 if blas.active().name == "openblas" else blas.threads()
+
+
 @contextmanager
 def training_attention():
     """While a training step is traced on the CPU, models call `attention` instead of MLX's fused kernel
@@ -110,10 +146,13 @@ def training_attention():
         yield
         return
     original = mx.fast.scaled_dot_product_attention
+    kernel = native_kernel()  # built here on first use: ~5-30 s once per machine and MLX version
 
     def routed(queries, keys, values, *, scale, mask=None, sinks=None, **kwargs):
         if sinks is not None or not (isinstance(mask, str) or mask is None or mask.ndim in (2, 4)):
             return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
+        if kernel is not None and _kernel_takes(queries, keys, values, mask):
+            return kernel.attention(queries, keys, values, scale, mask is not None, _kernel_threads())
         return attention(queries, keys, values, scale, mask)
 
     mx.fast.scaled_dot_product_attention = routed

@@ -1,0 +1,130 @@
+"""Build and load lora-tui's own MLX primitives (C++ next to this file) on the machine that runs them.
+
+A primitive is compiled with `-march=native` against the installed MLX's headers and libmlx, and bound to
+Python with nanobind (the version whose ABI MLX's own bindings use, or arrays would not pass between
+them), the first time it is asked for. The result is cached under ~/.cache/lora-tui/native/<key>, the key
+covering the source, MLX, nanobind, Python, the compiler and the CPU, so an upgrade of any rebuilds it. A
+build takes ~30 s on 2 cores; a failed one (no compiler, no Python headers, a changed ABI) is remembered
+for the process and its one-line reason is kept in `reason()`: callers fall back to MLX's own ops.
+Linux x86-64 only; LORA_TUI_NATIVE=off disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ENV_VAR = "LORA_TUI_NATIVE"
+HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+_failed: dict[str, str] = {}
+
+
+def load(name: str):
+    """The extension module built from `<name>.cpp`, or None (see `reason(name)`)."""
+    with _lock:
+        if name in _loaded or name in _failed:
+            return _loaded.get(name)
+        try:
+            _loaded[name] = _import(name, _build(name))
+        except Exception as err:  # any failure means MLX's own ops, with the reason kept
+            _failed[name] = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        return _loaded.get(name)
+
+
+def reason(name: str) -> str | None:
+    """Why `load(name)` gave None, or None if it did not (or was not asked yet)."""
+    return _failed.get(name)
+
+
+def _build(name: str) -> Path:
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        raise RuntimeError("native primitives are built on Linux x86-64 only")
+    if os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false"):
+        raise RuntimeError(f"{ENV_VAR}=off")
+    import mlx.core
+    import nanobind
+    from engine.native_jit import system_compiler
+    compiler = system_compiler()
+    if compiler is None:
+        raise RuntimeError("no g++ on PATH: install a C++ compiler (Debian: apt install g++)")
+    source = HERE / f"{name}.cpp"
+    mlx_dir = Path(mlx.core.__file__).resolve().parent  # mlx is a namespace package
+    nb_dir = Path(nanobind.__file__).resolve().parent
+    target = _cache_dir(name, source, compiler) / f"_lora_tui_{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    py_include = sysconfig.get_paths()["include"]
+    if not (Path(py_include) / "Python.h").is_file():
+        raise RuntimeError(f"no Python headers in {py_include}: install them (Debian: apt install python3-dev)")
+    common = ["-std=gnu++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", f"-I{py_include}",
+              f"-I{nb_dir / 'include'}"]
+    tmp = target.parent / f".build-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    binding = [compiler, *common, "-DNB_COMPACT_ASSERTIONS", "-fno-strict-aliasing",
+               f"-isystem{nb_dir / 'ext' / 'robin_map' / 'include'}", "-c", str(nb_dir / "src" / "nb_combined.cpp"),
+               "-o", str(tmp / "nanobind.o")]
+    # -ffast-math only while compiling: at link time GCC would add crtfastmath.o, which flushes denormals
+    # for the whole process.
+    kernel = [compiler, *common, "-march=native", "-ffast-math", "-fopenmp", "-DNB_DOMAIN=mlx",
+              f"-isystem{mlx_dir / 'include'}", "-c", str(source), "-o", str(tmp / f"{name}.o")]
+    _run_all([binding, kernel])  # two processes: both cores
+    partial = tmp / target.name
+    _run_all([[compiler, "-shared", "-o", str(partial), str(tmp / f"{name}.o"), str(tmp / "nanobind.o"),
+               f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-lmvec", "-fopenmp"]])
+    os.replace(partial, target)  # atomic: another process sees the whole library or none
+    for leftover in tmp.iterdir():
+        leftover.unlink(missing_ok=True)
+    tmp.rmdir()
+    return target
+
+
+def _run_all(commands: list[list[str]]) -> None:
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    for command, proc in zip(commands, procs):
+        output, _ = proc.communicate()
+        if proc.returncode != 0:
+            first = next((line for line in output.splitlines() if "error" in line), output.strip()[:200])
+            raise RuntimeError(f"building {Path(command[-3]).name} failed: {first}")
+
+
+def _cache_dir(name: str, source: Path, compiler: str) -> Path:
+    key = hashlib.sha256()
+    key.update(source.read_bytes())
+    for package in ("mlx", "nanobind"):
+        try:
+            key.update(version(package).encode())
+        except PackageNotFoundError:
+            key.update(b"?")
+    key.update(sys.version.encode())
+    key.update(subprocess.run([compiler, "-dumpfullversion"], capture_output=True, text=True).stdout.encode())
+    key.update(_cpu_flags().encode())  # -march=native: a cache shared between machines must not mix CPUs
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora-tui" / "native" / f"{name}-{key.hexdigest()[:16]}"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(f"_lora_tui_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,126 @@
+"""The CPU attention primitive (engine/native/cpu_attention.cpp): built on first use on Linux x86-64, it gives
+MLX's attention and gradients, the training step routes to it, and where it cannot be built the step keeps
+MLX's ops and says why."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.model import cpu_attention
+from engine.native import build
+from helpers import ROOT
+
+LINUX_X86 = sys.platform == "linux" and os.uname().machine == "x86_64"
+needs_kernel = pytest.mark.skipif(not LINUX_X86, reason="the primitive is built on Linux x86-64 only")
+
+
+def _qkv(heads, kv, length, keys, d=32, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(mx.array(rng.standard_normal((batch, h, n, d)), dtype=mx.float32)
+                 for h, n in ((heads, length), (kv, keys), (kv, keys)))
+
+
+def _kernel():
+    kernel = cpu_attention.native_kernel()
+    assert kernel is not None, build.reason("cpu_attention")
+    return kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv,length,keys,causal", [
+    (6, 2, 130, 130, True),   # grouped heads; three query blocks, the last of 2 rows
+    (4, 4, 64, 64, True),     # one block exactly
+    (3, 1, 7, 40, True),      # fewer queries than keys: query i sees keys up to i + 33
+    (6, 3, 90, 70 + 20, False),
+])
+def test_the_kernel_gives_mlx_attention_and_gradients(heads, kv, length, keys, causal):
+    kernel = _kernel()
+    q, k, v = _qkv(heads, kv, length, keys)
+    scale = q.shape[-1] ** -0.5
+    if causal and keys != length:
+        mask = mx.arange(length)[:, None] + (keys - length) >= mx.arange(keys)[None]
+    else:
+        mask = "causal" if causal else None
+    w = mx.array(np.random.default_rng(1).standard_normal(q.shape), dtype=mx.float32)
+
+    def theirs(q, k, v):
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask) * w).sum()
+
+    def ours(q, k, v):
+        return (kernel.attention(q, k, v, scale, causal, 2) * w).sum()
+
+    expected = mx.value_and_grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for got in (mx.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v),
+                mx.compile(mx.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)):
+        assert abs(got[0].item() - expected[0].item()) < 1e-5 * abs(expected[0]).item() + 1e-4
+        for a, b in zip(got[1], expected[1]):
+            assert mx.abs(a - b).max().item() < 1e-4 * mx.abs(b).max().item()
+
+
+@needs_kernel
+def test_strided_inputs_and_thread_counts_give_the_same_numbers():
+    """The model hands over transposed (B, L, H, D) views; one thread or several must agree bit for bit,
+    since each key head's gradient is summed by one task in a fixed order."""
+    kernel = _kernel()
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((2, 70, h, 16)), dtype=mx.float32).transpose(0, 2, 1, 3)
+               for h in (6, 2, 2))  # (B, L, H, D) as (B, H, L, D), as the model's attention hands them over
+    got = {n: mx.value_and_grad(lambda q, k, v: kernel.attention(q, k, v, 0.25, True, n).square().sum(),
+                                argnums=(0, 1, 2))(q, k, v) for n in (1, 2, 3)}
+    reference = mx.value_and_grad(lambda q, k, v: mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=0.25, mask="causal").square().sum(), argnums=(0, 1, 2))(q, k, v)
+    for n in (2, 3):
+        assert got[n][0].item() == got[1][0].item()
+        assert all(mx.array_equal(a, b).item() for a, b in zip(got[n][1], got[1][1]))
+    assert abs(got[1][0].item() - reference[0].item()) < 1e-5 * reference[0].item()
+    for a, b in zip(got[1][1], reference[1]):
+        assert mx.abs(a - b).max().item() < 1e-4 * mx.abs(b).max().item()
+
+
+@needs_kernel
+def test_the_training_route_takes_the_kernel_only_for_its_cases(monkeypatch):
+    """float32 with a causal or no mask goes to the kernel; an explicit mask or bf16 keeps MLX's ops."""
+    kernel, calls = _kernel(), []
+
+    class Recording:
+        def attention(self, *args):
+            calls.append(args[4])
+            return kernel.attention(*args)
+
+    monkeypatch.setattr(cpu_attention, "native_kernel", Recording)  # a class: native_kernel() gives one
+    q, k, v = _qkv(4, 2, 16, 16)
+    cases = (("causal", mx.float32, True), (None, mx.float32, False),
+             (mx.ones((16, 16), dtype=mx.bool_), mx.float32, None), ("causal", mx.bfloat16, None))
+    with cpu_attention.training_attention():
+        for mask, dtype, causal in cases:
+            calls.clear()
+            args = [x.astype(dtype) for x in (q, k, v)]
+            out = mx.fast.scaled_dot_product_attention(*args, scale=0.2, mask=mask)
+            assert calls == ([] if causal is None else [causal])
+            theirs = cpu_attention.attention(*args, 0.2, mask)
+            assert mx.allclose(out, theirs, atol=1e-2 if dtype == mx.bfloat16 else 1e-5).item()
+
+
+def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
+    """No g++ on PATH (or LORA_TUI_NATIVE=off): native_kernel() is None with a one-line reason, and the
+    training route still gives MLX's attention."""
+    code = ("import engine, mlx.core as mx\n"
+            "from engine.model import cpu_attention as ca\n"
+            "from engine.native import build\n"
+            "print(ca.native_kernel() is None); print(build.reason('cpu_attention'))\n"
+            "q = mx.ones((1, 2, 5, 8)); k = mx.ones((1, 1, 5, 8))\n"
+            "with ca.training_attention():\n"
+            "    out = mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0, mask='causal')\n"
+            "print(out.sum().item())\n")
+    for env in ({"PATH": str(tmp_path)}, {"LORA_TUI_NATIVE": "off"}):
+        full = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert out[0] == "True"
+        if LINUX_X86:
+            assert ("no g++" in out[1]) if "PATH" in env else ("LORA_TUI_NATIVE=off" in out[1])
+        assert float(out[2]) == pytest.approx(1 * 2 * 5 * 8)
