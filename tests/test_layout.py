@@ -9,7 +9,8 @@ ENGINE = ROOT / "engine"
 MAX_LINES = 350
 # Highest first: a wing may import the wings after it, never one before it. "worker" is engine/worker.py (the
 # app's entry point); "engine" is the other top-level modules (atomic, blas, protocol, follow, the package).
-WINGS = ["cli", "worker", "review", "train", "evaluate", "export", "generate", "model", "data", "config", "engine"]
+WINGS = ["cli", "worker", "review", "train", "evaluate", "export", "generate", "model", "native", "data", "config",
+         "engine"]
 
 
 def module_name(path: Path) -> str:

@@ -130,13 +130,6 @@ def _kernel_takes(queries, keys, values, mask) -> bool:
         and keys.shape[2] >= queries.shape[2] and queries.shape[1] % keys.shape[1] == 0
 
 
-def _kernel_threads() -> int:
-    """Our workers each run MKL on one thread of their own; OpenBLAS has no per-thread setting, so with it
-    the kernel keeps to one thread and lets OpenBLAS spread each product."""
-    from engine import blas
-    return 1 if blas.active().name == "openblas" else blas.threads()
-
-
 @contextmanager
 def training_attention():
     """While a training step is traced on the CPU, models call `attention` instead of MLX's fused kernel
@@ -146,13 +139,14 @@ def training_attention():
         yield
         return
     original = mx.fast.scaled_dot_product_attention
+    from engine import native
     kernel = native_kernel()  # built here on first use: ~5-30 s once per machine and MLX version
 
     def routed(queries, keys, values, *, scale, mask=None, sinks=None, **kwargs):
         if sinks is not None or not (isinstance(mask, str) or mask is None or mask.ndim in (2, 4)):
             return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
         if kernel is not None and _kernel_takes(queries, keys, values, mask):
-            return kernel.attention(queries, keys, values, scale, mask is not None, _kernel_threads())
+            return kernel.attention(queries, keys, values, scale, mask is not None, native.threads())
         return attention(queries, keys, values, scale, mask)
 
     mx.fast.scaled_dot_product_attention = routed

@@ -1,16 +1,18 @@
-"""The CPU attention primitive (engine/native/cpu_attention.cpp): built on first use on Linux x86-64, it gives
-MLX's attention and gradients, the training step routes to it, and where it cannot be built the step keeps
+"""The CPU primitives (engine/native/): built on first use on Linux x86-64, the attention and the SwiGLU give
+MLX's numbers and gradients, the training step routes to them, and where they cannot be built the step keeps
 MLX's ops and says why."""
 
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from engine.model import cpu_attention
+from engine.model import cpu_attention, cpu_swiglu, lean
 from engine.native import build
 from helpers import ROOT
 
@@ -124,3 +126,26 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
         if LINUX_X86:
             assert ("no g++" in out[1]) if "PATH" in env else ("LORA_TUI_NATIVE=off" in out[1])
         assert float(out[2]) == pytest.approx(1 * 2 * 5 * 8)
+
+
+@needs_kernel
+def test_the_swiglu_primitive_gives_the_ops_numbers_and_the_mlp_takes_it(monkeypatch):
+    assert cpu_swiglu.kernel() is not None, build.reason("cpu_swiglu")
+    rng = np.random.default_rng(3)
+    gate, up, w = (mx.array(rng.standard_normal((3, 37, 101)) * 4, dtype=mx.float32) for _ in range(3))
+    ours = mx.value_and_grad(lambda g, u: (cpu_swiglu.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up.T.T)
+    theirs = mx.value_and_grad(lambda g, u: (lean.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up)
+    assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
+    for a, b in zip(ours[1], theirs[1]):
+        assert mx.abs(a - b).max().item() < 1e-5 * mx.abs(b).max().item()
+
+    calls = []
+    monkeypatch.setattr(cpu_swiglu, "swiglu", lambda g, u: calls.append(g.shape) or lean.swiglu(g, u))
+    mlp = lean.LeanSwiGLUMLP(SimpleNamespace(gate_proj=nn.Linear(8, 16, bias=False),
+                                             up_proj=nn.Linear(8, 16, bias=False), down_proj=nn.Linear(16, 8)))
+    mlp.train()
+    mlp(mx.ones((2, 5, 8)))
+    assert calls == [(2, 5, 16)]
+    mlp.eval()
+    mlp(mx.ones((2, 5, 8)))  # not training (generation): MLX's own ops
+    assert calls == [(2, 5, 16)]
