@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from engine.model import cpu_attention, cpu_swiglu, lean
+from engine.model import cpu_attention, cpu_kernels, lean
 from engine.native import build
 from helpers import ROOT
 
@@ -130,17 +130,17 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
 
 @needs_kernel
 def test_the_swiglu_primitive_gives_the_ops_numbers_and_the_mlp_takes_it(monkeypatch):
-    assert cpu_swiglu.kernel() is not None, build.reason("cpu_swiglu")
+    assert cpu_kernels.kernel("cpu_swiglu") is not None, build.reason("cpu_swiglu")
     rng = np.random.default_rng(3)
     gate, up, w = (mx.array(rng.standard_normal((3, 37, 101)) * 4, dtype=mx.float32) for _ in range(3))
-    ours = mx.value_and_grad(lambda g, u: (cpu_swiglu.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up.T.T)
+    ours = mx.value_and_grad(lambda g, u: (cpu_kernels.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up.T.T)
     theirs = mx.value_and_grad(lambda g, u: (lean.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up)
     assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
     for a, b in zip(ours[1], theirs[1]):
         assert mx.abs(a - b).max().item() < 1e-5 * mx.abs(b).max().item()
 
     calls = []
-    monkeypatch.setattr(cpu_swiglu, "swiglu", lambda g, u: calls.append(g.shape) or lean.swiglu(g, u))
+    monkeypatch.setattr(cpu_kernels, "swiglu", lambda g, u: calls.append(g.shape) or lean.swiglu(g, u))
     mlp = lean.LeanSwiGLUMLP(SimpleNamespace(gate_proj=nn.Linear(8, 16, bias=False),
                                              up_proj=nn.Linear(8, 16, bias=False), down_proj=nn.Linear(16, 8)))
     mlp.train()
@@ -149,3 +149,22 @@ def test_the_swiglu_primitive_gives_the_ops_numbers_and_the_mlp_takes_it(monkeyp
     mlp.eval()
     mlp(mx.ones((2, 5, 8)))  # not training (generation): MLX's own ops
     assert calls == [(2, 5, 16)]
+
+
+@needs_kernel
+def test_the_cross_entropy_primitive_gives_the_ops_numbers_and_the_loss_takes_it():
+    """Against MLX's own cross_entropy, per row and through the chunked head's gradient; targets of any
+    integer type; the training loss on the CPU goes through it."""
+    from engine.train import losses
+    assert cpu_kernels.kernel("cpu_cross_entropy") is not None, build.reason("cpu_cross_entropy")
+    rng = np.random.default_rng(4)
+    logits = mx.array(rng.standard_normal((70, 1001)) * 6, dtype=mx.float32)
+    targets = mx.array(rng.integers(0, 1001, 70), dtype=mx.uint32)
+    w = mx.array(rng.random(70), dtype=mx.float32)
+    ours = mx.value_and_grad(lambda x: (cpu_kernels.cross_entropy(x, targets) * w).sum())(logits)
+    theirs = mx.value_and_grad(lambda x: (nn.losses.cross_entropy(x, targets) * w).sum())(logits)
+    assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
+    assert mx.abs(ours[1] - theirs[1]).max().item() < 1e-5 * mx.abs(theirs[1]).max().item()
+    assert cpu_kernels.cross_entropy_applies(logits)
+    assert mx.allclose(losses._cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
+                       rtol=1e-5).item()

@@ -23,7 +23,7 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.model import checkpointed_mlp, cpu_swiglu, swiglu_cuda
+from engine.model import checkpointed_mlp, cpu_kernels, swiglu_cuda
 from engine.model.loading import cuda_default, on_gpu
 from engine.model.philox import dropout_mask, dropout_seed, in_keyed_block, philox_mask
 
@@ -296,7 +296,8 @@ class LeanSwiGLUMLP(nn.Module):
         if self._gate_up is not None:
             return self.down_proj(swiglu_pair(x @ self._gate_up.T))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(cpu_swiglu.swiglu(gate, up) if cpu_swiglu.applies(gate, up) else swiglu(gate, up))
+        fused = cpu_kernels.swiglu if cpu_kernels.swiglu_applies(gate, up) else swiglu  # the CPU's on both cores
+        return self.down_proj(fused(gate, up))
 
 
 class MaskedDropout(nn.Dropout):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.model import cpu_kernels
 from engine.model.head import split_head
 from engine.model.loading import on_gpu
 
@@ -77,6 +78,8 @@ def estimated_logit_rows(model, itemsize: int, grad_checkpoint: bool, method: st
 def _cross_entropy(logits, targets):
     if FUSED_CE and on_gpu():
         return mx.fast.cross_entropy(logits, targets)
+    if FUSED_CE and cpu_kernels.cross_entropy_applies(logits):
+        return cpu_kernels.cross_entropy(logits, targets)
     if FUSED_CE:
         return _fusable_cross_entropy(logits.astype(mx.float32), targets)
     return nn.losses.cross_entropy(logits.astype(mx.float32), targets)

@@ -1,0 +1,39 @@
+"""A training step's element-wise work on the CPU as C++ primitives on every core (engine/native/): SwiGLU,
+silu(gate) * up, and the head's cross-entropy, where MLX's fused element-wise kernels run on one core while
+MKL's threads wait. Same numbers as MLX's ops to float rounding (tests/test_native.py). GPUs, other dtypes and
+machines where a primitive cannot be built keep the ops (engine.native.build.reason says why)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from engine.model.loading import on_gpu
+
+USE_KERNELS = True
+
+
+def kernel(name: str):
+    """The compiled module engine/native/<name>.cpp, or None (off, on a GPU, or not buildable)."""
+    if not USE_KERNELS or on_gpu():
+        return None
+    from engine.native import build
+    return build.load(name)
+
+
+def swiglu_applies(gate, up) -> bool:
+    return gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape and kernel("cpu_swiglu") is not None
+
+
+def swiglu(gate, up):
+    from engine import native
+    return kernel("cpu_swiglu").swiglu(gate, up, native.threads())
+
+
+def cross_entropy_applies(logits) -> bool:
+    return logits.ndim == 2 and kernel("cpu_cross_entropy") is not None
+
+
+def cross_entropy(logits, targets):
+    """Each row's logsumexp - its target's logit, in float32."""
+    from engine import native
+    return kernel("cpu_cross_entropy").cross_entropy(logits.astype(mx.float32), targets, native.threads())
