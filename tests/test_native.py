@@ -168,3 +168,29 @@ def test_the_cross_entropy_primitive_gives_the_ops_numbers_and_the_loss_takes_it
     assert cpu_kernels.cross_entropy_applies(logits)
     assert mx.allclose(losses._cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
                        rtol=1e-5).item()
+
+
+@needs_kernel
+def test_the_rope_primitive_gives_mlx_rope_and_the_training_route_takes_it(monkeypatch):
+    """On the transposed view the model hands over, values and gradients as mx.fast.rope's; during a traced
+    training step nn.RoPE reaches it, and a case it does not cover (an offset) keeps MLX's rope."""
+    assert cpu_kernels.kernel("cpu_rope") is not None, build.reason("cpu_rope")
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.standard_normal((2, 37, 3, 16)), dtype=mx.float32).transpose(0, 2, 1, 3)
+    w = mx.array(rng.standard_normal((2, 3, 37, 16)), dtype=mx.float32)
+
+    def theirs(x, offset=0):
+        return mx.fast.rope(x, 16, traditional=False, base=10000.0, scale=0.5, offset=offset)
+
+    expected = mx.value_and_grad(lambda x: (theirs(x) * w).sum())(x)
+    got = mx.value_and_grad(lambda x: (cpu_kernels.rope(x, 10000.0, 0.5) * w).sum())(x)
+    assert abs(got[0].item() - expected[0].item()) < 1e-4 * abs(expected[0].item()) + 1e-4
+    assert mx.abs(got[1] - expected[1]).max().item() < 1e-5 * mx.abs(expected[1]).max().item()
+
+    calls, kernel_rope, original = [], cpu_kernels.rope, mx.fast.rope
+    monkeypatch.setattr(cpu_kernels, "rope", lambda *a: calls.append(a[0].shape) or kernel_rope(*a))
+    rope, plain, shifted = nn.RoPE(16, base=10000.0, scale=0.5), theirs(x), theirs(x, offset=3)
+    with cpu_attention.training_attention():
+        assert mx.allclose(rope(x), plain, atol=1e-5).item() and calls == [x.shape]
+        assert mx.allclose(rope(x, offset=3), shifted, atol=1e-5).item() and len(calls) == 1
+    assert mx.fast.rope is original  # restored

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+from engine.model import cpu_kernels
 from engine.model.loading import on_gpu
 
 
@@ -132,9 +133,9 @@ def _kernel_takes(queries, keys, values, mask) -> bool:
 
 @contextmanager
 def training_attention():
-    """While a training step is traced on the CPU, models call `attention` instead of MLX's fused kernel
-    (mlx-lm's models all reach it through mx.fast.scaled_dot_product_attention); on a GPU nothing changes.
-    Attention sinks keep MLX's kernel."""
+    """While a training step is traced on the CPU, models call `attention` (or the C++ kernel) instead of MLX's
+    fused kernel (mlx-lm's models all reach it through mx.fast.scaled_dot_product_attention), and their RoPE
+    runs as cpu_kernels.rope where it applies; on a GPU nothing changes. Attention sinks keep MLX's kernel."""
     if on_gpu():
         yield
         return
@@ -149,8 +150,16 @@ def training_attention():
             return kernel.attention(queries, keys, values, scale, mask is not None, native.threads())
         return attention(queries, keys, values, scale, mask)
 
-    mx.fast.scaled_dot_product_attention = routed
+    original_rope = mx.fast.rope
+
+    def routed_rope(x, dims, *, traditional, base, scale, offset, freqs=None, **kwargs):
+        if cpu_kernels.rope_applies(x, dims, traditional, base, offset, freqs):
+            return cpu_kernels.rope(x, base, scale)
+        return original_rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs,
+                             **kwargs)
+
+    mx.fast.scaled_dot_product_attention, mx.fast.rope = routed, routed_rope
     try:
         yield
     finally:
-        mx.fast.scaled_dot_product_attention = original
+        mx.fast.scaled_dot_product_attention, mx.fast.rope = original, original_rope
