@@ -38,6 +38,7 @@ def _kernel():
     (4, 4, 64, 64, True),     # one block exactly
     (3, 1, 7, 40, True),      # fewer queries than keys: query i sees keys up to i + 33
     (6, 3, 90, 70 + 20, False),
+    (2, 1, 100, 130, True),   # several query blocks, each seeing 30 keys more than its rows
 ])
 def test_the_kernel_gives_mlx_attention_and_gradients(heads, kv, length, keys, causal):
     kernel = _kernel()
@@ -95,12 +96,14 @@ def test_the_training_route_takes_the_kernel_only_for_its_cases(monkeypatch):
 
     monkeypatch.setattr(cpu_attention, "native_kernel", Recording)  # a class: native_kernel() gives one
     q, k, v = _qkv(4, 2, 16, 16)
-    cases = (("causal", mx.float32, True), (None, mx.float32, False),
-             (mx.ones((16, 16), dtype=mx.bool_), mx.float32, None), ("causal", mx.bfloat16, None))
+    wide_v = mx.concatenate([v, v], axis=-1)  # values wider than keys (as in MLA): not the kernel's case
+    cases = (("causal", mx.float32, True, v), (None, mx.float32, False, v),
+             (mx.ones((16, 16), dtype=mx.bool_), mx.float32, None, v), ("causal", mx.bfloat16, None, v),
+             ("causal", mx.float32, None, wide_v))
     with cpu_attention.training_attention():
-        for mask, dtype, causal in cases:
+        for mask, dtype, causal, values in cases:
             calls.clear()
-            args = [x.astype(dtype) for x in (q, k, v)]
+            args = [x.astype(dtype) for x in (q, k, values)]
             out = mx.fast.scaled_dot_product_attention(*args, scale=0.2, mask=mask)
             assert calls == ([] if causal is None else [causal])
             theirs = cpu_attention.attention(*args, 0.2, mask)
@@ -113,7 +116,8 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
     code = ("import engine, mlx.core as mx\n"
             "from engine.model import cpu_attention as ca\n"
             "from engine.native import build\n"
-            "print(ca.native_kernel() is None); print(build.reason('cpu_attention'))\n"
+            "from engine.model import cpu_kernels\n"
+            "print(ca.native_kernel() is None); print(cpu_kernels.device_note())\n"
             "q = mx.ones((1, 2, 5, 8)); k = mx.ones((1, 1, 5, 8))\n"
             "with ca.training_attention():\n"
             "    out = mx.fast.scaled_dot_product_attention(q, k, k, scale=1.0, mask='causal')\n"
@@ -123,7 +127,8 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True,
                              check=True).stdout.splitlines()
         assert out[0] == "True"
-        if LINUX_X86:
+        if LINUX_X86:  # the run's device line
+            assert out[1].startswith(" (MLX ops for attention, swiglu, cross-entropy, rope: ")
             assert ("no g++" in out[1]) if "PATH" in env else ("LORA_TUI_NATIVE=off" in out[1])
         assert float(out[2]) == pytest.approx(1 * 2 * 5 * 8)
 
@@ -132,8 +137,9 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
 def test_the_swiglu_primitive_gives_the_ops_numbers_and_the_mlp_takes_it(monkeypatch):
     assert cpu_kernels.kernel("cpu_swiglu") is not None, build.reason("cpu_swiglu")
     rng = np.random.default_rng(3)
-    gate, up, w = (mx.array(rng.standard_normal((3, 37, 101)) * 4, dtype=mx.float32) for _ in range(3))
-    ours = mx.value_and_grad(lambda g, u: (cpu_kernels.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up.T.T)
+    gate, w = (mx.array(rng.standard_normal((3, 37, 101)) * 4, dtype=mx.float32) for _ in range(2))
+    up = mx.array(rng.standard_normal((3, 101, 37)), dtype=mx.float32).transpose(0, 2, 1)  # strided
+    ours = mx.value_and_grad(lambda g, u: (cpu_kernels.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up)
     theirs = mx.value_and_grad(lambda g, u: (lean.swiglu(g, u) * w).sum(), argnums=(0, 1))(gate, up)
     assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
     for a, b in zip(ours[1], theirs[1]):
@@ -153,8 +159,8 @@ def test_the_swiglu_primitive_gives_the_ops_numbers_and_the_mlp_takes_it(monkeyp
 
 @needs_kernel
 def test_the_cross_entropy_primitive_gives_the_ops_numbers_and_the_loss_takes_it():
-    """Against MLX's own cross_entropy, per row and through the chunked head's gradient; targets of any
-    integer type; the training loss on the CPU goes through it."""
+    """Against MLX's own cross_entropy, per row and through a head to its input rows (the training loss's
+    path on the CPU); unsigned targets too."""
     from engine.train import losses
     assert cpu_kernels.kernel("cpu_cross_entropy") is not None, build.reason("cpu_cross_entropy")
     rng = np.random.default_rng(4)
@@ -166,8 +172,11 @@ def test_the_cross_entropy_primitive_gives_the_ops_numbers_and_the_loss_takes_it
     assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
     assert mx.abs(ours[1] - theirs[1]).max().item() < 1e-5 * mx.abs(theirs[1]).max().item()
     assert cpu_kernels.cross_entropy_applies(logits)
-    assert mx.allclose(losses._cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets),
-                       rtol=1e-5).item()
+    rows, head = logits[:, :64] / 6, mx.array(rng.standard_normal((1001, 64)), dtype=mx.float32)
+    ours = mx.value_and_grad(lambda r: (losses._cross_entropy(r @ head.T, targets) * w).sum())(rows)
+    theirs = mx.value_and_grad(lambda r: (nn.losses.cross_entropy(r @ head.T, targets) * w).sum())(rows)
+    assert abs(ours[0].item() - theirs[0].item()) < 1e-5 * abs(theirs[0].item())
+    assert mx.abs(ours[1] - theirs[1]).max().item() < 1e-4 * mx.abs(theirs[1]).max().item()
 
 
 @needs_kernel

@@ -46,7 +46,7 @@ def _attention(queries, keys, values, scale: float, mask):
     kv, s = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(b, kv, h // kv * length, d)  # free: the heads of a group are adjacent
     out = _attend(q, keys, values, _bias(mask, length, s, kv))
-    return out.reshape(b, h, length, d)
+    return out.reshape(b, h, length, values.shape[-1])  # values may be wider than keys (MLA)
 
 
 CHUNK_ROWS = 80  # 4 chunks at the sample data's ~320 tokens: 5.6 s a step against 6.0-6.9 for 1-3 or 6
@@ -116,19 +116,13 @@ def native_kernel():
     return build.load("cpu_attention")
 
 
-def device_note() -> str:
-    """For the run's device line: on the CPU, which attention a training step runs where it is not the kernel."""
-    if on_gpu() or native_kernel() is not None:
-        return ""
-    from engine.native import build
-    return f" (attention on MLX ops: {build.reason('cpu_attention') or 'the kernel is off'})"
-
-
 def _kernel_takes(queries, keys, values, mask) -> bool:
     """The kernel's cases: float32, causal (the training step's mask) or none, as many keys as queries or more."""
     causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
     return causal_or_none and queries.dtype == keys.dtype == values.dtype == mx.float32 \
-        and keys.shape[2] >= queries.shape[2] and queries.shape[1] % keys.shape[1] == 0
+        and queries.ndim == keys.ndim == 4 and keys.shape == values.shape and queries.shape[0] == keys.shape[0] \
+        and queries.shape[3] == keys.shape[3] and keys.shape[2] >= queries.shape[2] \
+        and queries.shape[1] % keys.shape[1] == 0
 
 
 @contextmanager
@@ -141,13 +135,14 @@ def training_attention():
         return
     original = mx.fast.scaled_dot_product_attention
     from engine import native
-    kernel = native_kernel()  # built here on first use: ~5-30 s once per machine and MLX version
+    kernel = native_kernel()  # built here on first use: ~5 s once per machine and MLX version
+    cpu_kernels.prepare()  # and the others, before the step rather than inside it
 
     def routed(queries, keys, values, *, scale, mask=None, sinks=None, **kwargs):
         if sinks is not None or not (isinstance(mask, str) or mask is None or mask.ndim in (2, 4)):
             return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
         if kernel is not None and _kernel_takes(queries, keys, values, mask):
-            return kernel.attention(queries, keys, values, scale, mask is not None, native.threads())
+            return kernel.attention(queries, keys, values, scale, mask is not None, native.threads(calls_blas=True))
         return attention(queries, keys, values, scale, mask)
 
     original_rope = mx.fast.rope

@@ -20,6 +20,29 @@ def kernel(name: str):
     return build.load(name)
 
 
+def prepare() -> None:
+    """Build (once) and load every kernel, so that none is compiled in the middle of a traced step."""
+    for name in KERNELS:
+        kernel(name)
+
+
+KERNELS = ("cpu_attention", "cpu_swiglu", "cpu_cross_entropy", "cpu_rope")
+
+
+def device_note() -> str:
+    """For the run's device line, on the CPU: which parts of a training step run on MLX's ops instead of these
+    kernels, and why. Builds the kernels first (once), so that the run starts with them."""
+    if on_gpu():
+        return ""
+    prepare()
+    missing = [name for name in KERNELS if kernel(name) is None]
+    if not missing:
+        return ""
+    from engine.native import build
+    parts = ", ".join(name.removeprefix("cpu_").replace("_", "-") for name in missing)
+    return f" (MLX ops for {parts}: {build.reason(missing[0]) or 'the kernels are off'})"
+
+
 def swiglu_applies(gate, up) -> bool:
     return gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape and kernel("cpu_swiglu") is not None
 

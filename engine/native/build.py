@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,7 +36,9 @@ def load(name: str):
         if name in _loaded or name in _failed:
             return _loaded.get(name)
         try:
-            _loaded[name] = _import(name, _build(name))
+            module = _import(name, _build(name))
+            _check_arrays_pass(module)
+            _loaded[name] = module
         except Exception as err:  # any failure means MLX's own ops, with the reason kept
             _failed[name] = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         return _loaded.get(name)
@@ -44,6 +47,22 @@ def load(name: str):
 def reason(name: str) -> str | None:
     """Why `load(name)` gave None, or None if it did not (or was not asked yet)."""
     return _failed.get(name)
+
+
+def _check_arrays_pass(module) -> None:
+    """nanobind hands an mx.array to our module only when both were built for one binding ABI (version,
+    stable ABI or not); otherwise every call would fail, so the module is refused here, once."""
+    import mlx.core as mx
+    try:
+        module.size_of(mx.zeros((2,)))
+    except TypeError:
+        raise RuntimeError(f"nanobind {version('nanobind')} does not share MLX {version('mlx')}'s binding ABI: "
+                           "install the nanobind release MLX was built with") from None
+
+
+def _stable_abi(mlx_dir: Path) -> list[str]:
+    """MLX's bindings use Python's stable ABI where its wheel is abi3 (Python 3.12+); ours must match."""
+    return ["-DPy_LIMITED_API=0x030C0000"] if list(mlx_dir.glob("core.abi3.*")) else []
 
 
 def _build(name: str) -> Path:
@@ -68,9 +87,14 @@ def _build(name: str) -> Path:
     if not (Path(py_include) / "Python.h").is_file():
         raise RuntimeError(f"no Python headers in {py_include}: install them (Debian: apt install python3-dev)")
     common = ["-std=gnu++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", f"-I{py_include}",
-              f"-I{nb_dir / 'include'}"]
-    tmp = target.parent / f".build-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
+              f"-I{nb_dir / 'include'}", *_stable_abi(mlx_dir)]
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as folder:
+        _compile(name, compiler, common, source, nb_dir, mlx_dir, Path(folder), target)
+    return target
+
+
+def _compile(name: str, compiler: str, common: list[str], source: Path, nb_dir: Path, mlx_dir: Path, tmp: Path,
+             target: Path) -> None:
     binding = [compiler, *common, "-DNB_COMPACT_ASSERTIONS", "-fno-strict-aliasing",
                f"-isystem{nb_dir / 'ext' / 'robin_map' / 'include'}", "-c", str(nb_dir / "src" / "nb_combined.cpp"),
                "-o", str(tmp / "nanobind.o")]
@@ -83,24 +107,23 @@ def _build(name: str) -> Path:
     _run_all([[compiler, "-shared", "-o", str(partial), str(tmp / f"{name}.o"), str(tmp / "nanobind.o"),
                f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-lmvec", "-fopenmp"]])
     os.replace(partial, target)  # atomic: another process sees the whole library or none
-    for leftover in tmp.iterdir():
-        leftover.unlink(missing_ok=True)
-    tmp.rmdir()
-    return target
 
 
 def _run_all(commands: list[list[str]]) -> None:
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
-    for command, proc in zip(commands, procs):
-        output, _ = proc.communicate()
+    outputs = [proc.communicate()[0] for proc in procs]  # every process waited for, failed or not
+    for command, proc, output in zip(commands, procs, outputs):
         if proc.returncode != 0:
             first = next((line for line in output.splitlines() if "error" in line), output.strip()[:200])
-            raise RuntimeError(f"building {Path(command[-3]).name} failed: {first}")
+            made = Path(command[command.index("-o") + 1]).name
+            raise RuntimeError(f"building {made} failed: {first}")
 
 
 def _cache_dir(name: str, source: Path, compiler: str) -> Path:
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    key.update(Path(__file__).read_bytes())  # the flags
+    key.update(f"{Path(compiler).resolve()} {sys.prefix}".encode())  # links to this environment's libmlx
     for package in ("mlx", "nanobind"):
         try:
             key.update(version(package).encode())

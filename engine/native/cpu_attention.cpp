@@ -43,7 +43,7 @@ void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, in
   cblas_sgemm(101, ta ? 112 : 111, tb ? 112 : 111, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// MKL's own threads would contend for the cores the tasks already use, so each worker asks MKL for one
+// MKL's own threads would contend for the cores the tasks already use, so each worker asks MKL for its share
 // (a thread-local setting, restored after). Another BLAS lacks the symbol and runs as configured.
 using SetLocalThreads = int (*)(int);
 SetLocalThreads mkl_set_local_threads() {
@@ -56,10 +56,11 @@ SetLocalThreads mkl_set_local_threads() {
 // our own would contend with MKL's for the cores.
 template <typename F>
 void run_tasks(int tasks, int threads, size_t scratch_floats, F fn) {
-#pragma omp parallel num_threads(std::max(1, std::min(threads, tasks)))
+  const int team = std::max(1, std::min(threads, tasks));  // fewer tasks than threads: MKL gets the rest
+#pragma omp parallel num_threads(team)
   {
     auto set_local = mkl_set_local_threads();
-    int previous = set_local ? set_local(1) : 0;
+    int previous = set_local ? set_local(std::max(1, threads / team)) : 0;
     std::vector<float> scratch(scratch_floats);
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < tasks; ++t) fn(t, scratch.data());
@@ -247,5 +248,6 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 }  // namespace
 
 NB_MODULE(_lora_tui_cpu_attention, m) {
+  m.def("size_of", [](const mx::array& a) { return a.size(); });  // build.py: do arrays pass?
   m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, "threads"_a);
 }

@@ -265,7 +265,7 @@ class TrainingRun:
 
     def _started(self) -> ev.Started:
         import mlx.core as mx
-        from engine.model.cpu_attention import device_note
+        from engine.model.cpu_kernels import device_note
         setup, world = self.setup, self.world
         device = str(mx.default_device()) + ("" if world.alone else f" x {world.size} ranks") + device_note()
         if world.blas_threads:
