@@ -71,6 +71,7 @@ cfg = Config()
 cfg.model.name = {model!r}
 cfg.lora.dropout = 0.0
 model, _, _ = load_model(cfg.model, lambda *a: None)
+mx.random.seed(0)  # the adapters' initial A: the same in every round, so the final losses compare
 apply_lora(model, cfg.lora)
 opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.01, bias_correction=True)  # as TrainingRun and PyTorch
 micro, update = build_micro_step(model, opt), build_update(model, opt)

@@ -180,7 +180,8 @@ def test_the_cross_entropy_primitive_gives_the_ops_numbers_and_the_loss_takes_it
 
 
 @needs_kernel
-def test_the_rope_primitive_gives_mlx_rope_and_the_training_route_takes_it(monkeypatch):
+@pytest.mark.parametrize("traditional", [False, True])  # True: adjacent pairs, as the embedded GGUF model's
+def test_the_rope_primitive_gives_mlx_rope_and_the_training_route_takes_it(monkeypatch, traditional):
     """On the transposed view the model hands over, values and gradients as mx.fast.rope's; during a traced
     training step nn.RoPE reaches it, and a case it does not cover (an offset) keeps MLX's rope."""
     assert cpu_kernels.kernel("cpu_rope") is not None, build.reason("cpu_rope")
@@ -189,17 +190,50 @@ def test_the_rope_primitive_gives_mlx_rope_and_the_training_route_takes_it(monke
     w = mx.array(rng.standard_normal((2, 3, 37, 16)), dtype=mx.float32)
 
     def theirs(x, offset=0):
-        return mx.fast.rope(x, 16, traditional=False, base=10000.0, scale=0.5, offset=offset)
+        return mx.fast.rope(x, 16, traditional=traditional, base=10000.0, scale=0.5, offset=offset)
 
     expected = mx.value_and_grad(lambda x: (theirs(x) * w).sum())(x)
-    got = mx.value_and_grad(lambda x: (cpu_kernels.rope(x, 10000.0, 0.5) * w).sum())(x)
+    got = mx.value_and_grad(lambda x: (cpu_kernels.rope(x, 10000.0, 0.5, traditional) * w).sum())(x)
     assert abs(got[0].item() - expected[0].item()) < 1e-4 * abs(expected[0].item()) + 1e-4
     assert mx.abs(got[1] - expected[1]).max().item() < 1e-5 * mx.abs(expected[1]).max().item()
 
     calls, kernel_rope, original = [], cpu_kernels.rope, mx.fast.rope
     monkeypatch.setattr(cpu_kernels, "rope", lambda *a: calls.append(a[0].shape) or kernel_rope(*a))
-    rope, plain, shifted = nn.RoPE(16, base=10000.0, scale=0.5), theirs(x), theirs(x, offset=3)
+    rope, plain, shifted = nn.RoPE(16, traditional, base=10000.0, scale=0.5), theirs(x), theirs(x, offset=3)
     with cpu_attention.training_attention():
         assert mx.allclose(rope(x), plain, atol=1e-5).item() and calls == [x.shape]
         assert mx.allclose(rope(x, offset=3), shifted, atol=1e-5).item() and len(calls) == 1
     assert mx.fast.rope is original  # restored
+
+
+@needs_kernel
+def test_the_embedded_models_training_step_runs_on_the_kernels(embedded_dir, monkeypatch):
+    """Every block's attention, RoPE (the GGUF base's traditional form) and SwiGLU, and the loss, go through the
+    primitives in the engine's compiled step (tests/test_cpu_attention.py checks that step's numbers)."""
+    import mlx.optimizers as optim
+
+    from engine.config.schema import Config
+    from engine.model.adapters import apply_lora
+    from engine.model.loading import load_model
+    from engine.train.step import build_micro_step
+    cfg = Config()
+    model, _, _ = load_model(cfg.model)
+    apply_lora(model, cfg.lora)
+    calls = {}
+    for name in ("rope", "swiglu", "cross_entropy"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _n=name, _f=original: calls.update(
+            {_n: calls.get(_n, 0) + 1}) or _f(*a))
+    kernel = _kernel()
+
+    class Counting:
+        def attention(self, *args):
+            calls["attention"] = calls.get("attention", 0) + 1
+            return kernel.attention(*args)
+
+    monkeypatch.setattr(cpu_attention, "native_kernel", Counting)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 40000, (2, 65)), dtype=mx.int32)
+    step = build_micro_step(model, optim.AdamW(learning_rate=1e-4))
+    mx.eval(step(tokens[:, :-1], tokens[:, 1:], mx.arange(40, 128), mx.ones((88,))))
+    layers = len(model.model.layers)
+    assert calls == {"attention": layers, "rope": 2 * layers, "swiglu": layers, "cross_entropy": 1}

@@ -148,8 +148,8 @@ def training_attention():
     original_rope = mx.fast.rope
 
     def routed_rope(x, dims, *, traditional, base, scale, offset, freqs=None, **kwargs):
-        if cpu_kernels.rope_applies(x, dims, traditional, base, offset, freqs):
-            return cpu_kernels.rope(x, base, scale)
+        if cpu_kernels.rope_applies(x, dims, base, offset, freqs):
+            return cpu_kernels.rope(x, base, scale, traditional)
         return original_rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs,
                              **kwargs)
 

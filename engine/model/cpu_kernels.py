@@ -62,12 +62,13 @@ def cross_entropy(logits, targets):
     return kernel("cpu_cross_entropy").cross_entropy(logits.astype(mx.float32), targets, native.threads())
 
 
-def rope_applies(x, dims, traditional, base, offset, freqs) -> bool:
-    """The kernel's case: mx.fast.rope of a float32 (B, H, L, D) array over all D, half-split, from position 0."""
-    return (x.ndim == 4 and x.dtype == mx.float32 and dims == x.shape[-1] and not traditional and freqs is None
-            and base is not None and isinstance(offset, int) and offset == 0 and kernel("cpu_rope") is not None)
+def rope_applies(x, dims, base, offset, freqs) -> bool:
+    """The kernel's case: mx.fast.rope of a float32 (B, H, L, D) array over all D, from position 0."""
+    return (x.ndim == 4 and x.dtype == mx.float32 and dims == x.shape[-1] and x.shape[-1] % 2 == 0
+            and freqs is None and base is not None and isinstance(offset, int) and offset == 0
+            and kernel("cpu_rope") is not None)
 
 
-def rope(x, base: float, scale: float):
+def rope(x, base: float, scale: float, traditional: bool):
     from engine import native
-    return kernel("cpu_rope").rope(x, base, scale, native.threads())
+    return kernel("cpu_rope").rope(x, base, scale, traditional, native.threads())

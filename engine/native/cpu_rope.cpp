@@ -1,5 +1,6 @@
-// Rotary position embedding (RoPE, the non-traditional half-split form of mx.fast.rope, all of each head's
-// dimensions, positions from 0) and its gradient for float32 training on the CPU, as MLX primitives.
+// Rotary position embedding (mx.fast.rope over all of each head's dimensions, positions from 0; pairs split in
+// halves, or adjacent in the traditional form that GGUF bases use) and its gradient for float32 training on
+// the CPU, as MLX primitives.
 //
 // The model hands RoPE a transposed (B, L, H, D) view as (B, H, L, D); MLX's CPU rope runs on one core and
 // the attention then copies its result. Here every row is rotated on every core, read through its strides
@@ -28,9 +29,11 @@ struct Layout {
   long sb, sh, sl, sd;       // the input's strides, in floats
 };
 
-// out = x rotated by +angle (direction 1) or -angle (-1, the gradient): pairs (i, i + D/2) at position l turn
-// by l * scale * base^(-2i / D), as mx.fast.rope computes them in float32.
-void rotate(const Layout& s, float base, float scale, int direction, int threads, const float* x, float* out) {
+// out = x rotated by +angle (direction 1) or -angle (-1, the gradient): pair i, (i, i + D/2) or in the
+// traditional form (2i, 2i + 1), at position l turns by l * scale * base^(-2i / D), as mx.fast.rope computes it
+// in float32.
+void rotate(const Layout& s, float base, float scale, bool traditional, int direction, int threads, const float* x,
+            float* out) {
   const long half = s.d / 2;
   std::vector<float> cosines(s.l * half), sines(s.l * half);
   for (long i = 0; i < half; ++i) {
@@ -49,10 +52,11 @@ void rotate(const Layout& s, float base, float scale, int direction, int threads
     float* o = out + r * s.d;
     const float* c = cosines.data() + l * half;
     const float* n = sines.data() + l * half;
+    const long first = traditional ? 2 : 1, second = traditional ? 1 : half;  // pair i: (first i, first i + second)
     for (long i = 0; i < half; ++i) {
-      float a = in[i * s.sd], z = in[(i + half) * s.sd];
-      o[i] = a * c[i] - z * n[i];
-      o[i + half] = z * c[i] + a * n[i];
+      float a = in[first * i * s.sd], z = in[(first * i + second) * s.sd];
+      o[first * i] = a * c[i] - z * n[i];
+      o[first * i + second] = z * c[i] + a * n[i];
     }
   }
 }
@@ -64,16 +68,17 @@ Layout layout_of(const mx::array& x) {
 
 class Rope : public mx::UnaryPrimitive {
  public:
-  Rope(mx::Stream s, float base, float scale, int direction, int threads)
-      : mx::UnaryPrimitive(s), base_(base), scale_(scale), direction_(direction), threads_(threads) {}
+  Rope(mx::Stream s, float base, float scale, bool traditional, int direction, int threads)
+      : mx::UnaryPrimitive(s), base_(base), scale_(scale), traditional_(traditional), direction_(direction),
+        threads_(threads) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(in[0]);
     enc.set_output_array(out);
-    enc.dispatch([s = layout_of(in[0]), base = base_, scale = scale_, direction = direction_, threads = threads_,
-                  x = in[0].data<float>(), o = out.data<float>()]() {
-      rotate(s, base, scale, direction, threads, x, o);
+    enc.dispatch([s = layout_of(in[0]), base = base_, scale = scale_, traditional = traditional_,
+                  direction = direction_, threads = threads_, x = in[0].data<float>(), o = out.data<float>()]() {
+      rotate(s, base, scale, traditional, direction, threads, x, o);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -83,32 +88,36 @@ class Rope : public mx::UnaryPrimitive {
   std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
                              const std::vector<int>&, const std::vector<mx::array>&) override {
     auto& g = cotangents[0];
-    return {mx::array(g.shape(), mx::float32, std::make_shared<Rope>(stream(), base_, scale_, -direction_, threads_),
-                      {g})};
+    auto back = std::make_shared<Rope>(stream(), base_, scale_, traditional_, -direction_, threads_);
+    return {mx::array(g.shape(), mx::float32, back, {g})};
   }
   const char* name() const override { return "LoraTuiCpuRope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
-    return base_ == o.base_ && scale_ == o.scale_ && direction_ == o.direction_ && threads_ == o.threads_;
+    return base_ == o.base_ && scale_ == o.scale_ && traditional_ == o.traditional_ && direction_ == o.direction_ &&
+           threads_ == o.threads_;
   }
 
  private:
   float base_, scale_;
+  bool traditional_;
   int direction_, threads_;
 };
 
-// mx.fast.rope(x, D, traditional=False, base=base, scale=scale, offset=0) for a float32 (B, H, L, D) array.
-mx::array rope(const mx::array& x, float base, float scale, int threads) {
+// mx.fast.rope(x, D, traditional=traditional, base=base, scale=scale, offset=0) for a float32 (B, H, L, D) array.
+mx::array rope(const mx::array& x, float base, float scale, bool traditional, int threads) {
   if (x.ndim() != 4 || x.dtype() != mx::float32 || x.shape(3) % 2 != 0) {
     throw std::invalid_argument("cpu rope: a float32 (B, H, L, D) array with an even D");
   }
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), base, scale, 1, std::max(1, threads)), {x});
+                   std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), base, scale, traditional, 1,
+                                          std::max(1, threads)),
+                   {x});
 }
 
 }  // namespace
 
 NB_MODULE(_lora_tui_cpu_rope, m) {
   m.def("size_of", [](const mx::array& a) { return a.size(); });  // build.py: do arrays pass?
-  m.def("rope", &rope, "x"_a, "base"_a, "scale"_a, "threads"_a);
+  m.def("rope", &rope, "x"_a, "base"_a, "scale"_a, "traditional"_a, "threads"_a);
 }
