@@ -100,8 +100,8 @@ def _compile(name: str, compiler: str, common: list[str], source: Path, nb_dir: 
                "-o", str(tmp / "nanobind.o")]
     # -ffast-math only while compiling: at link time GCC would add crtfastmath.o, which flushes denormals
     # for the whole process.
-    kernel = [compiler, *common, "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-DNB_DOMAIN=mlx",
-              f"-isystem{mlx_dir / 'include'}", "-c", str(source), "-o", str(tmp / f"{name}.o")]
+    kernel = [compiler, *common, "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp",
+              "-DNB_DOMAIN=mlx", f"-isystem{mlx_dir / 'include'}", "-c", str(source), "-o", str(tmp / f"{name}.o")]
     _run_all([binding, kernel])  # two processes: both cores
     partial = tmp / target.name
     _run_all([[compiler, "-shared", "-o", str(partial), str(tmp / f"{name}.o"), str(tmp / "nanobind.o"),
