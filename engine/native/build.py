@@ -87,7 +87,7 @@ def _build(name: str) -> Path:
     if not (Path(py_include) / "Python.h").is_file():
         raise RuntimeError(f"no Python headers in {py_include}: install them (Debian: apt install python3-dev)")
     common = ["-std=gnu++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", f"-I{py_include}",
-              f"-I{nb_dir / 'include'}", *_stable_abi(mlx_dir)]
+              f"-I{nb_dir / 'include'}", f"-I{HERE}", *_stable_abi(mlx_dir)]
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as folder:
         _compile(name, compiler, common, source, nb_dir, mlx_dir, Path(folder), target)
     return target
@@ -121,8 +121,8 @@ def _run_all(commands: list[list[str]]) -> None:
 
 def _cache_dir(name: str, source: Path, compiler: str) -> Path:
     key = hashlib.sha256()
-    key.update(source.read_bytes())
-    key.update(Path(__file__).read_bytes())  # the flags
+    for part in (source, HERE / "primitive.h", Path(__file__)):  # the kernel, what they share, the flags
+        key.update(part.read_bytes())
     key.update(f"{Path(compiler).resolve()} {sys.prefix}".encode())  # links to this environment's libmlx
     for package in ("mlx", "nanobind"):
         try:

@@ -18,11 +18,8 @@
 
 #include <nanobind/nanobind.h>
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "primitive.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -148,58 +145,38 @@ Dims dims_of(const mx::array& q, const mx::array& k) {
   return {q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3)};
 }
 
-void allocate(std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-}
-
-class AttentionGrad : public mx::Primitive {
- public:
-  AttentionGrad(mx::Stream s, float scale, bool causal, int threads)
-      : mx::Primitive(s), scale_(scale), causal_(causal), threads_(threads) {}
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocate(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) enc.set_output_array(a);
-    enc.dispatch([d = dims_of(in[0], in[1]), scale = scale_, causal = causal_, threads = threads_,
-                  q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
-                  o = in[3].data<float>(), lse = in[4].data<float>(), g = in[5].data<float>(),
-                  dq = out[0].data<float>(), dk = out[1].data<float>(), dv = out[2].data<float>()]() {
-      backward(d, scale, causal, threads, q, k, v, o, lse, g, dq, dk, dv);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("lora-tui's CPU attention has no GPU kernel");
-  }
-  const char* name() const override { return "LoraTuiCpuAttentionGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const AttentionGrad&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_ && threads_ == o.threads_;
-  }
-
- private:
-  float scale_;
-  bool causal_;
-  int threads_;
+struct AttentionSettings {
+  float scale;
+  bool causal;
+  int threads;
+  bool operator==(const AttentionSettings&) const = default;
 };
 
-class Attention : public mx::Primitive {
+class AttentionGrad : public lora_tui::CpuPrimitive<AttentionSettings> {
  public:
-  Attention(mx::Stream s, float scale, bool causal, int threads)
-      : mx::Primitive(s), scale_(scale), causal_(causal), threads_(threads) {}
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocate(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) enc.set_output_array(a);
-    enc.dispatch([d = dims_of(in[0], in[1]), scale = scale_, causal = causal_, threads = threads_,
-                  q = in[0].data<float>(), k = in[1].data<float>(), v = in[2].data<float>(),
-                  o = out[0].data<float>(), lse = out[1].data<float>()]() {
-      forward(d, scale, causal, threads, q, k, v, o, lse);
+    lora_tui::run_on_cpu(stream(), in, out, [&, s = settings_] {
+      return [d = dims_of(in[0], in[1]), s, q = in[0].data<float>(), k = in[1].data<float>(),
+              v = in[2].data<float>(), o = in[3].data<float>(), lse = in[4].data<float>(), g = in[5].data<float>(),
+              dq = out[0].data<float>(), dk = out[1].data<float>(), dv = out[2].data<float>()]() {
+        backward(d, s.scale, s.causal, s.threads, q, k, v, o, lse, g, dq, dk, dv);
+      };
     });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("lora-tui's CPU attention has no GPU kernel");
+  const char* name() const override { return "LoraTuiCpuAttentionGrad"; }
+};
+
+class Attention : public lora_tui::CpuPrimitive<AttentionSettings> {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    lora_tui::run_on_cpu(stream(), in, out, [&, s = settings_] {
+      return [d = dims_of(in[0], in[1]), s, q = in[0].data<float>(), k = in[1].data<float>(),
+              v = in[2].data<float>(), o = out[0].data<float>(), lse = out[1].data<float>()]() {
+        forward(d, s.scale, s.causal, s.threads, q, k, v, o, lse);
+      };
+    });
   }
   // The log-sum-exp output only carries the forward pass's softmax to the backward pass: its cotangent,
   // zero wherever a caller does not use it, is not propagated.
@@ -207,22 +184,11 @@ class Attention : public mx::Primitive {
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
     auto grads = mx::array::make_arrays(
         {primals[0].shape(), primals[1].shape(), primals[2].shape()}, {mx::float32, mx::float32, mx::float32},
-        std::make_shared<AttentionGrad>(stream(), scale_, causal_, threads_),
+        std::make_shared<AttentionGrad>(stream(), settings_),
         {primals[0], primals[1], primals[2], outputs[0], outputs[1], mx::contiguous(cotangents[0], false, stream())});
-    std::vector<mx::array> picked;
-    for (int i : argnums) picked.push_back(grads[i]);
-    return picked;
+    return lora_tui::pick(grads, argnums);
   }
   const char* name() const override { return "LoraTuiCpuAttention"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_ && threads_ == o.threads_;
-  }
-
- private:
-  float scale_;
-  bool causal_;
-  int threads_;
 };
 
 // softmax(q k^T * scale [+ causal mask]) v for float32 (B, H, L, D) queries and (B, KV, S, D) keys and values,
@@ -240,7 +206,7 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   auto lse_shape = q.shape();
   lse_shape.pop_back();
   return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
-                                std::make_shared<Attention>(s, scale, causal, std::max(1, threads)),
+                                std::make_shared<Attention>(s, AttentionSettings{scale, causal, std::max(1, threads)}),
                                 {mx::contiguous(q, false, s), mx::contiguous(k, false, s),
                                  mx::contiguous(v, false, s)})[0];
 }

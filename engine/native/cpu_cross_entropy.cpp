@@ -13,11 +13,8 @@
 
 #include <nanobind/nanobind.h>
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "primitive.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -51,76 +48,43 @@ void backward(long rows, long vocab, int threads, const float* logits, const int
   }
 }
 
-// Outputs get their memory before a kernel captures their pointers.
-std::vector<mx::array>& allocated(std::vector<mx::array>& out) {
-  for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-  return out;
-}
-
-template <typename F>
-void run_on_cpu(mx::Stream s, const std::vector<mx::array>& in, std::vector<mx::array>& out, F f) {
-  auto& enc = mx::cpu::get_command_encoder(s);
-  for (auto& a : in) enc.set_input_array(a);
-  for (auto& a : out) enc.set_output_array(a);
-  enc.dispatch(std::move(f));
-}
-
-class CrossEntropyGrad : public mx::Primitive {
- public:
-  CrossEntropyGrad(mx::Stream s, int threads) : mx::Primitive(s), threads_(threads) {}
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocated(out);
-    run_on_cpu(stream(), in, out, [rows = long(in[0].shape(0)), vocab = long(in[0].shape(1)), threads = threads_,
-                                   x = in[0].data<float>(), t = in[1].data<int>(), lse = in[2].data<float>(),
-                                   c = in[3].data<float>(), g = out[0].data<float>()]() {
-      backward(rows, vocab, threads, x, t, lse, c, g);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("lora-tui's CPU cross-entropy has no GPU kernel");
-  }
-  const char* name() const override { return "LoraTuiCpuCrossEntropyGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const CrossEntropyGrad&>(other).threads_;
-  }
-
- private:
-  int threads_;
+struct Threads {
+  int threads;
+  bool operator==(const Threads&) const = default;
 };
 
-class CrossEntropy : public mx::Primitive {
+class CrossEntropyGrad : public lora_tui::CpuPrimitive<Threads> {
  public:
-  CrossEntropy(mx::Stream s, int threads) : mx::Primitive(s), threads_(threads) {}
+  using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    allocated(out);
-    run_on_cpu(stream(), in, out, [rows = long(in[0].shape(0)), vocab = long(in[0].shape(1)), threads = threads_,
-                                   x = in[0].data<float>(), t = in[1].data<int>(), loss = out[0].data<float>(),
-                                   lse = out[1].data<float>()]() { forward(rows, vocab, threads, x, t, loss, lse); });
+    lora_tui::run_on_cpu(stream(), in, out, [&, t = settings_.threads] {
+      return [rows = long(in[0].shape(0)), vocab = long(in[0].shape(1)), t, x = in[0].data<float>(),
+              ids = in[1].data<int>(), lse = in[2].data<float>(), c = in[3].data<float>(),
+              g = out[0].data<float>()]() { backward(rows, vocab, t, x, ids, lse, c, g); };
+    });
   }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("lora-tui's CPU cross-entropy has no GPU kernel");
+  const char* name() const override { return "LoraTuiCpuCrossEntropyGrad"; }
+};
+
+class CrossEntropy : public lora_tui::CpuPrimitive<Threads> {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    lora_tui::run_on_cpu(stream(), in, out, [&, t = settings_.threads] {
+      return [rows = long(in[0].shape(0)), vocab = long(in[0].shape(1)), t, x = in[0].data<float>(),
+              ids = in[1].data<int>(), loss = out[0].data<float>(), lse = out[1].data<float>()]() {
+        forward(rows, vocab, t, x, ids, loss, lse);
+      };
+    });
   }
   // The targets get no gradient (integers); the log-sum-exp output only carries the forward pass to this one.
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
-    std::vector<mx::array> grads;
-    for (int i : argnums) {
-      if (i == 1) {
-        grads.push_back(mx::zeros_like(primals[1], stream()));
-        continue;
-      }
-      grads.push_back(mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream(), threads_),
-                                {primals[0], primals[1], outputs[1], mx::contiguous(cotangents[0], false, stream())}));
-    }
-    return grads;
+    auto logits = mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream(), settings_),
+                            {primals[0], primals[1], outputs[1], mx::contiguous(cotangents[0], false, stream())});
+    return lora_tui::pick({logits, mx::zeros_like(primals[1], stream())}, argnums);
   }
   const char* name() const override { return "LoraTuiCpuCrossEntropy"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const CrossEntropy&>(other).threads_;
-  }
-
- private:
-  int threads_;
 };
 
 // Each row's cross-entropy: (rows, vocab) float32 logits, (rows,) integer targets.
@@ -133,7 +97,7 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets, int t
   mx::Shape rows{logits.shape(0)};
   auto ids = mx::contiguous(mx::astype(targets, mx::int32, s), false, s);
   return mx::array::make_arrays({rows, rows}, {mx::float32, mx::float32},
-                                std::make_shared<CrossEntropy>(s, std::max(1, threads)),
+                                std::make_shared<CrossEntropy>(s, Threads{std::max(1, threads)}),
                                 {mx::contiguous(logits, false, s), ids})[0];
 }
 

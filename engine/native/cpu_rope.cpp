@@ -14,11 +14,8 @@
 
 #include <nanobind/nanobind.h>
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "primitive.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -66,42 +63,32 @@ Layout layout_of(const mx::array& x) {
           long(x.strides()[2]), long(x.strides()[3])};
 }
 
-class Rope : public mx::UnaryPrimitive {
+struct RopeSettings {
+  float base, scale;
+  bool traditional;
+  int direction, threads;
+  bool operator==(const RopeSettings&) const = default;
+};
+
+class Rope : public lora_tui::CpuPrimitive<RopeSettings> {
  public:
-  Rope(mx::Stream s, float base, float scale, bool traditional, int direction, int threads)
-      : mx::UnaryPrimitive(s), base_(base), scale_(scale), traditional_(traditional), direction_(direction),
-        threads_(threads) {}
-  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(in[0]);
-    enc.set_output_array(out);
-    enc.dispatch([s = layout_of(in[0]), base = base_, scale = scale_, traditional = traditional_,
-                  direction = direction_, threads = threads_, x = in[0].data<float>(), o = out.data<float>()]() {
-      rotate(s, base, scale, traditional, direction, threads, x, o);
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    lora_tui::run_on_cpu(stream(), in, out, [&, r = settings_] {
+      return [s = layout_of(in[0]), r, x = in[0].data<float>(), o = out[0].data<float>()]() {
+        rotate(s, r.base, r.scale, r.traditional, r.direction, r.threads, x, o);
+      };
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("lora-tui's CPU RoPE has no GPU kernel");
   }
   // A rotation's transpose is the rotation back.
   std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
                              const std::vector<int>&, const std::vector<mx::array>&) override {
+    RopeSettings back = settings_;
+    back.direction = -back.direction;
     auto& g = cotangents[0];
-    auto back = std::make_shared<Rope>(stream(), base_, scale_, traditional_, -direction_, threads_);
-    return {mx::array(g.shape(), mx::float32, back, {g})};
+    return {mx::array(g.shape(), mx::float32, std::make_shared<Rope>(stream(), back), {g})};
   }
   const char* name() const override { return "LoraTuiCpuRope"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const Rope&>(other);
-    return base_ == o.base_ && scale_ == o.scale_ && traditional_ == o.traditional_ && direction_ == o.direction_ &&
-           threads_ == o.threads_;
-  }
-
- private:
-  float base_, scale_;
-  bool traditional_;
-  int direction_, threads_;
 };
 
 // mx.fast.rope(x, D, traditional=traditional, base=base, scale=scale, offset=0) for a float32 (B, H, L, D) array.
@@ -109,10 +96,8 @@ mx::array rope(const mx::array& x, float base, float scale, bool traditional, in
   if (x.ndim() != 4 || x.dtype() != mx::float32 || x.shape(3) % 2 != 0) {
     throw std::invalid_argument("cpu rope: a float32 (B, H, L, D) array with an even D");
   }
-  return mx::array(x.shape(), mx::float32,
-                   std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), base, scale, traditional, 1,
-                                          std::max(1, threads)),
-                   {x});
+  auto settings = RopeSettings{base, scale, traditional, 1, std::max(1, threads)};
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), settings), {x});
 }
 
 }  // namespace

@@ -10,11 +10,8 @@
 
 #include <nanobind/nanobind.h>
 
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
+#include "primitive.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -45,62 +42,41 @@ void backward(long n, int threads, const float* gate, const float* up, const flo
   }
 }
 
-class SwiGLUGrad : public mx::Primitive {
- public:
-  SwiGLUGrad(mx::Stream s, int threads) : mx::Primitive(s), threads_(threads) {}
-  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
-    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& a : out) enc.set_output_array(a);
-    enc.dispatch([n = long(in[0].size()), threads = threads_, g = in[0].data<float>(), u = in[1].data<float>(),
-                  c = in[2].data<float>(), dg = out[0].data<float>(), du = out[1].data<float>()]() {
-      backward(n, threads, g, u, c, dg, du);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("lora-tui's CPU SwiGLU has no GPU kernel");
-  }
-  const char* name() const override { return "LoraTuiCpuSwiGLUGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const SwiGLUGrad&>(other).threads_;
-  }
-
- private:
-  int threads_;
+struct Threads {
+  int threads;
+  bool operator==(const Threads&) const = default;
 };
 
-class SwiGLU : public mx::UnaryPrimitive {
+class SwiGLUGrad : public lora_tui::CpuPrimitive<Threads> {
  public:
-  SwiGLU(mx::Stream s, int threads) : mx::UnaryPrimitive(s), threads_(threads) {}
-  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([n = long(out.size()), threads = threads_, g = in[0].data<float>(), u = in[1].data<float>(),
-                  o = out.data<float>()]() { forward(n, threads, g, u, o); });
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    lora_tui::run_on_cpu(stream(), in, out, [&, t = settings_.threads] {
+      return [n = long(in[0].size()), t, g = in[0].data<float>(), u = in[1].data<float>(), c = in[2].data<float>(),
+              dg = out[0].data<float>(), du = out[1].data<float>()]() { backward(n, t, g, u, c, dg, du); };
+    });
   }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("lora-tui's CPU SwiGLU has no GPU kernel");
+  const char* name() const override { return "LoraTuiCpuSwiGLUGrad"; }
+};
+
+class SwiGLU : public lora_tui::CpuPrimitive<Threads> {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    lora_tui::run_on_cpu(stream(), in, out, [&, t = settings_.threads] {
+      return [n = long(out[0].size()), t, g = in[0].data<float>(), u = in[1].data<float>(),
+              o = out[0].data<float>()]() { forward(n, t, g, u, o); };
+    });
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     auto grads = mx::array::make_arrays(
         {primals[0].shape(), primals[1].shape()}, {mx::float32, mx::float32},
-        std::make_shared<SwiGLUGrad>(stream(), threads_),
+        std::make_shared<SwiGLUGrad>(stream(), settings_),
         {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream())});
-    std::vector<mx::array> picked;
-    for (int i : argnums) picked.push_back(grads[i]);
-    return picked;
+    return lora_tui::pick(grads, argnums);
   }
   const char* name() const override { return "LoraTuiCpuSwiGLU"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const SwiGLU&>(other).threads_;
-  }
-
- private:
-  int threads_;
 };
 
 // silu(gate) * up for float32 arrays of one shape.
@@ -109,7 +85,7 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, int threads) {
     throw std::invalid_argument("cpu swiglu: gate and up must be float32 arrays of one shape");
   }
   auto s = mx::to_stream(mx::Device::cpu);
-  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s, std::max(1, threads)),
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s, Threads{std::max(1, threads)}),
                    {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
 }
 
