@@ -104,16 +104,10 @@ def _attend_vjp(primals, cotangent, output):
     return ds.swapaxes(-1, -2) @ k, ds @ q, dv, mx.zeros_like(bias)
 
 
-USE_KERNEL = True  # the C++ primitive where it builds (engine/native/cpu_attention.cpp); False: the ops above
-
-
 def native_kernel():
-    """The compiled CPU attention module, or None where it is off or could not be built (then the ops above
-    run: engine.native.build.reason("cpu_attention") says why)."""
-    if not USE_KERNEL:
-        return None
-    from engine.native import build
-    return build.load("cpu_attention")
+    """The compiled CPU attention module (engine/native/cpu_attention.cpp), or None where the kernels are off or
+    it could not be built: then the ops above run (cpu_kernels.kernel)."""
+    return cpu_kernels.kernel("cpu_attention")
 
 
 def _kernel_takes(queries, keys, values, mask) -> bool:
@@ -135,8 +129,8 @@ def training_attention():
         return
     original = mx.fast.scaled_dot_product_attention
     from engine import native
-    kernel = native_kernel()  # built here on first use: ~5 s once per machine and MLX version
-    cpu_kernels.prepare()  # and the others, before the step rather than inside it
+    cpu_kernels.prepare()  # built here on first use (~5 s each, once per machine and MLX), not inside the step
+    kernel = native_kernel()
 
     def routed(queries, keys, values, *, scale, mask=None, sinks=None, **kwargs):
         if sinks is not None or not (isinstance(mask, str) or mask is None or mask.ndim in (2, 4)):

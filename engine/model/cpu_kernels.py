@@ -1,7 +1,8 @@
-"""A training step's element-wise work on the CPU as C++ primitives on every core (engine/native/): SwiGLU,
-silu(gate) * up, and the head's cross-entropy, where MLX's fused element-wise kernels run on one core while
-MKL's threads wait. Same numbers as MLX's ops to float rounding (tests/test_native.py). GPUs, other dtypes and
-machines where a primitive cannot be built keep the ops (engine.native.build.reason says why)."""
+"""A training step's element-wise work on the CPU as C++ primitives on every core (engine/native/): the
+attention (routed by cpu_attention.py), RoPE, SwiGLU (silu(gate) * up) and the head's cross-entropy, where
+MLX's element-wise kernels run on one core while MKL's threads wait. Same numbers as MLX's ops to float rounding
+(tests/test_native.py). GPUs, other dtypes and machines where a primitive cannot be built keep the ops
+(engine.native.build.reason says why); USE_KERNELS = False keeps them everywhere."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import mlx.core as mx
 from engine.model.loading import on_gpu
 
 USE_KERNELS = True
+KERNELS = ("cpu_attention", "cpu_swiglu", "cpu_cross_entropy", "cpu_rope")
 
 
 def kernel(name: str):
@@ -24,9 +26,6 @@ def prepare() -> None:
     """Build (once) and load every kernel, so that none is compiled in the middle of a traced step."""
     for name in KERNELS:
         kernel(name)
-
-
-KERNELS = ("cpu_attention", "cpu_swiglu", "cpu_cross_entropy", "cpu_rope")
 
 
 def device_note() -> str:

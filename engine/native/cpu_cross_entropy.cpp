@@ -48,12 +48,7 @@ void backward(long rows, long vocab, int threads, const float* logits, const int
   }
 }
 
-struct Threads {
-  int threads;
-  bool operator==(const Threads&) const = default;
-};
-
-class CrossEntropyGrad : public lora_tui::CpuPrimitive<Threads> {
+class CrossEntropyGrad : public lora_tui::CpuPrimitive<lora_tui::Threads> {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
@@ -66,7 +61,7 @@ class CrossEntropyGrad : public lora_tui::CpuPrimitive<Threads> {
   const char* name() const override { return "LoraTuiCpuCrossEntropyGrad"; }
 };
 
-class CrossEntropy : public lora_tui::CpuPrimitive<Threads> {
+class CrossEntropy : public lora_tui::CpuPrimitive<lora_tui::Threads> {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
@@ -97,7 +92,7 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets, int t
   mx::Shape rows{logits.shape(0)};
   auto ids = mx::contiguous(mx::astype(targets, mx::int32, s), false, s);
   return mx::array::make_arrays({rows, rows}, {mx::float32, mx::float32},
-                                std::make_shared<CrossEntropy>(s, Threads{std::max(1, threads)}),
+                                std::make_shared<CrossEntropy>(s, lora_tui::Threads{std::max(1, threads)}),
                                 {mx::contiguous(logits, false, s), ids})[0];
 }
 

@@ -42,12 +42,7 @@ void backward(long n, int threads, const float* gate, const float* up, const flo
   }
 }
 
-struct Threads {
-  int threads;
-  bool operator==(const Threads&) const = default;
-};
-
-class SwiGLUGrad : public lora_tui::CpuPrimitive<Threads> {
+class SwiGLUGrad : public lora_tui::CpuPrimitive<lora_tui::Threads> {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
@@ -59,7 +54,7 @@ class SwiGLUGrad : public lora_tui::CpuPrimitive<Threads> {
   const char* name() const override { return "LoraTuiCpuSwiGLUGrad"; }
 };
 
-class SwiGLU : public lora_tui::CpuPrimitive<Threads> {
+class SwiGLU : public lora_tui::CpuPrimitive<lora_tui::Threads> {
  public:
   using CpuPrimitive::CpuPrimitive;
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
@@ -85,7 +80,7 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, int threads) {
     throw std::invalid_argument("cpu swiglu: gate and up must be float32 arrays of one shape");
   }
   auto s = mx::to_stream(mx::Device::cpu);
-  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s, Threads{std::max(1, threads)}),
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s, lora_tui::Threads{std::max(1, threads)}),
                    {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
 }
 

@@ -41,6 +41,12 @@ class CpuPrimitive : public mx::Primitive {
   Settings settings_;
 };
 
+// The settings of a primitive whose only setting is how many threads it uses.
+struct Threads {
+  int threads;
+  bool operator==(const Threads&) const = default;
+};
+
 // The gradients `argnums` asks for, out of one per input.
 inline std::vector<mx::array> pick(const std::vector<mx::array>& grads, const std::vector<int>& argnums) {
   std::vector<mx::array> picked;
