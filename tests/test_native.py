@@ -128,7 +128,7 @@ def test_without_a_compiler_the_step_keeps_mlx_ops_and_says_why(tmp_path):
                              check=True).stdout.splitlines()
         assert out[0] == "True"
         if LINUX_X86:  # the run's device line
-            assert out[1].startswith(" (MLX ops for attention, swiglu, cross-entropy, rope: ")
+            assert out[1].startswith(" (MLX ops for attention, swiglu, cross-entropy, rope, rms-norm: ")
             assert ("no g++" in out[1]) if "PATH" in env else ("LORA_TUI_NATIVE=off" in out[1])
         assert float(out[2]) == pytest.approx(1 * 2 * 5 * 8)
 
@@ -207,9 +207,43 @@ def test_the_rope_primitive_gives_mlx_rope_and_the_training_route_takes_it(monke
 
 
 @needs_kernel
+def test_the_rms_norm_primitive_gives_mlx_rms_norm_and_the_training_route_takes_it(monkeypatch):
+    """Values and both gradients as mx.fast.rms_norm's, on a strided input, for 1 and 3 threads; during a traced
+    training step nn.RMSNorm reaches it, and a bf16 input keeps MLX's norm."""
+    assert cpu_kernels.kernel("cpu_rms_norm") is not None, build.reason("cpu_rms_norm")
+    rng = np.random.default_rng(6)
+    x = mx.array(rng.standard_normal((3, 96, 41)) * 3, dtype=mx.float32).transpose(0, 2, 1)  # (3, 41, 96) strided
+    weight, w = (mx.array(rng.standard_normal(shape), dtype=mx.float32) for shape in ((96,), (3, 41, 96)))
+
+    def grads(norm):
+        return mx.value_and_grad(lambda x, g: (norm(x, g, 1e-5) * w).sum(), argnums=(0, 1))(x, weight)
+
+    expected = grads(mx.fast.rms_norm)
+    for threads in (1, 3):
+        monkeypatch.setattr("engine.native.threads", lambda calls_blas=False, _t=threads: _t)
+        got = grads(cpu_kernels.rms_norm)
+        assert abs(got[0].item() - expected[0].item()) < 1e-5 * abs(expected[0].item())
+        for a, b in zip(got[1], expected[1]):
+            assert mx.abs(a - b).max().item() < 1e-5 * mx.abs(b).max().item()
+    only_x = mx.grad(lambda x: (cpu_kernels.rms_norm(x, weight, 1e-5) * w).sum())(x)  # no weight gradient asked
+    assert mx.abs(only_x - expected[1][0]).max().item() < 1e-5 * mx.abs(expected[1][0]).max().item()
+
+    calls, kernel_norm = [], cpu_kernels.rms_norm
+    monkeypatch.setattr(cpu_kernels, "rms_norm", lambda *a: calls.append(a[0].shape) or kernel_norm(*a))
+    norm = nn.RMSNorm(96, eps=1e-5)
+    plain = mx.fast.rms_norm(x, norm.weight, 1e-5)
+    with cpu_attention.training_attention():
+        assert mx.allclose(norm(x), plain, atol=1e-5).item()
+        assert calls == [x.shape]
+        norm(x.astype(mx.bfloat16))
+        assert len(calls) == 1
+
+
+@needs_kernel
 def test_the_embedded_models_training_step_runs_on_the_kernels(embedded_dir, monkeypatch):
-    """Every block's attention, RoPE (the GGUF base's traditional form) and SwiGLU, and the loss, go through the
-    primitives in the engine's compiled step (tests/test_cpu_attention.py checks that step's numbers)."""
+    """Every block's attention, RoPE (the GGUF base's traditional form), SwiGLU and two norms, the final norm and
+    the loss go through the primitives in the engine's compiled step (tests/test_cpu_attention.py checks that
+    step's numbers)."""
     import mlx.optimizers as optim
 
     from engine.config.schema import Config
@@ -220,7 +254,7 @@ def test_the_embedded_models_training_step_runs_on_the_kernels(embedded_dir, mon
     model, _, _ = load_model(cfg.model)
     apply_lora(model, cfg.lora)
     calls = {}
-    for name in ("rope", "swiglu", "cross_entropy"):
+    for name in ("rope", "swiglu", "cross_entropy", "rms_norm"):
         original = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _n=name, _f=original: calls.update(
             {_n: calls.get(_n, 0) + 1}) or _f(*a))
@@ -236,4 +270,5 @@ def test_the_embedded_models_training_step_runs_on_the_kernels(embedded_dir, mon
     step = build_micro_step(model, optim.AdamW(learning_rate=1e-4))
     mx.eval(step(tokens[:, :-1], tokens[:, 1:], mx.arange(40, 128), mx.ones((88,))))
     layers = len(model.model.layers)
-    assert calls == {"attention": layers, "rope": 2 * layers, "swiglu": layers, "cross_entropy": 1}
+    assert calls == {"attention": layers, "rope": 2 * layers, "swiglu": layers, "cross_entropy": 1,
+                     "rms_norm": 2 * layers + 1}

@@ -123,7 +123,8 @@ def _kernel_takes(queries, keys, values, mask) -> bool:
 def training_attention():
     """While a training step is traced on the CPU, models call `attention` (or the C++ kernel) instead of MLX's
     fused kernel (mlx-lm's models all reach it through mx.fast.scaled_dot_product_attention), and their RoPE
-    runs as cpu_kernels.rope where it applies; on a GPU nothing changes. Attention sinks keep MLX's kernel."""
+    and RMSNorm run as cpu_kernels' primitives where they apply; on a GPU nothing changes. Attention sinks keep
+    MLX's kernel."""
     if on_gpu():
         yield
         return
@@ -147,8 +148,15 @@ def training_attention():
         return original_rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs,
                              **kwargs)
 
-    mx.fast.scaled_dot_product_attention, mx.fast.rope = routed, routed_rope
+    original_norm = mx.fast.rms_norm
+
+    def routed_norm(x, weight, eps, **kwargs):
+        if not kwargs and cpu_kernels.rms_norm_applies(x, weight):
+            return cpu_kernels.rms_norm(x, weight, eps)
+        return original_norm(x, weight, eps, **kwargs)
+
+    mx.fast.scaled_dot_product_attention, mx.fast.rope, mx.fast.rms_norm = routed, routed_rope, routed_norm
     try:
         yield
     finally:
-        mx.fast.scaled_dot_product_attention, mx.fast.rope = original, original_rope
+        mx.fast.scaled_dot_product_attention, mx.fast.rope, mx.fast.rms_norm = original, original_rope, original_norm

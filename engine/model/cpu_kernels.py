@@ -1,5 +1,5 @@
 """A training step's element-wise work on the CPU as C++ primitives on every core (engine/native/): the
-attention (routed by cpu_attention.py), RoPE, SwiGLU (silu(gate) * up) and the head's cross-entropy, where
+attention and RoPE (routed by cpu_attention.py), RMSNorm, SwiGLU (silu(gate) * up) and the head's cross-entropy, where
 MLX's element-wise kernels run on one core while MKL's threads wait. Same numbers as MLX's ops to float rounding
 (tests/test_native.py). GPUs, other dtypes and machines where a primitive cannot be built keep the ops
 (engine.native.build.reason says why); USE_KERNELS = False keeps them everywhere."""
@@ -11,7 +11,7 @@ import mlx.core as mx
 from engine.model.loading import on_gpu
 
 USE_KERNELS = True
-KERNELS = ("cpu_attention", "cpu_swiglu", "cpu_cross_entropy", "cpu_rope")
+KERNELS = ("cpu_attention", "cpu_swiglu", "cpu_cross_entropy", "cpu_rope", "cpu_rms_norm")
 
 
 def kernel(name: str):
@@ -71,3 +71,14 @@ def rope_applies(x, dims, base, offset, freqs) -> bool:
 def rope(x, base: float, scale: float, traditional: bool):
     from engine import native
     return kernel("cpu_rope").rope(x, base, scale, traditional, native.threads())
+
+
+def rms_norm_applies(x, weight) -> bool:
+    """The kernel's case: float32 x normalized over its last axis with a float32 weight."""
+    return (x.dtype == mx.float32 and x.ndim >= 1 and weight is not None and weight.dtype == mx.float32
+            and weight.ndim == 1 and weight.shape[0] == x.shape[-1] and kernel("cpu_rms_norm") is not None)
+
+
+def rms_norm(x, weight, eps: float):
+    from engine import native
+    return kernel("cpu_rms_norm").rms_norm(x, weight, eps, native.threads())
