@@ -54,7 +54,7 @@ def test_the_kernel_gives_mlx_attention_and_gradients(heads, kv, length, keys, c
         return (mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask) * w).sum()
 
     def ours(q, k, v):
-        return (kernel.attention(q, k, v, scale, causal, 2) * w).sum()
+        return (cpu_attention.native_attention(kernel, q, k, v, scale, causal, 2) * w).sum()
 
     expected = mx.value_and_grad(theirs, argnums=(0, 1, 2))(q, k, v)
     for got in (mx.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v),
@@ -72,8 +72,8 @@ def test_strided_inputs_and_thread_counts_give_the_same_numbers():
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 70, h, 16)), dtype=mx.float32).transpose(0, 2, 1, 3)
                for h in (6, 2, 2))  # (B, L, H, D) as (B, H, L, D), as the model's attention hands them over
-    got = {n: mx.value_and_grad(lambda q, k, v: kernel.attention(q, k, v, 0.25, True, n).square().sum(),
-                                argnums=(0, 1, 2))(q, k, v) for n in (1, 2, 3)}
+    got = {n: mx.value_and_grad(lambda q, k, v: cpu_attention.native_attention(kernel, q, k, v, 0.25, True, n)
+                                .square().sum(), argnums=(0, 1, 2))(q, k, v) for n in (1, 2, 3)}
     reference = mx.value_and_grad(lambda q, k, v: mx.fast.scaled_dot_product_attention(
         q, k, v, scale=0.25, mask="causal").square().sum(), argnums=(0, 1, 2))(q, k, v)
     for n in (2, 3):

@@ -110,6 +110,14 @@ def native_kernel():
     return cpu_kernels.kernel("cpu_attention")
 
 
+def native_attention(kernel, queries, keys, values, scale: float, causal: bool, threads: int):
+    """The kernel on (B, H, L, D) queries and (B, KV, S, D) keys and values, as mx.fast's attention. It works on the
+    (B, L, H, D) layout the model's projections make and the output projection takes, so the transposes here are
+    views: no copy on the way in or out, in either direction."""
+    return kernel.attention(queries.swapaxes(1, 2), keys.swapaxes(1, 2), values.swapaxes(1, 2), scale, causal,
+                            threads).swapaxes(1, 2)
+
+
 def _kernel_takes(queries, keys, values, mask) -> bool:
     """The kernel's cases: float32, causal (the training step's mask) or none, as many keys as queries or more."""
     causal_or_none = mask is None or (isinstance(mask, str) and mask == "causal")
@@ -137,7 +145,8 @@ def training_attention():
         if sinks is not None or not (isinstance(mask, str) or mask is None or mask.ndim in (2, 4)):
             return original(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
         if kernel is not None and _kernel_takes(queries, keys, values, mask):
-            return kernel.attention(queries, keys, values, scale, mask is not None, native.threads(calls_blas=True))
+            return native_attention(kernel, queries, keys, values, scale, mask is not None,
+                                    native.threads(calls_blas=True))
         return attention(queries, keys, values, scale, mask)
 
     original_rope = mx.fast.rope

@@ -69,8 +69,10 @@ def rope_applies(x, dims, base, offset, freqs) -> bool:
 
 
 def rope(x, base: float, scale: float, traditional: bool):
+    """mx.fast.rope of the model's (B, H, L, D) view: the kernel works on the (B, L, H, D) layout beneath it and
+    writes that layout, which the attention kernel reads without a copy (a transpose of a view is free)."""
     from engine import native
-    return kernel("cpu_rope").rope(x, base, scale, traditional, native.threads())
+    return kernel("cpu_rope").rope(x.swapaxes(1, 2), base, scale, traditional, native.threads()).swapaxes(1, 2)
 
 
 def rms_norm_applies(x, weight) -> bool:

@@ -70,18 +70,33 @@ inline int visible(const Dims& d, bool causal, int row) {
   return causal ? std::min(d.keys, row + d.keys - d.length + 1) : d.keys;
 }
 
+// Queries, outputs and their gradients are (B, L, H, D), keys and values (B, S, KV, D): the layout the model's
+// projections make, so that neither the inputs nor the output need a transposing copy. Head h's row r is at
+// ((b L + r) H + h) D, rows `heads x D` apart, which BLAS takes as the leading dimension.
+struct Heads {
+  const Dims& d;
+  size_t query(int b, int h) const { return (size_t(b) * d.length * d.heads + h) * d.dim; }
+  size_t key(int b, int g) const { return (size_t(b) * d.keys * d.kv_heads + g) * d.dim; }
+  int qld() const { return d.heads * d.dim; }
+  int kld() const { return d.kv_heads * d.dim; }
+};
+
 void forward(const Dims& d, float scale, bool causal, int threads, const float* q, const float* k, const float* v,
              float* out, float* lse) {
   const int D = d.dim, L = d.length, S = d.keys;
+  const Heads at{d};
+  const int qld = at.qld(), kld = at.kld();
   run_tasks(d.batch * d.kv_heads, threads, size_t(kBlock) * S, [&](int task, float* p) {
     int b = task / d.kv_heads, g = task % d.kv_heads;
-    const float* kt = k + size_t(b * d.kv_heads + g) * S * D;
-    const float* vt = v + size_t(b * d.kv_heads + g) * S * D;
+    const float* kt = k + at.key(b, g);
+    const float* vt = v + at.key(b, g);
     for (int h = g * d.group(); h < (g + 1) * d.group(); ++h) {
-      size_t row0 = size_t(b * d.heads + h) * L;
+      size_t row0 = size_t(b * d.heads + h) * L;  // the log-sum-exp is (B, H, L)
+      const float* qh = q + at.query(b, h);
+      float* oh = out + at.query(b, h);
       for (int r0 = 0; r0 < L; r0 += kBlock) {
         int rows = std::min(kBlock, L - r0), cols = visible(d, causal, r0 + rows - 1);
-        gemm(false, true, rows, cols, D, scale, q + (row0 + r0) * D, D, kt, D, 0.f, p, cols);
+        gemm(false, true, rows, cols, D, scale, qh + size_t(r0) * qld, qld, kt, kld, 0.f, p, cols);
         for (int i = 0; i < rows; ++i) {
           float* s = p + size_t(i) * cols;
           int n = visible(d, causal, r0 + i);
@@ -94,7 +109,7 @@ void forward(const Dims& d, float scale, bool causal, int threads, const float* 
           std::fill(s + n, s + cols, 0.f);
           lse[row0 + r0 + i] = m + std::log(sum);
         }
-        gemm(false, false, rows, D, cols, 1.f, p, cols, vt, D, 0.f, out + (row0 + r0) * D, D);
+        gemm(false, false, rows, D, cols, 1.f, p, cols, vt, kld, 0.f, oh + size_t(r0) * qld, qld);
       }
     }
   });
@@ -104,19 +119,24 @@ void backward(const Dims& d, float scale, bool causal, int threads, const float*
               const float* v, const float* out, const float* lse, const float* dout, float* dq, float* dk,
               float* dv) {
   const int D = d.dim, L = d.length, S = d.keys;
+  const Heads at{d};
+  const int qld = at.qld(), kld = at.kld();
   run_tasks(d.batch * d.kv_heads, threads, 2 * size_t(kBlock) * S, [&](int task, float* p) {
     float* ds = p + size_t(kBlock) * S;
     int b = task / d.kv_heads, g = task % d.kv_heads;
-    size_t kv0 = size_t(b * d.kv_heads + g) * S * D;
-    std::fill(dk + kv0, dk + kv0 + size_t(S) * D, 0.f);  // the task owns its key head: sums without locks
-    std::fill(dv + kv0, dv + kv0 + size_t(S) * D, 0.f);
+    const size_t kv0 = at.key(b, g);
+    for (int j = 0; j < S; ++j) {  // the task owns its key head: sums without locks
+      std::fill(dk + kv0 + size_t(j) * kld, dk + kv0 + size_t(j) * kld + D, 0.f);
+      std::fill(dv + kv0 + size_t(j) * kld, dv + kv0 + size_t(j) * kld + D, 0.f);
+    }
     for (int h = g * d.group(); h < (g + 1) * d.group(); ++h) {
       size_t row0 = size_t(b * d.heads + h) * L;
+      const size_t q0 = at.query(b, h);
       for (int r0 = 0; r0 < L; r0 += kBlock) {
         int rows = std::min(kBlock, L - r0), cols = visible(d, causal, r0 + rows - 1);
-        const float* qb = q + (row0 + r0) * D;
-        const float* gb = dout + (row0 + r0) * D;
-        gemm(false, true, rows, cols, D, scale, qb, D, k + kv0, D, 0.f, p, cols);
+        const float* qb = q + q0 + size_t(r0) * qld;
+        const float* gb = dout + q0 + size_t(r0) * qld;
+        gemm(false, true, rows, cols, D, scale, qb, qld, k + kv0, kld, 0.f, p, cols);
         for (int i = 0; i < rows; ++i) {  // the probabilities again, from the forward pass's log-sum-exp
           float* s = p + size_t(i) * cols;
           int n = visible(d, causal, r0 + i);
@@ -124,25 +144,26 @@ void backward(const Dims& d, float scale, bool causal, int threads, const float*
           for (int j = 0; j < n; ++j) s[j] = std::exp(s[j] - m);
           std::fill(s + n, s + cols, 0.f);
         }
-        gemm(true, false, cols, D, rows, 1.f, p, cols, gb, D, 1.f, dv + kv0, D);     // dV += P^T dO
-        gemm(false, true, rows, cols, D, 1.f, gb, D, v + kv0, D, 0.f, ds, cols);     // dP = dO V^T
+        gemm(true, false, cols, D, rows, 1.f, p, cols, gb, qld, 1.f, dv + kv0, kld);  // dV += P^T dO
+        gemm(false, true, rows, cols, D, 1.f, gb, qld, v + kv0, kld, 0.f, ds, cols);  // dP = dO V^T
         for (int i = 0; i < rows; ++i) {  // dS = P (dP - rowsum(dO * O)), zero where P is
-          const float* o = out + (row0 + r0 + i) * D;
+          const float* o = out + q0 + size_t(r0 + i) * qld;
+          const float* gr = gb + size_t(i) * qld;
           float dot = 0.f;
-          for (int j = 0; j < D; ++j) dot += gb[size_t(i) * D + j] * o[j];
+          for (int j = 0; j < D; ++j) dot += gr[j] * o[j];
           float* s = ds + size_t(i) * cols;
           const float* pr = p + size_t(i) * cols;
           for (int j = 0; j < cols; ++j) s[j] = pr[j] * (s[j] - dot);
         }
-        gemm(false, false, rows, D, cols, scale, ds, cols, k + kv0, D, 0.f, dq + (row0 + r0) * D, D);
-        gemm(true, false, cols, D, rows, scale, ds, cols, qb, D, 1.f, dk + kv0, D);  // dK += scale dS^T Q
+        gemm(false, false, rows, D, cols, scale, ds, cols, k + kv0, kld, 0.f, dq + q0 + size_t(r0) * qld, qld);
+        gemm(true, false, cols, D, rows, scale, ds, cols, qb, qld, 1.f, dk + kv0, kld);  // dK += scale dS^T Q
       }
     }
   });
 }
 
-Dims dims_of(const mx::array& q, const mx::array& k) {
-  return {q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3)};
+Dims dims_of(const mx::array& q, const mx::array& k) {  // (B, L, H, D) queries, (B, S, KV, D) keys
+  return {q.shape(0), q.shape(2), k.shape(2), q.shape(1), k.shape(1), q.shape(3)};
 }
 
 struct AttentionSettings {
@@ -191,20 +212,19 @@ class Attention : public lora_tui::CpuPrimitive<AttentionSettings> {
   const char* name() const override { return "LoraTuiCpuAttention"; }
 };
 
-// softmax(q k^T * scale [+ causal mask]) v for float32 (B, H, L, D) queries and (B, KV, S, D) keys and values,
-// H a multiple of KV and S >= L (query i sees keys up to i + S - L when causal).
+// softmax(q k^T * scale [+ causal mask]) v for float32 (B, L, H, D) queries and (B, S, KV, D) keys and values,
+// as (B, L, H, D); H a multiple of KV and S >= L (query i sees keys up to i + S - L when causal).
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     int threads) {
   if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(0) != k.shape(0) ||
-      q.shape(3) != k.shape(3) || q.shape(1) % k.shape(1) != 0 || k.shape(2) < q.shape(2)) {
-    throw std::invalid_argument("cpu attention: expected (B, H, L, D) queries and (B, KV, S, D) keys/values");
+      q.shape(3) != k.shape(3) || q.shape(2) % k.shape(2) != 0 || k.shape(1) < q.shape(1)) {
+    throw std::invalid_argument("cpu attention: expected (B, L, H, D) queries and (B, S, KV, D) keys/values");
   }
   if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32) {
     throw std::invalid_argument("cpu attention: float32 only");
   }
   auto s = mx::to_stream(mx::Device::cpu);
-  auto lse_shape = q.shape();
-  lse_shape.pop_back();
+  mx::Shape lse_shape{q.shape(0), q.shape(2), q.shape(1)};
   return mx::array::make_arrays({q.shape(), lse_shape}, {mx::float32, mx::float32},
                                 std::make_shared<Attention>(s, AttentionSettings{scale, causal, std::max(1, threads)}),
                                 {mx::contiguous(q, false, s), mx::contiguous(k, false, s),

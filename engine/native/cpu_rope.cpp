@@ -2,9 +2,10 @@
 // halves, or adjacent in the traditional form that GGUF bases use) and its gradient for float32 training on
 // the CPU, as MLX primitives.
 //
-// The model hands RoPE a transposed (B, L, H, D) view as (B, H, L, D); MLX's CPU rope runs on one core and
-// the attention then copies its result. Here every row is rotated on every core, read through its strides
-// and written contiguous, so the attention primitive takes it as it is. The gradient is the rotation back.
+// It takes (B, L, H, D), the layout the model's projections make (positions on axis 1), read through its
+// strides and written contiguous, so the attention primitive takes it as it is; MLX's CPU rope runs on one
+// core, and on the model's transposed view. Here every row is rotated on every core. The gradient is the
+// rotation back.
 // Built at run time by engine/native/build.py.
 
 #include <algorithm>
@@ -22,7 +23,7 @@ using namespace nb::literals;
 namespace {
 
 struct Layout {
-  long b, h, l, d;           // the logical (B, H, L, D) shape
+  long b, h, l, d;           // batch, heads, positions, head size
   long sb, sh, sl, sd;       // the input's strides, in floats
 };
 
@@ -43,8 +44,8 @@ void rotate(const Layout& s, float base, float scale, bool traditional, int dire
   }
   const long rows = s.b * s.h * s.l;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long r = 0; r < rows; ++r) {
-    long l = r % s.l, h = (r / s.l) % s.h, b = r / (s.l * s.h);
+  for (long r = 0; r < rows; ++r) {  // row r of the contiguous (B, L, H, D) output
+    long h = r % s.h, l = (r / s.h) % s.l, b = r / (s.l * s.h);
     const float* in = x + b * s.sb + h * s.sh + l * s.sl;
     float* o = out + r * s.d;
     const float* c = cosines.data() + l * half;
@@ -58,9 +59,9 @@ void rotate(const Layout& s, float base, float scale, bool traditional, int dire
   }
 }
 
-Layout layout_of(const mx::array& x) {
-  return {x.shape(0), x.shape(1), x.shape(2), x.shape(3), long(x.strides()[0]), long(x.strides()[1]),
-          long(x.strides()[2]), long(x.strides()[3])};
+Layout layout_of(const mx::array& x) {  // x is (B, L, H, D)
+  return {x.shape(0), x.shape(2), x.shape(1), x.shape(3), long(x.strides()[0]), long(x.strides()[2]),
+          long(x.strides()[1]), long(x.strides()[3])};
 }
 
 struct RopeSettings {
@@ -91,10 +92,11 @@ class Rope : public lora_tui::CpuPrimitive<RopeSettings> {
   const char* name() const override { return "LoraTuiCpuRope"; }
 };
 
-// mx.fast.rope(x, D, traditional=traditional, base=base, scale=scale, offset=0) for a float32 (B, H, L, D) array.
+// mx.fast.rope(x, D, traditional=traditional, base=base, scale=scale, offset=0) for a float32 (B, L, H, D) array
+// (MLX's takes (B, H, L, D)).
 mx::array rope(const mx::array& x, float base, float scale, bool traditional, int threads) {
   if (x.ndim() != 4 || x.dtype() != mx::float32 || x.shape(3) % 2 != 0) {
-    throw std::invalid_argument("cpu rope: a float32 (B, H, L, D) array with an even D");
+    throw std::invalid_argument("cpu rope: a float32 (B, L, H, D) array with an even D");
   }
   auto settings = RopeSettings{base, scale, traditional, 1, std::max(1, threads)};
   return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(mx::Device::cpu), settings), {x});
