@@ -272,3 +272,28 @@ def test_the_embedded_models_training_step_runs_on_the_kernels(embedded_dir, mon
     layers = len(model.model.layers)
     assert calls == {"attention": layers, "rope": 2 * layers, "swiglu": layers, "cross_entropy": 1,
                      "rms_norm": 2 * layers + 1}
+
+
+@needs_kernel
+def test_a_machines_first_cpu_run_names_the_kernel_build_as_a_phase(tmp_path, monkeypatch):
+    """Nothing cached (a new machine or MLX): each kernel needs a build, and the run's preparation names that
+    wait as a phase before the first step; once they are built, nothing is left to build."""
+    from engine.protocol import Phase
+    from helpers import run_in_thread, tiny_config
+    for name in cpu_kernels.KERNELS:
+        assert cpu_kernels.kernel(name) is not None, build.reason(name)
+    assert cpu_kernels.to_build() == []
+    monkeypatch.setattr(build, "_loaded", {})  # as a new process sees it
+    assert cpu_kernels.to_build() == []  # built on this machine: on disk
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert cpu_kernels.to_build() == list(cpu_kernels.KERNELS)
+    monkeypatch.undo()
+
+    monkeypatch.setattr(build, "needs_build", lambda name: name == "cpu_rope")  # one left, not really compiled
+    phases = []
+    thread, _, result = run_in_thread(tiny_config(tmp_path, training={"iterations": 1}),
+                                      [lambda e: isinstance(e, Phase) and phases.append(e.name)])
+    thread.join()
+    assert result[0].status == "finished"
+    assert "building the CPU kernels (once per machine)" in phases
+    assert phases.index("building the CPU kernels (once per machine)") < phases.index("ready")

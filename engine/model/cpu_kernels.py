@@ -28,6 +28,14 @@ def prepare() -> None:
         kernel(name)
 
 
+def to_build() -> list[str]:
+    """The kernels that the first step would compile first (a machine's first CPU run)."""
+    if not USE_KERNELS or on_gpu():
+        return []
+    from engine.native import build
+    return [name for name in KERNELS if build.needs_build(name)]
+
+
 def device_note() -> str:
     """For the run's device line, on the CPU: which parts of a training step run on MLX's ops instead of these
     kernels, and why. Builds the kernels first (once), so that the run starts with them."""

@@ -65,21 +65,41 @@ def _stable_abi(mlx_dir: Path) -> list[str]:
     return ["-DPy_LIMITED_API=0x030C0000"] if list(mlx_dir.glob("core.abi3.*")) else []
 
 
-def _build(name: str) -> Path:
+def needs_build(name: str) -> bool:
+    """Whether load(name) would compile (~5 s): nothing built for this machine yet. False where it would
+    fail at once (no compiler, off) or is already loaded."""
+    with _lock:
+        if name in _loaded or name in _failed:
+            return False
+    try:
+        return not _target(name)[0].is_file()
+    except Exception:
+        return False
+
+
+def _target(name: str) -> tuple[Path, str]:
+    """The cached library's path for this machine, and the compiler that builds it."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise RuntimeError("native primitives are built on Linux x86-64 only")
     if os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false"):
         raise RuntimeError(f"{ENV_VAR}=off")
-    import mlx.core
-    import nanobind
+    if importlib.util.find_spec("nanobind") is None:
+        raise RuntimeError("nanobind is not installed: pip install 'nanobind>=3.0.1,<3.2'")
     from engine.native_jit import system_compiler
     compiler = system_compiler()
     if compiler is None:
         raise RuntimeError("no g++ on PATH: install a C++ compiler (Debian: apt install g++)")
+    library = f"_lora_tui_{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    return _cache_dir(name, HERE / f"{name}.cpp", compiler) / library, compiler
+
+
+def _build(name: str) -> Path:
+    import mlx.core
+    import nanobind
+    target, compiler = _target(name)
     source = HERE / f"{name}.cpp"
     mlx_dir = Path(mlx.core.__file__).resolve().parent  # mlx is a namespace package
     nb_dir = Path(nanobind.__file__).resolve().parent
-    target = _cache_dir(name, source, compiler) / f"_lora_tui_{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,7 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
     optimizer = build_optimizer(cfg, schedule)
     optimizer.init(model.trainable_parameters())
     model.train()
+    _build_cpu_kernels(emit)
     trainable = trainable_count(model)
     estimate = _estimate_memory(cfg, model, info, data, lengths, trainable, warn)
     limit_gpu_queue(estimate, t.memory_limit_gb)
@@ -223,6 +224,15 @@ def _tokenize(cfg: Config, tokenizer, emit: ev.Listener, control: RunControl) ->
         raise TrainingError(str(exc), "data") from None
     check_stop(control)
     return data
+
+
+def _build_cpu_kernels(emit: ev.Listener) -> None:
+    """A machine's first CPU run compiles the step's C++ primitives (engine/native/, ~5 s each): named as a
+    phase, not a silent wait before the first step."""
+    from engine.model import cpu_kernels
+    if cpu_kernels.to_build():
+        emit(ev.Phase("building the CPU kernels (once per machine)", 0.9))
+    cpu_kernels.prepare()
 
 
 def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedData, lengths: list[int],
