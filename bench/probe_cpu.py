@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the CPU training step's time goes: the embedded model in float32, one part switched at a time.
 
-    scripts/run python bench/probe_cpu.py [--batch 4] [--seq 320] [--trained 0.4] [--only base noattn ...]
+    scripts/run python bench/probe_cpu.py [--batch 4] [--seq 320] [--trained 0.4] [--thread] [--only base noattn ...]
 
 Each probe runs in its own process (its own compile cache and BLAS threads) and times the engine's
 compiled micro-step (build_micro_step: value_and_grad of the masked loss, LoRA r16 on q/v of every block,
@@ -143,6 +143,23 @@ def matmul_step(mx, model, tokens: int, trained: int):
     return step
 
 
+def run_on_thread(a) -> dict:
+    """run_probe on a thread of its own (the TUI's engine thread), which releases its MLX streams at the end."""
+    import threading
+    box = []
+
+    def target():
+        from engine import release_mlx_streams
+        try:
+            box.append(run_probe(a.probe, a.batch, a.seq, a.trained, a.steps))
+        finally:
+            release_mlx_streams()
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    return box[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -150,16 +167,17 @@ def main() -> None:
     ap.add_argument("--trained", type=float, default=0.4, help="share of each row's tokens the loss sees")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="+", default=PROBES)
+    ap.add_argument("--thread", action="store_true", help="run each probe on a worker thread, as the app trains")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.probe:
-        print(json.dumps(run_probe(a.probe, a.batch, a.seq, a.trained, a.steps)))
+        print(json.dumps(run_on_thread(a) if a.thread else run_probe(a.probe, a.batch, a.seq, a.trained, a.steps)))
         return
     rows = []
     for probe in a.only:
         cmd = [sys.executable, __file__, "--probe", probe, "--batch", str(a.batch), "--seq", str(a.seq),
-               "--trained", str(a.trained), "--steps", str(a.steps)]
+               "--trained", str(a.trained), "--steps", str(a.steps), *(["--thread"] if a.thread else [])]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps(
             dict(probe=probe, error=out.stderr.strip().splitlines()[-1:]))

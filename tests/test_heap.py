@@ -13,8 +13,9 @@ from helpers import ROOT
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
-# Allocates, touches and frees 256 MB twice, as a step's activations are, and prints the page faults of the
-# second round (MLX's CPU allocator is malloc: ctypes reaches the same one).
+# Allocates, touches and frees 256 MB twice on a new thread each time, as a step's activations are on the app's
+# engine thread, and prints the page faults of the second round (MLX's CPU allocator is malloc: ctypes reaches
+# the same one).
 REUSE = """
 import ctypes, resource, engine
 from engine import heap
@@ -26,9 +27,14 @@ def touch_and_free():
     p = libc.malloc(size)
     ctypes.memset(p, 1, size)
     libc.free(p)
-touch_and_free()
+def on_a_thread():  # as the app trains: on its engine thread
+    import threading
+    thread = threading.Thread(target=touch_and_free)
+    thread.start()
+    thread.join()
+on_a_thread()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touch_and_free()
+on_a_thread()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(heap.keep_freed_memory())
 """

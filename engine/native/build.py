@@ -94,9 +94,9 @@ def _target(name: str) -> tuple[Path, str]:
 
 
 def _build(name: str) -> Path:
+    target, compiler = _target(name)  # first: its checks give the reasons
     import mlx.core
     import nanobind
-    target, compiler = _target(name)
     source = HERE / f"{name}.cpp"
     mlx_dir = Path(mlx.core.__file__).resolve().parent  # mlx is a namespace package
     nb_dir = Path(nanobind.__file__).resolve().parent
