@@ -85,8 +85,9 @@ def rope(x, base: float, scale: float, traditional: bool):
 
 def rms_norm_applies(x, weight) -> bool:
     """The kernel's case: float32 x normalized over its last axis with a float32 weight."""
-    return (x.dtype == mx.float32 and x.ndim >= 1 and x.shape[-1] > 0 and weight is not None and weight.dtype == mx.float32
-            and weight.ndim == 1 and weight.shape[0] == x.shape[-1] and kernel("cpu_rms_norm") is not None)
+    return (x.dtype == mx.float32 and x.ndim >= 1 and x.shape[-1] > 0 and weight is not None
+            and weight.dtype == mx.float32 and weight.ndim == 1 and weight.shape[0] == x.shape[-1]
+            and kernel("cpu_rms_norm") is not None)
 
 
 def rms_norm(x, weight, eps: float):

@@ -4,8 +4,9 @@ A primitive is compiled with `-march=native` against the installed MLX's headers
 Python with nanobind (the version whose ABI MLX's own bindings use, or arrays would not pass between
 them), the first time it is asked for. The result is cached under ~/.cache/lora-tui/native/<key>, the key
 covering the source, the shared header, the flags, MLX, nanobind, Python, the compiler, the environment and the
-CPU, so a change of any rebuilds it. A build takes ~5 s on 2 cores; a failed one (no compiler, no Python headers, a changed ABI) is remembered
-for the process and its one-line reason is kept in `reason()`: callers fall back to MLX's own ops.
+CPU, so a change of any rebuilds it. A build takes ~5 s on 2 cores; a failed one (no compiler, no Python
+headers, a changed ABI) is remembered for the process and its one-line reason is kept in `reason()`: callers
+fall back to MLX's own ops.
 Linux x86-64 only; LORA_TUI_NATIVE=off disables it.
 """
 
