@@ -12,7 +12,9 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default); BENCH_SWIGLU_KERNEL=0/1
                 the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA);
                 BENCH_CE_CHUNK_BYTES=N the head's loss and gradient in chunks of N bytes of logits
-                (engine/train/losses.py; 0 = all at once, kept for the backward pass)
+                (engine/train/losses.py; 0 = all at once, kept for the backward pass); BENCH_LOOK_AHEAD=0/1
+                reads each step before building the next / queues the next first, as TrainingRun does on
+                CUDA (engine/train/step_queue.py); BENCH_TIMES=FILE writes the host's share of each step there
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -221,7 +223,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
         micro_step = build_micro_step(model, optimizer)
         update = build_update(model, optimizer)
 
-        def step():
+        def waited_step():  # each step read before the next is built (TrainingRun off CUDA)
             grads, loss = accumulate_gradients(micro_step, [batch])
             if compiled_update:
                 grads, norm = clip_gradients(grads, 1.0)
@@ -231,10 +233,54 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 apply_update(model, optimizer, grads)
             return loss.item()
 
+        queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
+        step = queued_step(model, optimizer, micro_step, batch) if queued else waited_step
         loss, dt = timed_steps(step)
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
-                memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model))
+                memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model), look_ahead=queued)
+
+
+def queued_step(model, optimizer, micro_step, batch):
+    """The step as TrainingRun takes it on CUDA (engine/train/step_queue.py): gradients, clipping and the
+    guarded update queued with async_eval, and step N's loss read only once step N+1 is queued. Timings of
+    the host's part go to $BENCH_TIMES when set (build: the graph in Python; queue: async_eval's encoding)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from engine.train.step import build_guarded_update, clip_gradients
+    update, previous, healthy = build_guarded_update(model, optimizer), [], None
+    times = open(os.environ["BENCH_TIMES"], "a") if os.environ.get("BENCH_TIMES") else None
+
+    def step():
+        nonlocal healthy
+        t0 = time.perf_counter()
+        s, n, g = micro_step(*batch)
+        denom = mx.maximum(n, 1)
+        grads, norm = clip_gradients(tree_map(lambda x: x / denom, g), 1.0)
+        loss = s / denom
+        finite = mx.isfinite(loss) & mx.isfinite(norm)
+        healthy = finite if healthy is None else healthy & finite
+        t1, c1 = time.perf_counter(), time.thread_time()
+        update(grads, healthy, loss, norm)
+        t2, c2 = time.perf_counter(), time.thread_time()
+        previous.append(loss)
+        out = previous.pop(0).item() if len(previous) > 1 else loss.item()
+        if times:
+            print(f"build {1e3 * (t1 - t0):.1f} ms, queue {1e3 * (t2 - t1):.1f} ms (cpu {1e3 * (c2 - c1):.1f}), "
+                  f"wait {1e3 * (time.perf_counter() - t2):.1f} ms", file=times, flush=True)
+        return out
+
+    return step
+
+
+def queued_steps(switch: str | None) -> bool:
+    """Whether the step queues the next before reading this one: as TrainingRun does (on CUDA), or as
+    BENCH_LOOK_AHEAD=0/1 says."""
+    from engine.train import step_queue
+    if switch in ("0", "1"):
+        step_queue.LOOK_AHEAD = switch == "1"
+    return step_queue.look_ahead_applies(True, None)
 
 
 def timed_steps(step) -> tuple[float, float]:

@@ -37,6 +37,11 @@ class RunControl:
     def paused(self) -> bool:
         return not self._running.is_set()
 
+    @property
+    def pending(self) -> bool:
+        """Whether the UI has asked for something (a stop, a pause, a save) the loop has not answered yet."""
+        return self.stop_requested or self.paused or self._save.is_set()
+
     def wait_until_resumed(self) -> bool:
         """Block the loop while paused, until a resume or a stop (False) or a save_now() (True: the loop saves
         and waits again)."""

@@ -2,8 +2,8 @@
 
 Read top to bottom: `TrainingRun.run()` picks and claims the run folder, `prepare()` returns what the run
 trains (model, adapters, data, optimizer: a `Prepared`) and where it starts (a `TrainerState`, maybe a
-checkpoint's), then `_train()` runs optimizer steps, each one `mx.eval`, reporting through typed events,
-and `_finish()` saves the adapter and the report. All MLX work happens on the thread that calls `run()`
+checkpoint's), then `_train()` runs optimizer steps, each one queued on the device and then read (on CUDA
+the next is queued first: step_queue.py), reporting through typed events, and `_finish()` saves the adapter and the report. All MLX work happens on the thread that calls `run()`
 (MLX streams are per thread).
 """
 
@@ -29,8 +29,8 @@ from engine.train.prepare import Prepared, check_stop, claim_run_folder, pick_ru
 from engine.train.report import write_report
 from engine.train.run_log import RunLog
 from engine.train.saving import save_checkpoint, write_final_adapter, write_run_config
-from engine.train.step import accumulate_gradients, build_micro_step, build_update, checkpointed_layers, \
-    clip_gradients, step_seed
+from engine.train.step import build_guarded_update, build_micro_step, checkpointed_layers
+from engine.train.step_queue import StepQueue, look_ahead_applies
 from engine.train.trainer_state import TrainerState
 
 
@@ -174,60 +174,45 @@ class TrainingRun:
         return collate([setup.data.train[i] for i in mine], setup.pad_id, cfg.model.max_seq_length)
 
     def _train(self) -> RunResult:
-        import mlx.core as mx
-
-        from engine.train.losses import loss_inputs
-
-        cfg, t, setup, state = self.cfg, self.cfg.training, self.setup, self.state
+        cfg, setup, state = self.cfg, self.setup, self.state
         if self.world.is_main:
             write_run_config(setup.run_dir, cfg, setup.config_kept_as)
         self.emit(self._started())
         objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
         micro_step = build_micro_step(setup.model, setup.optimizer) if objective is None else \
             objective.build(setup.optimizer)
-        update = build_update(setup.model, setup.optimizer)
+        steps = StepQueue(cfg.training, setup.schedule, objective, micro_step,
+                          build_guarded_update(setup.model, setup.optimizer), self.world, self._next_batch,
+                          self._next_rows)
+        look_ahead = look_ahead_applies(self.world.alone, objective)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None
         status, last_loss = "finished", None
 
+        queued = None  # a step on the device whose loss is not read yet (engine/train/step_queue.py)
         while state.step < setup.total_steps:
-            if self.control.paused:
-                self.emit(ev.Paused(state.step))
-                while self.control.wait_until_resumed():  # a save asked for while paused: now, not after
-                    self._save_while_paused(time.perf_counter() - start)
-                self.emit(ev.Resumed(state.step))
-                window_t = time.perf_counter()
-            if self.world.any(self.control.stop_requested):  # every rank stops at the same step
-                status = "stopped"
-                break
-            step_start = time.perf_counter()
-            lr = float(setup.schedule(mx.array(state.step)))  # the rate this step's update will use
-            # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
-            # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
-            mx.random.seed(step_seed(t.seed, state.step))
-            real = 0
-
-            def micro_batches():
-                nonlocal real
-                for _ in range(t.grad_accumulation):
-                    inputs, targets, mask, n_real = self._next_batch()
-                    real += n_real
-                    yield loss_inputs(inputs, targets, mask)
-            if objective is None:
-                grads, loss = accumulate_gradients(micro_step, micro_batches(), self.world)
-            else:
-                grads, loss, sums, real = objective.step([self._next_rows() for _ in range(t.grad_accumulation)],
-                                                         self.world)
-            real = int(self.world.sum_number(real))
-            grads, norm = clip_gradients(grads, t.max_grad_norm)
-            mx.eval(loss, norm)
-            loss_value, norm_value = loss.item(), norm.item()
+            if queued is None:
+                if self.control.paused:
+                    self.emit(ev.Paused(state.step))
+                    while self.control.wait_until_resumed():  # a save asked for while paused: now, not after
+                        self._save_while_paused(time.perf_counter() - start)
+                    self.emit(ev.Resumed(state.step))
+                    window_t = time.perf_counter()
+                if self.world.any(self.control.stop_requested):  # every rank stops at the same step
+                    status = "stopped"
+                    break
+                queued = steps.queue(state.step, None)
+            # On CUDA the next step is queued before this one is read: the GPU never waits for Python.
+            ahead = steps.queue(state.step + 1, queued.healthy) if look_ahead and self._nothing_due(state.step + 1) \
+                else None
+            loss_value, norm_value = queued.loss.item(), queued.norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                return self._diverged(loss_value, norm_value)  # before the update: these weights stay good
-            preference = objective.stats(loss_value, sums)[1] if objective is not None else None
-            update(grads)
-            self.world.step_took(time.perf_counter() - step_start)
+                return self._diverged(loss_value, norm_value)  # the guarded update kept the weights good
+            preference = objective.stats(loss_value, queued.sums)[1] if objective is not None else None
+            lr, real = queued.lr, queued.real
+            self.world.step_took(time.perf_counter() - queued.queued_at)
+            queued = ahead
             state.step += 1
             state.tokens_seen += real
             state.session_tokens += real
@@ -253,7 +238,7 @@ class TrainingRun:
             if improved:
                 state.best_val = val
             interval = cfg.checkpoints.every_steps and state.step % cfg.checkpoints.every_steps == 0
-            manual = self.control.take_save_request()
+            manual = queued is None and self.control.take_save_request()  # not while a step is in flight
             if interval or improved or manual:
                 reason = "manual" if manual else "interval" if interval else "best"
                 self._checkpoint(reason, val, improved, time.perf_counter() - start)
@@ -262,6 +247,15 @@ class TrainingRun:
                 break
 
         return self._finish(status, time.perf_counter() - start, last_loss)
+
+    def _nothing_due(self, step: int) -> bool:
+        """Whether the loop may queue the step after `step` before reading `step`: nothing after `step` needs
+        its weights (validation, a checkpoint, the end, a stop) and the UI has asked for nothing."""
+        cfg = self.cfg
+        due = step >= self.setup.total_steps or (self.stop_after is not None and step >= self.stop_after) or \
+            bool(cfg.evaluation.every_steps and step % cfg.evaluation.every_steps == 0) or \
+            bool(cfg.checkpoints.every_steps and step % cfg.checkpoints.every_steps == 0)
+        return not due and not self.control.pending
 
     def _started(self) -> ev.Started:
         import mlx.core as mx

@@ -119,5 +119,40 @@ def build_update(model, optimizer):
     return apply
 
 
+def build_guarded_update(model, optimizer):
+    """build_update for a step whose loss is read later (engine/train/step_queue.py): the new weights and
+    optimizer state replace the old only where `healthy` (a bool scalar) holds, and nothing waits: the update
+    is queued with mx.async_eval, with whatever else the caller will read (the loss, the norm)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads, healthy):
+        old_params = model.trainable_parameters()
+        old_state = tree_map(lambda x: x, optimizer.state)  # the same arrays, in a tree the update won't touch
+        optimizer.update(model, grads)
+        keep = lambda new, old: mx.where(healthy, new, old)  # noqa: E731
+        model.update(tree_map(keep, model.trainable_parameters(), old_params))
+        _replace_leaves(optimizer.state, old_state, keep)  # in place: compile tracks these containers
+        return optimizer.state["step"]
+
+    def apply(grads, healthy, *read_later) -> None:
+        update(grads, healthy)
+        mx.async_eval(model.trainable_parameters(), optimizer.state, healthy, *read_later)
+
+    return apply
+
+
+def _replace_leaves(tree, old, keep) -> None:
+    """tree[k] = keep(tree[k], old[k]) for every array leaf, in the tree's own dicts and lists."""
+    import mlx.core as mx
+    for k in (tree.keys() if isinstance(tree, dict) else range(len(tree))):
+        if isinstance(tree[k], (dict, list)):
+            _replace_leaves(tree[k], old[k], keep)
+        elif isinstance(tree[k], mx.array):
+            tree[k] = keep(tree[k], old[k])
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
