@@ -246,19 +246,16 @@ def queued_step(model, optimizer, micro_step, batch):
     guarded update queued with async_eval, and step N's loss read only once step N+1 is queued. Timings of
     the host's part go to $BENCH_TIMES when set (build: the graph in Python; queue: async_eval's encoding)."""
     import mlx.core as mx
-    from mlx.utils import tree_map
 
-    from engine.train.step import build_guarded_update, clip_gradients
+    from engine.train.step import accumulate_gradients, build_guarded_update, clip_gradients
     update, previous, healthy = build_guarded_update(model, optimizer), [], None
     times = open(os.environ["BENCH_TIMES"], "a") if os.environ.get("BENCH_TIMES") else None
 
     def step():
         nonlocal healthy
         t0 = time.perf_counter()
-        s, n, g = micro_step(*batch)
-        denom = mx.maximum(n, 1)
-        grads, norm = clip_gradients(tree_map(lambda x: x / denom, g), 1.0)
-        loss = s / denom
+        grads, loss = accumulate_gradients(micro_step, [batch])
+        grads, norm = clip_gradients(grads, 1.0)
         finite = mx.isfinite(loss) & mx.isfinite(norm)
         healthy = finite if healthy is None else healthy & finite
         t1, c1 = time.perf_counter(), time.thread_time()

@@ -2,9 +2,9 @@
 
 Read top to bottom: `TrainingRun.run()` picks and claims the run folder, `prepare()` returns what the run
 trains (model, adapters, data, optimizer: a `Prepared`) and where it starts (a `TrainerState`, maybe a
-checkpoint's), then `_train()` runs optimizer steps, each one queued on the device and then read (on CUDA
-the next is queued first: step_queue.py), reporting through typed events, and `_finish()` saves the adapter and the report. All MLX work happens on the thread that calls `run()`
-(MLX streams are per thread).
+checkpoint's), then `_train()` runs optimizer steps, each queued on the device, then read (on CUDA the
+next is queued first: step_queue.py), reporting through typed events, and `_finish()` saves the adapter
+and the report. All MLX work happens on the thread that calls `run()` (MLX streams are per thread).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engine.train.report import write_report
 from engine.train.run_log import RunLog
 from engine.train.saving import save_checkpoint, write_final_adapter, write_run_config
 from engine.train.step import build_guarded_update, build_micro_step, checkpointed_layers
-from engine.train.step_queue import StepQueue, look_ahead_applies
+from engine.train.step_queue import QueuedStep, StepQueue, look_ahead_applies
 from engine.train.trainer_state import TrainerState
 
 
@@ -202,15 +202,15 @@ class TrainingRun:
                 if self.world.any(self.control.stop_requested):  # every rank stops at the same step
                     status = "stopped"
                     break
-                queued = steps.queue(state.step, None)
-            # On CUDA the next step is queued before this one is read: the GPU never waits for Python.
-            ahead = steps.queue(state.step + 1, queued.healthy) if look_ahead and self._nothing_due(state.step + 1) \
-                else None
+                queued = self._progress(steps.queue(state.step, None))
+            # On CUDA the next step is queued before this one is read, so the GPU does not wait for Python.
+            ahead = self._progress(steps.queue(state.step + 1, queued.healthy)) \
+                if look_ahead and self._nothing_due(state.step + 1) else None
             loss_value, norm_value = queued.loss.item(), queued.norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 return self._diverged(loss_value, norm_value)  # the guarded update kept the weights good
             preference = objective.stats(loss_value, queued.sums)[1] if objective is not None else None
-            lr, real = queued.lr, queued.real
+            lr, real, epoch = queued.lr, queued.real, queued.epoch
             self.world.step_took(time.perf_counter() - queued.queued_at)
             queued = ahead
             state.step += 1
@@ -226,10 +226,9 @@ class TrainingRun:
                 dt = max(now - window_t, 1e-9)
                 sps = window_steps / dt
                 rate = sps if rate is None else 0.7 * rate + 0.3 * sps
-                self.emit(ev.Step(state.step, setup.total_steps, state.epoch + state.pos / max(len(state.order), 1),
-                                  loss_value, lr, norm_value, window_tokens / dt, sps,
-                                  (setup.total_steps - state.step) / max(rate, 1e-9), state.tokens_seen,
-                                  memory_stats(), preference))
+                self.emit(ev.Step(state.step, setup.total_steps, epoch, loss_value, lr, norm_value,
+                                  window_tokens / dt, sps, (setup.total_steps - state.step) / max(rate, 1e-9),
+                                  state.tokens_seen, memory_stats(), preference))
                 window_t, window_tokens, window_steps = now, 0, 0
 
             evaluated = cfg.evaluation.every_steps and state.step % cfg.evaluation.every_steps == 0
@@ -247,6 +246,11 @@ class TrainingRun:
                 break
 
         return self._finish(status, time.perf_counter() - start, last_loss)
+
+    def _progress(self, queued: QueuedStep) -> QueuedStep:
+        """Note where in the data a step just queued ends: its Step event is sent after the next is queued."""
+        queued.epoch = self.state.epoch + self.state.pos / max(len(self.state.order), 1)
+        return queued
 
     def _nothing_due(self, step: int) -> bool:
         """Whether the loop may queue the step after `step` before reading `step`: nothing after `step` needs

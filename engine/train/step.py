@@ -73,10 +73,11 @@ def accumulate_gradients(micro_step, micro_batches, world=None):
     from mlx.utils import tree_map
     grads, loss_sum, ntoks = None, mx.array(0.0), mx.array(0.0)
     for arrays in micro_batches:
+        if grads is not None:  # bound memory: one micro-batch graph at a time; the last is left to the
+            mx.eval(grads, loss_sum, ntoks)  # caller, which may queue it without waiting (step_queue.py)
         s, n, g = micro_step(*arrays)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         loss_sum, ntoks = loss_sum + s, ntoks + n
-        mx.eval(grads, loss_sum, ntoks)  # bound memory: one micro-batch graph at a time
     if world is not None and not world.alone:
         grads, loss_sum, ntoks = world.sum((grads, loss_sum, ntoks))  # token-weighted across ranks
     denom = mx.maximum(ntoks, 1)

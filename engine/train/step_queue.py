@@ -13,6 +13,7 @@ SFT. bench/RESULTS.md (issue 22, twelfth session) has the measurements.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,7 +21,8 @@ from typing import Any, Callable
 from engine.model.loading import cuda_default
 from engine.train.step import accumulate_gradients, clip_gradients, step_seed
 
-LOOK_AHEAD: bool | None = None  # None: on CUDA only (measured there); True/False force it (tests, benches)
+# None: on CUDA only (measured there); True/False force it. LORA_TUI_LOOK_AHEAD=0/1 sets it for a process.
+LOOK_AHEAD: bool | None = {"0": False, "1": True}.get(os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip())
 
 
 @dataclass
@@ -33,6 +35,7 @@ class QueuedStep:
     lr: float  # the learning rate its update uses
     sums: Any  # the preference objective's per-step sums (None for SFT)
     queued_at: float
+    epoch: float = 0.0  # where in the data this step ends (epochs, fractional): set by the loop
 
 
 def look_ahead_applies(one_rank: bool, objective) -> bool:
