@@ -217,3 +217,17 @@ def test_a_finite_step_queued_behind_a_diverged_one_changes_nothing():
     mx.eval(fresh.loss)
     assert fresh.healthy.item() and any(not np.array_equal(v, after_first[k])
                                         for k, v in state_of(model, optimizer).items())
+
+
+def test_the_guarded_update_takes_an_optimizer_not_yet_initialised():
+    # MLX optimizers make their state on the first update; the guard needs the old state before it
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from engine.train.step import build_guarded_update
+    model, optimizer = nn.Linear(3, 2), optim.AdamW(learning_rate=1e-2)
+    update = build_guarded_update(model, optimizer)
+    update({"weight": mx.ones((2, 3)), "bias": mx.ones(2)}, mx.array(True))
+    mx.eval(optimizer.state)
+    assert optimizer.state["step"].item() == 1 and optimizer.state["weight"]["m"].sum().item() > 0

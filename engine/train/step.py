@@ -126,6 +126,7 @@ def build_guarded_update(model, optimizer):
     is queued with mx.async_eval, with whatever else the caller will read (the loss, the norm)."""
     import mlx.core as mx
     from mlx.utils import tree_map
+    optimizer.init(model.trainable_parameters())  # the state's leaves exist before the first update (idempotent)
     state = [model.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
