@@ -5,7 +5,8 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
 [--targets qv all] [--budget S] --out $OUT`. Every variant runs in its own process (clean peak memory):
   peak          bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
-                positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
+                positions), accumulate_gradients, clip_gradients, build_guarded_update, each step queued before
+                the one before it is read: the functions and order TrainingRun uses on CUDA (step_queue.py)
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
                 BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
@@ -223,7 +224,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
         micro_step = build_micro_step(model, optimizer)
         update = build_update(model, optimizer)
 
-        def waited_step():  # each step read before the next is built (TrainingRun off CUDA)
+        def waited_step():  # each step read before the next is built (as before the look-ahead)
             grads, loss = accumulate_gradients(micro_step, [batch])
             if compiled_update:
                 grads, norm = clip_gradients(grads, 1.0)
@@ -236,6 +237,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
         queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
         step = queued_step(model, optimizer, micro_step, batch) if queued else waited_step
         loss, dt = timed_steps(step)
+        loss = step.last_loss() if queued else loss
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
                 memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model), look_ahead=queued)
@@ -262,12 +264,13 @@ def queued_step(model, optimizer, micro_step, batch):
         update(grads, healthy, loss, norm)
         t2, c2 = time.perf_counter(), time.thread_time()
         previous.append(loss)
-        out = previous.pop(0).item() if len(previous) > 1 else loss.item()
+        out = previous.pop(0).item() if len(previous) > 1 else loss.item()  # the step before's, once going
         if times:
             print(f"build {1e3 * (t1 - t0):.1f} ms, queue {1e3 * (t2 - t1):.1f} ms (cpu {1e3 * (c2 - c1):.1f}), "
                   f"wait {1e3 * (time.perf_counter() - t2):.1f} ms", file=times, flush=True)
         return out
 
+    step.last_loss = lambda: previous[-1].item()  # the last step's own loss, for the results
     return step
 
 
