@@ -5,8 +5,7 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
 [--targets qv all] [--budget S] --out $OUT`. Every variant runs in its own process (clean peak memory):
   peak          bf16 8192^3 through MLX and through PyTorch (the MFU denominator: measured, not a datasheet)
   mlx           the engine's step: build_micro_step (compiled value_and_grad of the masked loss over trained
-                positions), accumulate_gradients, clip_gradients, build_guarded_update, each step queued before
-                the one before it is read: the functions and order TrainingRun uses on CUDA (step_queue.py)
+                positions), accumulate_gradients, clip_gradients, build_update: the functions TrainingRun uses
   mlx-nolimit   the same without the GPU memory limit TrainingRun sets (engine/model/memory.py limit_gpu_queue;
                 BENCH_MEMORY_LIMIT_GB sets it as training.memory_limit_gb would)
                 BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
@@ -14,8 +13,9 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA);
                 BENCH_CE_CHUNK_BYTES=N the head's loss and gradient in chunks of N bytes of logits
                 (engine/train/losses.py; 0 = all at once, kept for the backward pass); BENCH_LOOK_AHEAD=0/1
-                reads each step before building the next / queues the next first, as TrainingRun does on
-                CUDA (engine/train/step_queue.py); BENCH_TIMES=FILE writes the host's share of each step there
+                reads each step before building the next (the default) / queues the next first with the guarded
+                update, as TrainingRun does with LORA_TUI_LOOK_AHEAD=1 (engine/train/step_queue.py);
+                BENCH_TIMES=FILE writes the host's share of each look-ahead step there
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -275,8 +275,8 @@ def queued_step(model, optimizer, micro_step, batch):
 
 
 def queued_steps(switch: str | None) -> bool:
-    """Whether the step queues the next before reading this one: as TrainingRun does (on CUDA), or as
-    BENCH_LOOK_AHEAD=0/1 says."""
+    """Whether the step queues the next before reading this one: as TrainingRun does (off unless
+    LORA_TUI_LOOK_AHEAD=1), or as BENCH_LOOK_AHEAD=0/1 says."""
     from engine.train import step_queue
     if switch in ("0", "1"):
         step_queue.LOOK_AHEAD = switch == "1"

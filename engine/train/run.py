@@ -2,8 +2,8 @@
 
 Read top to bottom: `TrainingRun.run()` picks and claims the run folder, `prepare()` returns what the run
 trains (model, adapters, data, optimizer: a `Prepared`) and where it starts (a `TrainerState`, maybe a
-checkpoint's), then `_train()` runs optimizer steps, each queued on the device, then read (on CUDA the
-next is queued first: step_queue.py), reporting through typed events, and `_finish()` saves the adapter
+checkpoint's), then `_train()` runs optimizer steps, each queued on the device, then read (or the next
+queued first: step_queue.py), reporting through typed events, and `_finish()` saves the adapter
 and the report. All MLX work happens on the thread that calls `run()` (MLX streams are per thread).
 """
 
@@ -29,7 +29,7 @@ from engine.train.prepare import Prepared, check_stop, claim_run_folder, pick_ru
 from engine.train.report import write_report
 from engine.train.run_log import RunLog
 from engine.train.saving import save_checkpoint, write_final_adapter, write_run_config
-from engine.train.step import build_guarded_update, build_micro_step, checkpointed_layers
+from engine.train.step import build_micro_step, checkpointed_layers
 from engine.train.step_queue import QueuedStep, StepQueue, look_ahead_applies
 from engine.train.trainer_state import TrainerState
 
@@ -181,10 +181,9 @@ class TrainingRun:
         objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
         micro_step = build_micro_step(setup.model, setup.optimizer) if objective is None else \
             objective.build(setup.optimizer)
-        steps = StepQueue(cfg.training, setup.schedule, objective, micro_step,
-                          build_guarded_update(setup.model, setup.optimizer), self.world, self._next_batch,
-                          self._next_rows)
         look_ahead = look_ahead_applies(self.world.alone, objective)
+        steps = StepQueue(cfg.training, setup.schedule, objective, micro_step, setup.model, setup.optimizer,
+                          self.world, self._next_batch, self._next_rows, look_ahead)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None
@@ -203,12 +202,12 @@ class TrainingRun:
                     status = "stopped"
                     break
                 queued = self._progress(steps.queue(state.step, None))
-            # On CUDA the next step is queued before this one is read, so the GPU does not wait for Python.
+            # With look-ahead (LORA_TUI_LOOK_AHEAD=1) the next step is queued before this one is read.
             ahead = self._progress(steps.queue(state.step + 1, queued.healthy)) \
                 if look_ahead and self._nothing_due(state.step + 1) else None
             loss_value, norm_value = queued.loss.item(), queued.norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                return self._diverged(loss_value, norm_value)  # the guarded update kept the weights good
+                return self._diverged(loss_value, norm_value)  # its update was not applied (step_queue.py)
             preference = objective.stats(loss_value, queued.sums)[1] if objective is not None else None
             lr, real, epoch = queued.lr, queued.real, queued.epoch
             self.world.step_took(time.perf_counter() - queued.queued_at)

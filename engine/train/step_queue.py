@@ -1,28 +1,31 @@
-"""Queue the next optimizer step before reading this one, so the GPU never waits for Python.
+"""Optimizer steps, queued on the device; optionally the next before this one is read (look-ahead).
 
 A step ends in a read: its loss and gradient norm come back to the host, to be logged and to catch a
-diverged step. Read as soon as the step is queued, the GPU then idles while Python builds the next step's
-graph (an H100, Mistral-7B shape: ~10 ms of a 245 ms step with LoRA on q/v, 20-35 ms of 340 ms on all
-seven linear layers). So on CUDA the loop queues step N+1 (`mx.async_eval`) before it reads step N, as
-mlx-lm's generate does with tokens. The update is guarded on the device for that: it applies only while
-every step so far was finite (`healthy`, sticky), so a diverged step and a step queued after it change
-nothing, and the loop stops with the last good weights. Looking ahead only happens when nothing needs the
-weights between the two steps: no validation, checkpoint or stop due, no request from the UI, one rank,
-SFT. bench/RESULTS.md (issue 22, twelfth session) has the measurements.
+diverged step, whose update is then not applied. Read as soon as the step is queued, the GPU idles while
+Python builds the next step's graph (an H100, Mistral-7B shape: ~10 ms of a 245 ms step with LoRA on q/v,
+20-35 ms of 340 ms on all seven linear layers). With look-ahead the loop queues step N+1 (`mx.async_eval`)
+before it reads step N, as mlx-lm's generate does with tokens, and the update is guarded on the device: it
+applies only while every step so far was finite (`healthy`, sticky), so a diverged step and a step queued
+after it change nothing. It only looks ahead when nothing needs the weights between the two steps: no
+validation, checkpoint or stop due, no request from the UI, one rank, SFT.
+
+Off by default: a prototype gained 0.2-4% on an H100, but this code, timed on one, was 2-5% slower than
+reading each step first (bench/RESULTS.md, issue 22, twelfth session). LORA_TUI_LOOK_AHEAD=1 turns it on.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.model.loading import cuda_default
-from engine.train.step import accumulate_gradients, clip_gradients, step_seed
+from engine.train.step import accumulate_gradients, build_guarded_update, build_update, clip_gradients, step_seed
 
-# None: on CUDA only (measured there); True/False force it. LORA_TUI_LOOK_AHEAD=0/1 sets it for a process.
-LOOK_AHEAD: bool | None = {"0": False, "1": True}.get(os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip())
+# True/False; None would mean CUDA only. LORA_TUI_LOOK_AHEAD=1 turns it on for a process (off: measured slower).
+LOOK_AHEAD: bool | None = os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip() == "1"
 
 
 @dataclass
@@ -47,10 +50,11 @@ def look_ahead_applies(one_rank: bool, objective) -> bool:
 class StepQueue:
     """Builds optimizer steps and queues them on the device; the loop reads each one's QueuedStep later."""
 
-    def __init__(self, training, schedule, objective, micro_step, update, world,
-                 next_batch: Callable[[], tuple], next_rows: Callable[[], list]):
+    def __init__(self, training, schedule, objective, micro_step, model, optimizer, world,
+                 next_batch: Callable[[], tuple], next_rows: Callable[[], list], look_ahead: bool):
         self.t, self.schedule, self.objective, self.world = training, schedule, objective, world
-        self.micro_step, self.update = micro_step, update
+        self.micro_step, self.look_ahead = micro_step, look_ahead
+        self.update = (build_guarded_update if look_ahead else build_update)(model, optimizer)
         self.next_batch, self.next_rows = next_batch, next_rows  # the run's data order (TrainingRun)
 
     def queue(self, index: int, healthy) -> QueuedStep:
@@ -79,7 +83,14 @@ class StepQueue:
                                                           world)
         real = int(world.sum_number(real))
         grads, norm = clip_gradients(grads, t.max_grad_norm)
-        finite = mx.isfinite(loss) & mx.isfinite(norm)
-        healthy = finite if healthy is None else healthy & finite
-        self.update(grads, healthy, loss, norm)
+        if self.look_ahead:  # nothing waits: the device applies the update only to a healthy run
+            finite = mx.isfinite(loss) & mx.isfinite(norm)
+            healthy = finite if healthy is None else healthy & finite
+            self.update(grads, healthy, loss, norm)
+        else:  # read first: a diverged step's update is never applied (the loop then stops)
+            mx.eval(loss, norm)
+            finite = math.isfinite(loss.item()) and math.isfinite(norm.item())
+            healthy = mx.array(finite)
+            if finite:
+                self.update(grads)
         return QueuedStep(index, loss, norm, healthy, real, lr, sums, queued_at)
