@@ -58,8 +58,8 @@ class StepQueue:
         self.next_batch, self.next_rows = next_batch, next_rows  # the run's data order (TrainingRun)
 
     def queue(self, index: int, healthy) -> QueuedStep:
-        """Step `index`: gradients, clipping and the update guarded by `healthy` (the previous step's, or
-        None), queued on the device and not waited for."""
+        """Step `index`: gradients, clipping and the update. With look-ahead the update is guarded by `healthy`
+        (the previous step's flag, or None) and nothing waits; without, the loss and norm are read first."""
         import mlx.core as mx
 
         from engine.train.losses import loss_inputs
