@@ -230,17 +230,16 @@ class TrainingRun:
                                   state.tokens_seen, memory_stats(), preference))
                 window_t, window_tokens, window_steps = now, 0, 0
 
-            evaluated = cfg.evaluation.every_steps and state.step % cfg.evaluation.every_steps == 0
+            evaluated, interval, stop_here = self._scheduled(state.step)
             val = self._evaluate() if evaluated and setup.data.valid else None
             improved = val is not None and val < state.best_val
             if improved:
                 state.best_val = val
-            interval = cfg.checkpoints.every_steps and state.step % cfg.checkpoints.every_steps == 0
             manual = queued is None and self.control.take_save_request()  # not while a step is in flight
             if interval or improved or manual:
                 reason = "manual" if manual else "interval" if interval else "best"
                 self._checkpoint(reason, val, improved, time.perf_counter() - start)
-            if self.stop_after is not None and state.step >= self.stop_after:
+            if stop_here:
                 status = "stopped"
                 break
 
@@ -251,14 +250,17 @@ class TrainingRun:
         queued.epoch = self.state.epoch + self.state.pos / max(len(self.state.order), 1)
         return queued
 
+    def _scheduled(self, step: int) -> tuple[bool, bool, bool]:
+        """What the config has the loop do once `step` is done: validate, save a checkpoint, stop (stop_after)."""
+        cfg = self.cfg
+        return (bool(cfg.evaluation.every_steps and step % cfg.evaluation.every_steps == 0),
+                bool(cfg.checkpoints.every_steps and step % cfg.checkpoints.every_steps == 0),
+                self.stop_after is not None and step >= self.stop_after)
+
     def _nothing_due(self, step: int) -> bool:
         """Whether the loop may queue the step after `step` before reading `step`: nothing after `step` needs
         its weights (validation, a checkpoint, the end, a stop) and the UI has asked for nothing."""
-        cfg = self.cfg
-        due = step >= self.setup.total_steps or (self.stop_after is not None and step >= self.stop_after) or \
-            bool(cfg.evaluation.every_steps and step % cfg.evaluation.every_steps == 0) or \
-            bool(cfg.checkpoints.every_steps and step % cfg.checkpoints.every_steps == 0)
-        return not due and not self.control.pending
+        return step < self.setup.total_steps and not any(self._scheduled(step)) and not self.control.pending
 
     def _started(self) -> ev.Started:
         import mlx.core as mx

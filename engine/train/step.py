@@ -137,7 +137,7 @@ def build_guarded_update(model, optimizer):
         optimizer.update(model, grads)
         keep = lambda new, old: mx.where(healthy, new, old)  # noqa: E731
         model.update(tree_map(keep, model.trainable_parameters(), old_params))
-        _replace_leaves(optimizer.state, old_state, keep)  # in place: compile tracks these containers
+        optimizer.state.update(tree_map(keep, optimizer.state, old_state))  # the same dict: compile tracks it
         return optimizer.state["step"]
 
     def apply(grads, healthy, *read_later) -> None:
@@ -145,16 +145,6 @@ def build_guarded_update(model, optimizer):
         mx.async_eval(model.trainable_parameters(), optimizer.state, healthy, *read_later)
 
     return apply
-
-
-def _replace_leaves(tree, old, keep) -> None:
-    """tree[k] = keep(tree[k], old[k]) for every array leaf, in the tree's own dicts and lists."""
-    import mlx.core as mx
-    for k in (tree.keys() if isinstance(tree, dict) else range(len(tree))):
-        if isinstance(tree[k], (dict, list)):
-            _replace_leaves(tree[k], old[k], keep)
-        elif isinstance(tree[k], mx.array):
-            tree[k] = keep(tree[k], old[k])
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -30,7 +30,6 @@ LOOK_AHEAD: bool | None = os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip() == "
 
 @dataclass
 class QueuedStep:
-    index: int  # the optimizer step this is: state.step before it is applied
     loss: Any  # mx.array, not read yet
     norm: Any
     healthy: Any  # mx.array(bool): this step and every one before it had a finite loss and norm
@@ -93,4 +92,4 @@ class StepQueue:
             healthy = mx.array(finite)
             if finite:
                 self.update(grads)
-        return QueuedStep(index, loss, norm, healthy, real, lr, sums, queued_at)
+        return QueuedStep(loss, norm, healthy, real, lr, sums, queued_at)
