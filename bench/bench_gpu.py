@@ -11,6 +11,8 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 BENCH_FUSE_QKV=0/1 runs the frozen q/k/v apart / as one matmul (engine/model/lean.py FUSE_QKV, on
                 CUDA by default, and FUSE_QKV_QUANTIZED for 4-bit bases, off by default); BENCH_SWIGLU_KERNEL=0/1
                 the fused gate + up SwiGLU gradient by MLX ops / by engine/model/swiglu_cuda.py's kernel (CUDA);
+                BENCH_LORA_KERNELS=0/1 the adapters' dropout by lean.py's ops / inside their products
+                (engine/model/lora_cuda.py's kernels, CUDA);
                 BENCH_CE_CHUNK_BYTES=N the head's loss and gradient in chunks of N bytes of logits
                 (engine/train/losses.py; 0 = all at once, kept for the backward pass); BENCH_LOOK_AHEAD=0/1
                 reads each step before building the next (the default) / queues the next first with the guarded
@@ -162,6 +164,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if os.environ.get("BENCH_SWIGLU_KERNEL") in ("0", "1"):  # probe: the fused SwiGLU gradient by ops / one kernel
         from engine.model import swiglu_cuda
         swiglu_cuda.USE_KERNEL = os.environ["BENCH_SWIGLU_KERNEL"] == "1"
+    if os.environ.get("BENCH_LORA_KERNELS") in ("0", "1"):  # the adapters' dropout by ops / inside the products
+        from engine.model import lora_cuda
+        lora_cuda.USE_KERNELS = os.environ["BENCH_LORA_KERNELS"] == "1"
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],
@@ -209,7 +214,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     shape = ModelShape.of(model)
     estimate = estimate_step_memory(shape, mx.get_active_memory(), trainable_count(model), BATCH, SEQ, 1.0, ckpt, 2,
-                                    fused_attention(), AdapterPlacement.of(model, ckpt), quantized=bits is not None,
+                                    fused_attention(), AdapterPlacement.of(model), quantized=bits is not None,
                                     logit_rows=estimated_logit_rows(model, 2, ckpt))
     if queue_limit:
         if "BENCH_QUEUE_HEADROOM" in os.environ:

@@ -1,0 +1,87 @@
+"""engine/model/lora_cuda.py's kernels give what lean.py's ops give for the same Philox masks (CUDA only: CI has
+no GPU; run on the lent one, bench/bench_gpu.py's docstring says how)."""
+
+import mlx.core as mx
+import pytest
+
+from engine.model import lean, lora_cuda, philox
+from engine.model.loading import on_cuda
+
+pytestmark = pytest.mark.skipif(not on_cuda(), reason="the fused LoRA dropout kernels are CUDA only")
+
+KEEP, SCALE = 0.9, 2.0
+FACTOR = SCALE / KEEP
+
+
+def _inputs(rank: int):
+    """74 token rows (not a multiple of the kernels' 16), width 192, some inputs exactly +0 and -0."""
+    mx.random.seed(0)
+    x = mx.random.normal((2, 37, 192)) * 2
+    x = mx.where(mx.arange(192) < 6, 0.0, x)
+    x = mx.where(mx.arange(192) == 7, -0.0, x).astype(mx.bfloat16)
+    a, b = mx.random.normal((192, rank)) * 0.1, mx.random.normal((rank, 96)) * 0.1  # float32, as the adapters
+    return x, a, b, mx.array([1234, 5678], dtype=mx.int32)
+
+
+def _close(got, want, tol=1e-2):
+    got, want = got.astype(mx.float32), want.astype(mx.float32)
+    return (mx.abs(got - want).max() <= tol * mx.abs(want).max()).item()
+
+
+@pytest.mark.parametrize("rank", [16, 32])
+def test_down_is_the_product_of_the_masked_input(rank):
+    x, a, _, seed = _inputs(rank)
+    mask = philox.philox_mask(seed, x, KEEP)  # the mask kernel tests/test_philox.py checks against Random123
+    assert 0.85 < mask.astype(mx.float32).mean().item() < 0.95
+    got = lora_cuda.down(x, a.T.astype(mx.bfloat16), seed, KEEP, FACTOR)
+    want = (mx.where(mask, x.astype(mx.float32), 0) @ a.astype(mx.bfloat16).astype(mx.float32)) * FACTOR
+    assert got.shape == (2, 37, rank) and got.dtype == mx.bfloat16
+    assert _close(got, want)
+    unmasked = (x.astype(mx.float32) @ a.astype(mx.bfloat16).astype(mx.float32)) * FACTOR
+    assert not _close(got, unmasked)  # the mask was applied
+
+
+def test_dropped_writes_the_masked_input_and_the_mask_in_the_sign_of_zero():
+    x, _, _, seed = _inputs(16)
+    mask = philox.philox_mask(seed, x, KEEP)
+    got = lora_cuda.dropped(x, seed, KEEP, FACTOR)
+    want = mx.where(mask, (x.astype(mx.float32) * FACTOR).astype(mx.bfloat16), 0)
+    assert mx.array_equal(got, want).item()  # -0.0 == 0.0
+    assert mx.array_equal(got.view(mx.uint16) == 0x8000, ~mask).item()  # kept zeros, +0 and -0, read as kept
+
+
+@pytest.mark.parametrize("rank", [16, 32])
+def test_masked_up_is_the_masked_product_back_to_the_input(rank):
+    x, a, _, seed = _inputs(rank)
+    mask = philox.philox_mask(seed, x, KEEP)
+    grad_h = mx.random.normal((2, 37, rank)).astype(mx.bfloat16)
+    a16 = a.astype(mx.bfloat16)
+    got = lora_cuda.masked_up(grad_h, a16, lora_cuda.dropped(x, seed, KEEP, FACTOR), FACTOR)
+    want = mx.where(mask, (grad_h.astype(mx.float32) @ a16.astype(mx.float32).T) * FACTOR, 0)
+    assert got.shape == x.shape and _close(got, want)
+    assert mx.array_equal(got == 0, ~mask | (want == 0)).item()
+
+
+def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients():
+    # lean.lora_branch's seeded ops (the path before the kernels, same Philox masks) against dropped_down +
+    # add_up: the layer's output and the gradients of y, x, lora_a and lora_b.
+    x, a, b, seed = _inputs(16)
+    y = mx.random.normal((2, 37, 96)).astype(mx.bfloat16)
+    w = mx.random.normal((2, 37, 96))
+    assert lora_cuda.applies(x, a, KEEP)
+
+    def fused(y, x, a, b):
+        return lora_cuda.add_up(y, lora_cuda.dropped_down(KEEP, SCALE)(x, a, seed), b)
+
+    def ops(y, x, a, b):
+        return lean.lora_branch(KEEP, SCALE, True, seeded=True)(y, x, a, b, seed)
+
+    results = {}
+    for name, f in (("fused", fused), ("ops", ops)):
+        loss = lambda *p: (f(*p).astype(mx.float32) * w).sum()  # noqa: E731
+        results[name] = mx.value_and_grad(loss, argnums=(0, 1, 2, 3))(y, x, a, b)
+    (v_fused, g_fused), (v_ops, g_ops) = results["fused"], results["ops"]
+    assert abs(v_fused.item() - v_ops.item()) <= 1e-2 * abs(v_ops.item()) + 1e-2
+    for name, got, want in zip("yxab", g_fused, g_ops):
+        assert got.dtype == want.dtype, name
+        assert _close(got, want, 2e-2), name
