@@ -167,6 +167,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if os.environ.get("BENCH_LORA_KERNELS") in ("0", "1"):  # the adapters' dropout by ops / inside the products
         from engine.model import lora_cuda
         lora_cuda.USE_KERNELS = os.environ["BENCH_LORA_KERNELS"] == "1"
+    if os.environ.get("BENCH_FIXED_SEED") == "1":  # probe: every adapter's mask from one constant seed, no random ops
+        from engine.model import lean
+        lean.dropout_seed = lambda: mx.array([1234, 5678], dtype=mx.int32)
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],
@@ -214,7 +217,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     # What TrainingRun does: estimate the step, then cap MLX's queue near it (training.memory_limit_gb, 0 = auto).
     shape = ModelShape.of(model)
     estimate = estimate_step_memory(shape, mx.get_active_memory(), trainable_count(model), BATCH, SEQ, 1.0, ckpt, 2,
-                                    fused_attention(), AdapterPlacement.of(model), quantized=bits is not None,
+                                    fused_attention(), AdapterPlacement.of(model, ckpt), quantized=bits is not None,
                                     logit_rows=estimated_logit_rows(model, 2, ckpt))
     if queue_limit:
         if "BENCH_QUEUE_HEADROOM" in os.environ:

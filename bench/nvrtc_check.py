@@ -51,8 +51,9 @@ def kernels():
     yield ("swiglu_pair_grad", "", swiglu_cuda._SOURCE, [("gate_up", "bf16"), ("cotangent", "bf16")],
            [("grad", "bf16")], dict(WIDTH=14336))
     for rank in (16, 32):
-        yield (f"lora_down_r{rank}", lora_cuda._HEADER, lora_cuda._DOWN, [("x", "bf16"), ("aT", "bf16"), ("seed", "i32")],
-               [("h", "bf16")], dict(lora, WIDTH=14336, RANK=rank, NW=lora_cuda.WARPS))
+        yield (f"lora_down_r{rank}", lora_cuda._HEADER, lora_cuda._DOWN,
+               [("x", "bf16"), ("aT", "bf16"), ("seed", "i32")], [("h", "bf16")],
+               dict(lora, WIDTH=14336, RANK=rank, NW=lora_cuda.WARPS))
         yield (f"lora_masked_up_r{rank}", lora_cuda._HEADER, lora_cuda._MASKED_UP,
                [("grad_h", "bf16"), ("a", "bf16"), ("dropped", "bf16")], [("grad_x", "bf16")],
                dict(FACTOR_BITS=lora["FACTOR_BITS"], WIDTH=4096, RANK=rank, TILES_PER_WARP=lora_cuda.TILES_PER_WARP))
@@ -95,7 +96,8 @@ def main() -> int:
             continue
         ok, log, cubin = compile_one(nvrtc, args.cuda / "include", args.arch, name,
                                      wrap(name, header, source, inputs, outputs, template))
-        usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines() if "Used" in line or "spill" in line)
+        usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
+                         if "Used" in line or "spill" in line)
         print(f"{name:24s} {'ok' if ok else 'FAILED'}  {usage}")
         if not ok or "warning" in log.replace("warning : Registers are spilled", ""):
             print(log)

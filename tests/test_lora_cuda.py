@@ -62,12 +62,13 @@ def test_masked_up_is_the_masked_product_back_to_the_input(rank):
     assert mx.array_equal(got == 0, ~mask | (want == 0)).item()
 
 
-def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients():
+def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients(monkeypatch):
     # lean.lora_branch's seeded ops (the path before the kernels, same Philox masks) against dropped_down +
     # add_up: the layer's output and the gradients of y, x, lora_a and lora_b.
     x, a, b, seed = _inputs(16)
     y = mx.random.normal((2, 37, 96)).astype(mx.bfloat16)
     w = mx.random.normal((2, 37, 96))
+    monkeypatch.setattr(lora_cuda, "USE_KERNELS", True)  # off by default (lora_cuda.py says why)
     assert lora_cuda.applies(x, a, KEEP)
 
     def fused(y, x, a, b):
@@ -85,3 +86,37 @@ def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients()
     for name, got, want in zip("yxab", g_fused, g_ops):
         assert got.dtype == want.dtype, name
         assert _close(got, want, 2e-2), name
+
+
+def test_a_lean_lora_layer_trains_through_the_kernels_as_through_the_ops(monkeypatch):
+    # The wiring: LeanLoRALinear on bf16 activations takes the kernels (counted) and, from the same random
+    # state (so the same seed), gives the ops' output and adapter gradients.
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+    mx.random.seed(0)
+    layer = LoRALinear.from_base(nn.Linear(192, 96, bias=False), r=16, dropout=0.1, scale=SCALE)
+    layer.linear.set_dtype(mx.bfloat16)
+    layer.linear.freeze()
+    layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    layer.__class__ = lean.LeanLoRALinear
+    layer.train()
+    x = mx.random.normal((2, 37, 192)).astype(mx.bfloat16)
+    calls = []
+    real_down = lora_cuda.down
+    monkeypatch.setattr(lora_cuda, "down", lambda *a: calls.append(1) or real_down(*a))
+
+    def loss(model):
+        return model(x).astype(mx.float32).square().sum()
+
+    runs = {}
+    for use in (True, False):
+        monkeypatch.setattr(lora_cuda, "USE_KERNELS", use)
+        mx.random.seed(5)
+        value, grads = nn.value_and_grad(layer, loss)(layer)
+        runs[use] = value.item(), dict(tree_flatten(grads)), len(calls)
+    assert runs[True][2] == 1 and runs[False][2] == 1  # the kernels ran with USE_KERNELS only
+    assert abs(runs[True][0] - runs[False][0]) <= 1e-2 * abs(runs[False][0])
+    assert runs[True][1].keys() == {"lora_a", "lora_b"}
+    for k in ("lora_a", "lora_b"):
+        assert _close(runs[True][1][k], runs[False][1][k], 2e-2), k

@@ -45,7 +45,7 @@ for batch, length, trained in {sizes}:
         mx.eval(loss, model.parameters(), opt.state)
     s = ModelShape.of(model)
     est = estimate_step_memory(s, weights, trainable_count(model), batch, length, trained,
-                               ckpt, placement=AdapterPlacement.of(model), logit_rows=head_chunk_rows(s.vocab, 4))
+                               ckpt, placement=AdapterPlacement.of(model, ckpt), logit_rows=head_chunk_rows(s.vocab, 4))
     print(json.dumps({{"size": [batch, length, trained], "measured": mx.get_peak_memory(), "estimated": est.total,
                       "layers": s.layers, "hidden": s.hidden, "intermediate": s.intermediate}}))
 """
@@ -102,8 +102,9 @@ def test_placement_counts_shared_inputs_once_and_masks_per_adapter(embedded_dir,
     assert placement.trained_layers == 10
     assert placement.kept_inputs == 3 * s.hidden + s.intermediate  # q/k/v's, o's, gate/up's, down's
     assert placement.mask_bytes == 6 * s.hidden + s.intermediate  # one mask an adapter
-    monkeypatch.setattr(philox, "philox_masks", lambda: True)  # as on CUDA: seeds, in checkpointed blocks too
+    monkeypatch.setattr(philox, "philox_masks", lambda: True)  # as on CUDA: seeds, outside checkpointing
     assert AdapterPlacement.of(model).mask_bytes == 0
+    assert AdapterPlacement.of(model, grad_checkpoint=True).mask_bytes == placement.mask_bytes
 
 
 def test_dropout_keeps_one_byte_a_value(embedded_dir):

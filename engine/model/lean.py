@@ -69,8 +69,8 @@ SPLIT_TOKENS = 0
 # SEEDED_DROPOUT: where masks are Philox (CUDA), an adapter keeps its mask's seed, not the mask, and the
 # backward pass draws the mask again: one more Philox pass an adapter. On an H100, Mistral-7B shape, 2 x 2048
 # tokens, LoRA on all seven layers: 44.7 -> 36.8 GB and +7% tokens/s in bf16, 34.7 -> 25.3 GB and -4% on a
-# 4-bit base (bench/RESULTS.md). Inside a checkpointed block the seed comes from the block's key
-# (philox.dropout_seed). With bf16 activations the mask is drawn inside the products (lora_cuda.py).
+# 4-bit base (bench/RESULTS.md). Not inside a checkpointed block (philox.dropout_seed says why).
+# lora_cuda.USE_KERNELS (off) draws a seeded mask inside the adapter's products instead.
 SEEDED_DROPOUT = True
 
 
@@ -268,18 +268,15 @@ class LeanLoRALinear(LoRALinear):
             return super().__call__(x)
         # None off CUDA and inside checkpointed blocks (dropout_keys)
         seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None
-        if seed is not None and lora_cuda.applies(x, self.lora_a, keep):  # the dropout inside the products
-            y = self.linear(x)
-            if y.dtype == x.dtype:
-                h = lora_cuda.dropped_down(keep, self.scale)(x, self.lora_a, seed)
-                return lora_cuda.add_up(y, h, self.lora_b)
-            return lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True)(y, x, self.lora_a, self.lora_b, seed)
+        y = self.linear(x)
+        if seed is not None and lora_cuda.applies(x, self.lora_a, keep) and y.dtype == x.dtype:
+            return lora_cuda.add_up(y, lora_cuda.dropped_down(keep, self.scale)(x, self.lora_a, seed), self.lora_b)
         if seed is not None:
             branch, mask_or_seed = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True), seed
         else:
             branch = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE)
             mask_or_seed = dropout_mask(keep, x) if keep < 1.0 else mx.array(True)
-        return branch(self.linear(x), x, self.lora_a, self.lora_b, mask_or_seed)
+        return branch(y, x, self.lora_a, self.lora_b, mask_or_seed)
 
 
 class LeanSwiGLUMLP(nn.Module):

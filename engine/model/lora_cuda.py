@@ -11,7 +11,9 @@ the call for flat index n // 8), three kernels:
   value that rounds to zero is written +0.0), so the mask travels in the sign of zero; lora_a's gradient is
   its product with h's gradient (cuBLAS).
 - `masked_up`: x's gradient, (scale / keep) * mask * (dh @ a.T), the mask read back from `dropped`.
-h itself (tokens x rank) is kept for lora_b's gradient instead of being computed again.
+h itself (tokens x rank) is kept for lora_b's gradient instead of being computed again. Like the seeds, only
+outside gradient-checkpointed blocks. Same values and gradients as the ops (tests/test_lora_cuda.py, on an H100),
+but not faster enough to be on by default (USE_KERNELS below).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import mlx.core as mx
 from engine.model import philox
 from engine.model.loading import cuda_default
 
-USE_KERNELS: bool | None = None  # None: on CUDA; False: lean.lora_branch's ops (bench_gpu.py's BENCH_LORA_KERNELS)
+# Off: on an H100 (Mistral-7B shape, LoRA on all seven layers, bench/RESULTS.md, thirteenth session) they ran
+# +1.4-1.8% in paired runs, inside the runs' own spread, at 0.4-0.7 GB more peak memory, and without the memory
+# limit not faster at all. ncu timed them at about twice their memory's floor. True: on (bench_gpu.py's
+# BENCH_LORA_KERNELS=1); None would mean on CUDA only.
+USE_KERNELS: bool | None = False
 MAX_RANK = 32  # down's shared memory: 8 warps x 16 rows x rank float32 sums next to the warps' tiles (34 KB at 32)
 WARPS = 8  # down: warps splitting the width of a block's 16 rows
 TILES_PER_WARP = 4  # masked_up: 64-column tiles a warp writes with one load of its 16 rows of dh
@@ -133,9 +139,10 @@ _DROPPED = r"""
     float2 f = __bfloat1622float2(x2[i]);
     unsigned short lo = __bfloat16_as_ushort(__float2bfloat16_rn(f.x * factor));
     unsigned short hi = __bfloat16_as_ushort(__float2bfloat16_rn(f.y * factor));
-    o[2 * i] = lora_tui_kept(rnd, 2 * i, THRESHOLD) ? ((lo & 0x7FFFu) ? lo : (unsigned short)0) : (unsigned short)0x8000;
-    o[2 * i + 1] = lora_tui_kept(rnd, 2 * i + 1, THRESHOLD) ? ((hi & 0x7FFFu) ? hi : (unsigned short)0)
-                                                             : (unsigned short)0x8000;
+    if (!(lo & 0x7FFFu)) lo = 0;  // a kept zero is +0.0: -0.0 means dropped
+    if (!(hi & 0x7FFFu)) hi = 0;
+    o[2 * i] = lora_tui_kept(rnd, 2 * i, THRESHOLD) ? lo : (unsigned short)0x8000;
+    o[2 * i + 1] = lora_tui_kept(rnd, 2 * i + 1, THRESHOLD) ? hi : (unsigned short)0x8000;
   }
   *reinterpret_cast<uint4*>(out + t * 8) = o8;
 """
@@ -196,8 +203,10 @@ _MASKED_UP = r"""
         uint4 o8;
         unsigned short* o = reinterpret_cast<unsigned short*>(&o8);
         #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          o[j] = d[j] == 0x8000u ? (unsigned short)0 : __bfloat16_as_ushort(__float2bfloat16_rn(out[warp][r][c + j] * factor));
+        for (int j = 0; j < 8; ++j) {
+          float v = out[warp][r][c + j] * factor;
+          o[j] = d[j] == 0x8000u ? (unsigned short)0 : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+        }
         *reinterpret_cast<uint4*>(grad_x + at) = o8;
       }
     }

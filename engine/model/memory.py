@@ -67,13 +67,13 @@ class AdapterPlacement:
     dora: bool = False  # DoRA layers keep mlx-lm's autograd: counted roughly, and the GPU limit keeps its margin
 
     @classmethod
-    def of(cls, model) -> "AdapterPlacement":
+    def of(cls, model, grad_checkpoint: bool = False) -> "AdapterPlacement":
         """Read off a model with adapters applied (engine/model/adapters.apply_lora)."""
         from mlx_lm.tuner.dora import DoRALinear
         from mlx_lm.tuner.lora import LoRALinear
 
         from engine.model import lean, philox
-        seeded = lean.SEEDED_DROPOUT and philox.philox_masks()  # seeds inside checkpointed blocks too
+        seeded = lean.SEEDED_DROPOUT and philox.philox_masks() and not grad_checkpoint
         layers = list(getattr(model, "layers", []))
         adapters = [[(path, m) for path, m in layer.named_modules() if isinstance(m, (LoRALinear, DoRALinear))]
                     for layer in layers]

@@ -132,12 +132,13 @@ def dropout_mask(keep: float, like: mx.array) -> mx.array:
 
 
 def dropout_seed() -> mx.array | None:
-    """The seed of the next mask (philox_mask draws it from that) where masks are Philox (CUDA); else None, and
-    nothing is drawn. Inside dropout_keys (a checkpointed block) the seed comes from the block's key, in draw
-    order as a mask would, so the block's recompute draws the same seeds, hence the same masks."""
-    if not philox_masks():
+    """The seed of the next mask (philox_mask draws it from that) where masks are Philox (CUDA) and no
+    dropout_keys() is active; else None, and nothing is drawn. Under dropout_keys (a checkpointed block) the
+    None is needed for correct gradients, not only for speed: a seed drawn here would come from MLX's global
+    state, and the block's recompute would draw another one, so another mask."""
+    if not philox_masks() or in_keyed_block():
         return None
-    return _seed(_next_key())  # no key outside dropout_keys(): MLX's random state, as an unkeyed mask is
+    return _seed(None)  # from MLX's random state, as an unkeyed mask is
 
 
 def _seed(key: mx.array | None) -> mx.array:

@@ -258,7 +258,7 @@ def _estimate_memory(cfg: Config, model, info: LoadedModelInfo, data: PreparedDa
     rows = t.batch_size * (2 if t.method in ("dpo", "orpo") else 1)
     logit_rows = estimated_logit_rows(model, act_bytes, t.grad_checkpoint, t.method)
     estimate = estimate_step_memory(shape, weights, trainable, rows, length, trained, t.grad_checkpoint, act_bytes,
-                                    placement=AdapterPlacement.of(model), quantized=info.quantized,
+                                    placement=AdapterPlacement.of(model, t.grad_checkpoint), quantized=info.quantized,
                                     logit_rows=logit_rows)
     available = available_bytes()
     if estimate.total > available:
