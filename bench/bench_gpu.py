@@ -168,8 +168,10 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
         from engine.model import lora_cuda
         lora_cuda.USE_KERNELS = os.environ["BENCH_LORA_KERNELS"] == "1"
     if os.environ.get("BENCH_FIXED_SEED") == "1":  # probe: every adapter's mask from one constant seed, no random ops
-        from engine.model import lean
-        lean.dropout_seed = lambda: mx.array([1234, 5678], dtype=mx.int32)
+        from engine.model import lean, philox
+        seeded = lean.dropout_seed  # where it would draw a seed (CUDA, outside checkpointed blocks): a constant one
+        lean.dropout_seed = lambda: (mx.array([1234, 5678], dtype=mx.int32)
+                                     if philox.philox_masks() and not philox.in_keyed_block() else seeded())
 
     args = llama.ModelArgs(model_type="mistral", hidden_size=SHAPE["hidden"], num_hidden_layers=layers,
                            intermediate_size=SHAPE["mlp"], num_attention_heads=SHAPE["heads"],

@@ -61,7 +61,7 @@ def kernels():
            [("out", "bf16")], lora)
 
 
-def compile_one(nvrtc, include: Path, arch: str, name: str, code: str) -> tuple[bool, str, int]:
+def compile_one(nvrtc, include: Path, arch: str, name: str, code: str) -> tuple[bool, str]:
     prog = ctypes.c_void_p()
     src = code.encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, f"{name}.cu".encode(), 0, None, None) == 0
@@ -73,12 +73,8 @@ def compile_one(nvrtc, include: Path, arch: str, name: str, code: str) -> tuple[
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    regs = 0
-    if ok:
-        nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        regs = size.value
     nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return ok, log.value.decode(errors="replace"), regs
+    return ok, log.value.decode(errors="replace")
 
 
 def main() -> int:
@@ -94,7 +90,7 @@ def main() -> int:
     for name, header, source, inputs, outputs, template in kernels():
         if args.only and not any(o in name for o in args.only):
             continue
-        ok, log, cubin = compile_one(nvrtc, args.cuda / "include", args.arch, name,
+        ok, log = compile_one(nvrtc, args.cuda / "include", args.arch, name,
                                      wrap(name, header, source, inputs, outputs, template))
         usage = " ".join(line.split(":", 1)[-1].strip() for line in log.splitlines()
                          if "Used" in line or "spill" in line)

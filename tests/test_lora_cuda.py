@@ -1,5 +1,5 @@
 """engine/model/lora_cuda.py's kernels give what lean.py's ops give for the same Philox masks (CUDA only: CI has
-no GPU; run on the lent one, bench/bench_gpu.py's docstring says how)."""
+no GPU; run on the lent one, bench/bench_gpu.py's docstring says how), and take only what they can compute."""
 
 import mlx.core as mx
 import pytest
@@ -7,19 +7,22 @@ import pytest
 from engine.model import lean, lora_cuda, philox
 from engine.model.loading import on_cuda
 
-pytestmark = pytest.mark.skipif(not on_cuda(), reason="the fused LoRA dropout kernels are CUDA only")
+cuda_only = pytest.mark.skipif(not on_cuda(), reason="the fused LoRA dropout kernels are CUDA only")
+# 192: three 64-column tiles (one per warp at most); 1088: seventeen, so a warp of `down` takes several tiles in
+# turn (the last warp fewer) and `masked_up` splits a row into several groups of tiles, as at Mistral's widths
+WIDTHS = [192, 1088]
 
 KEEP, SCALE = 0.9, 2.0
 FACTOR = SCALE / KEEP
 
 
-def _inputs(rank: int):
-    """74 token rows (not a multiple of the kernels' 16), width 192, some inputs exactly +0 and -0."""
+def _inputs(rank: int, width: int = 192):
+    """74 token rows (not a multiple of the kernels' 16), some inputs exactly +0 and -0."""
     mx.random.seed(0)
-    x = mx.random.normal((2, 37, 192)) * 2
-    x = mx.where(mx.arange(192) < 6, 0.0, x)
-    x = mx.where(mx.arange(192) == 7, -0.0, x).astype(mx.bfloat16)
-    a, b = mx.random.normal((192, rank)) * 0.1, mx.random.normal((rank, 96)) * 0.1  # float32, as the adapters
+    x = mx.random.normal((2, 37, width)) * 2
+    x = mx.where(mx.arange(width) < 6, 0.0, x)
+    x = mx.where(mx.arange(width) == 7, -0.0, x).astype(mx.bfloat16)
+    a, b = mx.random.normal((width, rank)) * 0.1, mx.random.normal((rank, 96)) * 0.1  # float32, as the adapters
     return x, a, b, mx.array([1234, 5678], dtype=mx.int32)
 
 
@@ -28,9 +31,11 @@ def _close(got, want, tol=1e-2):
     return (mx.abs(got - want).max() <= tol * mx.abs(want).max()).item()
 
 
+@cuda_only
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("rank", [16, 32])
-def test_down_is_the_product_of_the_masked_input(rank):
-    x, a, _, seed = _inputs(rank)
+def test_down_is_the_product_of_the_masked_input(rank, width):
+    x, a, _, seed = _inputs(rank, width)
     mask = philox.philox_mask(seed, x, KEEP)  # the mask kernel tests/test_philox.py checks against Random123
     assert 0.85 < mask.astype(mx.float32).mean().item() < 0.95
     got = lora_cuda.down(x, a.T.astype(mx.bfloat16), seed, KEEP, FACTOR)
@@ -41,6 +46,7 @@ def test_down_is_the_product_of_the_masked_input(rank):
     assert not _close(got, unmasked)  # the mask was applied
 
 
+@cuda_only
 def test_dropped_writes_the_masked_input_and_the_mask_in_the_sign_of_zero():
     x, _, _, seed = _inputs(16)
     mask = philox.philox_mask(seed, x, KEEP)
@@ -50,9 +56,11 @@ def test_dropped_writes_the_masked_input_and_the_mask_in_the_sign_of_zero():
     assert mx.array_equal(got.view(mx.uint16) == 0x8000, ~mask).item()  # kept zeros, +0 and -0, read as kept
 
 
+@cuda_only
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("rank", [16, 32])
-def test_masked_up_is_the_masked_product_back_to_the_input(rank):
-    x, a, _, seed = _inputs(rank)
+def test_masked_up_is_the_masked_product_back_to_the_input(rank, width):
+    x, a, _, seed = _inputs(rank, width)
     mask = philox.philox_mask(seed, x, KEEP)
     grad_h = mx.random.normal((2, 37, rank)).astype(mx.bfloat16)
     a16 = a.astype(mx.bfloat16)
@@ -62,6 +70,7 @@ def test_masked_up_is_the_masked_product_back_to_the_input(rank):
     assert mx.array_equal(got == 0, ~mask | (want == 0)).item()
 
 
+@cuda_only
 def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients(monkeypatch):
     # lean.lora_branch's seeded ops (the path before the kernels, same Philox masks) against dropped_down +
     # add_up: the layer's output and the gradients of y, x, lora_a and lora_b.
@@ -88,6 +97,7 @@ def test_an_adapter_through_the_kernels_has_the_ops_branch_value_and_gradients(m
         assert _close(got, want, 2e-2), name
 
 
+@cuda_only
 def test_a_lean_lora_layer_trains_through_the_kernels_as_through_the_ops(monkeypatch):
     # The wiring: LeanLoRALinear on bf16 activations takes the kernels (counted) and, from the same random
     # state (so the same seed), gives the ops' output and adapter gradients.
@@ -117,6 +127,20 @@ def test_a_lean_lora_layer_trains_through_the_kernels_as_through_the_ops(monkeyp
         runs[use] = value.item(), dict(tree_flatten(grads)), len(calls)
     assert runs[True][2] == 1 and runs[False][2] == 1  # the kernels ran with USE_KERNELS only
     assert abs(runs[True][0] - runs[False][0]) <= 1e-2 * abs(runs[False][0])
-    assert runs[True][1].keys() == {"lora_a", "lora_b"}
     for k in ("lora_a", "lora_b"):
         assert _close(runs[True][1][k], runs[False][1][k], 2e-2), k
+
+
+def test_the_kernels_take_only_what_they_can_compute(monkeypatch):
+    # Runs everywhere: the gate alone. Off by default; forced on, only bf16 activations, widths of a multiple of
+    # 64 (the kernels' tiles), ranks of a multiple of 16 up to MAX_RANK, and dropout on.
+    x, a, _, _ = _inputs(16)
+    assert not lora_cuda.applies(x, a, KEEP)  # USE_KERNELS is off
+    monkeypatch.setattr(lora_cuda, "USE_KERNELS", True)
+    assert lora_cuda.applies(x, a, KEEP)
+    assert not lora_cuda.applies(x, a, 1.0)
+    assert not lora_cuda.applies(x.astype(mx.float32), a, KEEP)
+    assert not lora_cuda.applies(x[..., :96], a[:96], KEEP)
+    assert not lora_cuda.applies(x, a[:, :8], KEEP)
+    assert not lora_cuda.applies(x, mx.zeros((192, 2 * lora_cuda.MAX_RANK)), KEEP)
+    assert not lora_cuda.applies(x, a[:128], KEEP)  # lora_a of another width

@@ -269,7 +269,8 @@ class LeanLoRALinear(LoRALinear):
         # None off CUDA and inside checkpointed blocks (dropout_keys)
         seed = dropout_seed() if keep < 1.0 and SEEDED_DROPOUT else None
         y = self.linear(x)
-        if seed is not None and lora_cuda.applies(x, self.lora_a, keep) and y.dtype == x.dtype:
+        if (seed is not None and LORA_IN_INPUT_DTYPE and SPLIT_TOKENS < 2 and y.dtype == x.dtype
+                and lora_cuda.applies(x, self.lora_a, keep)):  # the kernels compute as those two settings say
             return lora_cuda.add_up(y, lora_cuda.dropped_down(keep, self.scale)(x, self.lora_a, seed), self.lora_b)
         if seed is not None:
             branch, mask_or_seed = lora_branch(keep, self.scale, LORA_IN_INPUT_DTYPE, seeded=True), seed

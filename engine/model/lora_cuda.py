@@ -3,8 +3,8 @@
 With dropout, lean.lora_branch's seeded path makes, per adapter and step: a Philox pass writing a boolean
 mask, a pass writing the dropped input, the product with lora_a; and in the backward pass the mask again, the
 dropped input again, that product again (for lora_b's gradient), the product back to the input and a pass
-masking it. On an H100 (Mistral-7B shape, LoRA on all seven layers) dropout 0.05 cost 8.6% of a bf16 step
-and 12.6% of a 4-bit one (bench/RESULTS.md). Here, for the same Philox draws (philox.py's layout: value j of
+masking it. On an H100 (Mistral-7B shape, LoRA on all seven layers) dropout 0.05 took 8-12% of a bf16 step
+and 11% of a 4-bit one (bench/RESULTS.md). Here, for the same Philox draws (philox.py's layout: value j of
 the call for flat index n // 8), three kernels:
 - `down`: h = (scale / keep) * (mask * x) @ a, the mask drawn inside; x is read once, nothing is written but h.
 - `dropped`: the backward pass's (scale / keep) * mask * x, written once, dropped values as -0.0 (a kept
@@ -12,8 +12,10 @@ the call for flat index n // 8), three kernels:
   its product with h's gradient (cuBLAS).
 - `masked_up`: x's gradient, (scale / keep) * mask * (dh @ a.T), the mask read back from `dropped`.
 h itself (tokens x rank) is kept for lora_b's gradient instead of being computed again. Like the seeds, only
-outside gradient-checkpointed blocks. Same values and gradients as the ops (tests/test_lora_cuda.py, on an H100),
-but not faster enough to be on by default (USE_KERNELS below).
+outside gradient-checkpointed blocks. On an H100 they gave the ops' values and gradients within bf16 rounding
+(tests/test_lora_cuda.py: the kernel scales a float32 sum where the ops round x / keep to bf16 first); two lines
+reformatted since were compiled with NVRTC (bench/nvrtc_check.py), not run again on a GPU. Not faster enough to
+be on by default (USE_KERNELS below).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import mlx.core as mx
 from engine.model import philox
 from engine.model.loading import cuda_default
 
-# Off: on an H100 (Mistral-7B shape, LoRA on all seven layers, bench/RESULTS.md, thirteenth session) they ran
-# +1.4-1.8% in paired runs, inside the runs' own spread, at 0.4-0.7 GB more peak memory, and without the memory
-# limit not faster at all. ncu timed them at about twice their memory's floor. True: on (bench_gpu.py's
-# BENCH_LORA_KERNELS=1); None would mean on CUDA only.
+# Off: on an H100 (Mistral-7B shape, LoRA on all seven layers, bench/RESULTS.md, thirteenth session) they gave
+# +1.7% tokens/s in bf16 and +1.8% on a 4-bit base in alternated runs, inside the runs' own spread, at 0.4-0.7 GB
+# more peak memory, and without the memory limit -0.8%. ncu timed them at 2-4x their memory's floor. True: on
+# (bench_gpu.py's BENCH_LORA_KERNELS=1); None would mean on CUDA only.
 USE_KERNELS: bool | None = False
 MAX_RANK = 32  # down's shared memory: 8 warps x 16 rows x rank float32 sums next to the warps' tiles (34 KB at 32)
 WARPS = 8  # down: warps splitting the width of a block's 16 rows
