@@ -42,7 +42,8 @@ separate calls: `python3 bench/bench_gpu.py --merge a.json b.json` prints the ta
 Device calls (issue 22), back to back (a machine stays warm 30 s after a call and is held 30 min at most):
   here, once: `bash ../shared/gpu/prepare.sh` (.g1/, .g2/) and `bash bench/peer_wheels.sh` (.g3/, 15 MB)
   (to run the CUDA tests there: `pip download -d .g2/extra pytest pluggy iniconfig packaging`, then after stage 3
-  `python3 -m pytest -q -p no:cacheprovider tests/test_philox.py tests/test_lean.py -k cuda`)
+  `python3 -m pytest -q -p no:cacheprovider tests/test_lora_cuda.py tests/test_philox.py tests/test_lean.py -k
+  cuda`; a kernel source changed since its last GPU run compiles here first: bench/nvrtc_check.py)
   1. carry [".g1"]  `bash .g1/stage1.sh`                   half of the MLX CUDA wheel into /root/mlxwheel
   2. carry [".g3"]  `bash .g3/stage3.sh`                   peer wheels into /root/peer_wheels and /tmp/site;
                                                            prints torch/transformers/peft versions: check them
