@@ -17,7 +17,8 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 (engine/train/losses.py; 0 = all at once, kept for the backward pass); BENCH_LOOK_AHEAD=0/1
                 reads each step before building the next (the default) / queues the next first with the guarded
                 update, as TrainingRun does with LORA_TUI_LOOK_AHEAD=1 (engine/train/step_queue.py);
-                BENCH_TIMES=FILE writes the host's share of each look-ahead step there
+                BENCH_TIMES=FILE writes the host's share of each look-ahead step there; BENCH_FLAT_UPDATE=0/1
+                the optimizer array by array / over one flat vector (engine/train/flat_update.py, CUDA default)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -168,6 +169,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
     if os.environ.get("BENCH_LORA_KERNELS") in ("0", "1"):  # the adapters' dropout by ops / inside the products
         from engine.model import lora_cuda
         lora_cuda.USE_KERNELS = os.environ["BENCH_LORA_KERNELS"] == "1"
+    if os.environ.get("BENCH_FLAT_UPDATE") in ("0", "1"):  # the optimizer array by array / over one flat vector
+        from engine.train import flat_update
+        flat_update.FLAT_UPDATE = os.environ["BENCH_FLAT_UPDATE"] == "1"
     if os.environ.get("BENCH_FIXED_SEED") == "1":  # probe: every adapter's mask from one constant seed, no random ops
         from engine.model import lean, philox
         seeded = lean.dropout_seed  # where it would draw a seed (CUDA, outside checkpointed blocks): a constant one
@@ -213,6 +217,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     from engine.model.adapters import trainable_count
     from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory, fused_attention, \
         limit_gpu_queue
+    from engine.train.flat_update import FlatUpdate, flat_parameters
     from engine.train.losses import estimated_logit_rows
     from engine.train.step import accumulate_gradients, apply_update, build_micro_step, build_update, \
         checkpointed_layers, clip_gradients
@@ -231,9 +236,11 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     weights_bytes = mx.get_active_memory()
     batch = random_batch()
 
+    queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
+    vector = None if queued or not compiled_update else flat_parameters(model, optimizer)  # as TrainingRun does
     with checkpointed_layers(model, ckpt):
-        micro_step = build_micro_step(model, optimizer)
-        update = build_update(model, optimizer)
+        micro_step = build_micro_step(model, optimizer, vector)
+        update = FlatUpdate(model, optimizer, vector) if vector else build_update(model, optimizer)
 
         def waited_step():  # each step read before the next is built (as before the look-ahead)
             grads, loss = accumulate_gradients(micro_step, [batch])
@@ -245,13 +252,13 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 apply_update(model, optimizer, grads)
             return loss.item()
 
-        queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
         step = queued_step(model, optimizer, micro_step, batch) if queued else waited_step
         loss, dt = timed_steps(step)
         loss = step.last_loss() if queued else loss
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
-                memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model), look_ahead=queued)
+                memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model), look_ahead=queued,
+                flat_update=vector is not None)
 
 
 def queued_step(model, optimizer, micro_step, batch):

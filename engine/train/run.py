@@ -30,7 +30,7 @@ from engine.train.report import write_report
 from engine.train.run_log import RunLog
 from engine.train.saving import save_checkpoint, write_final_adapter, write_run_config
 from engine.train.step import build_micro_step, checkpointed_layers
-from engine.train.step_queue import QueuedStep, StepQueue, look_ahead_applies
+from engine.train.step_queue import QueuedStep, StepQueue, flat_vector, look_ahead_applies
 from engine.train.trainer_state import TrainerState
 
 
@@ -179,11 +179,12 @@ class TrainingRun:
             write_run_config(setup.run_dir, cfg, setup.config_kept_as)
         self.emit(self._started())
         objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
-        micro_step = build_micro_step(setup.model, setup.optimizer) if objective is None else \
-            objective.build(setup.optimizer)
         look_ahead = look_ahead_applies(self.world.alone, objective)
+        vector = flat_vector(setup.model, setup.optimizer, look_ahead, objective)  # the gradients as one vector
+        micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
+            objective.build(setup.optimizer)
         steps = StepQueue(cfg.training, setup.schedule, objective, micro_step, setup.model, setup.optimizer,
-                          self.world, self._next_batch, self._next_rows, look_ahead)
+                          self.world, self._next_batch, self._next_rows, look_ahead, vector)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None

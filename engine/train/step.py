@@ -45,8 +45,9 @@ def _checkpointed(call):
     return checkpointed_call
 
 
-def build_micro_step(model, optimizer):
-    """The compiled forward + backward of one micro-batch: (sum of token losses, token count, grads)."""
+def build_micro_step(model, optimizer, vector=None):
+    """The compiled forward + backward of one micro-batch: (sum of token losses, token count, grads); with a
+    flat_update.ParameterVector the grads come as one vector in its order (for flat_update.FlatUpdate)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -60,7 +61,7 @@ def build_micro_step(model, optimizer):
     def micro_step(inputs, targets, positions, weights):
         with training_attention():  # runs while the step is traced (see engine/model/cpu_attention.py)
             (loss_sum, ntoks), grads = loss_and_grad(model, inputs, targets, positions, weights)
-        return loss_sum, ntoks, grads
+        return loss_sum, ntoks, grads if vector is None else vector.flatten(grads)
 
     return micro_step
 

@@ -1,0 +1,111 @@
+"""The optimizer step over one flat vector of every trainable array, not array by array (CUDA by default).
+
+With LoRA on all seven linear layers of a 7B model the optimizer updates 448 small arrays (128 on q/v). Even
+compiled (step.build_update), each array gets its own kernels: the gradient's cast and scale, the clip, AdamW;
+a few microseconds each, and the host builds every one (bench/probe_update.py, bench/RESULTS.md). Here the
+micro step concatenates the gradients into one vector (one copy each), and from there the scale, the norm, the
+clip and AdamW are a few kernels over the whole vector; the model's arrays and the optimizer's moments are
+views into the updated vectors. Element for element the arithmetic is the optimizer's own (its apply_single,
+run on the vectors), so the result is the per-array update's but for the gradient norm's summation order.
+
+During a run the vectors are the truth: the model's arrays are written back from them after every update, so
+nothing else may change the trainable arrays between updates (nothing does: a resume loads before the first).
+Only for elementwise optimizers (the Adam family, AdamW included) and float32 arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from functools import partial
+
+from engine.model.loading import cuda_default
+
+# None: on CUDA only. On this CPU (2-core Xeon) the per-array update was faster (184 against 247 ms a step for
+# 448 arrays, bench/probe_update.py): there the kernels cost little and the concatenation is one more pass.
+FLAT_UPDATE: bool | None = None
+
+
+class ParameterVector:
+    """Where each trainable array sits in one flat vector: keys in the model's order, shapes and split points."""
+
+    def __init__(self, tree):
+        from mlx.utils import tree_flatten
+        named = tree_flatten(tree)
+        self.keys = [k for k, _ in named]
+        self.shapes = [v.shape for _, v in named]
+        self.bounds = list(itertools.accumulate(v.size for _, v in named))[:-1]
+
+    def flatten(self, tree):
+        """The leaves of `tree` (keyed as the model's trainable arrays), concatenated in the vector's order."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        leaves = dict(tree_flatten(tree))
+        return mx.concatenate([leaves[k].reshape(-1) for k in self.keys])
+
+    def views(self, vector) -> list:
+        """The vector's parts in the arrays' shapes: views into its buffer, no copies."""
+        import mlx.core as mx
+        parts = mx.split(vector, self.bounds) if self.bounds else [vector]
+        return [part.reshape(shape) for part, shape in zip(parts, self.shapes)]
+
+
+def flat_parameters(model, optimizer) -> ParameterVector | None:
+    """A ParameterVector of the model's trainable arrays where the flat update applies, else None."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    if not cuda_default(FLAT_UPDATE) or not isinstance(optimizer, optim.Adam):
+        return None
+    leaves = tree_flatten(model.trainable_parameters())
+    if not leaves or any(v.dtype != mx.float32 for _, v in leaves):
+        return None
+    return ParameterVector(model.trainable_parameters())
+
+
+def _node(tree, key: str):
+    """The subtree (a module, a dict) at a dotted key such as "layers.3.self_attn.q_proj"."""
+    for part in key.split(".") if key else []:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+class FlatUpdate:
+    """build_update's apply over a ParameterVector: call it with the gradients (the vector, or a tree)."""
+
+    def __init__(self, model, optimizer, vector: ParameterVector):
+        import mlx.core as mx
+        self.optimizer, self.vector = optimizer, vector
+        optimizer.init(model.trainable_parameters())  # the moments exist (zeros, or a resumed checkpoint's)
+        # Where each array lives: its module and name, and its dict of moments in the optimizer's state. Both
+        # containers outlive the compiled steps, which only replace the leaves in them.
+        parents = [k.rpartition(".") for k in vector.keys]
+        self.slots = [(_node(model, parent), name) for parent, _, name in parents]
+        self.moments = [_node(optimizer.state, key) for key in vector.keys]
+        names = sorted(self.moments[0])
+        self.flat = copy.copy(optimizer)  # same hyperparameters and schedule; its state holds the vectors
+        self.flat.state = {"step": optimizer.state["step"], "learning_rate": optimizer.state["learning_rate"],
+                           "flat": {n: mx.concatenate([m[n].reshape(-1) for m in self.moments]) for n in names}}
+        self.flat.init({"flat": mx.zeros((0,))})  # marks it initialized: the state above is complete
+        self.params = vector.flatten(model.trainable_parameters())
+        mx.eval(self.params, self.flat.state)
+        state = [self.flat.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(grads, params):
+            return self.flat.apply_gradients({"flat": grads}, {"flat": params})["flat"]
+
+        self._step = step
+
+    def __call__(self, grads) -> None:
+        import mlx.core as mx
+        grads = grads if isinstance(grads, mx.array) else self.vector.flatten(grads)
+        self.params = self._step(grads, self.params)
+        mx.async_eval(self.params, self.flat.state)  # the GPU starts while the host writes the views back
+        for (module, name), view in zip(self.slots, self.vector.views(self.params)):
+            module[name] = view
+        for name, vector in self.flat.state["flat"].items():
+            for moments, view in zip(self.moments, self.vector.views(vector)):
+                moments[name] = view
+        self.optimizer.state["step"] = self.flat.state["step"]
+        self.optimizer.state["learning_rate"] = self.flat.state["learning_rate"]

@@ -1,0 +1,92 @@
+"""The optimizer step over one flat vector (engine/train/flat_update.py): on by default on CUDA only, forced on
+here, on the CPU, with the real embedded model. A user must not be able to tell it is on: the same losses,
+weights, checkpoints (optimizer state included, in the per-array form) and an exact resume."""
+
+import numpy as np
+import pytest
+
+from engine.train import flat_update
+from engine.train.checkpoints import CheckpointStore
+from engine.train.run import TrainingRun
+from helpers import addition_chats, tiny_config, write_jsonl
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "tiny.jsonl", addition_chats(48, seed=0, system="Add."))
+
+
+def config(data, tmp_path, **training):
+    return tiny_config(tmp_path, data={"path": str(data)}, lora={"dropout": 0.1, "target_modules": SEVEN},
+                       training={"iterations": 6, "grad_accumulation": 2, "warmup_steps": 2, **training},
+                       evaluation={"every_steps": 3, "val_batches": 2}, checkpoints={"every_steps": 3, "keep_last": 5})
+
+
+def arrays(path) -> dict:
+    import mlx.core as mx
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedded_dir):
+    from mlx.utils import tree_flatten
+    runs, built = {}, []
+    make = flat_update.FlatUpdate.__init__
+    monkeypatch.setattr(flat_update.FlatUpdate, "__init__", lambda self, *a: built.append(a) or make(self, *a))
+    for on in (False, True):
+        monkeypatch.setattr(flat_update, "FLAT_UPDATE", on)
+        run = TrainingRun(config(data, tmp_path / str(on)))
+        runs[on] = run, run.run()
+    (_, a), (_, b) = runs[False], runs[True]
+    assert len(built) == 1  # the flat run took the flat path, the other did not
+    assert a.status == b.status == "finished" and b.step == 6
+    np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5)
+    weights = {on: dict(tree_flatten(r.setup.model.trainable_parameters())) for on, (r, _) in runs.items()}
+    assert len(weights[True]) >= 28  # LoRA on every linear layer (of the last layers): many arrays, one vector
+    for k, w in weights[False].items():
+        np.testing.assert_allclose(np.array(weights[True][k]), np.array(w), rtol=1e-4, atol=1e-6, err_msg=k)
+    moments = arrays(CheckpointStore(b.run_dir / "checkpoints").list()[-1].path / "optimizer.safetensors")
+    assert sum(k.endswith(".m") for k in moments) == len(weights[True])  # one per array, not one vector
+    saves = [CheckpointStore(r.run_dir / "checkpoints").list() for r in (a, b)]
+    assert [c.step for c in saves[1]] == [c.step for c in saves[0]] == [3, 6]
+    for x, y in zip(*saves):  # the same files: the adapter, and the optimizer state array by array
+        for name in ("adapters.safetensors", "optimizer.safetensors"):
+            want, got = arrays(x.path / name), arrays(y.path / name)
+            assert got.keys() == want.keys(), name
+            for k in want:
+                assert got[k].shape == want[k].shape, k
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+def test_a_flat_run_resumes_exactly(data, tmp_path, monkeypatch, embedded_dir):
+    monkeypatch.setattr(flat_update, "FLAT_UPDATE", True)
+    full = TrainingRun(config(data, tmp_path / "a")).run()
+    cfg = config(data, tmp_path / "b")
+    first = TrainingRun(cfg, stop_after=3).run()  # saves step 3, optimizer state included
+    resumed = TrainingRun(cfg, resume="latest").run()
+    assert first.step == 3 and resumed.status == "finished" and resumed.step == 6
+    np.testing.assert_allclose(first.losses + resumed.losses, full.losses, rtol=1e-5)
+
+
+def test_the_vector_round_trips_and_applies_only_where_elementwise(monkeypatch):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2, bias=False))
+    vector = flat_update.ParameterVector(model.trainable_parameters())
+    flat = vector.flatten(model.trainable_parameters())
+    assert flat.shape == (3 * 5 + 5 + 5 * 2,)
+    assert vector.keys == ["layers.0.weight", "layers.0.bias", "layers.1.weight"]
+    named = dict(tree_flatten(model.trainable_parameters()))
+    for key, view in zip(vector.keys, vector.views(flat)):
+        np.testing.assert_array_equal(np.array(view), np.array(named[key]))
+    monkeypatch.setattr(flat_update, "FLAT_UPDATE", True)
+    assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is not None
+    assert flat_update.flat_parameters(model, optim.Adafactor()) is None  # factored moments: not elementwise
+    model.set_dtype(mx.bfloat16)
+    assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is None
+    model.set_dtype(mx.float32)
+    monkeypatch.setattr(flat_update, "FLAT_UPDATE", False)
+    assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is None
