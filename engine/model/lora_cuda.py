@@ -36,21 +36,12 @@ MAX_RANK = 32  # down's shared memory: 8 warps x 16 rows x rank float32 sums nex
 WARPS = 8  # down: warps splitting the width of a block's 16 rows
 TILES_PER_WARP = 4  # masked_up: 64-column tiles a warp writes with one load of its 16 rows of dh
 
-_HEADER = philox._HEADER + r"""
+_HEADER = philox._HEADER + r"""  // lora_tui_draw and lora_tui_kept: the mask kernel's draws
 __device__ __forceinline__ void lora_tui_mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                "{%0,%1,%2,%3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ bool lora_tui_kept(uint4 r, int j, unsigned int threshold) {
-  // philox.py's layout: value j of a call is the (j & 1) half of word j / 2
-  unsigned int w = j < 2 ? r.x : j < 4 ? r.y : j < 6 ? r.z : r.w;
-  return ((w >> (16 * (j & 1))) & 0xFFFFu) < threshold;
-}
-__device__ __forceinline__ uint4 lora_tui_draw(unsigned long long t, const int* seed) {
-  return philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
-                       make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
 }
 """
 

@@ -30,6 +30,16 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
   }
   return c;
 }
+__device__ __forceinline__ uint4 lora_tui_draw(unsigned long long t, const int* seed) {
+  // the Philox call for counter t: four 32-bit words
+  return philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
+                       make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
+}
+__device__ __forceinline__ bool lora_tui_kept(uint4 r, int j, unsigned int threshold) {
+  // eight values a call: value j is the (j & 1) 16-bit half of word j / 2, kept below the threshold
+  unsigned int w = j < 2 ? r.x : j < 4 ? r.y : j < 6 ? r.z : r.w;
+  return ((w >> (16 * (j & 1))) & 0xFFFFu) < threshold;
+}
 """
 
 # One thread per Philox call. PER_CALL = 8 takes two 16-bit draws from each of its four 32-bit words, so the
@@ -44,15 +54,13 @@ _SOURCE = r"""
   for (int i = 0; i < like_ndim; ++i) n *= like_shape[i];
   long long t = cg::this_grid().thread_rank();
   if (t * PER_CALL >= n) return;
-  uint4 r = philox4x32_10(make_uint4((unsigned int)t, (unsigned int)(t >> 32), 0u, 0u),
-                          make_uint2((unsigned int)seed[0], (unsigned int)seed[1]));
+  uint4 r = lora_tui_draw((unsigned long long)t, seed);
   unsigned int v[4] = {r.x, r.y, r.z, r.w};
   unsigned int packed[PER_CALL / 4] = {0u};
   #pragma unroll
   for (int j = 0; j < PER_CALL; ++j) {
-    unsigned int w = v[j * 4 / PER_CALL];
-    unsigned int draw = PER_CALL == 4 ? (w >> 8) : ((w >> (16 * (j & 1))) & 0xFFFFu);
-    unsigned int keep = draw < (unsigned int)THRESHOLD;
+    unsigned int keep = PER_CALL == 4 ? (v[j] >> 8) < (unsigned int)THRESHOLD
+                                      : lora_tui_kept(r, j, (unsigned int)THRESHOLD);
     if (t * PER_CALL + PER_CALL - 1 < n) {
       packed[j / 4] |= keep << (8 * (j % 4));
     } else if (t * PER_CALL + j < n) {
