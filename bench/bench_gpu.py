@@ -237,10 +237,10 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     batch = random_batch()
 
     queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
-    vector = None if queued or not compiled_update else flat_parameters(model, optimizer)  # as TrainingRun does
+    vector = flat_parameters(model, optimizer) if compiled_update else None  # as TrainingRun does
     with checkpointed_layers(model, ckpt):
         micro_step = build_micro_step(model, optimizer, vector)
-        update = FlatUpdate(model, optimizer, vector) if vector else build_update(model, optimizer)
+        update = None if queued else FlatUpdate(model, optimizer, vector) if vector else build_update(model, optimizer)
 
         def waited_step():  # each step read before the next is built (as before the look-ahead)
             grads, loss = accumulate_gradients(micro_step, [batch])
@@ -252,7 +252,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 apply_update(model, optimizer, grads)
             return loss.item()
 
-        step = queued_step(model, optimizer, micro_step, batch) if queued else waited_step
+        step = queued_step(model, optimizer, micro_step, batch, vector) if queued else waited_step
         loss, dt = timed_steps(step)
         loss = step.last_loss() if queued else loss
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
@@ -261,14 +261,16 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
                 flat_update=vector is not None)
 
 
-def queued_step(model, optimizer, micro_step, batch):
+def queued_step(model, optimizer, micro_step, batch, vector=None):
     """The step as TrainingRun takes it on CUDA (engine/train/step_queue.py): gradients, clipping and the
     guarded update queued with async_eval, and step N's loss read only once step N+1 is queued. Timings of
     the host's part go to $BENCH_TIMES when set (build: the graph in Python; queue: async_eval's encoding)."""
     import mlx.core as mx
 
+    from engine.train.flat_update import FlatUpdate
     from engine.train.step import accumulate_gradients, build_guarded_update, clip_gradients
-    update, previous, healthy = build_guarded_update(model, optimizer), [], None
+    update = FlatUpdate(model, optimizer, vector, guarded=True) if vector else build_guarded_update(model, optimizer)
+    previous, healthy = [], None
     times = open(os.environ["BENCH_TIMES"], "a") if os.environ.get("BENCH_TIMES") else None
 
     def step():

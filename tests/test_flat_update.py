@@ -5,7 +5,7 @@ weights, checkpoints (optimizer state included, in the per-array form) and an ex
 import numpy as np
 import pytest
 
-from engine.train import flat_update
+from engine.train import flat_update, step_queue
 from engine.train.checkpoints import CheckpointStore
 from engine.train.run import TrainingRun
 from helpers import addition_chats, tiny_config, write_jsonl
@@ -29,13 +29,16 @@ def arrays(path) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
-def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedded_dir):
+@pytest.mark.parametrize("look_ahead", [False, True], ids=["read-first", "look-ahead"])
+def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedded_dir, look_ahead):
     from mlx.utils import tree_flatten
     runs, built = {}, []
     make = flat_update.FlatUpdate.__init__
-    monkeypatch.setattr(flat_update.FlatUpdate, "__init__", lambda self, *a: built.append(a) or make(self, *a))
-    for on in (False, True):
+    monkeypatch.setattr(flat_update.FlatUpdate, "__init__", lambda self, *a, **k: built.append(a) or
+                        make(self, *a, **k))
+    for on in (False, True):  # against the per-array update, each step read first
         monkeypatch.setattr(flat_update, "FLAT_UPDATE", on)
+        monkeypatch.setattr(step_queue, "LOOK_AHEAD", on and look_ahead)  # with it: the guarded flat update
         run = TrainingRun(config(data, tmp_path / str(on)))
         runs[on] = run, run.run()
     (_, a), (_, b) = runs[False], runs[True]
@@ -67,6 +70,26 @@ def test_a_flat_run_resumes_exactly(data, tmp_path, monkeypatch, embedded_dir):
     resumed = TrainingRun(cfg, resume="latest").run()
     assert first.step == 3 and resumed.status == "finished" and resumed.step == 6
     np.testing.assert_allclose(first.losses + resumed.losses, full.losses, rtol=1e-5)
+
+
+def test_a_diverged_look_ahead_run_keeps_the_last_good_weights(data, tmp_path, monkeypatch, embedded_dir):
+    # the step queued behind the diverged one runs the guarded flat update with `healthy` false: no change
+    from mlx.utils import tree_flatten
+    outcome = {}
+    for on in (False, True):
+        monkeypatch.setattr(flat_update, "FLAT_UPDATE", on)
+        monkeypatch.setattr(step_queue, "LOOK_AHEAD", on)
+        cfg = config(data, tmp_path / str(on), learning_rate=1e30, warmup_steps=0)  # blows up in a few steps
+        cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
+        run = TrainingRun(cfg)
+        outcome[on] = run, run.run()
+    (plain, a), (flat, b) = outcome[False], outcome[True]
+    assert a.status == b.status == "failed" and "training diverged at step" in a.message
+    assert b.message == a.message and b.step == a.step < 6
+    kept, want = (dict(tree_flatten(r.setup.model.trainable_parameters())) for r in (flat, plain))
+    for k, w in want.items():
+        assert np.isfinite(np.array(kept[k])).all(), k
+        np.testing.assert_allclose(np.array(kept[k]), np.array(w), rtol=1e-4, err_msg=k)
 
 
 def test_the_vector_round_trips_and_applies_only_where_elementwise(monkeypatch):

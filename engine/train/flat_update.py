@@ -71,11 +71,15 @@ def _node(tree, key: str):
 
 
 class FlatUpdate:
-    """build_update's apply over a ParameterVector: call it with the gradients (the vector, or a tree)."""
+    """build_update's apply over a ParameterVector: call it with the gradients (the vector, or a tree). Guarded,
+    it is build_guarded_update's: call it with the gradients, `healthy` and what to queue with the update, and
+    the update applies only where `healthy` holds (the look-ahead of step_queue.py): a few more element-wise
+    ops in the same fused kernel, where the per-array guard is three more kernels an array."""
 
-    def __init__(self, model, optimizer, vector: ParameterVector):
+    def __init__(self, model, optimizer, vector: ParameterVector, guarded: bool = False):
         import mlx.core as mx
-        self.optimizer, self.vector = optimizer, vector
+        from mlx.utils import tree_map
+        self.optimizer, self.vector, self.guarded = optimizer, vector, guarded
         optimizer.init(model.trainable_parameters())  # the moments exist (zeros, or a resumed checkpoint's)
         # Where each array lives: its module and name, and its dict of moments in the optimizer's state. Both
         # containers outlive the compiled steps, which only replace the leaves in them.
@@ -91,17 +95,27 @@ class FlatUpdate:
         mx.eval(self.params, self.flat.state)
         state = [self.flat.state]
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(grads, params):
+        def apply(grads, params):
             return self.flat.apply_gradients({"flat": grads}, {"flat": params})["flat"]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(grads, params, healthy):
+            if not guarded:
+                return apply(grads, params)
+            old = tree_map(lambda x: x, self.flat.state)  # the same arrays, in a tree the update won't touch
+            new = apply(grads, params)
+            keep = lambda new, old: mx.where(healthy, new, old)  # noqa: E731
+            self.flat.state.update(tree_map(keep, self.flat.state, old))  # the same dict: compile tracks it
+            return keep(new, params)
 
         self._step = step
 
-    def __call__(self, grads) -> None:
+    def __call__(self, grads, healthy=None, *read_later) -> None:
         import mlx.core as mx
         grads = grads if isinstance(grads, mx.array) else self.vector.flatten(grads)
-        self.params = self._step(grads, self.params)
-        mx.async_eval(self.params, self.flat.state)  # the GPU starts while the host writes the views back
+        self.params = self._step(grads, self.params, healthy if self.guarded else mx.array(True))
+        # queued, not waited for: the GPU starts while the host writes the views back
+        mx.async_eval(self.params, self.flat.state, *([healthy] if self.guarded else []), *read_later)
         for (module, name), view in zip(self.slots, self.vector.views(self.params)):
             module[name] = view
         for name, vector in self.flat.state["flat"].items():

@@ -180,7 +180,7 @@ class TrainingRun:
         self.emit(self._started())
         objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
         look_ahead = look_ahead_applies(self.world.alone, objective)
-        vector = flat_vector(setup.model, setup.optimizer, look_ahead, objective)  # the gradients as one vector
+        vector = flat_vector(setup.model, setup.optimizer, objective)  # the gradients as one vector
         micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
             objective.build(setup.optimizer)
         steps = StepQueue(cfg.training, setup.schedule, objective, micro_step, setup.model, setup.optimizer,

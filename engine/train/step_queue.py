@@ -47,10 +47,10 @@ def look_ahead_applies(one_rank: bool, objective) -> bool:
     return cuda_default(LOOK_AHEAD) and one_rank and objective is None
 
 
-def flat_vector(model, optimizer, look_ahead: bool, objective) -> ParameterVector | None:
-    """The vector SFT's micro step puts its gradients in for a flat update (flat_update.py: CUDA, no look-ahead;
-    the preference objectives build their own step), or None."""
-    return None if look_ahead or objective is not None else flat_parameters(model, optimizer)
+def flat_vector(model, optimizer, objective) -> ParameterVector | None:
+    """The vector SFT's micro step puts its gradients in for a flat update (flat_update.py, CUDA), or None (the
+    preference objectives build their own step)."""
+    return None if objective is not None else flat_parameters(model, optimizer)
 
 
 class StepQueue:
@@ -59,13 +59,13 @@ class StepQueue:
     def __init__(self, training, schedule, objective, micro_step, model, optimizer, world,
                  next_batch: Callable[[], tuple], next_rows: Callable[[], list], look_ahead: bool, vector=None):
         """`vector`: the flat_update.ParameterVector the micro step's gradients come in, if any; with it the
-        update runs over one vector (flat_update.FlatUpdate, not with look-ahead)."""
+        update runs over one vector (flat_update.FlatUpdate)."""
         self.t, self.schedule, self.objective, self.world = training, schedule, objective, world
         self.micro_step, self.look_ahead = micro_step, look_ahead
-        if look_ahead:
-            self.update = build_guarded_update(model, optimizer)
+        if vector is not None:
+            self.update = FlatUpdate(model, optimizer, vector, guarded=look_ahead)
         else:
-            self.update = FlatUpdate(model, optimizer, vector) if vector else build_update(model, optimizer)
+            self.update = (build_guarded_update if look_ahead else build_update)(model, optimizer)
         self.next_batch, self.next_rows = next_batch, next_rows  # the run's data order (TrainingRun)
 
     def queue(self, index: int, healthy) -> QueuedStep:
