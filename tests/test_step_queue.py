@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine import protocol as ev
-from engine.train import step_queue
+from engine.train import flat_update, step_queue
 from engine.train.checkpoints import CheckpointStore
 from engine.train.run import TrainingRun
 from helpers import addition_chats, tiny_config, write_jsonl
@@ -116,10 +116,13 @@ def test_a_save_pause_or_stop_lands_on_a_step_whose_weights_it_holds(data, tmp_p
             np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-5, atol=1e-7)
 
 
-def test_a_diverged_run_keeps_the_last_good_weights(data, tmp_path, look_ahead, embedded_dir):
+@pytest.mark.parametrize("flat", [False, True], ids=["per-array", "flat"])
+def test_a_diverged_run_keeps_the_last_good_weights(data, tmp_path, look_ahead, embedded_dir, monkeypatch, flat):
+    # the guarded update array by array, and over one vector (engine/train/flat_update.py, CUDA's default)
     outcome = {}
     for on in (False, True):
         look_ahead(on)
+        monkeypatch.setattr(flat_update, "FLAT_UPDATE", on and flat)
         cfg = config(data, tmp_path / str(on), learning_rate=1e30, warmup_steps=0)  # blows up in a few steps
         cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
         run = TrainingRun(cfg)
