@@ -18,7 +18,7 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 reads each step before building the next (the default) / queues the next first with the guarded
                 update, as TrainingRun does with LORA_TUI_LOOK_AHEAD=1 (engine/train/step_queue.py);
                 BENCH_TIMES=FILE writes the host's share of each look-ahead step there; BENCH_FLAT_UPDATE=0/1
-                the optimizer array by array / over one flat vector (engine/train/flat_update.py, CUDA default)
+                the optimizer array by array / over one flat vector (engine/train/flat_update.py, off by default)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)

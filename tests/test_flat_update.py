@@ -1,6 +1,6 @@
-"""The optimizer step over one flat vector (engine/train/flat_update.py): on by default on CUDA only, forced on
-here, on the CPU, with the real embedded model. A user must not be able to tell it is on: the same losses,
-weights, checkpoints (optimizer state included, in the per-array form) and an exact resume."""
+"""The optimizer step over one flat vector (engine/train/flat_update.py): off by default (not yet timed on a
+GPU), forced on here, on the CPU, with the real embedded model. A user must not be able to tell it is on: the
+same losses, weights, checkpoints (optimizer state included, in the per-array form) and an exact resume."""
 
 import numpy as np
 import pytest

@@ -118,7 +118,7 @@ def test_a_save_pause_or_stop_lands_on_a_step_whose_weights_it_holds(data, tmp_p
 
 @pytest.mark.parametrize("flat", [False, True], ids=["per-array", "flat"])
 def test_a_diverged_run_keeps_the_last_good_weights(data, tmp_path, look_ahead, embedded_dir, monkeypatch, flat):
-    # the guarded update array by array, and over one vector (engine/train/flat_update.py, CUDA's default)
+    # the guarded update array by array, and over one vector (engine/train/flat_update.py)
     outcome = {}
     for on in (False, True):
         look_ahead(on)

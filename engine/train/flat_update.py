@@ -1,4 +1,4 @@
-"""The optimizer step over one flat vector of every trainable array, not array by array (CUDA by default).
+"""The optimizer step over one flat vector of every trainable array, not array by array (off: FLAT_UPDATE).
 
 With LoRA on all seven linear layers of a 7B model the optimizer updates 448 small arrays (128 on q/v). Even
 compiled (step.build_update), each array gets its own kernels: the gradient's cast and scale, the clip, AdamW;
@@ -21,9 +21,10 @@ from functools import partial
 
 from engine.model.loading import cuda_default
 
-# None: on CUDA only. On this CPU (2-core Xeon) the per-array update was faster (184 against 247 ms a step for
-# 448 arrays, bench/probe_update.py): there the kernels cost little and the concatenation is one more pass.
-FLAT_UPDATE: bool | None = None
+# Off until timed on a GPU, where it was written for (no device could be had in the session that wrote it);
+# None would mean on CUDA only. On this CPU (2 cores) the per-array update is faster (194 against 260 ms a step
+# for 448 arrays, bench/probe_update.py): the kernels cost little there and the concatenation is one more pass.
+FLAT_UPDATE: bool | None = False
 
 
 class ParameterVector:

@@ -48,7 +48,7 @@ def look_ahead_applies(one_rank: bool, objective) -> bool:
 
 
 def flat_vector(model, optimizer, objective) -> ParameterVector | None:
-    """The vector SFT's micro step puts its gradients in for a flat update (flat_update.py, CUDA), or None (the
+    """The vector SFT's micro step puts its gradients in for a flat update (flat_update.py, where on), or None (the
     preference objectives build their own step)."""
     return None if objective is not None else flat_parameters(model, optimizer)
 
