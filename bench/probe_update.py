@@ -83,7 +83,6 @@ def run(targets: str, steps: int) -> dict:
     sizes = [start[k].size for k in keys]
     bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
     flat = {"p": mx.concatenate([start[k].reshape(-1) for k in keys])}
-    flat["m"], flat["v"] = mx.zeros_like(flat["p"]), mx.zeros_like(flat["p"])
     fopt = optim.AdamW(learning_rate=1e-4, bias_correction=True)
     fopt.init({"p": flat["p"]})
     fstate = [fopt.state]

@@ -5,6 +5,7 @@ same losses, weights, checkpoints (optimizer state included, in the per-array fo
 import numpy as np
 import pytest
 
+from engine import protocol as ev
 from engine.train import flat_update, step_queue
 from engine.train.checkpoints import CheckpointStore
 from engine.train.run import TrainingRun
@@ -34,16 +35,21 @@ def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedd
     from mlx.utils import tree_flatten
     runs, built = {}, []
     make = flat_update.FlatUpdate.__init__
-    monkeypatch.setattr(flat_update.FlatUpdate, "__init__", lambda self, *a, **k: built.append(a) or
+    monkeypatch.setattr(flat_update.FlatUpdate, "__init__", lambda self, *a, **k: built.append(k) or
                         make(self, *a, **k))
+    norms = {}
     for on in (False, True):  # against the per-array update, each step read first
         monkeypatch.setattr(flat_update, "FLAT_UPDATE", on)
         monkeypatch.setattr(step_queue, "LOOK_AHEAD", on and look_ahead)  # with it: the guarded flat update
-        run = TrainingRun(config(data, tmp_path / str(on)))
+        seen = []
+        run = TrainingRun(config(data, tmp_path / str(on), max_grad_norm=0.05), [seen.append])  # clips every step
         runs[on] = run, run.run()
+        norms[on] = [e.grad_norm for e in seen if isinstance(e, ev.Step)]
     (_, a), (_, b) = runs[False], runs[True]
-    assert len(built) == 1  # the flat run took the flat path, the other did not
+    assert built == [{"guarded": look_ahead}]  # the flat run took the flat path (guarded with look-ahead) once
     assert a.status == b.status == "finished" and b.step == 6
+    assert min(norms[False]) > 0.05  # so every step was clipped
+    np.testing.assert_allclose(norms[True], norms[False], rtol=1e-5)
     np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5)
     weights = {on: dict(tree_flatten(r.setup.model.trainable_parameters())) for on, (r, _) in runs.items()}
     assert len(weights[True]) >= 28  # LoRA on every linear layer (of the last layers): many arrays, one vector
@@ -93,3 +99,21 @@ def test_the_vector_round_trips_and_applies_only_where_elementwise(monkeypatch):
     model.set_dtype(mx.float32)
     monkeypatch.setattr(flat_update, "FLAT_UPDATE", False)
     assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is None
+
+
+def test_arrays_held_in_a_list_are_written_back():
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = [mx.ones(3), mx.ones(2)]  # keys "w.0", "w.1": their parent is a list, not a module
+    model, optimizer = Pair(), optim.SGD(learning_rate=0.5)
+    vector = flat_update.ParameterVector(model.trainable_parameters())
+    update = flat_update.FlatUpdate(model, optimizer, vector)
+    update({"w": [mx.ones(3), mx.full((2,), 2.0)]})
+    np.testing.assert_allclose(np.array(model.w[0]), [0.5] * 3)
+    np.testing.assert_allclose(np.array(model.w[1]), [0.0] * 2)
+    assert optimizer.state["step"].item() == 1

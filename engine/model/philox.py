@@ -59,7 +59,7 @@ _SOURCE = r"""
   unsigned int packed[PER_CALL / 4] = {0u};
   #pragma unroll
   for (int j = 0; j < PER_CALL; ++j) {
-    unsigned int keep = PER_CALL == 4 ? (v[j] >> 8) < (unsigned int)THRESHOLD
+    unsigned int keep = PER_CALL == 4 ? (v[j & 3] >> 8) < (unsigned int)THRESHOLD
                                       : lora_tui_kept(r, j, (unsigned int)THRESHOLD);
     if (t * PER_CALL + PER_CALL - 1 < n) {
       packed[j / 4] |= keep << (8 * (j % 4));

@@ -85,7 +85,9 @@ class FlatUpdate:
         # Where each array lives: its module and name, and its dict of moments in the optimizer's state. Both
         # containers outlive the compiled steps, which only replace the leaves in them.
         parents = [k.rpartition(".") for k in vector.keys]
-        self.slots = [(_node(model, parent), name) for parent, _, name in parents]
+        nodes = [_node(model, parent) for parent, _, _ in parents]  # a module, a dict or a list
+        self.slots = [(node, int(name) if isinstance(node, list) else name)
+                      for node, (_, _, name) in zip(nodes, parents)]
         self.moments = [_node(optimizer.state, key) for key in vector.keys]
         names = sorted(self.moments[0])
         self.flat = copy.copy(optimizer)  # same hyperparameters and schedule; its state holds the vectors
@@ -117,8 +119,8 @@ class FlatUpdate:
         self.params = self._step(grads, self.params, healthy if self.guarded else mx.array(True))
         # queued, not waited for: the GPU starts while the host writes the views back
         mx.async_eval(self.params, self.flat.state, *([healthy] if self.guarded else []), *read_later)
-        for (module, name), view in zip(self.slots, self.vector.views(self.params)):
-            module[name] = view
+        for (parent, name), view in zip(self.slots, self.vector.views(self.params)):
+            parent[name] = view
         for name, vector in self.flat.state["flat"].items():
             for moments, view in zip(self.moments, self.vector.views(vector)):
                 moments[name] = view
