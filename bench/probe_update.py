@@ -6,9 +6,10 @@ it (engine/train/step.py) against one flat array for all of them.
     python3 bench/probe_update.py [--targets all|qv] [--steps 30] [--out FILE]
 
 Per array: MLX's compiled update still runs a few kernels for each of the 448 arrays (all seven layers) or 128
-(q/v), each a few microseconds, plus the host's work to build them. Flat: the gradients concatenated into one
-array (one copy kernel each), then one fused pass does the scale, the norm, the clip and AdamW for all of them,
-and the parameters are views into the result. Prints ms per step for both and how far their results differ.
+(q/v), each a few microseconds, plus the host's work to build them. Flat: engine/train/flat_update.py, the
+gradients concatenated into one vector (one copy kernel each, as the micro step does it), then the scale, the
+norm, the clip and AdamW over the vector, and the parameters written back as views into the result. Prints ms
+per step for both and how far their results differ.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ def run(targets: str, steps: int) -> dict:
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+    from engine.train.flat_update import FlatUpdate, ParameterVector
     from engine.train.step import build_update, clip_gradients
 
     mx.random.seed(0)
@@ -78,33 +79,20 @@ def run(targets: str, steps: int) -> dict:
         update(g)
         return norm
 
-    # flat: one array for the parameters, one per moment
-    keys = list(spec)
-    sizes = [start[k].size for k in keys]
-    bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-    flat = {"p": mx.concatenate([start[k].reshape(-1) for k in keys])}
+    # flat: engine/train/flat_update.py, the gradients concatenated as the micro step does it
+    flat_model = as_module(start)
     fopt = optim.AdamW(learning_rate=1e-4, bias_correction=True)
-    fopt.init({"p": flat["p"]})
-    fstate = [fopt.state]
-
-    @partial(mx.compile, inputs=fstate, outputs=fstate)
-    def flat_update(leaves, denom, p):
-        g = mx.concatenate([x.reshape(-1) for x in leaves]) / denom
-        norm = mx.sqrt(mx.sum(g * g))
-        g = g * mx.minimum(1.0 / (norm + 1e-6), 1.0)
-        return fopt.apply_gradients({"p": g}, {"p": p})["p"], norm
+    vector = ParameterVector(flat_model.trainable_parameters())
+    flat_update = FlatUpdate(flat_model, fopt, vector)
 
     def flat_step(i):
-        g = grads[i]
-        p, norm = flat_update([g[k] for k in keys], denom, flat["p"])
-        flat["p"] = p
-        tree = dict(zip(keys, (v.reshape(spec[k]) for k, v in zip(keys, mx.split(p, bounds)))))
-        mx.eval(p, fopt.state, tree)
-        flat["tree"] = tree
+        g, norm = clip_gradients(vector.flatten(nested[i]) / denom, 1.0)
+        flat_update(g)
+        mx.eval(flat_model.trainable_parameters(), fopt.state)  # as build_update's apply waits
         return norm
 
     for name, step, params in (("per_array", tree_step, lambda: dict(tree_flatten(model.parameters()))),
-                               ("flat", flat_step, lambda: flat["tree"])):
+                               ("flat", flat_step, lambda: dict(tree_flatten(flat_model.parameters())))):
         for i in range(3):  # warm-up: compile and allocate
             step(i % 3)
         mx.synchronize()
@@ -115,8 +103,8 @@ def run(targets: str, steps: int) -> dict:
         out[f"{name}_ms"] = (time.perf_counter() - t0) / steps * 1e3
         out[f"{name}_result"] = params()
     a, b = out.pop("per_array_result"), out.pop("flat_result")
-    diff = max(mx.abs(a[k] - b[k]).max().item() for k in keys)
-    scale = max(mx.abs(a[k]).max().item() for k in keys)
+    diff = max(mx.abs(a[k] - b[k]).max().item() for k in spec)
+    scale = max(mx.abs(a[k]).max().item() for k in spec)
     out["max_abs_difference"], out["max_abs_parameter"] = diff, scale
     out["device"] = str(mx.default_device())
     return out

@@ -36,7 +36,8 @@ MAX_RANK = 32  # down's shared memory: 8 warps x 16 rows x rank float32 sums nex
 WARPS = 8  # down: warps splitting the width of a block's 16 rows
 TILES_PER_WARP = 4  # masked_up: 64-column tiles a warp writes with one load of its 16 rows of dh
 
-_HEADER = philox._HEADER + r"""  // lora_tui_draw and lora_tui_kept: the mask kernel's draws
+# philox._HEADER brings lora_tui_draw and lora_tui_kept: the mask kernel's own draws
+_HEADER = philox._HEADER + r"""
 __device__ __forceinline__ void lora_tui_mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2]) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                "{%0,%1,%2,%3};\n"

@@ -20,9 +20,10 @@ import itertools
 from functools import partial
 
 from engine.model.loading import cuda_default
+from engine.train.step import kept_where
 
 # Off until timed on a GPU, where it was written for (no device could be had in the session that wrote it);
-# None would mean on CUDA only. On this CPU (2 cores) the per-array update is faster (194 against 260 ms a step
+# None would mean on CUDA only. On this CPU (2 cores) the per-array update is faster (197 against 245 ms a step
 # for 448 arrays, bench/probe_update.py): the kernels cost little there and the concatenation is one more pass.
 FLAT_UPDATE: bool | None = False
 
@@ -64,11 +65,13 @@ def flat_parameters(model, optimizer) -> ParameterVector | None:
     return ParameterVector(model.trainable_parameters())
 
 
-def _node(tree, key: str):
-    """The subtree (a module, a dict) at a dotted key such as "layers.3.self_attn.q_proj"."""
-    for part in key.split(".") if key else []:
+def leaf_slot(tree, key: str) -> tuple:
+    """(container, index) of the leaf at a dotted key such as "layers.3.self_attn.q_proj.lora_a": a module or dict
+    and a name, or a list and a position; `container[index]` reads or replaces it."""
+    *path, last = key.split(".")
+    for part in path:
         tree = tree[int(part)] if isinstance(tree, list) else tree[part]
-    return tree
+    return tree, int(last) if isinstance(tree, list) else last
 
 
 class FlatUpdate:
@@ -84,11 +87,8 @@ class FlatUpdate:
         optimizer.init(model.trainable_parameters())  # the moments exist (zeros, or a resumed checkpoint's)
         # Where each array lives: its module and name, and its dict of moments in the optimizer's state. Both
         # containers outlive the compiled steps, which only replace the leaves in them.
-        parents = [k.rpartition(".") for k in vector.keys]
-        nodes = [_node(model, parent) for parent, _, _ in parents]  # a module, a dict or a list
-        self.slots = [(node, int(name) if isinstance(node, list) else name)
-                      for node, (_, _, name) in zip(nodes, parents)]
-        self.moments = [_node(optimizer.state, key) for key in vector.keys]
+        self.slots = [leaf_slot(model, key) for key in vector.keys]
+        self.moments = [slot[index] for slot, index in (leaf_slot(optimizer.state, key) for key in vector.keys)]
         names = sorted(self.moments[0])
         self.flat = copy.copy(optimizer)  # same hyperparameters and schedule; its state holds the vectors
         self.flat.state = {"step": optimizer.state["step"], "learning_rate": optimizer.state["learning_rate"],
@@ -107,9 +107,8 @@ class FlatUpdate:
                 return apply(grads, params)
             old = tree_map(lambda x: x, self.flat.state)  # the same arrays, in a tree the update won't touch
             new = apply(grads, params)
-            keep = lambda new, old: mx.where(healthy, new, old)  # noqa: E731
-            self.flat.state.update(tree_map(keep, self.flat.state, old))  # the same dict: compile tracks it
-            return keep(new, params)
+            self.flat.state.update(kept_where(healthy, self.flat.state, old))  # the same dict: compile tracks it
+            return kept_where(healthy, new, params)
 
         self._step = step
 

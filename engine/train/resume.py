@@ -12,6 +12,7 @@ from typing import Callable
 from engine.config.schema import Config
 from engine.train import run_folder
 from engine.train.errors import TrainingError
+from engine.train.flat_update import leaf_slot
 from engine.train.trainer_state import TrainerState
 
 
@@ -76,14 +77,8 @@ def continued_state(folder: Path, saved: TrainerState, cfg: Config, identity: di
 
 
 def _set_leaf(tree, path: str, value) -> None:
-    parts = path.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
+    container, index = leaf_slot(tree, path)
+    container[index] = value
 
 
 def _shown(value) -> str:

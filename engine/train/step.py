@@ -150,9 +150,8 @@ def build_guarded_update(model, optimizer):
         old_params = model.trainable_parameters()
         old_state = tree_map(lambda x: x, optimizer.state)  # the same arrays, in a tree the update won't touch
         optimizer.update(model, grads)
-        keep = lambda new, old: mx.where(healthy, new, old)  # noqa: E731
-        model.update(tree_map(keep, model.trainable_parameters(), old_params))
-        optimizer.state.update(tree_map(keep, optimizer.state, old_state))  # the same dict: compile tracks it
+        model.update(kept_where(healthy, model.trainable_parameters(), old_params))
+        optimizer.state.update(kept_where(healthy, optimizer.state, old_state))  # the same dict: compile tracks it
         return optimizer.state["step"]
 
     def apply(grads, healthy, *read_later) -> None:
@@ -160,6 +159,14 @@ def build_guarded_update(model, optimizer):
         mx.async_eval(model.trainable_parameters(), optimizer.state, healthy, *read_later)
 
     return apply
+
+
+def kept_where(healthy, new, old):
+    """`new` where `healthy` (a bool scalar) holds, else `old`, leaf by leaf (trees or single arrays): what a
+    guarded update leaves behind."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    return tree_map(lambda n, o: mx.where(healthy, n, o), new, old)
 
 
 def step_seed(seed: int, step: int) -> int:
