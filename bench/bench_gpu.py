@@ -15,10 +15,10 @@ On the lent GPU, after the set-up calls below: `python3 bench/bench_gpu.py [--gr
                 (engine/model/lora_cuda.py's kernels, CUDA);
                 BENCH_CE_CHUNK_BYTES=N the head's loss and gradient in chunks of N bytes of logits
                 (engine/train/losses.py; 0 = all at once, kept for the backward pass); BENCH_LOOK_AHEAD=0/1
-                reads each step before building the next (the default) / queues the next first with the guarded
-                update, as TrainingRun does with LORA_TUI_LOOK_AHEAD=1 (engine/train/step_queue.py);
+                reads each step before building the next / queues the next first with the guarded update
+                (engine/train/step_queue.py; default as TrainingRun: on CUDA with the flat update);
                 BENCH_TIMES=FILE writes the host's share of each look-ahead step there; BENCH_FLAT_UPDATE=0/1
-                the optimizer array by array / over one flat vector (engine/train/flat_update.py, off by default)
+                the optimizer array by array / over one flat vector (engine/train/flat_update.py, CUDA default)
   mlx-eager     the engine's step with gradient clipping and the optimizer update run op by op (not compiled)
   mlx-stock     neither limit nor engine/model/lean.py (plain autograd, no fused gate/up, float32 LoRA products)
   mlx+ckpt      the engine's step with gradient checkpointing (training.grad_checkpoint)
@@ -236,8 +236,8 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     weights_bytes = mx.get_active_memory()
     batch = random_batch()
 
-    queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"))
     vector = flat_parameters(model, optimizer) if compiled_update else None  # as TrainingRun does
+    queued = compiled_update and queued_steps(os.environ.get("BENCH_LOOK_AHEAD"), vector)
     with checkpointed_layers(model, ckpt):
         micro_step = build_micro_step(model, optimizer, vector)
         update = None if queued else FlatUpdate(model, optimizer, vector) if vector else build_update(model, optimizer)
@@ -294,13 +294,13 @@ def queued_step(model, optimizer, micro_step, batch, vector=None):
     return step
 
 
-def queued_steps(switch: str | None) -> bool:
-    """Whether the step queues the next before reading this one: as TrainingRun does (off unless
-    LORA_TUI_LOOK_AHEAD=1), or as BENCH_LOOK_AHEAD=0/1 says."""
+def queued_steps(switch: str | None, vector) -> bool:
+    """Whether the step queues the next before reading this one: as TrainingRun does (on CUDA with the flat
+    update, unless LORA_TUI_LOOK_AHEAD says), or as BENCH_LOOK_AHEAD=0/1 says."""
     from engine.train import step_queue
     if switch in ("0", "1"):
         step_queue.LOOK_AHEAD = switch == "1"
-    return step_queue.look_ahead_applies(True, None)
+    return step_queue.look_ahead_applies(True, None, vector)
 
 
 def timed_steps(step) -> tuple[float, float]:

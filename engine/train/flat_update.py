@@ -1,4 +1,4 @@
-"""The optimizer step over one flat vector of every trainable array, not array by array (off: FLAT_UPDATE).
+"""The optimizer step over one flat vector of every trainable array, not array by array (CUDA: FLAT_UPDATE).
 
 With LoRA on all seven linear layers of a 7B model the optimizer updates 448 small arrays (128 on q/v). Even
 compiled (step.build_update), each array gets its own kernels: the gradient's cast and scale, the clip, AdamW;
@@ -22,10 +22,11 @@ from functools import partial
 from engine.model.loading import cuda_default
 from engine.train.step import kept_where
 
-# Off until timed on a GPU, where it was written for (no device could be had in the session that wrote it);
-# None would mean on CUDA only. On this CPU (2 cores) the per-array update is faster (197 against 245 ms a step
-# for 448 arrays, bench/probe_update.py): the kernels cost little there and the concatenation is one more pass.
-FLAT_UPDATE: bool | None = False
+# None: on CUDA only. An H100's step end for 128 arrays took 1.7 ms against 7.8 array by array, and whole steps
+# ran 5-14% faster with look-ahead (bench/RESULTS.md, issue 22, fifteenth session). On a 2-core CPU the per-array
+# update is faster (197 against 245 ms for 448 arrays): its kernels cost little there, the concatenation is a pass.
+# Metal is not measured, so it keeps the per-array update.
+FLAT_UPDATE: bool | None = None
 
 
 class ParameterVector:

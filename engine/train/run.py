@@ -179,8 +179,8 @@ class TrainingRun:
             write_run_config(setup.run_dir, cfg, setup.config_kept_as)
         self.emit(self._started())
         objective = setup.objective  # None for SFT; KTO, DPO and ORPO have their own step
-        look_ahead = look_ahead_applies(self.world.alone, objective)
         vector = flat_vector(setup.model, setup.optimizer, objective)  # the gradients as one vector
+        look_ahead = look_ahead_applies(self.world.alone, objective, vector)
         micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
             objective.build(setup.optimizer)
         steps = StepQueue(cfg.training, setup.schedule, objective, micro_step, setup.model, setup.optimizer,
@@ -203,7 +203,7 @@ class TrainingRun:
                     status = "stopped"
                     break
                 queued = self._progress(steps.queue(state.step, None))
-            # With look-ahead (LORA_TUI_LOOK_AHEAD=1) the next step is queued before this one is read.
+            # With look-ahead (step_queue.py) the next step is queued before this one is read.
             ahead = self._progress(steps.queue(state.step + 1, queued.healthy)) \
                 if look_ahead and self._nothing_due(state.step + 1) else None
             loss_value, norm_value = queued.loss.item(), queued.norm.item()

@@ -9,8 +9,10 @@ applies only while every step so far was finite (`healthy`, sticky), so a diverg
 after it change nothing. It only looks ahead when nothing needs the weights between the two steps: no
 validation, checkpoint or stop due, no request from the UI, one rank, SFT.
 
-Off by default: a prototype gained 0.2-4% on an H100, but this code, timed on one, was 2-5% slower than
-reading each step first (bench/RESULTS.md, issue 22, twelfth session). LORA_TUI_LOOK_AHEAD=1 turns it on.
+On by default on CUDA, and there only with the flat update (flat_update.py), whose guard is a few element-wise ops
+in its one fused kernel. With the per-array update the guard is three more kernels an array, and look-ahead was
+2-5% slower than reading each step first (bench/RESULTS.md, issue 22, twelfth session); with the flat update it is
+5-14% faster than both on an H100 (fifteenth session). LORA_TUI_LOOK_AHEAD=1 or 0 forces it on or off.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from engine.model.loading import cuda_default
 from engine.train.flat_update import FlatUpdate, ParameterVector, flat_parameters
 from engine.train.step import accumulate_gradients, build_guarded_update, build_update, clip_gradients, step_seed
 
-# True/False; None would mean CUDA only. LORA_TUI_LOOK_AHEAD=1 turns it on for a process (off: measured slower).
-LOOK_AHEAD: bool | None = os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip() == "1"
+# None: on CUDA with the flat update only (the measured case); LORA_TUI_LOOK_AHEAD=1 or 0 forces it for a process.
+LOOK_AHEAD: bool | None = {"1": True, "0": False}.get(os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip())
 
 
 @dataclass
@@ -41,10 +43,11 @@ class QueuedStep:
     epoch: float = 0.0  # where in the data this step ends (epochs, fractional): set by the loop
 
 
-def look_ahead_applies(one_rank: bool, objective) -> bool:
+def look_ahead_applies(one_rank: bool, objective, vector: ParameterVector | None) -> bool:
     """Queue a step ahead only with one rank (a group's collectives read values every step) and SFT (the
-    preference objectives evaluate within their step)."""
-    return cuda_default(LOOK_AHEAD) and one_rank and objective is None
+    preference objectives evaluate within their step); by default only where the update is flat (`vector`)."""
+    wanted = cuda_default(LOOK_AHEAD) and (LOOK_AHEAD is not None or vector is not None)
+    return wanted and one_rank and objective is None
 
 
 def flat_vector(model, optimizer, objective) -> ParameterVector | None:
