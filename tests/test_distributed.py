@@ -37,12 +37,16 @@ def steps(run_dir: Path) -> list[dict]:
     return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == "Step"]
 
 
-def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_dir):
+@pytest.mark.parametrize("flat", ["0", "1"], ids=["per-array", "flat"])
+def test_two_ranks_follow_one_process_with_twice_the_batch(tmp_path, embedded_dir, flat):
+    """Also with the ranks' gradients summed as one vector and the optimizer over it (engine/train/flat_update.py,
+    the default on CUDA), against one process updating array by array."""
     one = subprocess.run([str(BIN / "lora-tui"), "--config", str(config(tmp_path, "one", 4, 6)), "train"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LORA_TUI_FLAT_UPDATE": "0"})
     assert one.returncode == 0, one.stderr
     two = subprocess.run(launch(config(tmp_path, "two", 2, 6)), cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env={**os.environ, "LORA_TUI_FLAT_UPDATE": flat})
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert "effective batch 4" in two.stdout and "x 2 ranks" in two.stdout
     # Both ranks share this machine's cores: each caps its BLAS threads (on 2 cores, uncapped OpenMP threads

@@ -72,7 +72,9 @@ def test_new_user_session(tmp_path, embedded_dir):
         term.wait_for("Base model", 30)
         # 1. edit a field (find it by name) and save
         term.type("iterations")
+        term.wait_for("iterations")  # in the search box: typed keys are read before Enter jumps
         term.keys("Enter")
+        term.wait_for("Optimizer steps to run")  # the training tab, the field focused: only now type into it
         term.type("5")
         term.wait_for("unsaved")
         term.keys("C-s")

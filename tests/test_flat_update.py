@@ -19,8 +19,8 @@ def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "tiny.jsonl", addition_chats(48, seed=0, system="Add."))
 
 
-def config(data, tmp_path, **training):
-    return tiny_config(tmp_path, data={"path": str(data)}, lora={"dropout": 0.1, "target_modules": SEVEN},
+def config(data, tmp_path, lora=(), **training):
+    return tiny_config(tmp_path, data={"path": str(data)}, lora={"dropout": 0.1, "target_modules": SEVEN, **dict(lora)},
                        training={"iterations": 6, "grad_accumulation": 2, "warmup_steps": 2, **training},
                        evaluation={"every_steps": 3, "val_batches": 2}, checkpoints={"every_steps": 3, "keep_last": 5})
 
@@ -30,8 +30,9 @@ def arrays(path) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
-@pytest.mark.parametrize("look_ahead", [False, True], ids=["read-first", "look-ahead"])
-def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedded_dir, look_ahead):
+@pytest.mark.parametrize("look_ahead, dora", [(False, False), (True, False), (True, True)],
+                         ids=["read-first", "look-ahead", "look-ahead-dora"])
+def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedded_dir, look_ahead, dora):
     from mlx.utils import tree_flatten
     runs, built = {}, []
     make = flat_update.FlatUpdate.__init__
@@ -42,7 +43,8 @@ def test_the_flat_update_trains_the_same_run(data, tmp_path, monkeypatch, embedd
         monkeypatch.setattr(flat_update, "FLAT_UPDATE", on)
         monkeypatch.setattr(step_queue, "LOOK_AHEAD", on and look_ahead)  # with it: the guarded flat update
         seen = []
-        run = TrainingRun(config(data, tmp_path / str(on), max_grad_norm=0.05), [seen.append])  # clips every step
+        cfg = config(data, tmp_path / str(on), {"use_dora": dora}, max_grad_norm=0.05)  # clips every step
+        run = TrainingRun(cfg, [seen.append])
         runs[on] = run, run.run()
         norms[on] = [e.grad_norm for e in seen if isinstance(e, ev.Step)]
     (_, a), (_, b) = runs[False], runs[True]
@@ -102,18 +104,22 @@ def test_the_vector_round_trips_and_applies_only_where_elementwise(monkeypatch):
 
 
 def test_by_default_the_update_is_flat_and_looks_ahead_on_cuda_only(monkeypatch):
-    """The measured case (an H100: 5-14% faster a step) and nowhere else: not on this CPU (measured slower), not
+    """The measured case (an H100: 5-14% faster a step) and nowhere else: not on a CPU (measured slower), not
     look-ahead with the per-array update (measured slower), not with several ranks or a preference objective."""
     import mlx.nn as nn
     import mlx.optimizers as optim
 
     from engine.model import loading
+    # What the modules hold is the environment's word, None (CUDA only) where it says nothing.
+    assert flat_update.FLAT_UPDATE is loading.env_switch("LORA_TUI_FLAT_UPDATE")
+    assert step_queue.LOOK_AHEAD is loading.env_switch("LORA_TUI_LOOK_AHEAD")
     model = nn.Linear(3, 5)
     monkeypatch.setattr(flat_update, "FLAT_UPDATE", None)
     monkeypatch.setattr(step_queue, "LOOK_AHEAD", None)
-    assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is None  # this CPU
+    monkeypatch.setattr(loading, "on_cuda", lambda: False)  # a CPU (or Metal), also where this runs on a GPU
+    assert flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1)) is None
     assert not step_queue.look_ahead_applies(True, None, None)
-    monkeypatch.setattr(loading, "on_cuda", lambda: True)  # as on an NVIDIA GPU (none here)
+    monkeypatch.setattr(loading, "on_cuda", lambda: True)  # as on an NVIDIA GPU
     vector = flat_update.flat_parameters(model, optim.AdamW(learning_rate=0.1))
     assert vector is not None and step_queue.look_ahead_applies(True, None, vector)
     assert not step_queue.look_ahead_applies(True, None, None)  # the per-array update
@@ -123,6 +129,34 @@ def test_by_default_the_update_is_flat_and_looks_ahead_on_cuda_only(monkeypatch)
     assert not step_queue.look_ahead_applies(True, None, vector)
     monkeypatch.setattr(step_queue, "LOOK_AHEAD", True)  # LORA_TUI_LOOK_AHEAD=1, also array by array
     assert step_queue.look_ahead_applies(True, None, None)
+
+
+@pytest.mark.parametrize("value, switch", [("", None), ("1", True), ("on", True), ("0", False), ("No", False),
+                                           ("maybe", None)])
+def test_the_environment_forces_a_speed_switch(monkeypatch, value, switch):
+    from engine.model.loading import env_switch
+    monkeypatch.setenv("LORA_TUI_FLAT_UPDATE", value)
+    assert env_switch("LORA_TUI_FLAT_UPDATE") is switch
+
+
+def test_a_run_on_cuda_defaults_builds_the_guarded_flat_update(data, tmp_path, monkeypatch, embedded_dir):
+    """TrainingRun hands the vector on, so look-ahead's default sees it: both switches at their defaults, read as
+    on CUDA would read them (only these two: the rest of the step stays this CPU's)."""
+    from engine.train import run as run_module
+    built = []
+
+    class Spy(step_queue.StepQueue):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self.look_ahead, type(self.update).__name__, getattr(self.update, "guarded", None)))
+    on_cuda = lambda switch: True if switch is None else switch  # noqa: E731
+    monkeypatch.setattr(flat_update, "FLAT_UPDATE", None)
+    monkeypatch.setattr(step_queue, "LOOK_AHEAD", None)
+    monkeypatch.setattr(flat_update, "cuda_default", on_cuda)
+    monkeypatch.setattr(step_queue, "cuda_default", on_cuda)
+    monkeypatch.setattr(run_module, "StepQueue", Spy)
+    result = TrainingRun(config(data, tmp_path, iterations=2)).run()
+    assert result.status == "finished" and built == [(True, "FlatUpdate", True)]
 
 
 def test_arrays_held_in_a_list_are_written_back():

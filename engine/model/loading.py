@@ -40,6 +40,13 @@ def cuda_default(switch: bool | None) -> bool:
     return on_cuda() if switch is None else switch
 
 
+def env_switch(name: str) -> bool | None:
+    """A speed switch from the environment: 1/true/on/yes forces it on, 0/false/off/no off; unset (or any other
+    value) leaves it None, the default that cuda_default reads as "on CUDA only"."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
+
+
 def expand_path(raw: str, field: str) -> Path:
     """`raw` with ~ expanded; a `~name` this machine has no user for is the user's mistake, not a crash."""
     try:

@@ -19,14 +19,14 @@ import copy
 import itertools
 from functools import partial
 
-from engine.model.loading import cuda_default
+from engine.model.loading import cuda_default, env_switch
 from engine.train.step import kept_where
 
 # None: on CUDA only. An H100's step end for 128 arrays took 1.7 ms against 7.8 array by array, and whole steps
 # ran 5-14% faster with look-ahead (bench/RESULTS.md, issue 22, fifteenth session). On a 2-core CPU the per-array
 # update is faster (197 against 245 ms for 448 arrays): its kernels cost little there, the concatenation is a pass.
-# Metal is not measured, so it keeps the per-array update.
-FLAT_UPDATE: bool | None = None
+# Metal is not measured, so it keeps the per-array update. LORA_TUI_FLAT_UPDATE=0 or 1 forces it for a process.
+FLAT_UPDATE: bool | None = env_switch("LORA_TUI_FLAT_UPDATE")
 
 
 class ParameterVector:

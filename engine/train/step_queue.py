@@ -18,17 +18,16 @@ in its one fused kernel. With the per-array update the guard is three more kerne
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.model.loading import cuda_default
+from engine.model.loading import cuda_default, env_switch
 from engine.train.flat_update import FlatUpdate, ParameterVector, flat_parameters
 from engine.train.step import accumulate_gradients, build_guarded_update, build_update, clip_gradients, step_seed
 
 # None: on CUDA with the flat update only (the measured case); LORA_TUI_LOOK_AHEAD=1 or 0 forces it for a process.
-LOOK_AHEAD: bool | None = {"1": True, "0": False}.get(os.environ.get("LORA_TUI_LOOK_AHEAD", "").strip())
+LOOK_AHEAD: bool | None = env_switch("LORA_TUI_LOOK_AHEAD")
 
 
 @dataclass
