@@ -16,14 +16,19 @@ def _type_name(t) -> str:
         t, "a list of strings")  # (data.path and data.columns say what they expect themselves)
 
 
+# The words a YAML value, a form or an environment switch (engine.model.loading.env_switch) may use for a bool.
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
 def coerce(spec: FieldSpec, value: Any) -> tuple[Any, str | None]:
     """Turn a YAML/form value into the field's type, or say why it cannot be."""
     t = spec.type
     if t is bool:
         if isinstance(value, bool):
             return value, None
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.strip().lower() in ("true", "yes", "on", "1"), None
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS, None
         return None, f"expected true or false, got {show_value(value)}"
     if t is int:
         if isinstance(value, bool):

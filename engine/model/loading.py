@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config.schema import ModelConfig
+from engine.config.validation import FALSE_WORDS, TRUE_WORDS
 from engine.model.embedded import EmbeddedModelError, import_embedded, is_embedded
 
 
@@ -44,7 +45,7 @@ def env_switch(name: str) -> bool | None:
     """A speed switch from the environment: 1/true/on/yes forces it on, 0/false/off/no off; unset (or any other
     value) leaves it None, the default that cuda_default reads as "on CUDA only"."""
     value = os.environ.get(name, "").strip().lower()
-    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
+    return True if value in TRUE_WORDS else False if value in FALSE_WORDS else None
 
 
 def expand_path(raw: str, field: str) -> Path:
