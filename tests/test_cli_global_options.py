@@ -155,8 +155,12 @@ def test_version_without_metadata_reads_pyproject(monkeypatch, capsys):
     from engine.cli.args import package_version
     from helpers import cli
 
-    def missing(name):
-        raise PackageNotFoundError(name)
+    found = importlib.metadata.version
+
+    def missing(name):  # only lora-tui's: a library imported meanwhile may look up its own (huggingface_hub does)
+        if name == "lora-tui":
+            raise PackageNotFoundError(name)
+        return found(name)
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert package_version() == pyproject_version()
     code, out, err = cli(capsys, "--version")
