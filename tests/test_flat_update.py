@@ -133,10 +133,13 @@ def test_by_default_the_update_is_flat_and_looks_ahead_on_cuda_only(monkeypatch)
 
 @pytest.mark.parametrize("value, switch", [("", None), ("1", True), ("on", True), ("0", False), ("No", False),
                                            ("maybe", None)])
-def test_the_environment_forces_a_speed_switch(monkeypatch, value, switch):
+def test_the_environment_forces_a_speed_switch(monkeypatch, capsys, value, switch):
     from engine.model.loading import env_switch
     monkeypatch.setenv("LORA_TUI_FLAT_UPDATE", value)
     assert env_switch("LORA_TUI_FLAT_UPDATE") is switch
+    said = capsys.readouterr().err
+    # Only a word that is neither on nor off is reported, on one line naming the variable.
+    assert ("LORA_TUI_FLAT_UPDATE='maybe'" in said and said.count("\n") == 1) if value == "maybe" else said == ""
 
 
 def test_a_run_on_cuda_defaults_builds_the_guarded_flat_update(data, tmp_path, monkeypatch, embedded_dir):
