@@ -16,7 +16,8 @@ word-level tokenizer over the vocabulary), so each text row of 2,048 words is 2,
 first three (what the app shows), and its whole steady stretch (tokens from step 4 to the last over the wall
 time between those lines, so checkpoint saves and logging are counted). The target: within 5% of the bench.
 
-On a CPU, BENCH_GPU_SMOKE=1 runs the tiny shape (bench_gpu.py's) to check the plumbing.
+On a CPU, BENCH_GPU_SMOKE=1 runs the tiny shape (bench_gpu.py's) to check the plumbing. BENCH_TIMES=FILE writes
+the host's share of each step to FILE, the bench's (bench_gpu.queued_step) and lora-tui's (e2e_host_times.py).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, c
 
 def run_lora_tui(config: Path) -> dict:
     """The headless command, its stdout read line by line with arrival times."""
-    cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from tui.cli import main; "
+    cmd = [sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); from tui.cli import main; "
+           "os.environ.get('BENCH_TIMES') and __import__('bench.e2e_host_times').e2e_host_times.install(); "
            "main(sys.argv[2:])", str(ROOT), "--config", str(config), "train"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
