@@ -52,13 +52,14 @@ def write_data(folder: Path, rows: int) -> Path:
     return path
 
 
-def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, ckpt: bool, every: int) -> Path:
+def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, ckpt: bool, every: int,
+                 memory_limit_gb: float = 0.0) -> Path:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["model"].update(name=str(model), dtype="bfloat16", max_seq_length=bench_gpu.SEQ + 1)
     cfg["lora"].update(rank=16, alpha=32.0, dropout=0.05, target_modules=bench_gpu.TARGETS[targets], num_layers=-1)
     cfg["training"].update(epochs=1, iterations=steps, batch_size=bench_gpu.BATCH, grad_accumulation=1,
                            learning_rate=1e-4, lr_schedule="constant", warmup_steps=0, weight_decay=0.01,
-                           max_grad_norm=1.0, grad_checkpoint=ckpt, seed=0)
+                           max_grad_norm=1.0, grad_checkpoint=ckpt, seed=0, memory_limit_gb=memory_limit_gb)
     cfg["data"].update(path=str(data), validation_split=0.0, train_labels=[], shuffle=True)
     cfg["evaluation"].update(every_steps=0, heldout_path="", sample_prompts=[])
     cfg["checkpoints"].update(every_steps=every, keep_last=3)
@@ -100,13 +101,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=110)
     ap.add_argument("--every", type=int, default=100, help="checkpoints.every_steps (config.yaml: 100)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate bench / lora-tui this many times")
+    ap.add_argument("--memory-limit-gb", type=float, default=0.0,
+                    help="lora-tui's training.memory_limit_gb (0: from its estimate, as the bench step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, made_s = bench_gpu.peers.ensure_checkpoint()
     print(f"checkpoint {model} ({made_s:.0f} s to write)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="e2e-"))
     data = write_data(tmp / "data", args.steps * bench_gpu.BATCH)
-    config = write_config(tmp, model, data, args.steps, args.targets, args.ckpt, args.every)
+    config = write_config(tmp, model, data, args.steps, args.targets, args.ckpt, args.every, args.memory_limit_gb)
     name = bench_gpu.row_name("mlx+ckpt" if args.ckpt else "mlx", args.targets)
     rounds = []
     for r in range(args.rounds):
