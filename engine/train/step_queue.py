@@ -77,8 +77,6 @@ class StepQueue:
 
         from engine.train.losses import loss_inputs
         queued_at, t, world = time.perf_counter(), self.t, self.world
-        with mx.stream(mx.cpu):  # on the GPU's stream this scalar would wait for the step in flight
-            lr = float(self.schedule(mx.array(index)))
         # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
         # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
         mx.random.seed(step_seed(t.seed, index))
@@ -106,4 +104,8 @@ class StepQueue:
             healthy = mx.array(finite)
             if finite:
                 self.update(grads)
+        # The logged learning rate, read last: any eval waits while MLX is over its memory limit, which with the
+        # step before still in flight would hold this step's graph back until that one is nearly done.
+        with mx.stream(mx.cpu):  # on the GPU's stream this scalar would wait for the step in flight
+            lr = float(self.schedule(mx.array(index)))
         return QueuedStep(loss, norm, healthy, real, lr, sums, queued_at)
