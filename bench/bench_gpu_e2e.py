@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternate bench / lora-tui this many times")
     ap.add_argument("--memory-limit-gb", type=float, default=0.0,
                     help="lora-tui's training.memory_limit_gb (0: from its estimate, as the bench step)")
+    ap.add_argument("--lora-tui-first", action="store_true", help="each round runs lora-tui before the bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, made_s = bench_gpu.peers.ensure_checkpoint()
@@ -113,10 +114,14 @@ def main() -> None:
     name = bench_gpu.row_name("mlx+ckpt" if args.ckpt else "mlx", args.targets)
     rounds = []
     for r in range(args.rounds):
+        if args.lora_tui_first:  # where the device time may run out: the app's figure first
+            e2e = run_lora_tui(config)
+            print(f"round {r + 1} lora-tui {e2e}", flush=True)
         bench = bench_gpu.run_child(name, 0.05, timeout=600)
         print(f"round {r + 1} bench    {bench}", flush=True)
-        e2e = run_lora_tui(config)
-        print(f"round {r + 1} lora-tui {e2e}", flush=True)
+        if not args.lora_tui_first:
+            e2e = run_lora_tui(config)
+            print(f"round {r + 1} lora-tui {e2e}", flush=True)
         rounds.append({"bench": bench, "lora_tui": e2e})
     ok = [x for x in rounds if "tokens_per_s" in x["bench"] and "tokens_per_s" in x["lora_tui"]]
     summary = {"date": time.strftime("%Y-%m-%d"), "versions": bench_gpu.versions(), "targets": args.targets,
