@@ -6,5 +6,5 @@ source .g2/stage2.sh > /dev/null || exit 1
 export PYTHONUNBUFFERED=1
 for limit in ${LIMITS:-0 70}; do
   BENCH_TIMES=$OUT/host_times_$limit.txt timeout 280 python3 bench/bench_gpu_e2e.py --targets ${1:-all} --steps 40 \
-    --every 1000 --memory-limit-gb $limit $E2E_ARGS --out $OUT/limit$limit 2>&1 | grep -v "^round" | tail -2
+    --every 1000 --memory-limit-gb $limit $E2E_ARGS --out $OUT/limit$limit 2>&1 | tee $OUT/e2e_$limit.log | grep -v "^round" | tail -2
 done
