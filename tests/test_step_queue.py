@@ -83,6 +83,26 @@ def test_look_ahead_trains_the_same_run(data, tmp_path, look_ahead, embedded_dir
             np.testing.assert_allclose(np.array(wy[k]), np.array(wx[k]), rtol=1e-5, atol=1e-7)
 
 
+def test_the_logged_learning_rate_is_read_after_the_step_is_queued(data, tmp_path, look_ahead, embedded_dir,
+                                                                   monkeypatch):
+    """Reading it is an eval, and MLX holds any eval back while it is over its memory limit: read before the
+    step's graph is built, on a GPU it waited for the step in flight, then left the device idle while Python
+    built the next one (bench/RESULTS.md, issue 22, sixteenth session: lora-tui train 0.93x the bench step)."""
+    order, init = [], step_queue.StepQueue.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        update, schedule = self.update, self.schedule
+        self.update = lambda *a: order.append("queued") or update(*a)
+        self.schedule = lambda i: order.append("lr read") or schedule(i)
+    monkeypatch.setattr(step_queue.StepQueue, "__init__", recording)
+    look_ahead(True)
+    cfg = config(data, tmp_path, iterations=3)
+    cfg.evaluation.every_steps = cfg.checkpoints.every_steps = 0
+    result = TrainingRun(cfg).run()
+    assert result.status == "finished" and order == ["queued", "lr read"] * 3
+
+
 def test_a_save_pause_or_stop_lands_on_a_step_whose_weights_it_holds(data, tmp_path, look_ahead, embedded_dir):
     import mlx.core as mx
 
