@@ -73,7 +73,8 @@ def write_config(tmp: Path, model: Path, data: Path, steps: int, targets: str, c
 def run_lora_tui(config: Path) -> dict:
     """The headless command, its stdout read line by line with arrival times."""
     cmd = [sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); from tui.cli import main; "
-           "os.environ.get('BENCH_TIMES') and __import__('bench.e2e_host_times').e2e_host_times.install(); "
+           "os.environ.get('BENCH_TIMES') and (sys.path.insert(0, sys.argv[1] + '/bench') or "
+           "__import__('e2e_host_times').install()); "
            "main(sys.argv[2:])", str(ROOT), "--config", str(config), "train"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

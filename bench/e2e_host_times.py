@@ -1,8 +1,8 @@
-"""Times the host's share of each step inside `lora-tui train` (bench_gpu_e2e.py --host-times), to find where the
-end-to-end run loses to the bench step. Wraps StepQueue.queue (the whole graph build and async_eval of a step) and
-the batch it collates, and writes one line a step to $BENCH_TIMES: wall and thread CPU time of each, and the garbage
-collector's time since the line before (BENCH_GC_FREEZE=1: gc.freeze() once the first step is queued). A queue whose
-wall time is far above its CPU time waited for the device: the look-ahead overlap is lost there."""
+"""Times the host's share of each step inside `lora-tui train` (bench_gpu_e2e.py with BENCH_TIMES set), to find
+where the end-to-end run loses to the bench step. Wraps StepQueue.queue (the whole graph build and async_eval of a
+step) and the batch it collates, and writes one line a step to $BENCH_TIMES: wall and thread CPU time of each, and
+the garbage collector's time since the line before (BENCH_GC_FREEZE=1: gc.freeze() once the first step is queued).
+A queue whose wall time is far above its CPU time waited for the device: the look-ahead overlap is lost there."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine import protocol as ev
+from engine.model import loading
 from engine.train import flat_update, step_queue
 from engine.train.checkpoints import CheckpointStore
 from engine.train.run import TrainingRun
@@ -109,7 +110,6 @@ def test_by_default_the_update_is_flat_and_looks_ahead_on_cuda_only(monkeypatch)
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from engine.model import loading
     # What the modules hold is the environment's word, None (CUDA only) where it says nothing.
     assert flat_update.FLAT_UPDATE is loading.env_switch("LORA_TUI_FLAT_UPDATE")
     assert step_queue.LOOK_AHEAD is loading.env_switch("LORA_TUI_LOOK_AHEAD")
@@ -133,13 +133,14 @@ def test_by_default_the_update_is_flat_and_looks_ahead_on_cuda_only(monkeypatch)
 
 @pytest.mark.parametrize("value, switch", [("", None), ("1", True), ("on", True), ("0", False), ("No", False),
                                            ("maybe", None)])
-def test_the_environment_forces_a_speed_switch(monkeypatch, capsys, value, switch):
-    from engine.model.loading import env_switch
+def test_the_environment_forces_a_speed_switch(monkeypatch, value, switch):
+    monkeypatch.setattr(loading, "SWITCH_WARNINGS", [])
     monkeypatch.setenv("LORA_TUI_FLAT_UPDATE", value)
-    assert env_switch("LORA_TUI_FLAT_UPDATE") is switch
-    said = capsys.readouterr().err
-    # Only a word that is neither on nor off is reported, on one line naming the variable.
-    assert ("LORA_TUI_FLAT_UPDATE='maybe'" in said and said.count("\n") == 1) if value == "maybe" else said == ""
+    assert loading.env_switch("LORA_TUI_FLAT_UPDATE") is switch
+    # Only a word that is neither on nor off is kept, for each run to warn about (see the test below).
+    assert loading.SWITCH_WARNINGS == ([] if value != "maybe" else [
+        "LORA_TUI_FLAT_UPDATE='maybe' is neither on (1, true, on, yes) nor off (0, false, off, no): it is left at its "
+        "default"])
 
 
 def test_a_run_on_cuda_defaults_builds_the_guarded_flat_update(data, tmp_path, monkeypatch, embedded_dir):
@@ -158,8 +159,14 @@ def test_a_run_on_cuda_defaults_builds_the_guarded_flat_update(data, tmp_path, m
     monkeypatch.setattr(flat_update, "cuda_default", on_cuda)
     monkeypatch.setattr(step_queue, "cuda_default", on_cuda)
     monkeypatch.setattr(run_module, "StepQueue", Spy)
-    result = TrainingRun(config(data, tmp_path, iterations=2)).run()
+    # A switch misspelt in the environment reaches the run's warnings (the app shows them; stderr it does not).
+    monkeypatch.setattr(loading, "SWITCH_WARNINGS", [])
+    monkeypatch.setenv("LORA_TUI_LOOK_AHEAD", "sometimes")
+    loading.env_switch("LORA_TUI_LOOK_AHEAD")
+    seen = []
+    result = TrainingRun(config(data, tmp_path, iterations=2), [seen.append]).run()
     assert result.status == "finished" and built == [(True, "FlatUpdate", True)]
+    assert any("LORA_TUI_LOOK_AHEAD='sometimes'" in e.message for e in seen if isinstance(e, ev.Warning))
 
 
 def test_arrays_held_in_a_list_are_written_back():

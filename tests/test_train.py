@@ -205,6 +205,21 @@ def test_schedule_warmup_then_cosine():
     assert lrs[-1] < 1e-4 and math.isfinite(lrs[-1])
 
 
+@pytest.mark.parametrize("kind, warmup, total", [("cosine", 4, 20), ("linear", 3, 9), ("constant", 2, 5),
+                                                  ("cosine", 0, 7), ("linear", 5, 1), ("constant", 0, 3)])
+def test_the_logged_rates_table_equals_the_schedule_step_by_step(kind, warmup, total):
+    """schedule.step_rates: the log's table, made in one go, is the rate the optimizer uses at each step."""
+    import mlx.core as mx
+    from engine.train.schedule import build_schedule, step_rates
+    cfg = Config()
+    cfg.training.learning_rate, cfg.training.warmup_steps, cfg.training.lr_schedule = 1e-3, warmup, kind
+    cfg.training.min_lr_ratio = 0.1
+    schedule = build_schedule(cfg, total)
+    rates = step_rates(schedule, total)
+    assert rates.shape == (total,)
+    assert rates.tolist() == pytest.approx([float(schedule(mx.array(i))) for i in range(total)], rel=1e-6)
+
+
 def test_compiled_update_and_clip_equal_the_step_by_step_ones():
     # The training loop runs the optimizer update and the gradient clipping compiled (fused kernels).
     import mlx.core as mx

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,14 +41,19 @@ def cuda_default(switch: bool | None) -> bool:
     return on_cuda() if switch is None else switch
 
 
+# What env_switch could not read, for each run to warn about (the modules read their switches once, at import,
+# where the app's stderr is not on screen).
+SWITCH_WARNINGS: list[str] = []
+
+
 def env_switch(name: str) -> bool | None:
     """A speed switch from the environment: 1/true/on/yes forces it on, 0/false/off/no off; unset leaves it None,
-    the default that cuda_default reads as "on CUDA only". Any other word also leaves the default, but says so:
-    a misspelt switch must not look like a measured setting."""
+    the default that cuda_default reads as "on CUDA only". Any other word also leaves the default, but says so
+    (SWITCH_WARNINGS): a misspelt switch must not look like a measured setting."""
     value = os.environ.get(name, "").strip().lower()
     if value and value not in TRUE_WORDS + FALSE_WORDS:
-        print(f"lora-tui: {name}={value!r} is neither on (1, true, on, yes) nor off (0, false, off, no); "
-              "using the default", file=sys.stderr)
+        SWITCH_WARNINGS.append(f"{name}={value!r} is neither on (1, true, on, yes) nor off (0, false, off, no): "
+                               "it is left at its default")
     return True if value in TRUE_WORDS else False if value in FALSE_WORDS else None
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from engine import protocol as ev
 from engine.config.schema import Config
 from engine.config.validation import check_against_total, run_name_problem
+from engine.model import loading
 from engine.train import run_folder
 from engine.train.batches import epoch_batches, steps_per_epoch
 from engine.train.checkpoints import STATE_FILE, CheckpointError, CheckpointStore
@@ -20,12 +21,13 @@ from engine.train.control import RunControl
 from engine.train.distributed import World
 from engine.train.errors import StoppedEarly, TrainingError
 from engine.train.resume import check_same_run, continued_state, load_checkpoint_weights
-from engine.train.schedule import build_optimizer, build_schedule
+from engine.train.schedule import build_optimizer, build_schedule, step_rates
 from engine.train.trainer_state import TrainerState, find_resume
 
 if TYPE_CHECKING:
     import mlx.nn as nn
     import mlx.optimizers as optim
+    import numpy as np
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     from engine.blas import BlasInfo
@@ -50,7 +52,7 @@ class Prepared:
     global_batch: int  # rows per micro-step over all ranks
     steps_per_epoch: int
     total_steps: int
-    schedule: Callable
+    rates: np.ndarray  # each step's learning rate, for the log (schedule.step_rates)
     optimizer: optim.Optimizer
     trainable: int
     total_params: int
@@ -139,7 +141,7 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
     identity = run_folder.run_identity(cfg, data, world.size)
     if resume is not None:
         check_same_run(*resume, identity, warn)
-    for w in data.report.warnings:
+    for w in data.report.warnings + loading.SWITCH_WARNINGS:
         warn(w)
 
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
@@ -174,9 +176,9 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
     setup = Prepared(run_dir=run_dir, store=store, model=model, tokenizer=tokenizer, info=info,
                      adapter_config=adapter_config, data=data, pad_id=pad_id, lengths=lengths,
                      global_batch=global_batch, steps_per_epoch=per_epoch, total_steps=total_steps,
-                     schedule=schedule, optimizer=optimizer, trainable=trainable, total_params=total_count(model),
-                     blas=blas.active(), memory_estimate=estimate, config_kept_as=kept_as,
-                     objective=objective, world=world)
+                     rates=step_rates(schedule, total_steps), optimizer=optimizer, trainable=trainable,
+                     total_params=total_count(model), blas=blas.active(), memory_estimate=estimate,
+                     config_kept_as=kept_as, objective=objective, world=world)
     return setup, state
 
 

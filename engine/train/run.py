@@ -183,7 +183,7 @@ class TrainingRun:
         look_ahead = look_ahead_applies(self.world.alone, objective, vector)
         micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
             objective.build(setup.optimizer)
-        steps = StepQueue(cfg.training, setup.schedule, objective, micro_step, setup.model, setup.optimizer,
+        steps = StepQueue(cfg.training, setup.rates, objective, micro_step, setup.model, setup.optimizer,
                           self.world, self._next_batch, self._next_rows, look_ahead, vector)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0

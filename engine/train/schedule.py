@@ -24,6 +24,16 @@ def build_schedule(cfg: Config, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(lr / (warm + 1), lr, warm), decay], [warm])
 
 
+def step_rates(schedule, total_steps: int):
+    """Every step's learning rate (float32, for the log), computed once before training. Read step by step, each
+    would be an eval, and MLX holds any eval back while it is over its memory limit: with the next step queued
+    ahead on a GPU, until the step in flight is nearly done (bench/RESULTS.md, issue 22, sixteenth session)."""
+    import mlx.core as mx
+    import numpy as np
+    with mx.stream(mx.cpu):  # one small graph on the CPU, whatever the device
+        return np.array(mx.broadcast_to(schedule(mx.arange(total_steps)), (total_steps,)))
+
+
 def build_optimizer(cfg: Config, schedule):
     """AdamW as PyTorch and Hugging Face define it (by default): MLX's own default skips the bias
     correction, which makes the first steps several times larger at the same learning rate (x3.2 at

@@ -58,11 +58,12 @@ def flat_vector(model, optimizer, objective) -> ParameterVector | None:
 class StepQueue:
     """Builds optimizer steps and queues them on the device; the loop reads each one's QueuedStep later."""
 
-    def __init__(self, training, schedule, objective, micro_step, model, optimizer, world,
+    def __init__(self, training, rates, objective, micro_step, model, optimizer, world,
                  next_batch: Callable[[], tuple], next_rows: Callable[[], list], look_ahead: bool, vector=None):
-        """`vector`: the flat_update.ParameterVector the micro step's gradients come in, if any; with it the
+        """`rates`: each step's learning rate for the log (schedule.step_rates: no eval in the loop for it).
+        `vector`: the flat_update.ParameterVector the micro step's gradients come in, if any; with it the
         update runs over one vector (flat_update.FlatUpdate)."""
-        self.t, self.schedule, self.objective, self.world = training, schedule, objective, world
+        self.t, self.rates, self.objective, self.world = training, rates, objective, world
         self.micro_step, self.look_ahead = micro_step, look_ahead
         if vector is not None:
             self.update = FlatUpdate(model, optimizer, vector, guarded=look_ahead)
@@ -104,8 +105,5 @@ class StepQueue:
             healthy = mx.array(finite)
             if finite:
                 self.update(grads)
-        # The logged learning rate, read last: any eval waits while MLX is over its memory limit, which with the
-        # step before still in flight would hold this step's graph back until that one is nearly done.
-        with mx.stream(mx.cpu):  # on the GPU's stream this scalar would wait for the step in flight
-            lr = float(self.schedule(mx.array(index)))
+        lr = float(self.rates[min(index, len(self.rates) - 1)])
         return QueuedStep(loss, norm, healthy, real, lr, sums, queued_at)
