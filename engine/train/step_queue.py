@@ -105,5 +105,5 @@ class StepQueue:
             healthy = mx.array(finite)
             if finite:
                 self.update(grads)
-        lr = float(self.rates[min(index, len(self.rates) - 1)])
+        lr = float(self.rates[index])  # the loop queues only steps below total_steps, the table's length
         return QueuedStep(loss, norm, healthy, real, lr, sums, queued_at)
