@@ -92,6 +92,9 @@ BATCH, SEQ, WARMUP, TIMED = 2, 2048, 3, 10
 if os.environ.get("BENCH_GPU_SMOKE"):  # a tiny shape, to check the script on a CPU before spending GPU time
     SHAPE = dict(hidden=256, layers=2, mlp=512, heads=4, kv_heads=2, vocab=1024, head_dim=64)
     BATCH, SEQ, WARMUP, TIMED = 2, 64, 1, 2
+# BENCH_TIMED: a longer timed stretch, as long as the one it is compared with (bench_gpu_e2e.py --same-window): a
+# GPU under its power cap slows after its first seconds of load, which a 10-step stretch barely sees.
+TIMED = int(os.environ.get("BENCH_TIMED", TIMED))
 TARGETS = {"qv": ["q_proj", "v_proj"],  # LoRA on q/v (the seed's), or on all seven linear layers of a block
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 sys.modules.setdefault("bench_gpu", sys.modules[__name__])  # run as a script: bench_gpu_peers imports from here

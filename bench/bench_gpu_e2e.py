@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def run_lora_tui(config: Path) -> dict:
     cmd = [sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); from tui.cli import main; "
            "os.environ.get('BENCH_TIMES') and (sys.path.insert(0, sys.argv[1] + '/bench') or "
            "__import__('e2e_host_times').install()); "
-           "main(sys.argv[2:])", str(ROOT), "--config", str(config), "train"]
+           "main(sys.argv[2:])", str(ROOT), "--config", str(config), "train",
+           "--overwrite"]  # the next round reuses the run folder
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     steps, tail = [], []
@@ -105,8 +107,12 @@ def main() -> None:
     ap.add_argument("--memory-limit-gb", type=float, default=0.0,
                     help="lora-tui's training.memory_limit_gb (0: from its estimate, as the bench step)")
     ap.add_argument("--lora-tui-first", action="store_true", help="each round runs lora-tui before the bench")
+    ap.add_argument("--same-window", action="store_true",
+                    help="the bench times as many steps as lora-tui's steady stretch (steps - 3), not 10")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.same_window:  # read by the bench's child process (bench_gpu.TIMED)
+        os.environ["BENCH_TIMED"] = str(args.steps - SKIP)
     model, made_s = bench_gpu.peers.ensure_checkpoint()
     print(f"checkpoint {model} ({made_s:.0f} s to write)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="e2e-"))
