@@ -222,8 +222,9 @@ def test_a_finite_step_queued_behind_a_diverged_one_changes_nothing():
     batches = iter([np.full((2, 3), x, dtype=np.float32) for x in (1.0, np.nan, 2.0, 3.0)])
 
     def next_batch():
+        from engine.train.losses import loss_inputs
         x = next(batches)
-        return x, np.ones_like(x), np.ones(x.shape, dtype=bool), x.size
+        return loss_inputs(x, np.ones_like(x), np.ones(x.shape, dtype=bool)), x.size
     steps = StepQueue(cfg.training, step_rates(schedule, 10), None, micro_step, model, optimizer, World(0, 1),
                       next_batch, None, look_ahead=True)
     start = state_of(model, optimizer)

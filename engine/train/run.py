@@ -20,7 +20,7 @@ from engine import protocol as ev
 from engine.config.schema import Config
 from engine.model.memory import memory_stats
 from engine.train import run_folder
-from engine.train.batches import collate, epoch_batches
+from engine.train.batch_feed import BatchFeed, chunks_apply
 from engine.train.checkpoints import CheckpointError
 from engine.train.control import RunControl
 from engine.train.distributed import DistributedError, World
@@ -153,26 +153,6 @@ class TrainingRun:
 
     # ------------------------------------------------------------ the loop
 
-    def _next_rows(self) -> list[int]:
-        """This rank's rows of the next global batch (a new epoch's order when this one is done)."""
-        cfg, setup, state = self.cfg, self.setup, self.state
-        if state.pos >= len(state.order):
-            state.epoch += 1
-            state.pos = 0
-            state.order = epoch_batches(setup.lengths, setup.global_batch, cfg.training.seed, state.epoch,
-                                        cfg.data.shuffle)
-        state.pos += 1
-        return self.world.share(state.order[state.pos - 1])
-
-    def _next_batch(self):
-        cfg, setup, state = self.cfg, self.setup, self.state
-        mine = self._next_rows()
-        if not mine:  # a short last batch with fewer rows than ranks: this rank adds nothing
-            inputs, targets, mask, _ = collate([setup.data.train[state.order[state.pos - 1][0]]], setup.pad_id,
-                                               cfg.model.max_seq_length)
-            return inputs, targets, mask & False, 0
-        return collate([setup.data.train[i] for i in mine], setup.pad_id, cfg.model.max_seq_length)
-
     def _train(self) -> RunResult:
         cfg, setup, state = self.cfg, self.setup, self.state
         if self.world.is_main:
@@ -183,8 +163,10 @@ class TrainingRun:
         look_ahead = look_ahead_applies(self.world.alone, objective, vector)
         micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
             objective.build(setup.optimizer)
+        feed = BatchFeed(setup, state, self.world, cfg.training.seed, cfg.data.shuffle, cfg.model.max_seq_length,
+                         chunked=objective is None and chunks_apply(look_ahead))
         steps = StepQueue(cfg.training, setup.rates, objective, micro_step, setup.model, setup.optimizer,
-                          self.world, self._next_batch, self._next_rows, look_ahead, vector)
+                          self.world, feed.next_batch, feed.next_rows, look_ahead, vector)
         start = time.perf_counter()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         rate = None

@@ -61,6 +61,7 @@ class StepQueue:
     def __init__(self, training, rates, objective, micro_step, model, optimizer, world,
                  next_batch: Callable[[], tuple], next_rows: Callable[[], list], look_ahead: bool, vector=None):
         """`rates`: each step's learning rate for the log (schedule.step_rates: no eval in the loop for it).
+        `next_batch()`: the next micro-batch's losses.loss_inputs arrays and trained tokens (batch_feed.BatchFeed).
         `vector`: the flat_update.ParameterVector the micro step's gradients come in, if any; with it the
         update runs over one vector (flat_update.FlatUpdate)."""
         self.t, self.rates, self.objective, self.world = training, rates, objective, world
@@ -76,7 +77,6 @@ class StepQueue:
         (the previous step's flag, or None) and nothing waits; without, the loss and norm are read first."""
         import mlx.core as mx
 
-        from engine.train.losses import loss_inputs
         queued_at, t, world = time.perf_counter(), self.t, self.world
         # Dropout's RNG is a pure function of (seed, step): a resumed run draws the same masks without
         # saving the key (MLX's per-thread RNG state cannot be set from a saved key).
@@ -86,9 +86,9 @@ class StepQueue:
             def micro_batches():
                 nonlocal real
                 for _ in range(t.grad_accumulation):
-                    inputs, targets, mask, n_real = self.next_batch()
+                    arrays, n_real = self.next_batch()  # losses.loss_inputs (batch_feed.py)
                     real += n_real
-                    yield loss_inputs(inputs, targets, mask)
+                    yield arrays
             grads, loss = accumulate_gradients(self.micro_step, micro_batches(), world)
         else:
             grads, loss, sums, real = self.objective.step([self.next_rows() for _ in range(t.grad_accumulation)],

@@ -3,20 +3,21 @@
 seventeenth sessions): one process, one model (loaded by TrainingRun's own prepare), one memory limit, and the
 step taken four ways, alternating, so that the GPU's drift between calls cannot decide it:
 
-  bench-loop   bench_gpu.queued_step on TrainingRun's model and optimizer, one fixed batch from the run's data
-  queue-fixed  engine StepQueue (look-ahead, rate table) with that same fixed batch every step
-  queue-data   StepQueue with the run's own batches (TrainingRun._next_batch: collate + loss_inputs each step)
-  lora-tui     TrainingRun's own loop (events, the step line, the run log), the compiled step reused
-With --more, three more, each StepQueue with the fixed batch:
-  queue-device  the batch's MLX arrays made once (as the bench's): no host-made array per step
-  queue-chunk   every step's batch in one host-made array, uploaded once; each step takes views into it
+  bench-loop    bench_gpu.queued_step on TrainingRun's model and optimizer, one batch of the run's data made once
+  queue-fixed   engine StepQueue (look-ahead, rate table) with that batch's arrays made from host data each step,
+                as lora-tui did before engine/train/batch_feed.py
+  queue-data    StepQueue fed by BatchFeed unchunked: the run's own batches, collated and made each step
+  queue-feed    StepQueue fed by BatchFeed chunked (its CUDA default): views into one upload per 32 batches
+  lora-tui      TrainingRun's own loop (events, the step line, the run log), the compiled step reused
+With --more, four more, each StepQueue with the fixed batch:
+  queue-device  the arrays made once (as the bench's): no host-made array per step
   queue-noseed  host-made arrays each step, but no mx.random.seed per step
-  queue-held    host-made arrays each step, each kept alive to the end of the stretch (never freed mid-run)
+  queue-held    host-made arrays each step, each kept alive to the end (never freed mid-run)
   queue-packed  each step's four arrays made as one host array (views into it): a quarter of the allocations
-Why the last: MLX's CUDA allocator puts a host-made array in managed memory; freed, it goes to the buffer cache,
-and when the cache is trimmed (a cache miss over the memory limit, as during every step here) cudaFree
-synchronizes the whole device, so the GPU drains while the host is still encoding the next step. queue-held
-equal to queue-device would say the frees cost; equal to queue-fixed, the allocations.
+Why: MLX's CUDA allocator puts a host-made array in managed memory; freed, it goes to the buffer cache, and when
+the cache is trimmed (a cache miss over the memory limit, as during every step here) cudaFree synchronizes the
+whole device, so the GPU drains while the host is still encoding the next step. queue-held equal to queue-device
+would say the frees cost; equal to queue-fixed, the allocations.
 
   python3 bench/gpu/session17/e2e_bisect.py [--targets all] [--steps 30] [--rounds 2] --out $OUT
 
@@ -64,7 +65,7 @@ def step_queue_loop(run, micro, vector, next_batch):
     from engine.train.step_queue import StepQueue
     setup = run.setup
     queue = StepQueue(run.cfg.training, setup.rates, None, micro, setup.model, setup.optimizer, run.world,
-                      next_batch, run._next_rows, True, vector)
+                      next_batch, None, True, vector)
     state = {"queued": None}
 
     def step(i):
@@ -76,52 +77,42 @@ def step_queue_loop(run, micro, vector, next_batch):
     return step
 
 
-def more_variants(run, micro, vector, fixed_np, fixed, steps: int) -> list:
+def feed(run, chunked: bool):
+    from engine.train.batch_feed import BatchFeed
+    cfg = run.cfg
+    return BatchFeed(run.setup, run.state, run.world, cfg.training.seed, cfg.data.shuffle, cfg.model.max_seq_length,
+                     chunked=chunked)
+
+
+def more_variants(run, micro, vector, host, fixed, tokens, steps: int) -> list:
     import mlx.core as mx
     import numpy as np
 
-    from engine.train import losses
-    kept, out = losses.loss_inputs, []
-    losses.loss_inputs = lambda *a: fixed
-    out.append(timed("queue-device", step_queue_loop(run, micro, vector, lambda: fixed_np), steps))
-    host = kept(*fixed_np[:3])
-    parts = [np.asarray(x) for x in host]
-    one = np.concatenate([p.reshape(-1).view(np.int32) for p in parts])
-    chunk = mx.array(np.tile(one, steps + WARM + 2))
-    mx.eval(chunk)
-    sizes = [p.size for p in parts]
-    at = [0]
-
-    def views_of(array, base):
-        res = []
-        for p, n in zip(parts, sizes):
-            v = array[base:base + n].reshape(p.shape)
-            res.append(v.view(mx.float32) if p.dtype == np.float32 else v)
-            base += n
-        return tuple(res)
-
-    def views(*_):
-        at[0] += 1
-        return views_of(chunk, (at[0] - 1) * one.size)
-    losses.loss_inputs = views
-    out.append(timed("queue-chunk", step_queue_loop(run, micro, vector, lambda: fixed_np), steps))
-    losses.loss_inputs = kept
+    from engine.train.losses import loss_inputs
+    out = [timed("queue-device", step_queue_loop(run, micro, vector, lambda: (fixed, tokens)), steps)]
     seed = mx.random.seed
     mx.random.seed = lambda s: None
-    out.append(timed("queue-noseed", step_queue_loop(run, micro, vector, lambda: fixed_np), steps))
+    out.append(timed("queue-noseed", step_queue_loop(run, micro, vector, lambda: (loss_inputs(*host), tokens)),
+                     steps))
     mx.random.seed = seed
     held = []
 
-    def kept_alive(*a):
-        arrays = kept(*a)
-        held.append(arrays)
-        return arrays
-    losses.loss_inputs = kept_alive
-    out.append(timed("queue-held", step_queue_loop(run, micro, vector, lambda: fixed_np), steps))
+    def kept_alive():
+        held.append(loss_inputs(*host))
+        return held[-1], tokens
+    out.append(timed("queue-held", step_queue_loop(run, micro, vector, kept_alive), steps))
     held.clear()
-    losses.loss_inputs = lambda *a: views_of(mx.array(one.copy()), 0)  # one host-made array a step
-    out.append(timed("queue-packed", step_queue_loop(run, micro, vector, lambda: fixed_np), steps))
-    losses.loss_inputs = kept
+    parts = [np.asarray(x) for x in fixed]
+    one = np.concatenate([p.reshape(-1).view(np.int32) for p in parts])
+
+    def packed():
+        array, res, at = mx.array(one.copy()), [], 0  # one host-made array a step
+        for p in parts:
+            v = array[at:at + p.size].reshape(p.shape)
+            res.append(v.view(mx.float32) if p.dtype == np.float32 else v)
+            at += p.size
+        return tuple(res), tokens
+    out.append(timed("queue-packed", step_queue_loop(run, micro, vector, packed), steps))
     return out
 
 
@@ -152,18 +143,23 @@ def main() -> None:
         setup = run.setup
         vector = flat_parameters(setup.model, setup.optimizer)
         micro = build_micro_step(setup.model, setup.optimizer, vector)
-        fixed_np = run._next_batch()
-        fixed = loss_inputs(*fixed_np[:3])
+        inputs, targets, mask, tokens = feed(run, False)._collated(list(range(bench_gpu.BATCH)))
+        host = (inputs, targets, mask)
+        fixed = loss_inputs(*host)
+        mx.eval(fixed)
         print(f"memory limit {mx.get_memory_limit() / 1e9:.1f} GB, active {mx.get_active_memory() / 1e9:.2f} GB, "
               f"flat {vector is not None}", flush=True)
         for r in range(args.rounds):
             loop = bench_gpu.queued_step(setup.model, setup.optimizer, micro, fixed, vector)
             results.append(timed("bench-loop", lambda i: loop(), args.steps))
-            results.append(timed("queue-fixed", step_queue_loop(run, micro, vector, lambda: fixed_np),
+            results.append(timed("queue-fixed", step_queue_loop(run, micro, vector,
+                                                                 lambda: (loss_inputs(*host), tokens)), args.steps))
+            results.append(timed("queue-data", step_queue_loop(run, micro, vector, feed(run, False).next_batch),
                                  args.steps))
-            results.append(timed("queue-data", step_queue_loop(run, micro, vector, run._next_batch), args.steps))
+            results.append(timed("queue-feed", step_queue_loop(run, micro, vector, feed(run, True).next_batch),
+                                 args.steps))
             if args.more:
-                results.extend(more_variants(run, micro, vector, fixed_np, fixed, args.steps))
+                results.extend(more_variants(run, micro, vector, host, fixed, tokens, args.steps))
         # TrainingRun's own loop with the same compiled step (no second compile, no second flat vector)
         run_module.flat_vector = lambda *a: vector
         run_module.build_micro_step = lambda *a: micro
