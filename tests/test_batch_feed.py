@@ -28,37 +28,46 @@ def rows(n: int) -> list[Example]:
     return out
 
 
-def feeds(n_rows: int, batch: int, chunked_first: bool = True):
+def feeds(n_rows: int, batch: int, chunked_first: bool = True, world=World(0, 1)):
     train = rows(n_rows)
     setup = SimpleNamespace(lengths=[len(e.encoded) for e in train], global_batch=batch, pad_id=0,
                             data=SimpleNamespace(train=train))
     made = []
     for chunked in (chunked_first, not chunked_first):
         state = TrainerState(order=epoch_batches(setup.lengths, batch, 7, 0))
-        made.append((batch_feed.BatchFeed(setup, state, World(0, 1), 7, True, 48, chunked=chunked), state))
+        made.append((batch_feed.BatchFeed(setup, state, world, 7, True, 48, chunked=chunked), state))
     return made
 
 
-@pytest.mark.parametrize("chunk_batches, chunk_bytes", [(3, 64 << 20), (32, 64 << 20), (32, 1)],
-                         ids=["chunks-of-3", "chunk-to-epoch-end", "byte-cap-of-one-batch"])
-def test_chunked_batches_equal_the_batches_made_one_by_one(monkeypatch, chunk_batches, chunk_bytes):
+@pytest.mark.parametrize("chunk_batches, chunk_bytes, world", [
+    (3, 64 << 20, World(0, 1)), (32, 64 << 20, World(0, 1)), (32, 1, World(0, 1)), (3, 64 << 20, World(2, 3))],
+    ids=["chunks-of-3", "chunk-to-epoch-end", "byte-cap-of-one-batch", "rank-3-of-3"])
+def test_chunked_batches_equal_the_batches_made_one_by_one(monkeypatch, chunk_batches, chunk_bytes, world):
+    """Rank 3 of 3 has no row of the epoch's last batch (2 rows): it still takes a batch, with nothing trained."""
+    import mlx.core as mx
     monkeypatch.setattr(batch_feed, "CHUNK_BATCHES", chunk_batches)
     monkeypatch.setattr(batch_feed, "CHUNK_BYTES", chunk_bytes)
-    (chunked, state_c), (plain, state_p) = feeds(22, 4)  # 6 batches an epoch, the last of 2 rows
-    uploads = []
+    (chunked, state_c), (plain, state_p) = feeds(22, 4, world=world)  # 6 batches an epoch, the last of 2 rows
+    uploads, made = [], []
     upload = chunked._upload
     monkeypatch.setattr(chunked, "_upload", lambda here: uploads.append(here) or upload(here))
+    monkeypatch.setattr(batch_feed, "mx", SimpleNamespace(float32=mx.float32,
+                                                          array=lambda x: made.append(x.shape) or mx.array(x)))
+    empty = 0
     for _ in range(15):  # into the third epoch
         (got, got_tokens), (want, want_tokens) = chunked.next_batch(), plain.next_batch()
         assert got_tokens == want_tokens
+        empty += got_tokens == 0
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape
             np.testing.assert_array_equal(np.array(g), np.array(w))
         assert (state_c.epoch, state_c.pos, state_c.order) == (state_p.epoch, state_p.pos, state_p.order)
     assert state_c.epoch == 2
-    # one upload per chunk, a chunk never crossing an epoch's end
+    assert empty == (2 if world.size == 3 else 0)  # the last batch of epochs 0 and 1
+    # one upload, one host-made array, per chunk; a chunk never crosses an epoch's end
     per_epoch = {3: [0, 3], 32: [0], 1: [0, 1, 2, 3, 4, 5]}[chunk_batches if chunk_bytes > 1 else 1]
     assert uploads == [(e, p) for e in (0, 1) for p in per_epoch] + [(2, p) for p in per_epoch if p < 3]
+    assert len(made) == len(uploads)
 
 
 def test_a_feed_picks_up_where_the_state_was_moved(monkeypatch):

@@ -17,6 +17,9 @@ LORA_TUI_BATCH_CHUNKS=1 or 0 forces it on or off (any device).
 
 from __future__ import annotations
 
+import mlx.core as mx
+import numpy as np
+
 from engine.model.loading import cuda_default, env_switch
 from engine.train.batches import collate, epoch_batches
 from engine.train.losses import loss_inputs, trained_positions
@@ -39,7 +42,10 @@ class BatchFeed:
     def __init__(self, setup, state, world, seed: int, shuffle: bool, max_len: int, chunked: bool = False):
         self.setup, self.state, self.world = setup, state, world
         self.seed, self.shuffle, self.max_len, self.chunked = seed, shuffle, max_len, chunked
-        self.ahead: list = []  # uploaded micro-batches: ((epoch, position), arrays, tokens), in order
+        # Uploaded micro-batches not taken yet: ((epoch, position), arrays, tokens), in order. At a chunk's end the
+        # next is uploaded while the last one's views may still be queued: up to two chunks (2 x CHUNK_BYTES, a
+        # few MB at common shapes) beside the step, which the memory estimate leaves out.
+        self.uploaded: list = []
 
     def next_rows(self) -> list[int]:
         self._next_epoch_if_done()
@@ -48,12 +54,15 @@ class BatchFeed:
 
     def next_batch(self) -> tuple[tuple, int]:
         if not self.chunked:
-            return self._arrays(self.next_rows())
+            batch = self.next_rows()
+            return self._arrays(batch, self.state.order[self.state.pos - 1])
         self._next_epoch_if_done()
         here = (self.state.epoch, self.state.pos)
-        if not self.ahead or self.ahead[0][0] != here:
-            self.ahead = self._upload(here)
-        _, arrays, tokens = self.ahead.pop(0)
+        while self.uploaded and self.uploaded[0][0] < here:  # passed by next_rows (a preference objective's)
+            self.uploaded.pop(0)
+        if not self.uploaded or self.uploaded[0][0] != here:
+            self.uploaded = self._upload(here)
+        _, arrays, tokens = self.uploaded.pop(0)
         self.state.pos += 1
         return arrays, tokens
 
@@ -65,44 +74,45 @@ class BatchFeed:
             state.order = epoch_batches(self.setup.lengths, self.setup.global_batch, self.seed, state.epoch,
                                         self.shuffle)
 
-    def _collated(self, rows: list[int]):
+    def _collated(self, rows: list[int], batch: list[int]):
+        """This rank's `rows` of the global `batch`, collated."""
         setup = self.setup
         if not rows:  # a short last batch with fewer rows than ranks: this rank adds nothing
-            inputs, targets, mask, _ = collate([setup.data.train[self.state.order[self.state.pos - 1][0]]],
-                                               setup.pad_id, self.max_len)
+            inputs, targets, mask, _ = collate([setup.data.train[batch[0]]], setup.pad_id, self.max_len)
             return inputs, targets, mask & False, 0
         return collate([setup.data.train[i] for i in rows], setup.pad_id, self.max_len)
 
-    def _arrays(self, rows: list[int]) -> tuple[tuple, int]:
-        inputs, targets, mask, tokens = self._collated(rows)
+    def _arrays(self, rows: list[int], batch: list[int]) -> tuple[tuple, int]:
+        inputs, targets, mask, tokens = self._collated(rows, batch)
         return loss_inputs(inputs, targets, mask), tokens
 
     def _upload(self, here: tuple[int, int]) -> list:
-        """The micro-batches from `here` to the end of the chunk (or of the epoch) as views into one array."""
-        import mlx.core as mx
-        import numpy as np
+        """The micro-batches from `here` to the chunk's (or the epoch's) end, as views into one uploaded array."""
         epoch, start = here
-        parts, entries, size = [], [], 0
-        for pos in range(start, min(start + CHUNK_BATCHES, len(self.state.order))):
-            self.state.pos = pos + 1  # _collated reads the batch's first row where this rank has none
-            inputs, targets, mask, tokens = self._collated(self.world.share(self.state.order[pos]))
-            positions, weights = trained_positions(mask)
-            arrays = [inputs.astype(np.int32), targets.astype(np.int32), positions, weights.view(np.int32)]
-            step_bytes = 4 * sum(a.size for a in arrays)
-            if entries and size + step_bytes > CHUNK_BYTES:
-                break
-            parts += [a.reshape(-1) for a in arrays]
-            entries.append(((epoch, pos), [a.shape for a in arrays], tokens))
-            size += step_bytes
-        self.state.pos = start
-        chunk = mx.array(np.concatenate(parts))  # the one host-made array
+        packed, entries = self._pack(start)
+        chunk = mx.array(np.concatenate(packed))  # the one host-made array
         out, at = [], 0
-        for key, shapes, tokens in entries:
+        for pos, shapes, tokens in entries:
             views = []
             for shape in shapes:
                 n = int(np.prod(shape))
-                views.append(chunk[at:at + n].reshape(shape))
+                views.append(chunk[at:at + n].reshape(shape))  # a slice and a reshape: views, no copies
                 at += n
             views[3] = views[3].view(mx.float32)  # the weights, packed as their bits
-            out.append((key, tuple(views), tokens))
+            out.append(((epoch, pos), tuple(views), tokens))
         return out
+
+    def _pack(self, start: int) -> tuple[list, list]:
+        """Host side: each micro-batch's tokens, targets, trained positions and weights (as int32 bits), flat."""
+        order, packed, entries, size = self.state.order, [], [], 0
+        for pos in range(start, min(start + CHUNK_BATCHES, len(order))):
+            inputs, targets, mask, tokens = self._collated(self.world.share(order[pos]), order[pos])
+            positions, weights = trained_positions(mask)
+            arrays = [inputs, targets, positions, weights.view(np.int32)]  # collate's tokens are int32
+            step_bytes = 4 * sum(a.size for a in arrays)
+            if entries and size + step_bytes > CHUNK_BYTES:  # collated twice, at a cap's edge only
+                break
+            packed += [a.reshape(-1) for a in arrays]
+            entries.append((pos, [a.shape for a in arrays], tokens))
+            size += step_bytes
+        return packed, entries

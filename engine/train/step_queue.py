@@ -70,7 +70,7 @@ class StepQueue:
             self.update = FlatUpdate(model, optimizer, vector, guarded=look_ahead)
         else:
             self.update = (build_guarded_update if look_ahead else build_update)(model, optimizer)
-        self.next_batch, self.next_rows = next_batch, next_rows  # the run's data order (TrainingRun)
+        self.next_batch, self.next_rows = next_batch, next_rows  # the run's data order (batch_feed.BatchFeed)
 
     def queue(self, index: int, healthy) -> QueuedStep:
         """Step `index`: gradients, clipping and the update. With look-ahead the update is guarded by `healthy`
