@@ -87,8 +87,8 @@ def test_each_step_logs_its_scheduled_learning_rate_from_a_table_made_before_tra
                                                                                        embedded_dir):
     """The rates are computed once in prepare (schedule.step_rates), not read step by step: each read is an eval,
     and MLX holds an eval back while it is over its memory limit, so with the next step queued ahead on a GPU it
-    waited for the step in flight (bench/RESULTS.md, issue 22, sixteenth session: lora-tui train 0.93x the bench
-    step). What the user sees must not change: each step's line shows that step's rate, warmup and decay."""
+    could wait for the step in flight (the end-to-end gap itself was mostly elsewhere: bench/RESULTS.md, issue 22,
+    seventeenth session). What the user sees must not change: each step's line shows its rate, warmup and decay."""
     import mlx.core as mx
 
     from engine.train.schedule import build_schedule

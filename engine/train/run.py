@@ -164,7 +164,7 @@ class TrainingRun:
         micro_step = build_micro_step(setup.model, setup.optimizer, vector) if objective is None else \
             objective.build(setup.optimizer)
         feed = BatchFeed(setup, state, self.world, cfg.training.seed, cfg.data.shuffle, cfg.model.max_seq_length,
-                         chunked=objective is None and chunks_apply(look_ahead))
+                         chunked=chunks_apply(look_ahead))  # the preference objectives take only next_rows
         steps = StepQueue(cfg.training, setup.rates, objective, micro_step, setup.model, setup.optimizer,
                           self.world, feed.next_batch, feed.next_rows, look_ahead, vector)
         start = time.perf_counter()

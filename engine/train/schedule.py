@@ -27,7 +27,8 @@ def build_schedule(cfg: Config, total_steps: int):
 def step_rates(schedule, total_steps: int):
     """Every step's learning rate (float32, for the log), computed once before training. Read step by step, each
     would be an eval, and MLX holds any eval back while it is over its memory limit: with the next step queued
-    ahead on a GPU, until the step in flight is nearly done (bench/RESULTS.md, issue 22, sixteenth session)."""
+    ahead on a GPU, until the step in flight is nearly done. (Measured, the run's gap to the bench step was mostly
+    elsewhere: batch_feed.py; bench/RESULTS.md, issue 22, sixteenth and seventeenth sessions.)"""
     import mlx.core as mx
     import numpy as np
     with mx.stream(mx.cpu):  # one small graph on the CPU, whatever the device
