@@ -143,7 +143,7 @@ def main() -> None:
         setup = run.setup
         vector = flat_parameters(setup.model, setup.optimizer)
         micro = build_micro_step(setup.model, setup.optimizer, vector)
-        inputs, targets, mask, tokens = feed(run, False)._collated(list(range(bench_gpu.BATCH)))
+        inputs, targets, mask, tokens = feed(run, False)._collated(*[list(range(bench_gpu.BATCH))] * 2)
         host = (inputs, targets, mask)
         fixed = loss_inputs(*host)
         mx.eval(fixed)
@@ -168,6 +168,8 @@ def main() -> None:
     run_module.TrainingRun._train = bisect_then_train
 
     def listener(event):
+        if event.kind in ("Failed", "Log"):
+            print(event, flush=True)
         if event.kind == "Step":
             lines.append(time.perf_counter())
 
