@@ -143,7 +143,8 @@ def main() -> None:
         setup = run.setup
         vector = flat_parameters(setup.model, setup.optimizer)
         micro = build_micro_step(setup.model, setup.optimizer, vector)
-        inputs, targets, mask, tokens = feed(run, False)._collated(*[list(range(bench_gpu.BATCH))] * 2)
+        rows = list(range(bench_gpu.BATCH))  # the data's first rows, as one rank's share of one global batch
+        inputs, targets, mask, tokens = feed(run, False)._collated(rows, rows)
         host = (inputs, targets, mask)
         fixed = loss_inputs(*host)
         mx.eval(fixed)
