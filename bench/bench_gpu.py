@@ -261,7 +261,7 @@ def mlx_step(ckpt: bool, bits: int | None, dense_forward: bool = True, lean: boo
     return dict(tokens_per_s=BATCH * SEQ * TIMED / dt, step_s=dt / TIMED, peak_gb=mx.get_peak_memory() / 1e9,
                 weights_gb=weights_bytes / 1e9, loss=loss, estimate_gb=estimate.total / 1e9,
                 memory_limit_gb=mx.get_memory_limit() / 1e9, trainable=trainable_count(model), look_ahead=queued,
-                flat_update=vector is not None)
+                flat_update=vector is not None, graph_ops=os.environ.get("MLX_MAX_OPS_PER_BUFFER", "mlx default"))
 
 
 def queued_step(model, optimizer, micro_step, batch, vector=None):

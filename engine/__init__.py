@@ -8,12 +8,14 @@ import atexit as _atexit
 import sys as _sys
 
 from engine import blas as _blas
+from engine import cuda_graphs as _cuda_graphs
 from engine import heap as _heap
 from engine import native_jit as _native_jit
 
 _blas.preload()
 _heap.keep_freed_memory()  # before MLX's first buffers: a step's memory stays paged in
 _native_jit.enable()  # before MLX builds its first fused CPU kernel
+_cuda_graphs.limit_graph_size()  # before MLX makes its first CUDA command encoder
 
 
 def release_mlx_streams() -> None:
