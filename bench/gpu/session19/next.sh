@@ -1,0 +1,29 @@
+#!/bin/bash
+# The next GPU session's calls (bench/gpu/session19/README.md), after `bash .g1/stage1.sh` (carry [".g1"]):
+#   bash bench/gpu/session19/next.sh first  (carry [".g2"]): a fresh machine's first MLX row, timed, with MLX's PTX
+#                                           cache (/tmp/mlx/<version>/ptx) counted before and after; then the
+#                                           checkpointed all-seven row with the engine's own graph size, ~4 min
+#   bash bench/gpu/session19/next.sh cq     (carry [".g2", ".g3"]): (c) q/v at limits of 1.0x and 1.03x with 10 ops
+#                                           a graph, beside the compiled PEFT, ~5 min
+#   bash bench/gpu/session17/next.sh e2e    (carry [".g2"]): lora-tui train against the bench with the new default
+[ -n "$BENCH_GPU_SMOKE" ] || source .g2/stage2.sh > /dev/null || exit 1
+export PYTHONUNBUFFERED=1
+ptx() { find /tmp/mlx -name "*.ptx" 2>/dev/null | wc -l; }
+row() {  # row ROW OUTNAME TIMEOUT [ENV...]: one bench_gpu.py row, its line and seconds
+  local t0=$SECONDS
+  env "${@:4}" timeout $3 python3 bench/bench_gpu.py --only $1 --budget $(($3 - 10)) --out $OUT/$2 2>&1 \
+    | grep "^$1:" | cut -c1-160
+  echo "  ($2: $((SECONDS - t0)) s, $(ptx) PTX files cached)"
+}
+case "$1" in
+  first) echo "PTX files cached before: $(ptx)"
+         row mlx first 300
+         row mlx+ckpt:all all_ckpt_engine 100
+         row mlx+ckpt:all all_ckpt_mlx100 100 MLX_MAX_OPS_PER_BUFFER=100 ;;
+  cq) [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+      row mlx+ckpt qv_h1.0 100 BENCH_QUEUE_HEADROOM=1.0
+      row mlx+ckpt qv_h1.03 100 BENCH_QUEUE_HEADROOM=1.03
+      row torch-compile+ckpt peer_compile 200
+      row mlx+ckpt qv_h1.0_b 100 BENCH_QUEUE_HEADROOM=1.0 ;;
+  *) echo "usage: next.sh first|cq" >&2; exit 2 ;;
+esac
