@@ -15,6 +15,7 @@ command buffers with the same variable and the CPU ignores it: both are left to 
 from __future__ import annotations
 
 import os
+import sys
 
 ENV_VAR = "MLX_MAX_OPS_PER_BUFFER"
 OPS_PER_GRAPH = 10
@@ -24,6 +25,8 @@ def limit_graph_size() -> str:
     """Set MLX's ops per CUDA graph for this process where it applies; returns what was done."""
     if os.environ.get(ENV_VAR, "").strip():
         return f"{ENV_VAR}={os.environ[ENV_VAR]} (set before the engine started)"
+    if sys.platform != "linux":  # MLX's CUDA build is Linux-only: a Mac's start-up does not import MLX for this
+        return "MLX's default (no CUDA)"
     import mlx.core as mx  # after the BLAS preload (engine/__init__.py)
     if not mx.cuda.is_available():
         return "MLX's default (no CUDA)"

@@ -34,6 +34,7 @@ def test_a_graph_size_the_user_set_is_kept():
 
 def test_on_cuda_the_engine_asks_for_ten_ops_a_graph(monkeypatch):
     monkeypatch.delenv(cuda_graphs.ENV_VAR, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")  # MLX's CUDA build is Linux-only
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)  # a GPU cannot run here: only its answer is faked
     try:
         assert cuda_graphs.limit_graph_size() == "10 ops per CUDA graph"
@@ -41,3 +42,11 @@ def test_on_cuda_the_engine_asks_for_ten_ops_a_graph(monkeypatch):
         assert "set before the engine started" in cuda_graphs.limit_graph_size()  # once set, it stays
     finally:
         os.environ.pop(cuda_graphs.ENV_VAR, None)
+
+
+def test_a_mac_is_left_to_metal_s_own_command_buffer_size(monkeypatch):
+    monkeypatch.delenv(cuda_graphs.ENV_VAR, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)  # even so: Metal reads the same variable
+    assert cuda_graphs.limit_graph_size() == "MLX's default (no CUDA)"
+    assert cuda_graphs.ENV_VAR not in os.environ
