@@ -6,6 +6,8 @@
 #   bash bench/gpu/session19/next.sh cq     (carry [".g2", ".g3"]): (c) q/v at limits of 1.0x and 1.03x with 10 ops
 #                                           a graph, beside the compiled PEFT, ~5 min
 #   bash bench/gpu/session17/next.sh e2e    (carry [".g2"]): lora-tui train against the bench with the new default
+set -o pipefail
+: "${OUT:?set OUT (the device machine sets it)}"
 [ -n "$BENCH_GPU_SMOKE" ] || source .g2/stage2.sh > /dev/null || exit 1
 export PYTHONUNBUFFERED=1
 ptx() { find /tmp/mlx -name "*.ptx" 2>/dev/null | wc -l; }
@@ -18,12 +20,12 @@ row() {  # row ROW OUTNAME TIMEOUT [ENV...]: one bench_gpu.py row, its line and 
 case "$1" in
   first) echo "PTX files cached before: $(ptx)"
          row mlx first 300
-         row mlx+ckpt:all all_ckpt_engine 100
-         row mlx+ckpt:all all_ckpt_mlx100 100 MLX_MAX_OPS_PER_BUFFER=100 ;;
+         row mlx+ckpt:all all_ckpt_engine 80
+         row mlx+ckpt:all all_ckpt_mlx100 80 MLX_MAX_OPS_PER_BUFFER=100 ;;
   cq) [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
-      row mlx+ckpt qv_h1.0 100 BENCH_QUEUE_HEADROOM=1.0
-      row mlx+ckpt qv_h1.03 100 BENCH_QUEUE_HEADROOM=1.03
+      row mlx+ckpt qv_h1.0 80 BENCH_QUEUE_HEADROOM=1.0
+      row mlx+ckpt qv_h1.03 80 BENCH_QUEUE_HEADROOM=1.03
       row torch-compile+ckpt peer_compile 200
-      row mlx+ckpt qv_h1.0_b 100 BENCH_QUEUE_HEADROOM=1.0 ;;
+      row mlx+ckpt qv_h1.0_b 80 BENCH_QUEUE_HEADROOM=1.0 ;;  # at most ~470 s with stage3: under a call's 600
   *) echo "usage: next.sh first|cq" >&2; exit 2 ;;
 esac
