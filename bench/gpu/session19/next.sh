@@ -22,7 +22,7 @@ case "$1" in
          row mlx first 300
          row mlx+ckpt:all all_ckpt_engine 80
          row mlx+ckpt:all all_ckpt_mlx100 80 MLX_MAX_OPS_PER_BUFFER=100 ;;
-  cq) [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+  cq) [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
       row mlx+ckpt qv_h1.0 80 BENCH_QUEUE_HEADROOM=1.0
       row mlx+ckpt qv_h1.03 80 BENCH_QUEUE_HEADROOM=1.03
       row torch-compile+ckpt peer_compile 200
