@@ -5,6 +5,8 @@
 #                                           checkpointed all-seven row with the engine's own graph size, ~4 min
 #   bash bench/gpu/session19/next.sh cq     (carry [".g2", ".g3"]): (c) q/v at limits of 1.0x and 1.03x with 10 ops
 #                                           a graph, beside the compiled PEFT, ~5 min
+#   bash bench/gpu/session19/next.sh c-all  (carry [".g2", ".g3"]): (c) all seven at limits of 1.05x-1.15x with 10 ops
+#                                           a graph (at 100 ops 1.03x cost 14%), beside Unsloth, ~5 min
 #   bash bench/gpu/session17/next.sh e2e    (carry [".g2"]): lora-tui train against the bench with the new default
 set -o pipefail
 : "${OUT:?set OUT (the device machine sets it)}"
@@ -27,5 +29,8 @@ case "$1" in
       row mlx+ckpt qv_h1.03 80 BENCH_QUEUE_HEADROOM=1.03
       row torch-compile+ckpt peer_compile 200
       row mlx+ckpt qv_h1.0_b 80 BENCH_QUEUE_HEADROOM=1.0 ;;  # at most ~470 s with stage3: under a call's 600
-  *) echo "usage: next.sh first|cq" >&2; exit 2 ;;
+  c-all) [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+         for h in 1.05 1.1 1.15; do row mlx+ckpt:all all_h$h 80 BENCH_QUEUE_HEADROOM=$h; done
+         row unsloth+ckpt:all peer_unsloth 200 ;;  # at most ~470 s with stage3
+  *) echo "usage: next.sh first|cq|c-all" >&2; exit 2 ;;
 esac
