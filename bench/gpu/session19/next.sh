@@ -8,17 +8,7 @@
 #   bash bench/gpu/session19/next.sh c-all  (carry [".g2", ".g3"]): (c) all seven at limits of 1.05x-1.15x with 10 ops
 #                                           a graph (at 100 ops 1.03x cost 14%), beside Unsloth, ~5 min
 #   bash bench/gpu/session17/next.sh e2e    (carry [".g2"]): lora-tui train against the bench with the new default
-set -o pipefail
-: "${OUT:?set OUT (the device machine sets it)}"
-[ -n "$BENCH_GPU_SMOKE" ] || source .g2/stage2.sh > /dev/null || exit 1
-export PYTHONUNBUFFERED=1
-ptx() { find /tmp/mlx -name "*.ptx" 2>/dev/null | wc -l; }
-row() {  # row ROW OUTNAME TIMEOUT [ENV...]: one bench_gpu.py row, its line and seconds
-  local t0=$SECONDS
-  env "${@:4}" timeout $3 python3 bench/bench_gpu.py --only $1 --budget $(($3 - 10)) --out $OUT/$2 2>&1 \
-    | grep "^$1:" | cut -c1-160
-  echo "  ($2: $((SECONDS - t0)) s, $(ptx) PTX files cached)"
-}
+source bench/gpu/session19/common.sh
 case "$1" in
   first) echo "PTX files cached before: $(ptx)"
          row mlx first 300
