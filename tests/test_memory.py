@@ -109,8 +109,9 @@ def test_placement_counts_shared_inputs_once_and_masks_per_adapter(embedded_dir,
 
 def test_the_cuda_memory_limit_keeps_the_margin_each_placement_was_measured_to_need(embedded_dir, monkeypatch):
     """On CUDA (faked: only which attention the device fuses) the automatic limit is the estimate itself without
-    checkpointing, 1.05x with checkpointing and q/v adapters, 1.15x with checkpointing on all seven layers (which
-    lost 14% at 1.03x on an H100) and for 4-bit bases: a user on a small GPU gets ~1.7 GB back at 7B (q/v)."""
+    checkpointing and with checkpointing on q/v adapters (10 ops a CUDA graph), 1.15x with checkpointing on all
+    seven layers (which lost 7% at 1.05x on an H100) and for 4-bit bases: a user on a small GPU gets ~1.7 GB back
+    at 7B (q/v), and with checkpointing 17.31 GB against 17.59 at 1.03x."""
     from engine.config.schema import LoRAConfig
     from engine.model import loading, memory
     from engine.model.adapters import apply_lora
@@ -128,7 +129,7 @@ def test_the_cuda_memory_limit_keeps_the_margin_each_placement_was_measured_to_n
                                            placement=AdapterPlacement.of(model, ckpt), quantized=quantized)
                 limits[name, ckpt, quantized] = memory.gpu_memory_limit(est, 0) / est.total
     assert limits["qv", False, False] == limits["seven", False, False] == 1.0
-    assert abs(limits["qv", True, False] - 1.05) < 1e-6
+    assert limits["qv", True, False] == 1.0
     assert abs(limits["seven", True, False] - 1.15) < 1e-6
     assert all(abs(limits[name, ckpt, True] - 1.15) < 1e-6 for name in ("qv", "seven") for ckpt in (False, True))
 

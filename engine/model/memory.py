@@ -93,8 +93,7 @@ class AdapterPlacement:
 
 
 QUEUE_HEADROOM = 1.15  # where a limit at the estimate itself was slower or not measured
-EXACT_HEADROOM = 1.0  # CUDA, 16-bit base, LoRA, no checkpointing
-CHECKPOINT_HEADROOM = 1.05  # CUDA, 16-bit base, LoRA keeping one input a block (q/v), checkpointing
+EXACT_HEADROOM = 1.0  # CUDA, 16-bit base, LoRA: without checkpointing, or with it and one input a block (q/v)
 
 
 @dataclass(frozen=True)
@@ -153,14 +152,13 @@ def queue_headroom(grad_checkpoint: bool, quantized: bool, dora: bool = False, o
     """The automatic GPU memory limit as a multiple of the step's estimate. Measured on an H100, Mistral-7B
     shape (bench/RESULTS.md): with a 16-bit base, LoRA and no checkpointing a limit at the estimate runs at
     full speed (q/v: 30 GB against an estimate of 30.2; all seven layers: 36.6 against 36.6) and saves ~5 GB
-    on q/v. With checkpointing the estimate runs short: q/v (one_input: the adapters keep one input a block)
-    lost 4% at 1.0x and 1.5% at 1.01x, ran at full speed from 1.03x (1.05x: 18.0 GB against 19.7 at 1.15x);
-    all seven layers lost 21% at 1.0x and 14% at 1.03x, so they keep 1.15x. Quantized bases, DoRA and Metal
-    were not measured below 1.15x."""
-    if not fused_attention() or quantized or dora:
+    on q/v. With checkpointing and q/v (one_input: the adapters keep one input a block) the estimate itself
+    runs at full speed at 10 ops a CUDA graph (engine/cuda_graphs.py; twentieth session: 12,452-12,794 tok/s at
+    17.31 GB, against 12,726 at 1.03x and 12,549 at 1.1x; at MLX's 100 ops it lost 4%). All seven layers with
+    checkpointing lost 7% at 1.05x even at 10 ops, so they keep 1.15x (1.1x: level, 0.36 GB less, one pair).
+    Quantized bases, DoRA and Metal were not measured below 1.15x."""
+    if not fused_attention() or quantized or dora or (grad_checkpoint and not one_input):
         return QUEUE_HEADROOM
-    if grad_checkpoint:
-        return CHECKPOINT_HEADROOM if one_input else QUEUE_HEADROOM
     return EXACT_HEADROOM
 
 
