@@ -166,6 +166,9 @@ def build_model(layers: int, bits: int | None, dropout: float = 0.05, dense_forw
         from engine.model import checkpointed_mlp
         checkpointed_mlp.CHECKPOINTED_MLP = os.environ["BENCH_CHECKPOINTED_MLP"] == "1"
         checkpointed_mlp.CHUNKS = int(os.environ.get("BENCH_MLP_CHUNKS", checkpointed_mlp.CHUNKS))
+    if os.environ.get("BENCH_CHECKPOINTED_LORA_MLP") in ("0", "1"):  # probe: the adapted MLP's own recompute
+        from engine.model import checkpointed_lora_mlp
+        checkpointed_lora_mlp.CHECKPOINTED_LORA_MLP = os.environ["BENCH_CHECKPOINTED_LORA_MLP"] == "1"
     if os.environ.get("BENCH_SWIGLU_KERNEL") in ("0", "1"):  # probe: the fused SwiGLU gradient by ops / one kernel
         from engine.model import swiglu_cuda
         swiglu_cuda.USE_KERNEL = os.environ["BENCH_SWIGLU_KERNEL"] == "1"

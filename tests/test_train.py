@@ -303,14 +303,17 @@ def test_gradient_checkpointing_same_losses_and_only_for_that_run(tiny_data, tmp
     assert TransformerBlock.__call__ is plain_call  # ... and is off again afterwards
 
 
-@pytest.mark.parametrize("use_dora,fused", [(False, False), (False, True), (True, False)],
-                         ids=["lora", "lora-fused-projections", "dora"])
-def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(use_dora, fused, embedded_dir,
+@pytest.mark.parametrize("use_dora,fused,seven", [(False, False, False), (False, True, False), (True, False, False),
+                                                  (False, True, True)],
+                         ids=["lora", "lora-fused-projections", "dora", "lora-all-seven-mlp-recompute"])
+def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(use_dora, fused, seven, embedded_dir,
                                                                                  monkeypatch):
     """Gradient checkpointing recomputes each block in the backward pass. With dropout, mlx-lm's recompute
     draws new masks, so its gradients belong to another loss than the one reported; ours draws the masks
     the forward pass drew, and equals the same step run without checkpointing. `fused`: the frozen q/k/v and
-    gate/up projections as one matmul each, and the frozen MLP recomputed by its own backward pass, as on CUDA."""
+    gate/up projections as one matmul each, and the frozen MLP recomputed by its own backward pass, as on CUDA.
+    `seven`: LoRA on all seven layers, the adapted MLP recomputed by its own backward pass
+    (checkpointed_lora_mlp.py)."""
     from engine.model import lean
     monkeypatch.setattr(lean, "FUSE_QKV", fused)
     monkeypatch.setattr(lean, "FUSE_GATE_UP", fused)
@@ -327,9 +330,11 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
 
     cfg = Config()
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 8, 4, 0.2, use_dora
+    if seven:
+        cfg.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model, _, _ = load_model(cfg.model)
     apply_lora(model, cfg.lora)
-    assert (type(model.layers[-1].self_attn.k_proj) is lean.SharedProductLinear) == fused
+    assert (type(model.layers[-1].self_attn.k_proj) is lean.SharedProductLinear) == (fused and not seven)
     model.train()
     mx.random.seed(3)  # trained-looking adapters (lora_b starts at 0, where masks would not change the loss)
     model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05 if k.endswith("lora_b") else v)
@@ -361,8 +366,11 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
         reference = step()
     finally:
         block_class.__call__ = plain_call
-    from engine.model import checkpointed_mlp
+    from engine.model import checkpointed_lora_mlp, checkpointed_mlp
     monkeypatch.setattr(checkpointed_mlp, "CHECKPOINTED_MLP", fused)  # CUDA's default: the MLP's own recompute
+    monkeypatch.setattr(checkpointed_lora_mlp, "CHECKPOINTED_LORA_MLP", seven)
+    if seven:
+        assert checkpointed_lora_mlp.applies(model.layers[-1].mlp)
     with checkpointed_layers(model, True):
         ours = step()
     assert reference[0] != pytest.approx(plain[0], rel=1e-5)  # the masks do change the loss

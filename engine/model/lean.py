@@ -23,7 +23,7 @@ from mlx_lm.models.activations import swiglu as stock_swiglu
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from engine.model import checkpointed_mlp, cpu_kernels, lora_cuda, swiglu_cuda
+from engine.model import checkpointed_lora_mlp, checkpointed_mlp, cpu_kernels, lora_cuda, swiglu_cuda
 from engine.model.loading import cuda_default, on_gpu
 from engine.model.philox import dropout_mask, dropout_seed, in_keyed_block, philox_mask
 
@@ -298,6 +298,9 @@ class LeanSwiGLUMLP(nn.Module):
             return self.down_proj(stock_swiglu(self.gate_proj(x), self.up_proj(x)))
         if in_keyed_block() and checkpointed_mlp.applies(self):
             return checkpointed_mlp.checkpointed_mlp(self, x, swiglu_pair, swiglu_pair_grad)  # a checkpointed block
+        if in_keyed_block() and checkpointed_lora_mlp.applies(self):
+            return checkpointed_lora_mlp.checkpointed_lora_mlp(self, x, _swiglu_grads, _token_product,
+                                                               LORA_IN_INPUT_DTYPE)
         if self._gate_up is not None:
             return self.down_proj(swiglu_pair(x @ self._gate_up.T))
         gate, up = self.gate_proj(x), self.up_proj(x)

@@ -133,7 +133,17 @@ def philox_masks() -> bool:
 
 def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
-    key = _next_key()
+    return keyed_mask(_next_key(), keep, like)
+
+
+def next_mask_key() -> mx.array | None:
+    """The key dropout_mask would draw its next mask from (None outside dropout_keys()), for a caller that draws
+    the same mask more than once (checkpointed_lora_mlp.py)."""
+    return _next_key()
+
+
+def keyed_mask(key: mx.array | None, keep: float, like: mx.array) -> mx.array:
+    """The mask for `like` from `key` (None: MLX's random state); `like` is read only for its shape."""
     if philox_masks():
         return philox_mask(_seed(key), like, keep)
     return mx.random.bernoulli(keep, like.shape, key=key)
