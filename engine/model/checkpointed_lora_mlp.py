@@ -33,7 +33,8 @@ CHECKPOINTED_LORA_MLP: bool | None = False
 @dataclass
 class _Projection:
     weight: mx.array  # the frozen weight (out x in)
-    scale: float = 0.0  # the adapter's; 0: no adapter
+    adapted: bool = False  # whether a LoRA adapter sits on it (its factors are in the custom function's inputs)
+    scale: float = 0.0
     keep: float = 1.0  # 1 - its dropout
     key: mx.array | None = None  # its mask's key (drawn in the plain layers' order)
 
@@ -63,7 +64,8 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
             projections.append(_Projection(layer.weight))
             continue
         keep = layer.dropout._p_1
-        projections.append(_Projection(layer.linear.weight, layer.scale, keep, next_mask_key() if keep < 1 else None))
+        key = next_mask_key() if keep < 1 else None  # the plain layer would draw its mask now
+        projections.append(_Projection(layer.linear.weight, True, layer.scale, keep, key))
         factors += [layer.lora_a, layer.lora_b]
 
     def cast(ab, like):
@@ -77,7 +79,7 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
 
     def project(p: _Projection, v, ab, m):  # the plain layer's forward: frozen product + adapter (lean.lora_branch)
         y = v @ p.weight.T
-        if not p.scale:
+        if not p.adapted:
             return y
         a, b = cast(ab, v)
         h = (dropped(p, v, m) @ a) * p.scale
@@ -85,7 +87,7 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
 
     def split(params):  # the factors, a pair per adapted projection, None for a frozen one
         it = iter(params)
-        return [(next(it), next(it)) if p.scale else None for p in projections]
+        return [(next(it), next(it)) if p.adapted else None for p in projections]
 
     @mx.custom_function
     def mlp_of(x, *params):
@@ -117,14 +119,14 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
             parts.append(dx_gate + dx_up)
             grads = [g for pair in (gate_grads, up_grads, down_grads) if pair for g in pair]
             sums = [s + d.astype(mx.float32) for s, d in zip(sums, grads)]
-            done = parts[-1]
-        dx = mx.concatenate(parts).reshape(x.shape)
+            done = mx.depends(parts[-1], sums)  # the next chunk waits for this one's factor gradients too
+        dx = mx.concatenate(parts).reshape(x.shape).astype(x.dtype)
         return (dx, *(s.astype(f.dtype) for s, f in zip(sums, params)))
 
     def backward(p: _Projection, v, g, ab, m):
         """(v's gradient, (lora_a's, lora_b's) or None) of project(p, v, ab, m) for output gradient g."""
         dv = g @ p.weight
-        if not p.scale:
+        if not p.adapted:
             return dv, None
         a, b = cast(ab, v)
         g = g.astype(a.dtype)

@@ -89,7 +89,8 @@ def philox_mask(seed: mx.array, like: mx.array, keep: float) -> mx.array:
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(name="lora_tui_philox_mask", input_names=["seed", "like"],
-                                      output_names=["mask"], source=_SOURCE, header=_HEADER)
+                                      output_names=["mask"], source=_SOURCE, header=_HEADER,
+                                      ensure_row_contiguous=False)  # `like` is never read: a broadcast is not copied
     like = mx.stop_gradient(like)  # a custom kernel has no VJP, and the mask needs none
     return _kernel(inputs=[seed.astype(mx.int32), like],
                    template=[("THRESHOLD", keep_threshold(keep)), ("PER_CALL", PER_CALL)],
