@@ -55,9 +55,10 @@ def applies(mlp) -> bool:
             and all(_lora(layer) or _frozen(layer) for layer in layers))
 
 
-def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_input_dtype: bool) -> mx.array:
-    """mlp(x) for a training pass inside a checkpointed block (see the module's docstring). swiglu_grads,
-    token_product and in_input_dtype are lean.py's (passed in: lean.py calls this)."""
+def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, lora_factors, lora_forward, lora_backward) -> mx.array:
+    """mlp(x) for a training pass inside a checkpointed block (see the module's docstring). The SwiGLU's
+    gradient and the adapters' own math (lora_factors(x, a, b), lora_forward, lora_backward) are lean.py's, passed
+    in: lean.py calls this."""
     projections, factors = [], []
     for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         if not _lora(layer):
@@ -68,22 +69,12 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
         projections.append(_Projection(layer.linear.weight, True, layer.scale, keep, key))
         factors += [layer.lora_a, layer.lora_b]
 
-    def cast(ab, like):
-        return [f.astype(like.dtype) for f in ab] if in_input_dtype else ab
-
     def mask(p: _Projection, like):
         return keyed_mask(p.key, p.keep, like) if p.key is not None else None
 
-    def dropped(p: _Projection, v, m):
-        return v if m is None else mx.where(m, v * (1 / p.keep), 0)  # lean.apply_mask
-
-    def project(p: _Projection, v, ab, m):  # the plain layer's forward: frozen product + adapter (lean.lora_branch)
+    def project(p: _Projection, v, ab, m):  # the plain layer's forward: frozen product + adapter
         y = v @ p.weight.T
-        if not p.adapted:
-            return y
-        a, b = cast(ab, v)
-        h = (dropped(p, v, m) @ a) * p.scale
-        return mx.addmm(y, h, b) if h.dtype == y.dtype else y + (h @ b).astype(y.dtype)
+        return lora_forward(y, v, *lora_factors(v, *ab), m, p.keep, p.scale) if p.adapted else y
 
     def split(params):  # the factors, a pair per adapted projection, None for a frozen one
         it = iter(params)
@@ -128,11 +119,7 @@ def checkpointed_lora_mlp(mlp, x: mx.array, swiglu_grads, token_product, in_inpu
         dv = g @ p.weight
         if not p.adapted:
             return dv, None
-        a, b = cast(ab, v)
-        g = g.astype(a.dtype)
-        gb = (g @ b.T) * p.scale  # tokens x rank
-        vd = dropped(p, v, m)
-        dv = dv + dropped(p, gb @ a.T, m).astype(dv.dtype)
-        return dv, (token_product(vd, gb), token_product(vd @ a * p.scale, g))
+        dv_adapter, da, db = lora_backward(g, v, *lora_factors(v, *ab), m, p.keep, p.scale)
+        return dv + dv_adapter.astype(dv.dtype), (da, db)
 
     return mlp_of(x, *factors)

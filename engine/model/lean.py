@@ -213,40 +213,47 @@ def lora_branch(keep: float, scale: float, in_input_dtype: bool = False, seeded:
     the random stream and the result are exactly mlx-lm's), or with `seeded` (CUDA only) the Philox seed (two
     int32) that each pass draws the mask from."""
 
-    def dropped(x, mask):
-        return x if keep >= 1.0 else apply_mask(mask, x, keep)
-
     def drawn(x, mask_or_seed):
         return philox_mask(mask_or_seed, x, keep) if seeded and keep < 1.0 else mask_or_seed
 
-    def factors(x, a, b):
-        return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
-
     @mx.custom_function
     def branch(y, x, a, b, mask_or_seed):
-        a, b = factors(x, a, b)
-        mask = drawn(x, mask_or_seed)
-        h = (dropped(x, mask) @ a) * scale  # tokens x rank
-        if h.dtype == y.dtype:
-            return mx.addmm(y, h, b)
-        return y + (h @ b).astype(y.dtype)  # float32 factors on 16-bit activations (probe_gpu's f32lora)
+        a, b = lora_factors(x, a, b, in_input_dtype)
+        return lora_forward(y, x, a, b, drawn(x, mask_or_seed), keep, scale)
 
     @branch.vjp
     def branch_vjp(primals, cotangent, output):
         y, x, a32, b32, mask_or_seed = primals
         x = mx.depends(x, cotangent)
-        a, b = factors(x, a32, b32)
+        a, b = lora_factors(x, a32, b32, in_input_dtype)
         mask = drawn(x, mask_or_seed)  # from the x tied to the cotangent: not drawn early and held
-        g = cotangent.astype(a.dtype)  # no copy where the factors are in the activations' dtype
-        gb = (g @ b.T) * scale  # tokens x rank
-        xd = dropped(x, mask)
-        dx = dropped(gb @ a.T, mask)
-        da = _token_product(xd, gb)
-        db = _token_product(xd @ a * scale, g)
+        dx, da, db = lora_backward(cotangent, x, a, b, mask, keep, scale)
         # y's gradient is the cotangent itself: the frozen layer's backward reads it, nothing is copied.
         return cotangent, dx.astype(x.dtype), da.astype(a32.dtype), db.astype(b32.dtype), mx.zeros_like(mask_or_seed)
 
     return branch
+
+
+def lora_factors(x, a, b, in_input_dtype: bool):
+    """lora_a and lora_b in the dtype the low-rank products run in: x's with in_input_dtype, else their own."""
+    return (a.astype(x.dtype), b.astype(x.dtype)) if in_input_dtype else (a, b)
+
+
+def lora_forward(y, x, a, b, mask, keep: float, scale: float):
+    """y + scale * dropout(x) @ a @ b (see lora_branch), a and b as lora_factors gives them."""
+    h = ((x if keep >= 1.0 else apply_mask(mask, x, keep)) @ a) * scale  # tokens x rank
+    if h.dtype == y.dtype:
+        return mx.addmm(y, h, b)
+    return y + (h @ b).astype(y.dtype)  # float32 factors on 16-bit activations (probe_gpu's f32lora)
+
+
+def lora_backward(cotangent, x, a, b, mask, keep: float, scale: float):
+    """(x's gradient through the adapter, lora_a's, lora_b's) of lora_forward for y's gradient; the caller casts."""
+    g = cotangent.astype(a.dtype)  # no copy where the factors are in the activations' dtype
+    gb = (g @ b.T) * scale  # tokens x rank
+    xd = x if keep >= 1.0 else apply_mask(mask, x, keep)
+    dx = gb @ a.T if keep >= 1.0 else apply_mask(mask, gb @ a.T, keep)
+    return dx, _token_product(xd, gb), _token_product(xd @ a * scale, g)
 
 
 def _token_product(left, right):
@@ -298,9 +305,10 @@ class LeanSwiGLUMLP(nn.Module):
             return self.down_proj(stock_swiglu(self.gate_proj(x), self.up_proj(x)))
         if in_keyed_block() and checkpointed_mlp.applies(self):
             return checkpointed_mlp.checkpointed_mlp(self, x, swiglu_pair, swiglu_pair_grad)  # a checkpointed block
-        if in_keyed_block() and checkpointed_lora_mlp.applies(self):
-            return checkpointed_lora_mlp.checkpointed_lora_mlp(self, x, _swiglu_grads, _token_product,
-                                                               LORA_IN_INPUT_DTYPE)
+        if in_keyed_block() and checkpointed_lora_mlp.applies(self):  # the adapter math passed in: no import cycle
+            factors = lambda v, a, b: lora_factors(v, a, b, LORA_IN_INPUT_DTYPE)  # noqa: E731
+            return checkpointed_lora_mlp.checkpointed_lora_mlp(self, x, _swiglu_grads, factors, lora_forward,
+                                                               lora_backward)
         if self._gate_up is not None:
             return self.down_proj(swiglu_pair(x @ self._gate_up.T))
         gate, up = self.gate_proj(x), self.up_proj(x)

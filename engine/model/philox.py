@@ -119,7 +119,9 @@ def in_keyed_block() -> bool:
     return getattr(_keys, "key", None) is not None
 
 
-def _next_key() -> mx.array | None:
+def next_mask_key() -> mx.array | None:
+    """The key the next mask is drawn from (split off the block's), or None outside dropout_keys(). Public for a
+    caller that draws the same mask more than once (checkpointed_lora_mlp.py)."""
     key = getattr(_keys, "key", None)
     if key is None:
         return None
@@ -134,13 +136,7 @@ def philox_masks() -> bool:
 
 def dropout_mask(keep: float, like: mx.array) -> mx.array:
     """nn.Dropout's mask for `like` (True = keep): Philox on CUDA, MLX's bernoulli elsewhere."""
-    return keyed_mask(_next_key(), keep, like)
-
-
-def next_mask_key() -> mx.array | None:
-    """The key dropout_mask would draw its next mask from (None outside dropout_keys()), for a caller that draws
-    the same mask more than once (checkpointed_lora_mlp.py)."""
-    return _next_key()
+    return keyed_mask(next_mask_key(), keep, like)
 
 
 def keyed_mask(key: mx.array | None, keep: float, like: mx.array) -> mx.array:
