@@ -10,3 +10,6 @@ row() {  # row ROW OUTNAME TIMEOUT [env ARGS...]: one bench_gpu.py row, its line
     | grep "^$1:" | cut -c1-160
   echo "  ($2: $((SECONDS - t0)) s, $(ptx) PTX files cached)"
 }
+stage_peers() {  # the peers' wheels (unsloth, peft, liger...) on the GPU machine, once per machine
+  [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+}

@@ -14,12 +14,12 @@ case "$1" in
          row mlx first 300
          row mlx+ckpt:all all_ckpt_engine 80
          row mlx+ckpt:all all_ckpt_mlx100 80 MLX_MAX_OPS_PER_BUFFER=100 ;;
-  cq) [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+  cq) stage_peers
       row mlx+ckpt qv_h1.0 80 BENCH_QUEUE_HEADROOM=1.0
       row mlx+ckpt qv_h1.03 80 BENCH_QUEUE_HEADROOM=1.03
       row torch-compile+ckpt peer_compile 200
       row mlx+ckpt qv_h1.0_b 80 BENCH_QUEUE_HEADROOM=1.0 ;;  # at most ~470 s with stage3: under a call's 600
-  c-all) [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+  c-all) stage_peers
          for h in 1.05 1.1 1.15; do row mlx+ckpt:all all_h$h 80 BENCH_QUEUE_HEADROOM=$h; done
          row unsloth+ckpt:all peer_unsloth 260 ;;  # at most ~530 s with stage3 (200 s was under the bench's 210 s estimate)
   *) echo "usage: next.sh first|cq|c-all" >&2; exit 2 ;;

@@ -8,7 +8,7 @@
 source bench/gpu/session19/common.sh
 case "$1" in
   cq-default) row mlx+ckpt qv_default 200  # a fresh machine's first MLX process compiles its kernels (~100 s)
-              [ -n "$BENCH_GPU_SMOKE" ] || [ -d /root/peer_wheels ] || bash .g3/stage3.sh | tail -1
+              stage_peers
               row torch-compile+ckpt peer_compile 200 ;;
   lora-mlp) row mlx+ckpt:all warm 200  # a fresh machine's first MLX process compiles its kernels
             for h in 1.15 1.05; do
