@@ -11,7 +11,7 @@ from engine.config.schema import Config
 from engine.model import checkpointed_lora_mlp, checkpointed_mlp
 from engine.model.adapters import apply_lora
 from engine.model.lean import LeanSwiGLUMLP
-from engine.model.loading import load_model
+from engine.model.loading import load_model, on_cuda
 from engine.model.philox import dropout_keys
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,6 +21,7 @@ def adapted_mlp(targets, dropout, dtype="float32"):
     cfg = Config()
     cfg.lora.target_modules, cfg.lora.dropout, cfg.lora.num_layers = targets, dropout, 2
     cfg.model.dtype = dtype
+    cfg.model.quantized_base = "dequantize"  # a plain base (a GPU would keep the embedded Q4_1 one quantized)
     model, _, _ = load_model(cfg.model)
     apply_lora(model, cfg.lora)
     model.train()
@@ -61,7 +62,8 @@ def test_output_and_gradients_are_autograds_through_the_plain_layers(embedded_di
     cotangent = mx.array(rng.normal(size=x.shape).astype(np.float32)).astype(x.dtype)
     tolerance = 1e-4 if dtype == "float32" else 1e-2  # bf16: 0.3-0.5% measured
     key = mx.random.key(11)
-    want_y, want = output_and_gradients(mlp, x, cotangent, key)  # the plain layers (the switch is off)
+    monkeypatch.setattr(checkpointed_lora_mlp, "CHECKPOINTED_LORA_MLP", False)
+    want_y, want = output_and_gradients(mlp, x, cotangent, key)  # the plain layers
     monkeypatch.setattr(checkpointed_lora_mlp, "CHECKPOINTED_LORA_MLP", True)
     monkeypatch.setattr(checkpointed_mlp, "CHUNKS", chunks)
     assert checkpointed_lora_mlp.applies(mlp)
@@ -86,4 +88,4 @@ def test_applies_only_to_adapted_bias_free_projections(embedded_dir, monkeypatch
     assert not checkpointed_lora_mlp.applies(adapted_mlp(["q_proj", "v_proj"], 0.0))  # nothing adapted in the MLP
     assert checkpointed_lora_mlp.applies(adapted_mlp(SEVEN, 0.0))
     monkeypatch.setattr(checkpointed_lora_mlp, "CHECKPOINTED_LORA_MLP", None)  # None: CUDA only
-    assert not checkpointed_lora_mlp.applies(adapted_mlp(SEVEN, 0.0))
+    assert checkpointed_lora_mlp.applies(adapted_mlp(SEVEN, 0.0)) == on_cuda()

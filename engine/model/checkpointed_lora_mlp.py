@@ -26,8 +26,9 @@ from engine.model import checkpointed_mlp
 from engine.model.loading import cuda_default
 from engine.model.philox import keyed_mask, next_mask_key
 
-# None would mean on CUDA only. Off until timed on a GPU (bench_gpu.py's BENCH_CHECKPOINTED_LORA_MLP=1).
-CHECKPOINTED_LORA_MLP: bool | None = False
+# None: on CUDA only. There (H100, all seven + checkpointing) it took 1.1 GB off the peak at the same speed, and at
+# a tight limit ran 5% faster (bench/RESULTS.md, twenty-first session); on a 2-core CPU the step was 11-14% slower.
+CHECKPOINTED_LORA_MLP: bool | None = None
 
 
 @dataclass
