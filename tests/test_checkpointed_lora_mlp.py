@@ -60,7 +60,8 @@ def test_output_and_gradients_are_autograds_through_the_plain_layers(embedded_di
     hidden = getattr(mlp.down_proj, "linear", mlp.down_proj).weight.shape[0]
     x = mx.array(rng.normal(size=(2, 35, hidden)).astype(np.float32)).astype(getattr(mx, dtype))  # 70 rows
     cotangent = mx.array(rng.normal(size=x.shape).astype(np.float32)).astype(x.dtype)
-    tolerance = 1e-4 if dtype == "float32" else 1e-2  # bf16: 0.3-0.5% measured
+    # bf16: 0.3-0.5% measured; float32 on CUDA: MLX multiplies in TF32 there (1.2e-4 measured on an H100)
+    tolerance = (1e-3 if on_cuda() else 1e-4) if dtype == "float32" else 1e-2
     key = mx.random.key(11)
     monkeypatch.setattr(checkpointed_lora_mlp, "CHECKPOINTED_LORA_MLP", False)
     want_y, want = output_and_gradients(mlp, x, cotangent, key)  # the plain layers
