@@ -22,11 +22,16 @@ ENV_VAR = "MLX_MAX_OPS_PER_BUFFER"
 OPS_PER_GRAPH = 10
 
 
-def limit_graph_size() -> str:
-    """Set MLX's ops per CUDA graph for this process where it applies; returns what was done."""
-    if os.environ.get(ENV_VAR, "").strip():
-        return f"{ENV_VAR}={os.environ[ENV_VAR]} (set before the engine started)"
-    if sys.platform != "linux":  # MLX's CUDA build is Linux-only; Metal reads the variable too
-        return "MLX's default (no CUDA)"
+def limit_graph_size() -> None:
+    """Set MLX's ops per CUDA graph for this process where it applies (a value the user set is kept)."""
+    if os.environ.get(ENV_VAR, "").strip() or sys.platform != "linux":  # Metal reads the variable too
+        return
     os.environ[ENV_VAR] = str(OPS_PER_GRAPH)
-    return f"{OPS_PER_GRAPH} ops per CUDA graph (where MLX runs on CUDA)"
+
+
+def device_note() -> str:
+    """For a run's device line on CUDA: the graph size MLX runs with (the variable as set before MLX's first CUDA
+    command encoder; engine/__init__.py sets it at import, so a later change would not reach MLX)."""
+    from engine.model.loading import on_cuda
+    value = os.environ.get(ENV_VAR, "").strip()
+    return f", {value} ops per CUDA graph" if value and on_cuda() else ""

@@ -247,9 +247,11 @@ class TrainingRun:
 
     def _started(self) -> ev.Started:
         import mlx.core as mx
-        from engine.model.cpu_kernels import device_note
+        from engine import cuda_graphs
+        from engine.model import cpu_kernels
         setup, world = self.setup, self.world
-        device = str(mx.default_device()) + ("" if world.alone else f" x {world.size} ranks") + device_note()
+        device = (str(mx.default_device()) + ("" if world.alone else f" x {world.size} ranks")
+                  + cpu_kernels.device_note() + cuda_graphs.device_note())
         if world.blas_threads:
             device += f" ({world.blas_threads} BLAS thread{'s' if world.blas_threads > 1 else ''} each)"
         return ev.Started(str(setup.run_dir), setup.total_steps, self.state.step,
