@@ -47,6 +47,36 @@ def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=2e-2, atol=1e-5, err_msg=k)
 
 
+def test_dora_layers_keep_their_quantized_base_and_train_the_same(embedded_dir):
+    """mlx-lm's DoRALinear dequantizes its base weight only while the base is a QuantizedLinear: swapped for a
+    DequantizingLinear it multiplied the input by the packed 4-bit words, and a QLoRA + DoRA run on a GPU (Metal
+    or CUDA) failed at its first step with a matmul shape error. The layers without adapters are still swapped."""
+    from mlx_lm.tuner.dora import DoRALinear
+    cfg = Config()
+    cfg.model.quantized_base = "keep"
+    cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 4, 2, 0.0, True
+    model, _, info = load_model(cfg.model)
+    assert info.quantized
+    apply_lora(model, cfg.lora)
+    mx.random.seed(0)
+    for _, p in tree_flatten(model.trainable_parameters()):
+        p[...] = mx.random.normal(p.shape) * 0.02
+    tokens = mx.array(np.random.default_rng(0).integers(0, 40000, (2, 33)), dtype=mx.int32)
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    l1, g1 = nn.value_and_grad(model, loss)(model)
+    assert dequantize_just_in_time(model) > 0
+    dora = [m for _, m in model.named_modules() if isinstance(m, DoRALinear)]
+    assert dora and all(type(m.linear) is nn.QuantizedLinear for m in dora)
+    assert type(model.layers[-1].mlp.down_proj) is DequantizingLinear
+    l2, g2 = nn.value_and_grad(model, loss)(model)
+    assert abs(l1.item() - l2.item()) < 1e-3 * abs(l1.item())
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=2e-2, atol=1e-5, err_msg=k)
+
+
 def test_generation_shapes_take_the_quantized_kernel_and_agree(embedded_dir):
     cfg = Config()
     cfg.model.quantized_base = "keep"

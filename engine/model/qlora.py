@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.dora import DoRALinear
 
 from engine.model.lean import frozen_qkv, share, shared_part, stack_rows
 
@@ -102,10 +103,14 @@ def share_dequantized_product(frozen: list[tuple[nn.Module, bool]]):
 
 
 def dequantize_just_in_time(model: nn.Module, dense_forward: bool = True) -> int:
-    """Swap every frozen QuantizedLinear (adapter bases included) for a DequantizingLinear; return how many.
-    Where lean.FUSE_QKV_QUANTIZED allows (off by default), an attention block's q, k and v then share one product."""
+    """Swap every frozen QuantizedLinear (LoRA bases included) for a DequantizingLinear; return how many.
+    Where lean.FUSE_QKV_QUANTIZED allows (off by default), an attention block's q, k and v then share one product.
+    A DoRA layer's base stays: mlx-lm's DoRALinear dequantizes its base weight itself, and only while that is a
+    QuantizedLinear (swapped, it multiplied by the packed 4-bit words and a QLoRA + DoRA run failed at step 1)."""
     swaps = []
     for _, module in model.named_modules():
+        if isinstance(module, DoRALinear):
+            continue
         for key, child in module.children().items():
             if isinstance(child, nn.QuantizedLinear):
                 swaps.append((module, key, child))
