@@ -7,7 +7,21 @@
 #                                          engine's 10 ops (the 0.90x of the nineteenth session was at 100); ~5 min
 #   bash bench/gpu/session21/next.sh ops5  all seven + ckpt at 10 and 5 ops a graph, alternating: whether smaller
 #                                          graphs lower the peak further (10 took 0.6 GB off 100's); ~3 min warm
+#   bash bench/gpu/session21/next.sh dora  (carry [".g4b"], after the embedded GGUF's first half: README) whether
+#                                          dropout reaches DoRA's adapters on CUDA (bench/probe_dora_dropout.py)
 # The first MLX row of a fresh machine compiles MLX's kernels (~110 s), hence its longer timeout.
+if [ "$1" = dora ]; then  # carries .g4b only (.g2 would not fit beside it): MLX from an earlier call's stage2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+  [ -d /tmp/site/mlx ] || { echo "no MLX in /tmp/site: first a call with carry .g2: source .g2/stage2.sh" >&2; exit 2; }
+  gguf=/root/.cache/lora-tui/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$(dirname $gguf)" && { [ -f $gguf ] || cat /root/gg/gg_aa .g4b/gg_ab .g4b/gg_ac > $gguf; } || exit 1
+  for spec in "dora keep" "dora dequantize" "lora keep" "lora dequantize"; do
+    timeout 200 python3 bench/probe_dora_dropout.py $spec 2>&1 | tail -1
+  done
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_train.py -k "checkpointed and dora" 2>&1 \
+    | grep -E "^E  |passed|failed" | head -5
+  exit
+fi
 source bench/gpu/session19/common.sh
 case "$1" in
   a) row mlx qv_1 200
@@ -23,5 +37,5 @@ case "$1" in
           row mlx+ckpt:all all_ops10_$run 80 MLX_MAX_OPS_PER_BUFFER=10
           row mlx+ckpt:all all_ops5_$run 80 MLX_MAX_OPS_PER_BUFFER=5
         done ;;
-  *) echo "usage: next.sh a|d|ops5" >&2; exit 2 ;;
+  *) echo "usage: next.sh a|d|ops5|dora" >&2; exit 2 ;;
 esac
