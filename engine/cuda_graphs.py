@@ -29,9 +29,8 @@ def limit_graph_size() -> None:
     os.environ[ENV_VAR] = str(OPS_PER_GRAPH)
 
 
-def device_note() -> str:
+def device_note(on_cuda: bool) -> str:
     """For a run's device line on CUDA: the graph size MLX runs with (the variable as set before MLX's first CUDA
     command encoder; engine/__init__.py sets it at import, so a later change would not reach MLX)."""
-    from engine.model.loading import on_cuda
     value = os.environ.get(ENV_VAR, "").strip()
-    return f", {value} ops per CUDA graph" if value and on_cuda() else ""
+    return f", {value} ops per CUDA graph" if value and on_cuda else ""

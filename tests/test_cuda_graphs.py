@@ -37,9 +37,6 @@ def test_a_mac_is_left_to_metal_s_own_command_buffer_size():
 
 
 def test_a_cuda_run_s_device_line_names_the_graph_size(monkeypatch):
-    from engine.model import loading
     monkeypatch.setenv(cuda_graphs.ENV_VAR, "10")
-    monkeypatch.setattr(loading, "on_cuda", lambda: True)  # no GPU here: the line as a CUDA run would show it
-    assert cuda_graphs.device_note() == ", 10 ops per CUDA graph"
-    monkeypatch.setattr(loading, "on_cuda", lambda: False)  # the CPU and Metal: MLX's own command buffers
-    assert cuda_graphs.device_note() == ""
+    assert cuda_graphs.device_note(on_cuda=True) == ", 10 ops per CUDA graph"
+    assert cuda_graphs.device_note(on_cuda=False) == ""  # the CPU and Metal: MLX's own command buffers

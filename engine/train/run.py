@@ -18,7 +18,7 @@ from typing import Sequence
 
 from engine import protocol as ev
 from engine.config.schema import Config
-from engine.model.memory import memory_stats
+from engine.model.memory import memory_stats, restore_gpu_limit
 from engine.train import run_folder
 from engine.train.batch_feed import BatchFeed, chunks_apply
 from engine.train.checkpoints import CheckpointError
@@ -115,6 +115,7 @@ class TrainingRun:
         except Exception as exc:  # a bug: one line for the user, the traceback kept in the run folder
             return self._fail(f"unexpected error: {type(exc).__name__}: {exc}{self._keep_traceback()}", "internal")
         finally:
+            restore_gpu_limit()
             if log is not None:
                 log.close()
             if self.lock is not None:
@@ -249,9 +250,10 @@ class TrainingRun:
         import mlx.core as mx
         from engine import cuda_graphs
         from engine.model import cpu_kernels
+        from engine.model.loading import on_cuda
         setup, world = self.setup, self.world
         device = (str(mx.default_device()) + ("" if world.alone else f" x {world.size} ranks")
-                  + cpu_kernels.device_note() + cuda_graphs.device_note())
+                  + cpu_kernels.device_note() + cuda_graphs.device_note(on_cuda()))
         if world.blas_threads:
             device += f" ({world.blas_threads} BLAS thread{'s' if world.blas_threads > 1 else ''} each)"
         return ev.Started(str(setup.run_dir), setup.total_steps, self.state.step,
