@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from engine.model.adapters import apply_lora
+from engine.model.adapters import apply_lora, total_count
 from engine.config.schema import Config
 from engine.model.loading import load_model
 from engine.model import lean
@@ -35,8 +35,10 @@ def test_same_loss_and_adapter_gradients_as_quantized_matmul(embedded_dir, dense
         return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
 
     before = tree_flatten(model.trainable_parameters())
+    counted = total_count(model)  # the run's "N of M parameters trainable"
     l1, g1 = nn.value_and_grad(model, loss)(model)
     swapped = dequantize_just_in_time(model, dense_forward)
+    assert total_count(model) == counted > 100_000_000  # the swapped layers still count, unpacked
     assert swapped > 0 and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     assert any(isinstance(m, DequantizingLinear) for _, m in model.named_modules())
     assert (type(model.layers[0].self_attn.k_proj) is SharedDequantizingLinear) == fused

@@ -75,9 +75,10 @@ def trainable_count(model: nn.Module) -> int:
 
 def total_count(model: nn.Module) -> int:
     """Parameters of the model, counting a quantized weight by its logical (unpacked) size."""
+    from engine.model.qlora import DequantizingLinear  # a GPU's QLoRA layers: packed like QuantizedLinear
     total = 0
     for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, DequantizingLinear)):
             total += m.weight.size * 32 // m.bits
             total += getattr(m, "bias", mx.zeros(0)).size if "bias" in m else 0
         elif isinstance(m, (nn.Linear, nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
