@@ -161,3 +161,25 @@ def test_a_run_that_cannot_fit_is_warned_before_the_first_step(tmp_path, embedde
     first_step = next((i for i, e in enumerate(events) if isinstance(e, ev.Step)), len(events))
     assert events.index(next(e for e in events if isinstance(e, ev.Warning)
                              and e.message.startswith("memory:"))) < first_step
+
+
+def test_a_run_s_gpu_memory_limit_ends_with_the_run(tmp_path, embedded_dir, monkeypatch):
+    """A GPU run caps MLX's memory near its own step's need; chat, export and the next run share the app's
+    process, so the run gives MLX its own limit back when it ends (finished, stopped or failed)."""
+    import mlx.core as mx
+    from engine.model import loading
+    from engine.train.run import TrainingRun
+    cfg = tiny_config(tmp_path, data={"path": str(write_jsonl(tmp_path / "d.jsonl", increments(8)))},
+                      training={"iterations": 2, "memory_limit_gb": 3.0}, evaluation={"every_steps": 0},
+                      model={"dtype": "float32", "quantized_base": "dequantize"})
+    monkeypatch.setattr(loading, "on_gpu", lambda: True)  # no GPU here: the limit as a GPU run sets it
+    seen = []
+    monkeypatch.setattr(mx, "set_memory_limit", lambda limit, set_limit=mx.set_memory_limit:
+                        seen.append(limit) or set_limit(limit))
+    own = mx.set_memory_limit(100_000_000_000)  # MLX's limit before the run: a value of our own, to know it
+    try:
+        result = TrainingRun(cfg).run()
+        assert result.status == "finished"
+        assert seen[1:] == [3_000_000_000, 100_000_000_000]  # the run's limit, then the one before it
+    finally:
+        mx.set_memory_limit(own)

@@ -192,13 +192,27 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     return int(estimate.total * estimate.queue_headroom) if estimate is not None else None
 
 
+_limit_before_run: list[int] = []  # MLX's limit as it was before a run set its own (restore_gpu_limit)
+
+
 def limit_gpu_queue(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:
-    """Set MLX's memory limit to gpu_memory_limit(...) where that gives one; return the limit (bytes)."""
+    """Set MLX's memory limit to gpu_memory_limit(...) where that gives one; return the limit (bytes).
+    The run undoes it when it ends (restore_gpu_limit)."""
     limit = gpu_memory_limit(estimate, configured_gb)
     if limit is not None:
         import mlx.core as mx
-        mx.set_memory_limit(limit)
+        previous = mx.set_memory_limit(limit)
+        if not _limit_before_run:
+            _limit_before_run.append(previous)
     return limit
+
+
+def restore_gpu_limit() -> None:
+    """MLX's own memory limit back after a run: chat, export and the next run share the app's process, and a
+    run's limit (near its own step's need) would throttle a bigger model's work for no reason."""
+    if _limit_before_run:
+        import mlx.core as mx
+        mx.set_memory_limit(_limit_before_run.pop())
 
 
 def available_bytes() -> int:
