@@ -183,3 +183,26 @@ def test_a_run_s_gpu_memory_limit_ends_with_the_run(tmp_path, embedded_dir, monk
         assert seen[1:] == [3_000_000_000, 100_000_000_000]  # the run's limit, then the one before it
     finally:
         mx.set_memory_limit(own)
+
+
+def test_dora_over_a_quantized_base_counts_the_weights_it_dequantizes(embedded_dir):
+    """mlx-lm's DoRALinear multiplies by its base weight dequantized, and autograd keeps that dense copy for the
+    backward pass: at 7B with DoRA on q/v about 1.3 GB a step (42 MB a block), which the estimate (and the GPU
+    limit and the "won't fit" warning drawn from it) must count. LoRA bases and a 16-bit DoRA base add nothing."""
+    from engine.config.schema import LoRAConfig
+    from engine.model import loading
+    from engine.model.adapters import apply_lora
+    from engine.model.memory import AdapterPlacement, ModelShape, estimate_step_memory
+    placements = {}
+    for dora, base in ((True, "keep"), (False, "keep"), (True, "dequantize")):
+        cfg = Config().model
+        cfg.quantized_base = base
+        model, _, _ = loading.load_model(cfg)
+        apply_lora(model, LoRAConfig(target_modules=["q_proj", "v_proj"], num_layers=10, use_dora=dora))
+        placements[dora, base] = AdapterPlacement.of(model)
+    s = ModelShape.of(model)
+    assert placements[True, "keep"].dense_bases == s.hidden * s.hidden + s.hidden * s.kv_dim  # q's and v's
+    assert placements[False, "keep"].dense_bases == placements[True, "dequantize"].dense_bases == 0
+    dense, plain = (estimate_step_memory(s, 10**8, 10**6, 2, 256, placement=placements[True, base], quantized=True)
+                    for base in ("keep", "dequantize"))
+    assert dense.total - plain.total == 10 * placements[True, "keep"].dense_bases * 4  # ten blocks, float32

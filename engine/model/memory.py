@@ -65,10 +65,12 @@ class AdapterPlacement:
     kept_inputs: int  # values: the distinct inputs of adapted layers (one copy per shared input)
     mask_bytes: int  # stored boolean dropout masks, one byte a value (0 where masks are seeds)
     dora: bool = False  # DoRA layers keep mlx-lm's autograd: counted roughly, and the GPU limit keeps its margin
+    dense_bases: int = 0  # values a block: DoRA over a quantized base keeps its dequantized weight for backward
 
     @classmethod
     def of(cls, model, grad_checkpoint: bool = False) -> "AdapterPlacement":
         """Read off a model with adapters applied (engine/model/adapters.apply_lora)."""
+        import mlx.nn as nn
         from mlx_lm.tuner.dora import DoRALinear
         from mlx_lm.tuner.lora import LoRALinear
 
@@ -80,16 +82,18 @@ class AdapterPlacement:
         adapted = [i for i, found in enumerate(adapters) if found]
         if not adapted:
             return cls(0, 0, 0)
-        inputs, masks, dora = {}, 0, False
+        inputs, masks, dora, dense = {}, 0, False, 0
         for path, m in adapters[adapted[-1]]:  # mlx-lm adapts the top blocks alike: the top one stands for all
             width, is_dora = m.lora_a.shape[0], isinstance(m, DoRALinear)
             dora |= is_dora
+            if is_dora and isinstance(m.linear, nn.QuantizedLinear):  # x @ dequantize(w).T keeps the dense w
+                dense += width * m.lora_b.shape[1]
             if is_dora:  # its own float32 copy of the input (two 16-bit values) and its output
                 inputs[path] = 2 * width + m.lora_b.shape[1]
             else:
                 inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
             masks += width if m.dropout._p_1 < 1 and (is_dora or not seeded) else 0
-        return cls(len(layers) - adapted[0], sum(inputs.values()), masks, dora)
+        return cls(len(layers) - adapted[0], sum(inputs.values()), masks, dora, dense)
 
 
 QUEUE_HEADROOM = 1.15  # where a limit at the estimate itself was slower or not measured
@@ -134,6 +138,7 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
         activations = tokens * (layers * shape.hidden + 2 * per_token_layer) if layers else 0
     else:
         activations = tokens * layers * per_token_layer
+    activations += placement.dense_bases * (min(1, layers) if grad_checkpoint else layers)
     kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
     probabilities = batch * shape.heads * length * length
     if kept == "kept":  # every layer's, or one block's while checkpointing recomputes it
