@@ -10,7 +10,7 @@ against MLX's measured peak on the embedded model, see tests/test_memory.py):
   output, k and v after RoPE, the MLP's gate and up (2 intermediate vectors), and the inputs that only
   adapters read (AdapterPlacement): the attention's for q/k/v, o_proj's, the MLP's for gate/up and down_proj's
   (intermediate wide), plus each adapter's boolean dropout mask (on CUDA outside checkpointed blocks only
-  its seed);
+  its seed); DoRA over a quantized base also keeps its dequantized weight (AdapterPlacement.dense_bases);
 - per layer, the attention probabilities (batch x heads x length^2) where attention is not fused under
   autograd (Metal); MLX's CUDA backend keeps only q, k, v and the output, and on the CPU
   engine/model/cpu_attention.py recomputes them in the backward pass, one layer's (~3 copies) at a time;
@@ -138,7 +138,9 @@ def estimate_step_memory(shape: ModelShape, weight_bytes: int, trainable: int, b
         activations = tokens * (layers * shape.hidden + 2 * per_token_layer) if layers else 0
     else:
         activations = tokens * layers * per_token_layer
-    activations += placement.dense_bases * (min(1, layers) if grad_checkpoint else layers)
+    # every block's even when checkpointing: nothing ties mlx-lm's dequantize to the block's input, so MLX may run
+    # them all early and hold the copies (qlora.py saw that for its own before mx.depends); not measured
+    activations += placement.dense_bases * layers
     kept = attention_kept() if fused_attention is None else ("none" if fused_attention else "kept")
     probabilities = batch * shape.heads * length * length
     if kept == "kept":  # every layer's, or one block's while checkpointing recomputes it
@@ -197,27 +199,14 @@ def gpu_memory_limit(estimate: MemoryEstimate | None, configured_gb: float) -> i
     return int(estimate.total * estimate.queue_headroom) if estimate is not None else None
 
 
-_limit_before_run: list[int] = []  # MLX's limit as it was before a run set its own (restore_gpu_limit)
-
-
 def limit_gpu_queue(estimate: MemoryEstimate | None, configured_gb: float) -> int | None:
     """Set MLX's memory limit to gpu_memory_limit(...) where that gives one; return the limit (bytes).
-    The run undoes it when it ends (restore_gpu_limit)."""
+    TrainingRun.run puts MLX's limit back when the run ends."""
     limit = gpu_memory_limit(estimate, configured_gb)
     if limit is not None:
         import mlx.core as mx
-        previous = mx.set_memory_limit(limit)
-        if not _limit_before_run:
-            _limit_before_run.append(previous)
+        mx.set_memory_limit(limit)
     return limit
-
-
-def restore_gpu_limit() -> None:
-    """MLX's own memory limit back after a run: chat, export and the next run share the app's process, and a
-    run's limit (near its own step's need) would throttle a bigger model's work for no reason."""
-    if _limit_before_run:
-        import mlx.core as mx
-        mx.set_memory_limit(_limit_before_run.pop())
 
 
 def available_bytes() -> int:

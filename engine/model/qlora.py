@@ -1,4 +1,5 @@
-"""QLoRA on a GPU: each frozen 4-bit layer runs as a bf16 matmul on a weight dequantized just in time.
+"""QLoRA on a GPU: each frozen 4-bit layer runs as a bf16 matmul on a weight dequantized just in time (DoRA
+layers excepted: mlx-lm's DoRALinear dequantizes its own base).
 
 MLX 0.32's CUDA `quantized_matmul` at training shapes (thousands of rows) runs at a fraction of the bf16
 matmul rate, and its autograd backward is another quantized matmul. Here both passes dequantize the

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from engine import protocol as ev
 from engine.config.schema import Config
-from engine.model.memory import memory_stats, restore_gpu_limit
+from engine.model.memory import memory_stats
 from engine.train import run_folder
 from engine.train.batch_feed import BatchFeed, chunks_apply
 from engine.train.checkpoints import CheckpointError
@@ -82,7 +82,10 @@ class TrainingRun:
 
     def run(self) -> RunResult:
         """Prepare and train. Expected failures end in a Failed event and status 'failed', not an exception."""
-        log = None
+        import mlx.core as mx
+        # A GPU run caps MLX's memory near its step's need (prepare); chat, export and the next run share the
+        # app's process and get MLX's limit back
+        limit_before, log = mx.get_memory_limit(), None
         try:
             self.world = World.current(self.cfg.training.distributed_backend)
             self.world.on_lost = self._group_lost
@@ -115,11 +118,11 @@ class TrainingRun:
         except Exception as exc:  # a bug: one line for the user, the traceback kept in the run folder
             return self._fail(f"unexpected error: {type(exc).__name__}: {exc}{self._keep_traceback()}", "internal")
         finally:
-            restore_gpu_limit()
             if log is not None:
                 log.close()
             if self.lock is not None:
                 self.lock.release()
+            mx.set_memory_limit(limit_before)
 
     def _group_lost(self, message: str) -> None:
         """Called by the distributed watchdog (another thread) just before the process exits."""
