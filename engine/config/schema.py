@@ -74,7 +74,8 @@ class TrainingConfig:
     memory_limit_gb: float = opt(0.0, "GPU only: above this much memory MLX waits for queued work to free its "
                                  "buffers before queuing more (slower, never fails); 0 = the step's memory "
                                  "estimate; + 15% with grad_checkpoint and adapters on more than one input a "
-                                 "block (e.g. all seven layers), with a quantized base, DoRA or on Metal", min=0, max=1e6)
+                                 "block (e.g. all seven layers), with a quantized base, DoRA or on Metal",
+                                 min=0, max=1e6)
     seed: int = opt(42, "Seed for the split, data order, dropout and adapter init", min=0, max=2**31 - 1)
     distributed_backend: str = opt("auto", "Several machines or GPUs (a run under mlx.launch): how ranks sum "
                                    "gradients; auto = NCCL on CUDA GPUs, the ring (TCP) elsewhere",
