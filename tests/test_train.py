@@ -330,6 +330,7 @@ def test_checkpointed_gradients_are_those_of_the_loss_the_forward_pass_computed(
 
     cfg = Config()
     cfg.lora.rank, cfg.lora.num_layers, cfg.lora.dropout, cfg.lora.use_dora = 8, 4, 0.2, use_dora
+    cfg.model.dtype, cfg.model.quantized_base = "float32", "dequantize"  # the CPU's defaults; on a GPU too
     if seven:
         cfg.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model, _, _ = load_model(cfg.model)
