@@ -86,10 +86,10 @@ class AdapterPlacement:
         for path, m in adapters[adapted[-1]]:  # mlx-lm adapts the top blocks alike: the top one stands for all
             width, is_dora = m.lora_a.shape[0], isinstance(m, DoRALinear)
             dora |= is_dora
-            if is_dora and isinstance(m.linear, nn.QuantizedLinear):  # x @ dequantize(w).T keeps the dense w
-                dense += width * m.lora_b.shape[1]
             if is_dora:  # its own float32 copy of the input (two 16-bit values) and its output
                 inputs[path] = 2 * width + m.lora_b.shape[1]
+                if isinstance(m.linear, nn.QuantizedLinear):  # x @ dequantize(w).T keeps the dense w
+                    dense += width * m.lora_b.shape[1]
             else:
                 inputs[_SHARED_INPUTS.get(path.rsplit(".", 1)[-1], path)] = width
             masks += width if m.dropout._p_1 < 1 and (is_dora or not seeded) else 0
