@@ -109,3 +109,23 @@ def test_shared_qkv_keeps_the_quantized_weights_as_views(embedded_dir, monkeypat
     assert type(attn.q_proj.linear) is SharedDequantizingLinear
     # A copy of every block's q, k and v would add several MB here
     assert mx.get_active_memory() - before < 500_000
+
+
+def test_biased_layer_matches_quantized_linear_forward_and_backward():
+    """Qwen2's q, k and v projections carry a bias: the swapped layer adds it on both paths (prefill-sized and
+    decoding rows) and the input's gradient, the one the adapters below it train on, is the quantized layer's."""
+    mx.random.seed(1)
+    dense = nn.Linear(128, 96, bias=True)
+    dense.bias = mx.random.normal((96,))  # large enough that a dropped bias could not pass the bounds below
+    q = nn.QuantizedLinear.from_linear(dense, group_size=32, bits=4)
+    q.freeze()
+    swapped = DequantizingLinear(q)
+    assert "bias" in swapped and not swapped.trainable_parameters()
+    for rows in (1, 64):
+        x = mx.random.normal((1, rows, 128))
+        np.testing.assert_allclose(np.array(swapped(x)), np.array(q(x)), rtol=1e-4, atol=1e-4)
+
+        def input_grad(layer):
+            return mx.grad(lambda x: (layer(x) ** 2).sum())(x)
+
+        np.testing.assert_allclose(np.array(input_grad(swapped)), np.array(input_grad(q)), rtol=1e-3, atol=1e-3)
