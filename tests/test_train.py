@@ -435,3 +435,20 @@ def test_our_adamw_updates_equal_pytorchs_on_the_same_gradients():
     first_ours, first_theirs = uncorrected[0] - start * (1 - lrs[0] * 0.1), expected[0] - start * (1 - lrs[0] * 0.1)
     assert np.abs(first_ours).mean() / np.abs(first_theirs).mean() == pytest.approx(0.1 / math.sqrt(0.001), rel=1e-3)
     assert Config().training.adam_bias_correction is True  # the default is PyTorch's form
+
+
+@pytest.mark.parametrize("model,named", [({}, []), ({"dtype": "bfloat16"}, ["model.dtype is bfloat16"]),
+                                         ({"quantized_base": "keep"}, ["model.quantized_base keeps"])],
+                         ids=["defaults", "bfloat16", "quantized-base"])
+def test_a_setting_that_makes_the_cpu_slow_is_named_at_the_start(tiny_data, tmp_path, embedded_dir, model, named):
+    """On the CPU a bfloat16 or 4-bit base trains 17-34x slower than the defaults (loading.cpu_training_warnings):
+    the run says so before its first step, and says nothing at the defaults."""
+    seen = []
+    cfg = tiny_config(tmp_path, data={"path": str(tiny_data)}, model=model, training={"iterations": 1})
+    result = TrainingRun(cfg, [seen.append]).run()
+    assert result.status == "finished"
+    slow = [e.message for e in seen if isinstance(e, ev.Warning) and "on the CPU" in e.message]
+    assert len(slow) == (1 if named else 0)
+    assert all(name in slow[0] and "auto" in slow[0] for name in named)
+    first_step = next(i for i, e in enumerate(seen) if isinstance(e, ev.Step))
+    assert all(seen.index(e) < first_step for e in seen if isinstance(e, ev.Warning) and "on the CPU" in e.message)

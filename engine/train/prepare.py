@@ -141,7 +141,7 @@ def prepare(cfg: Config, world: World, run_dir: Path, resume_from: str | None, e
     identity = run_folder.run_identity(cfg, data, world.size)
     if resume is not None:
         check_same_run(*resume, identity, warn)
-    for w in data.report.warnings + loading.SWITCH_WARNINGS:
+    for w in data.report.warnings + loading.SWITCH_WARNINGS + loading.cpu_training_warnings(info):
         warn(w)
 
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
