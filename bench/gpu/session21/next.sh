@@ -9,6 +9,8 @@
 #                                          graphs lower the peak further (10 took 0.6 GB off 100's); ~3 min warm
 #   bash bench/gpu/session21/next.sh dora  (carry [".g4b"], after the embedded GGUF's first half: README) whether
 #                                          dropout reaches DoRA's adapters on CUDA (bench/probe_dora_dropout.py)
+#   bash bench/gpu/session21/next.sh dora-random  (carry [".g2"]) the same probe on a random Llama of the embedded
+#                                          model's shape: no GGUF, so one call (~3 min; on a fresh machine its first process compiles)
 # The first MLX row of a fresh machine compiles MLX's kernels (~110 s), hence its longer timeout.
 if [ "$1" = dora ]; then  # carries .g4b only (.g2 would not fit beside it): MLX from an earlier call's stage2
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -33,10 +35,13 @@ case "$1" in
      row unsloth-4bit:all peer_unsloth4_all 260
      row mlx-4bit:all q4_2 80
      row mlx-4bit:all q4_h105 80 BENCH_QUEUE_HEADROOM=1.05 ;;  # the 2.25 GB / 1.5% trade, last timed at 100 ops
+  dora-random) for spec in "dora keep" "dora dequantize" "lora keep" "lora dequantize"; do  # no GGUF needed
+                 timeout 200 python3 bench/probe_dora_dropout.py $spec random 2>&1 | tail -1
+               done ;;
   ops5) row mlx+ckpt:all warm 200
         for run in 1 2; do
           row mlx+ckpt:all all_ops10_$run 80 MLX_MAX_OPS_PER_BUFFER=10
           row mlx+ckpt:all all_ops5_$run 80 MLX_MAX_OPS_PER_BUFFER=5
         done ;;
-  *) echo "usage: next.sh a|d|ops5|dora" >&2; exit 2 ;;
+  *) echo "usage: next.sh a|d|ops5|dora|dora-random" >&2; exit 2 ;;
 esac
