@@ -5,9 +5,10 @@ found the keyed and the unkeyed step's losses equal to 2.5e-6; on this CPU the m
 
 Loads the embedded model (on a GPU machine without network: its GGUF in ~/.cache/lora-tui/downloads, see
 bench/gpu/session21/README.md), or with `random` builds a small Llama of random weights (the same mlx-lm classes,
-no file needed; `keep` quantizes it to 4 bits, as the embedded Q4_1 base stays on a GPU), puts rank-8 adapters with dropout 0.2 on the last 4 blocks, and prints the
-training loss of one batch under two seeds and the loss without dropout. Dropout that works gives three values
-that differ by more than the step's rounding; two equal training losses mean the masks did not reach the adapters.
+no file needed; `keep` quantizes it to 4 bits, as the embedded Q4_1 base stays on a GPU), puts rank-8 adapters with
+dropout 0.2 on the last 4 blocks, and prints the training loss of one batch under two seeds and the loss without
+dropout. Dropout that works gives three values that differ by more than the step's rounding; two equal training
+losses mean the masks did not reach the adapters.
 """
 
 import sys

@@ -10,7 +10,8 @@
 #   bash bench/gpu/session21/next.sh dora  (carry [".g4b"], after the embedded GGUF's first half: README) whether
 #                                          dropout reaches DoRA's adapters on CUDA (bench/probe_dora_dropout.py)
 #   bash bench/gpu/session21/next.sh dora-random  (carry [".g2"]) the same probe on a random Llama of the embedded
-#                                          model's shape: no GGUF, so one call (~3 min; on a fresh machine its first process compiles)
+#                                          model's shape: no GGUF, so one call (~3 min; its first process
+#                                          compiles MLX's kernels on a fresh machine)
 # The first MLX row of a fresh machine compiles MLX's kernels (~110 s), hence its longer timeout.
 if [ "$1" = dora ]; then  # carries .g4b only (.g2 would not fit beside it): MLX from an earlier call's stage2
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
