@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from engine.config.schema import Config  # noqa: E402
 from engine.model.adapters import apply_lora  # noqa: E402
-from engine.model.loading import load_model  # noqa: E402
+from engine.model.loading import load_model, on_gpu  # noqa: E402
 from engine.train.losses import loss_inputs, masked_loss  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def random_llama(quantized: bool) -> nn.Module:
     model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=576, num_hidden_layers=6,
                                         intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                                         rms_norm_eps=1e-5, vocab_size=49152))
-    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    dtype = mx.bfloat16 if on_gpu() else mx.float32
     model.update(tree_map(lambda a: a.astype(dtype), model.parameters()))
     if quantized:
         nn.quantize(model, group_size=32, bits=4)

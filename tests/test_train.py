@@ -447,8 +447,8 @@ def test_a_setting_that_makes_the_cpu_slow_is_named_at_the_start(tiny_data, tmp_
     cfg = tiny_config(tmp_path, data={"path": str(tiny_data)}, model=model, training={"iterations": 1})
     result = TrainingRun(cfg, [seen.append]).run()
     assert result.status == "finished"
-    slow = [e.message for e in seen if isinstance(e, ev.Warning) and "on the CPU" in e.message]
-    assert len(slow) == (1 if named else 0)
-    assert all(name in slow[0] and "auto" in slow[0] for name in named)
+    at = [i for i, e in enumerate(seen) if isinstance(e, ev.Warning) and "on the CPU" in e.message]
+    assert len(at) == (1 if named else 0)
+    assert all(name in seen[at[0]].message and "auto" in seen[at[0]].message for name in named)
     first_step = next(i for i, e in enumerate(seen) if isinstance(e, ev.Step))
-    assert all(seen.index(e) < first_step for e in seen if isinstance(e, ev.Warning) and "on the CPU" in e.message)
+    assert all(i < first_step for i in at)

@@ -207,9 +207,9 @@ def cpu_training_warnings(info: LoadedModelInfo) -> list[str]:
         (["model.quantized_base keeps the quantized base"] if info.quantized else [])
     if not slow:
         return []
-    return [f"{' and '.join(slow)}: on the CPU, MLX trains many times slower so than in float32 on a dequantized "
-            "base (one step of the embedded model: 17x for bfloat16, 34x for a 4-bit base, 270x for both); set "
-            "model.dtype and model.quantized_base to auto unless the float32 model does not fit in memory"]
+    return [f"{' and '.join(slow)}: on the CPU, MLX trains many times slower this way than in float32 on a "
+            "dequantized base (one step of the embedded model: 17x for bfloat16, 34x for a 4-bit base, 270x for "
+            "both); set model.dtype and model.quantized_base to auto unless the float32 model does not fit in memory"]
 
 
 def load_tokenizer(cfg: ModelConfig, progress=None):
